@@ -1,0 +1,42 @@
+"""Output encoders: PNG for images, H.264 MP4 (PyAV) for videos."""
+from __future__ import annotations
+
+import io
+
+import numpy as np
+
+
+def to_uint8_frames(frames) -> np.ndarray:
+    """Pipeline video output (float [0,1] array, uint8 array or list of PIL images) -> uint8 (F,H,W,3)."""
+    if isinstance(frames, list):
+        frames = np.stack([np.asarray(f) for f in frames])
+    arr = np.asarray(frames)
+    if arr.dtype != np.uint8:
+        arr = (np.clip(arr, 0.0, 1.0) * 255.0).round().astype(np.uint8)
+    return arr
+
+
+def encode_png(image) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def encode_mp4(frames: np.ndarray, fps: int) -> bytes:
+    import av
+
+    frames = to_uint8_frames(frames)
+    n, h, w, _ = frames.shape
+    buf = io.BytesIO()
+    with av.open(buf, mode="w", format="mp4") as container:
+        stream = container.add_stream("libx264", rate=fps)
+        stream.width, stream.height = w, h
+        stream.pix_fmt = "yuv420p"  # the format every player decodes; needs even dimensions
+        stream.options = {"crf": "20", "preset": "veryfast"}
+        for i in range(n):
+            frame = av.VideoFrame.from_ndarray(frames[i], format="rgb24")
+            for packet in stream.encode(frame):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return buf.getvalue()

@@ -1,0 +1,161 @@
+"""The ``genserve`` command: serve, submit, models."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+DEFAULT_URL = os.environ.get("GENSERVE_URL", "http://127.0.0.1:8000")
+
+
+def cmd_serve(a: argparse.Namespace) -> int:
+    import uvicorn
+
+    from .config import ConfigError, load_config
+    from .server.app import create_app
+
+    try:
+        config = load_config(a.config or os.environ.get("GENSERVE_CONFIG")).with_overrides(
+            host=a.host, port=a.port, data_dir=a.data_dir, workers=a.workers)
+    except ConfigError as e:
+        print(f"genserve: invalid config: {e}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    s = config.server
+    print(f"genserve: serving {', '.join(config.models)} on http://{s.host}:{s.port} (data in {s.data_dir})", flush=True)
+    uvicorn.run(create_app(config), host=s.host, port=s.port, log_level="warning", timeout_graceful_shutdown=5)
+    return 0
+
+
+def _fail(resp) -> int:
+    try:
+        err = resp.json()["error"]
+        print(f"genserve: {resp.status_code} {err.get('code')}: {err.get('message')}", file=sys.stderr)
+    except Exception:
+        print(f"genserve: HTTP {resp.status_code}: {resp.text[:500]}", file=sys.stderr)
+    return 1
+
+
+def cmd_submit(a: argparse.Namespace) -> int:
+    import httpx
+    from tqdm import tqdm
+
+    body = {k: v for k, v in {
+        "model": a.model, "prompt": a.prompt, "negative_prompt": a.negative_prompt, "steps": a.steps,
+        "num_frames": a.frames, "guidance": a.guidance, "seed": a.seed, "priority": a.priority, "id": a.id,
+    }.items() if v is not None}
+    if a.size:
+        w, _, h = a.size.lower().partition("x")
+        body["width"], body["height"] = int(w), int(h)
+    with httpx.Client(base_url=a.url, timeout=httpx.Timeout(30.0, read=None)) as client:
+        r = client.post("/v1/jobs", json=body)
+        if r.status_code != 202:
+            return _fail(r)
+        job = r.json()
+        print(f"job {job['id']} queued (model {job['model']})", file=sys.stderr)
+        bar = tqdm(total=job["params"]["steps"], unit="step", file=sys.stderr, disable=a.quiet)
+        final = None
+        with client.stream("GET", f"/v1/jobs/{job['id']}/events") as stream:
+            event = None
+            for line in stream.iter_lines():
+                if line.startswith("event:"):
+                    event = line[6:].strip()
+                elif line.startswith("data:"):
+                    data = json.loads(line[5:])
+                    if event == "progress":
+                        bar.total = data["total"]
+                        bar.n = data["step"]
+                        bar.refresh()
+                    elif event == "started":
+                        bar.set_description(f"batch of {data.get('batch_size')} on {data.get('worker')}")
+                    elif event in ("succeeded", "failed", "canceled"):
+                        final = event
+                        break
+        bar.close()
+        job = client.get(f"/v1/jobs/{job['id']}").json()
+        if final != "succeeded":
+            err = job.get("error") or {}
+            print(f"job {job['id']} {job['status']}: {err.get('code')} {err.get('message') or ''}", file=sys.stderr)
+            return 1
+        res = client.get(f"/v1/jobs/{job['id']}/result")
+        ext = ".mp4" if res.headers.get("content-type", "").startswith("video/") else ".png"
+        out = Path(a.out or f"{job['id']}{ext}")
+        out.write_bytes(res.content)
+        b = job["breakdown"]
+        print(f"saved {out} ({len(res.content)} bytes); queue {b['queue_wait_s']}s, cold start {b['cold_start_s']}s, "
+              f"inference {b['inference_s']}s, total {b['total_s']}s, batch of {job['batch']['size']}", file=sys.stderr)
+        print(out)
+    return 0
+
+
+def cmd_models(a: argparse.Namespace) -> int:
+    if a.url is None:
+        from .config import ConfigError, load_config
+
+        try:
+            config = load_config(a.config)
+        except ConfigError as e:
+            print(f"genserve: invalid config: {e}", file=sys.stderr)
+            return 2
+        rows = [{"id": n, **m.public()} for n, m in config.models.items()]
+    else:
+        import httpx
+
+        r = httpx.get(f"{a.url}/v1/models", timeout=10)
+        if r.status_code != 200:
+            return _fail(r)
+        rows = r.json()["data"]
+    if a.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    print(f"{'MODEL':<20} {'KIND':<6} {'BATCH':>5} {'WAIT ms':>7} {'STEPS':>9} {'SIZES / LIMIT':<30} SOURCE")
+    for m in rows:
+        sizes = ", ".join(m["sizes"]) if m.get("sizes") else f"≤ {m['max_pixels']} px"
+        print(f"{m['id']:<20} {m['kind']:<6} {m['max_batch_size']:>5} {m['max_wait_ms']:>7} "
+              f"{m['default_steps']:>4}/{m['max_steps']:<4} {sizes:<30} {m['source']}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="genserve", description="Self-hosted inference for image and video diffusion models")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    s = sub.add_parser("serve", help="start the server")
+    s.add_argument("--config", help="genserve.toml (default: $GENSERVE_CONFIG or the built-in demo catalog)")
+    s.add_argument("--host")
+    s.add_argument("--port", type=int)
+    s.add_argument("--data-dir")
+    s.add_argument("--workers", type=int, help="CPU workers when there is no GPU (default 1)")
+    s.set_defaults(func=cmd_serve)
+    j = sub.add_parser("submit", help="submit a job, follow its progress, save the output")
+    j.add_argument("prompt")
+    j.add_argument("--model", default="demo-image")
+    j.add_argument("--size", help="WIDTHxHEIGHT")
+    j.add_argument("--steps", type=int)
+    j.add_argument("--frames", type=int, help="video models: number of frames")
+    j.add_argument("--guidance", type=float)
+    j.add_argument("--negative-prompt")
+    j.add_argument("--seed", type=int)
+    j.add_argument("--priority", choices=["high", "standard", "low"])
+    j.add_argument("--id", help="client-supplied id: resubmitting with it never duplicates the job")
+    j.add_argument("--out", "-o", help="output file (default: <job id>.png|.mp4)")
+    j.add_argument("--url", default=DEFAULT_URL)
+    j.add_argument("--quiet", "-q", action="store_true")
+    j.set_defaults(func=cmd_submit)
+    m = sub.add_parser("models", help="list the model catalog (of a config file, or of a running server with --url)")
+    m.add_argument("--config")
+    m.add_argument("--url")
+    m.add_argument("--json", action="store_true")
+    m.set_defaults(func=cmd_models)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = build_parser().parse_args(argv)
+    return a.func(a)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,280 @@
+"""genserve.toml: server settings and the model catalog, validated at the edge.
+
+Every error names the offending key (``models.demo-image.max_batch_size: …``) and is raised before
+anything starts. Past this module the rest of the code trusts its inputs.
+"""
+from __future__ import annotations
+
+import os
+import tomllib
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from .engine.types import ModelLimits
+
+KINDS = ("image", "video")
+DTYPES = ("auto", "float32", "float16", "bfloat16")
+DEMO_SOURCES = {"demo:image": "image", "demo:video": "video"}
+
+
+class ConfigError(ValueError):
+    def __init__(self, key: str, message: str) -> None:
+        super().__init__(f"{key}: {message}")
+        self.key = key
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str
+    kind: str
+    source: str
+    dtype: str = "auto"
+    max_batch_size: int = 4
+    max_wait_ms: int = 0
+    sizes: tuple[tuple[int, int], ...] = ()  # empty: any size within max_pixels
+    max_pixels: int = 1024 * 1024
+    size_multiple: int = 8
+    default_size: tuple[int, int] = (512, 512)
+    default_steps: int = 20
+    max_steps: int = 100
+    default_guidance: float = 5.0
+    default_frames: int = 0
+    max_frames: int = 0
+    frame_stride: int = 1  # video: num_frames - 1 must be a multiple of this (Wan: 4)
+    fps: int = 8
+    max_queue: int = 256
+    max_prompt_chars: int = 2000
+
+    @property
+    def limits(self) -> ModelLimits:
+        return ModelLimits(self.max_batch_size, self.max_wait_ms / 1000.0, self.max_queue)
+
+    def size_allowed(self, w: int, h: int) -> bool:
+        return (w, h) in self.sizes if self.sizes else w * h <= self.max_pixels
+
+    def public(self) -> dict[str, Any]:
+        return {
+            "kind": self.kind, "source": self.source, "dtype": self.dtype,
+            "max_batch_size": self.max_batch_size, "max_wait_ms": self.max_wait_ms,
+            "sizes": [f"{w}x{h}" for w, h in self.sizes] or None, "max_pixels": self.max_pixels,
+            "size_multiple": self.size_multiple, "default_size": "%dx%d" % self.default_size,
+            "default_steps": self.default_steps, "max_steps": self.max_steps,
+            "default_guidance": self.default_guidance,
+            "default_frames": self.default_frames or None, "max_frames": self.max_frames or None,
+            "frame_stride": self.frame_stride if self.kind == "video" else None,
+            "max_queue": self.max_queue, "max_prompt_chars": self.max_prompt_chars,
+        }
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    host: str = "127.0.0.1"
+    port: int = 8000
+    data_dir: Path = Path("genserve-data")
+    workers: int = 1  # CPU workers when there is no GPU
+    aging_s: float = 30.0
+    max_attempts: int = 3
+
+
+@dataclass(frozen=True)
+class Config:
+    server: ServerConfig
+    models: dict[str, ModelConfig] = field(default_factory=dict)
+
+    def with_overrides(self, **kw: Any) -> "Config":
+        kw = {k: v for k, v in kw.items() if v is not None}
+        if "data_dir" in kw:
+            kw["data_dir"] = Path(kw["data_dir"])
+        if "workers" in kw and kw["workers"] < 0:
+            raise ConfigError("server.workers", "must be ≥ 0")
+        return replace(self, server=replace(self.server, **kw))
+
+    def model_dir(self, name: str) -> Path:
+        """Where a model's weights are loaded from (demo models are built there on first start)."""
+        m = self.models[name]
+        if m.source in DEMO_SOURCES:
+            return self.server.data_dir / "models" / name
+        return Path(m.source)
+
+
+DEMO_TOML = """
+[models.demo-image]
+kind = "image"
+source = "demo:image"
+dtype = "float32"
+max_batch_size = 8
+max_wait_ms = 50
+sizes = ["64x64", "128x128", "64x128", "128x64"]
+default_size = "64x64"
+default_steps = 8
+max_steps = 100
+default_guidance = 1.0
+
+[models.demo-video]
+kind = "video"
+source = "demo:video"
+dtype = "float32"
+max_batch_size = 4
+max_wait_ms = 50
+max_pixels = 16384
+size_multiple = 16
+default_size = "64x64"
+default_steps = 8
+max_steps = 100
+default_guidance = 1.0
+default_frames = 9
+max_frames = 33
+frame_stride = 4
+fps = 8
+"""
+
+
+def _type(key: str, value: Any, types: type | tuple[type, ...], what: str) -> Any:
+    if isinstance(value, bool) or not isinstance(value, types):
+        raise ConfigError(key, f"must be {what}, got {value!r}")
+    return value
+
+
+def _int(key: str, v: Any, lo: int, hi: int | None = None) -> int:
+    _type(key, v, int, "an integer")
+    if v < lo or (hi is not None and v > hi):
+        raise ConfigError(key, f"must be between {lo} and {hi}" if hi is not None else f"must be ≥ {lo}")
+    return v
+
+
+def _float(key: str, v: Any, lo: float) -> float:
+    _type(key, v, (int, float), "a number")
+    if v < lo:
+        raise ConfigError(key, f"must be ≥ {lo}")
+    return float(v)
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    """'WxH' -> (W, H); raises ValueError."""
+    parts = str(text).lower().split("x")
+    if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
+        raise ValueError(f"{text!r} is not WIDTHxHEIGHT")
+    return int(parts[0]), int(parts[1])
+
+
+def _size(key: str, v: Any) -> tuple[int, int]:
+    _type(key, v, str, 'a "WIDTHxHEIGHT" string')
+    try:
+        w, h = parse_size(v)
+    except ValueError as e:
+        raise ConfigError(key, str(e)) from None
+    if w <= 0 or h <= 0:
+        raise ConfigError(key, "width and height must be positive")
+    return w, h
+
+
+_MODEL_KEYS = {f for f in ModelConfig.__dataclass_fields__ if f != "name"}
+_SERVER_KEYS = set(ServerConfig.__dataclass_fields__)
+
+
+def _parse_model(name: str, raw: Any) -> ModelConfig:
+    p = f"models.{name}"
+    _type(p, raw, dict, "a table")
+    unknown = sorted(set(raw) - _MODEL_KEYS)
+    if unknown:
+        raise ConfigError(f"{p}.{unknown[0]}", "unknown key")
+    for req in ("kind", "source"):
+        if req not in raw:
+            raise ConfigError(f"{p}.{req}", "is required")
+    kind = _type(f"{p}.kind", raw["kind"], str, "a string")
+    if kind not in KINDS:
+        raise ConfigError(f"{p}.kind", f"must be one of {', '.join(KINDS)}")
+    source = _type(f"{p}.source", raw["source"], str, "a string")
+    if source.startswith("demo:") and source not in DEMO_SOURCES:
+        raise ConfigError(f"{p}.source", f"unknown demo model; one of {', '.join(DEMO_SOURCES)}")
+    if source in DEMO_SOURCES and DEMO_SOURCES[source] != kind:
+        raise ConfigError(f"{p}.kind", f"{source} is a {DEMO_SOURCES[source]} model")
+    kw: dict[str, Any] = {"name": name, "kind": kind, "source": source}
+    if "dtype" in raw:
+        kw["dtype"] = _type(f"{p}.dtype", raw["dtype"], str, "a string")
+        if kw["dtype"] not in DTYPES:
+            raise ConfigError(f"{p}.dtype", f"must be one of {', '.join(DTYPES)}")
+    ints = {"max_batch_size": 1, "max_wait_ms": 0, "max_pixels": 64, "size_multiple": 1, "default_steps": 1,
+            "max_steps": 1, "default_frames": 0, "max_frames": 0, "frame_stride": 1, "fps": 1, "max_queue": 1,
+            "max_prompt_chars": 1}
+    for k, lo in ints.items():
+        if k in raw:
+            kw[k] = _int(f"{p}.{k}", raw[k], lo)
+    if "default_guidance" in raw:
+        kw["default_guidance"] = _float(f"{p}.default_guidance", raw["default_guidance"], 0.0)
+    if "sizes" in raw:
+        _type(f"{p}.sizes", raw["sizes"], list, "a list of sizes")
+        kw["sizes"] = tuple(_size(f"{p}.sizes[{i}]", s) for i, s in enumerate(raw["sizes"]))
+    if "default_size" in raw:
+        kw["default_size"] = _size(f"{p}.default_size", raw["default_size"])
+    m = ModelConfig(**kw)
+    for i, (w, h) in enumerate(m.sizes):
+        if w % m.size_multiple or h % m.size_multiple:
+            raise ConfigError(f"{p}.sizes[{i}]", f"must be a multiple of size_multiple ({m.size_multiple})")
+    if "default_size" not in raw and m.sizes:
+        m = replace(m, default_size=m.sizes[0])
+    if not m.size_allowed(*m.default_size):
+        raise ConfigError(f"{p}.default_size", "is not an allowed size (see sizes / max_pixels)")
+    if m.default_steps > m.max_steps:
+        raise ConfigError(f"{p}.default_steps", f"exceeds max_steps ({m.max_steps})")
+    if kind == "video":
+        if m.max_frames < 1:
+            raise ConfigError(f"{p}.max_frames", "is required for video models (≥ 1)")
+        if not 1 <= m.default_frames <= m.max_frames:
+            raise ConfigError(f"{p}.default_frames", f"must be between 1 and max_frames ({m.max_frames})")
+        if (m.default_frames - 1) % m.frame_stride:
+            raise ConfigError(f"{p}.default_frames", f"num_frames - 1 must be a multiple of frame_stride ({m.frame_stride})")
+    elif m.max_frames or m.default_frames:
+        raise ConfigError(f"{p}.max_frames", "only video models take frames")
+    return m
+
+
+def _parse_server(raw: Any) -> ServerConfig:
+    _type("server", raw, dict, "a table")
+    unknown = sorted(set(raw) - _SERVER_KEYS)
+    if unknown:
+        raise ConfigError(f"server.{unknown[0]}", "unknown key")
+    kw: dict[str, Any] = {}
+    if "host" in raw:
+        kw["host"] = _type("server.host", raw["host"], str, "a string")
+    if "port" in raw:
+        kw["port"] = _int("server.port", raw["port"], 0, 65535)
+    if "data_dir" in raw:
+        kw["data_dir"] = Path(os.path.expanduser(_type("server.data_dir", raw["data_dir"], str, "a string")))
+    if "workers" in raw:
+        kw["workers"] = _int("server.workers", raw["workers"], 0)
+    if "aging_s" in raw:
+        kw["aging_s"] = _float("server.aging_s", raw["aging_s"], 0.0)
+    if "max_attempts" in raw:
+        kw["max_attempts"] = _int("server.max_attempts", raw["max_attempts"], 1)
+    return ServerConfig(**kw)
+
+
+def parse_config(data: dict[str, Any]) -> Config:
+    unknown = sorted(set(data) - {"server", "models"})
+    if unknown:
+        raise ConfigError(unknown[0], "unknown section (expected [server] and [models.NAME])")
+    server = _parse_server(data.get("server", {}))
+    models_raw = data.get("models", {})
+    _type("models", models_raw, dict, "a table of models")
+    if not models_raw:
+        raise ConfigError("models", "at least one model is required")
+    models = {name: _parse_model(name, raw) for name, raw in models_raw.items()}
+    return Config(server, models)
+
+
+def load_config(path: str | Path | None) -> Config:
+    """Read ``path``; with no path, the built-in demo catalog."""
+    if path is None:
+        return parse_config(tomllib.loads(DEMO_TOML))
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise ConfigError(str(path), f"cannot read config file: {e.strerror}") from None
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(str(path), f"invalid TOML: {e}") from None
+    return parse_config(data)

@@ -1,0 +1,95 @@
+"""Validation of a generation request against a model's limits. Pure: no I/O, no framework types."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from .config import ModelConfig
+from .engine.types import BatchKey, Priority
+
+PRIORITIES = tuple(p.name.lower() for p in Priority)
+MAX_SEED = 2**63 - 1
+
+
+class RequestError(ValueError):
+    def __init__(self, field: str, message: str, status: int = 400, code: str = "invalid_request") -> None:
+        super().__init__(f"{field}: {message}")
+        self.field, self.message, self.status, self.code = field, message, status, code
+
+
+@dataclass(frozen=True)
+class JobParams:
+    """A validated request, normalized (defaults filled in)."""
+
+    model: str
+    prompt: str
+    negative_prompt: str | None
+    width: int
+    height: int
+    num_frames: int
+    steps: int
+    guidance: float
+    seed: int
+    priority: str
+
+    @property
+    def key(self) -> BatchKey:
+        return BatchKey(self.model, self.width, self.height, self.num_frames, self.steps, self.guidance)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+def validate(body: dict[str, Any], models: dict[str, ModelConfig], *, random_seed: int) -> JobParams:
+    """``body`` has already been type-checked by the API layer; here the model's limits apply."""
+    name = body.get("model")
+    if name not in models:
+        raise RequestError("model", f"unknown model {name!r}; available: {', '.join(sorted(models))}")
+    m = models[name]
+    prompt = body.get("prompt")
+    if prompt is None or not str(prompt).strip():
+        raise RequestError("prompt", "must not be empty")
+    if len(prompt) > m.max_prompt_chars:
+        raise RequestError("prompt", f"is {len(prompt)} characters; the limit is {m.max_prompt_chars}")
+    neg = body.get("negative_prompt")
+    if neg is not None and len(neg) > m.max_prompt_chars:
+        raise RequestError("negative_prompt", f"is {len(neg)} characters; the limit is {m.max_prompt_chars}")
+    width = body.get("width") or m.default_size[0]
+    height = body.get("height") or m.default_size[1]
+    for fname, v in (("width", width), ("height", height)):
+        if v <= 0:
+            raise RequestError(fname, "must be positive")
+        if v % m.size_multiple:
+            raise RequestError(fname, f"{v} is not a multiple of {m.size_multiple}")
+    if not m.size_allowed(width, height):
+        if m.sizes:
+            allowed = ", ".join(f"{w}x{h}" for w, h in m.sizes)
+            raise RequestError("size", f"{width}x{height} is not allowed for {name}; allowed: {allowed}")
+        raise RequestError("size", f"{width}x{height} = {width * height} pixels exceeds the limit of {m.max_pixels}")
+    frames = body.get("num_frames")
+    if m.kind == "image":
+        if frames is not None:
+            raise RequestError("num_frames", f"{name} is an image model; num_frames is only for video models")
+        frames = 0
+    else:
+        frames = m.default_frames if frames is None else frames
+        if not 1 <= frames <= m.max_frames:
+            raise RequestError("num_frames", f"must be between 1 and {m.max_frames}")
+        if (frames - 1) % m.frame_stride:
+            raise RequestError("num_frames", f"num_frames - 1 must be a multiple of {m.frame_stride} (e.g. {1 + m.frame_stride * max(1, (frames - 1) // m.frame_stride)})")
+    steps = body.get("steps")
+    steps = m.default_steps if steps is None else steps
+    if not 1 <= steps <= m.max_steps:
+        raise RequestError("steps", f"must be between 1 and {m.max_steps}")
+    guidance = body.get("guidance")
+    guidance = m.default_guidance if guidance is None else float(guidance)
+    if not 0.0 <= guidance <= 50.0:
+        raise RequestError("guidance", "must be between 0 and 50")
+    seed = body.get("seed")
+    seed = random_seed if seed is None else seed
+    if not 0 <= seed <= MAX_SEED:
+        raise RequestError("seed", f"must be between 0 and {MAX_SEED}")
+    priority = body.get("priority") or "standard"
+    if priority not in PRIORITIES:
+        raise RequestError("priority", f"must be one of {', '.join(PRIORITIES)}")
+    return JobParams(name, prompt, neg, width, height, frames, steps, guidance, seed, priority)

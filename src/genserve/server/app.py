@@ -1,0 +1,304 @@
+"""HTTP API (FastAPI). Routes translate between HTTP and the runtime; no scheduling logic here."""
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import random
+import time
+from contextlib import asynccontextmanager
+from typing import Any, Literal
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from ..config import Config, parse_size
+from ..requests import MAX_SEED, RequestError, validate
+from .events import TERMINAL_EVENTS
+from .jobstore import STAGES, TERMINAL
+from .runtime import QueueFull, Runtime
+
+
+class JobRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    model: str
+    prompt: str
+    negative_prompt: str | None = None
+    width: int | None = None
+    height: int | None = None
+    num_frames: int | None = None
+    steps: int | None = None
+    guidance: float | None = None
+    seed: int | None = None
+    priority: Literal["high", "standard", "low"] = "standard"
+    id: str | None = Field(default=None, min_length=1, max_length=128, description="client-supplied id (idempotency key)")
+
+
+class ImageGenerationRequest(BaseModel):
+    """OpenAI Images API body. Fields we do not use (quality, style, user, …) are accepted and ignored."""
+
+    model_config = ConfigDict(extra="allow")
+    prompt: str
+    model: str | None = None
+    n: int = 1
+    size: str | None = None
+    response_format: Literal["url", "b64_json"] = "url"
+
+
+def error(status: int, field: str | None, message: str, code: str = "invalid_request",
+          headers: dict[str, str] | None = None) -> JSONResponse:
+    # OpenAI-shaped (message/type/param/code) so OpenAI clients surface it; ``field`` names the culprit.
+    body = {"error": {"code": code, "message": f"{field}: {message}" if field else message, "field": field,
+                      "param": field, "type": "invalid_request_error" if status < 500 else "server_error"}}
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+def create_app(config: Config, runtime: Runtime | None = None) -> FastAPI:
+    rt = runtime or Runtime(config)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        await rt.start()
+        try:
+            yield
+        finally:
+            await rt.close()
+
+    app = FastAPI(title="genserve", version="0.1.0", lifespan=lifespan,
+                  description="Self-hosted inference for image and video diffusion models.")
+    app.state.runtime = rt
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(_req: Request, exc: RequestValidationError):
+        err = exc.errors()[0]
+        loc = [str(p) for p in err.get("loc", ()) if p != "body"]
+        if err.get("type") == "json_invalid":
+            return error(400, "body", "malformed JSON: " + err.get("ctx", {}).get("error", err.get("msg", "")))
+        field = ".".join(loc) or "body"
+        msg = err.get("msg", "invalid")
+        if err.get("type") == "extra_forbidden":
+            msg = "unknown field"
+        return error(400, field, msg)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_req: Request, exc: StarletteHTTPException):
+        return error(exc.status_code, None, str(exc.detail), code="not_found" if exc.status_code == 404 else "http_error")
+
+    @app.exception_handler(RequestError)
+    async def _request_error(_req: Request, exc: RequestError):
+        return error(exc.status, exc.field, exc.message, code=exc.code)
+
+    @app.exception_handler(QueueFull)
+    async def _queue_full(_req: Request, exc: QueueFull):
+        retry = str(int(max(1, round(exc.retry_after_s))))
+        return error(429, "model", f"the queue for {exc.model} is full; retry after {retry}s",
+                     code="queue_full", headers={"Retry-After": retry})
+
+    def job_view(job: dict[str, Any], base: str) -> dict[str, Any]:
+        jid = job["id"]
+        ts = {s: job[f"t_{s}"] for s in STAGES}
+
+        def span(a: str, b: str) -> float | None:
+            return round(ts[b] - ts[a], 4) if ts[a] is not None and ts[b] is not None else None
+
+        urls = {"self": f"{base}v1/jobs/{jid}", "events": f"{base}v1/jobs/{jid}/events",
+                "cancel": f"{base}v1/jobs/{jid}/cancel", "result": f"{base}v1/jobs/{jid}/result"}
+        step = rt.progress.get(jid)
+        if job["status"] == "succeeded":
+            step = (job["params"]["steps"], job["params"]["steps"])
+        return {
+            "id": jid, "object": "job", "client_id": job["client_id"], "model": job["model"],
+            "status": job["status"], "priority": job["priority"], "params": job["params"],
+            "queue_position": rt.queue_position(jid) if job["status"] == "queued" else None,
+            "progress": {"step": step[0], "total": step[1]} if step else None,
+            "cancel_requested": job["cancel_requested"],
+            "error": {"code": job["error_code"], "message": job["error_message"]} if job["error_code"] else None,
+            "batch": {"id": job["batch_id"], "size": job["batch_size"], "worker": job["worker"]} if job["batch_id"] else None,
+            "timestamps": ts,
+            "breakdown": {
+                "queue_wait_s": span("queued", "dispatched"), "cold_start_s": span("load_start", "load_end"),
+                "inference_s": span("inference_start", "inference_end"),
+                "output_write_s": span("inference_end", "output_written"), "total_s": span("received", "finished"),
+            },
+            "results": [{"url": urls["result"] + (f"?index={i}" if i else ""), "content_type": r["content_type"],
+                         "bytes": r["bytes"]} for i, r in enumerate(job["results"])],
+            "urls": urls,
+        }
+
+    def get_job_or_404(job_id: str) -> dict[str, Any]:
+        job = rt.store.get(job_id)
+        if job is None:
+            raise RequestError("id", f"no job {job_id!r}", status=404, code="not_found")
+        return job
+
+    @app.post("/v1/jobs", status_code=202, tags=["jobs"])
+    async def create_job(body: JobRequest, request: Request):
+        data = body.model_dump()
+        params = validate(data, config.models, random_seed=random.randint(0, MAX_SEED))
+        if body.id is not None:
+            existing = rt.store.get_by_client_id(body.id)
+            if existing is not None:
+                same = dict(params.to_dict(), seed=existing["params"]["seed"] if body.seed is None else params.seed)
+                if same != existing["params"]:
+                    raise RequestError("id", "already used for a job with different parameters", status=409, code="conflict")
+        job, created = rt.submit(params, body.id)
+        rt.kick()
+        return JSONResponse(job_view(rt.store.get(job["id"]), str(request.base_url)), status_code=202,
+                            headers={} if created else {"Idempotent-Replayed": "true"})
+
+    @app.get("/v1/jobs/{job_id}", tags=["jobs"])
+    async def get_job(job_id: str, request: Request):
+        return job_view(get_job_or_404(job_id), str(request.base_url))
+
+    @app.post("/v1/jobs/{job_id}/cancel", tags=["jobs"])
+    async def cancel_job(job_id: str, request: Request):
+        get_job_or_404(job_id)
+        job = rt.cancel(job_id)
+        rt.kick()
+        return job_view(job, str(request.base_url))
+
+    @app.get("/v1/jobs/{job_id}/result", tags=["jobs"])
+    async def get_result(job_id: str, index: int = 0):
+        job = get_job_or_404(job_id)
+        if job["status"] != "succeeded":
+            raise RequestError("id", f"job is {job['status']}; no result yet" if job["status"] not in TERMINAL
+                               else f"job {job['status']}; it has no result", status=409, code="not_ready")
+        if not 0 <= index < len(job["results"]):
+            raise RequestError("index", f"must be between 0 and {len(job['results']) - 1}", status=404, code="not_found")
+        ref = job["results"][index]
+        path = rt.results.local_path(ref["key"])
+        return FileResponse(path, media_type=ref["content_type"], filename=f"{job_id}-{path.name}")
+
+    @app.get("/v1/jobs/{job_id}/events", tags=["jobs"])
+    async def job_events(job_id: str, request: Request):
+        job = get_job_or_404(job_id)
+        last_id = int(request.headers.get("last-event-id", "0") or 0)
+
+        async def stream():
+            if not rt.events.known(job_id):
+                # History is gone (restart, or an old job): rebuild the milestones from the record.
+                history, q = _synthesized(job), None
+                if job["status"] not in TERMINAL:
+                    hist2, q = rt.events.subscribe(job_id)
+                    history += [dict(e, id=len(history) + e["id"]) for e in hist2]
+            else:
+                history, q = rt.events.subscribe(job_id)
+            try:
+                for ev in history:
+                    if ev["id"] > last_id:
+                        yield _sse(ev)
+                    if ev["event"] in TERMINAL_EVENTS:
+                        return
+                if q is None:
+                    return
+                while True:
+                    try:
+                        ev = await asyncio.wait_for(q.get(), timeout=15)
+                    except asyncio.TimeoutError:
+                        yield ": keep-alive\n\n"
+                        continue
+                    yield _sse(ev)
+                    if ev["event"] in TERMINAL_EVENTS:
+                        return
+            finally:
+                if q is not None:
+                    rt.events.unsubscribe(job_id, q)
+
+        return StreamingResponse(stream(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    @app.post("/v1/images/generations", tags=["openai"])
+    async def images_generations(body: ImageGenerationRequest, request: Request):
+        image_models = [n for n, m in config.models.items() if m.kind == "image"]
+        model = body.model or (image_models[0] if image_models else None)
+        if model in config.models and config.models[model].kind != "image":
+            raise RequestError("model", f"{model} is a {config.models[model].kind} model, not an image model")
+        if not 1 <= body.n <= 10:
+            raise RequestError("n", "must be between 1 and 10")
+        size = {}
+        if body.size is not None:
+            try:
+                size = dict(zip(("width", "height"), parse_size(body.size)))
+            except ValueError as e:
+                raise RequestError("size", str(e)) from None
+        params = [validate({"model": model, "prompt": body.prompt, **size}, config.models,
+                           random_seed=random.randint(0, MAX_SEED)) for _ in range(body.n)]
+        jobs = rt.submit_many(params)
+        rt.kick()
+        finals = [await _wait_terminal(j["id"]) for j in jobs]
+        failed = [j for j in finals if j["status"] != "succeeded"]
+        if failed:
+            j = failed[0]
+            return error(500, None, f"generation {j['status']}: {j['error_message'] or ''}",
+                         code=j["error_code"] or j["status"])
+        data = []
+        for j in finals:
+            if body.response_format == "b64_json":
+                raw = rt.results.local_path(j["results"][0]["key"]).read_bytes()
+                data.append({"b64_json": base64.b64encode(raw).decode(), "revised_prompt": None})
+            else:
+                data.append({"url": f"{request.base_url}v1/jobs/{j['id']}/result", "revised_prompt": None})
+        return {"created": int(time.time()), "data": data}
+
+    async def _wait_terminal(job_id: str) -> dict[str, Any]:
+        history, q = rt.events.subscribe(job_id)
+        try:
+            if not any(e["event"] in TERMINAL_EVENTS for e in history):
+                while (await q.get())["event"] not in TERMINAL_EVENTS:
+                    pass
+        finally:
+            rt.events.unsubscribe(job_id, q)
+        return rt.store.get(job_id)
+
+    @app.get("/v1/models", tags=["models"])
+    async def list_models():
+        loaded: dict[str, list[str]] = {}
+        for w in rt.engine.workers.values():
+            for m in w.resident:
+                loaded.setdefault(m, []).append(w.id)
+        return {"object": "list", "data": [
+            {"id": name, "object": "model", "created": 0, "owned_by": "genserve", **m.public(),
+             "queue_depth": rt.engine.queue_depth(name), "loaded_on": sorted(loaded.get(name, []))}
+            for name, m in config.models.items()
+        ]}
+
+    @app.get("/v1/workers", tags=["workers"])
+    async def list_workers():
+        out = []
+        for wid, h in rt.pool.workers.items():
+            st = rt.engine.workers.get(wid)
+            out.append({"id": wid, "device": h.device, "state": ("busy" if st and not st.idle else "idle") if h.ready else "starting",
+                        "pid": h.info.get("pid"), "restarts": h.restarts,
+                        "resident_models": sorted(st.resident) if st else [], "batch_id": st.batch_id if st else None})
+        return {"object": "list", "data": out}
+
+    @app.get("/healthz", tags=["health"])
+    async def healthz():
+        return {"status": "ok"}
+
+    @app.get("/readyz", tags=["health"])
+    async def readyz():
+        ok = rt.ready
+        return JSONResponse({"ready": ok, "workers": {w.id: w.ready for w in rt.pool.workers.values()}},
+                            status_code=200 if ok else 503)
+
+    return app
+
+
+def _sse(ev: dict[str, Any]) -> str:
+    return f"id: {ev['id']}\nevent: {ev['event']}\ndata: {json.dumps(ev['data'])}\n\n"
+
+
+def _synthesized(job: dict[str, Any]) -> list[dict[str, Any]]:
+    evs: list[tuple[str, dict[str, Any]]] = [("queued", {"model": job["model"], "priority": job["priority"]})]
+    if job["t_dispatched"] is not None:
+        evs.append(("started", {"batch_id": job["batch_id"], "batch_size": job["batch_size"], "worker": job["worker"]}))
+    if job["status"] in TERMINAL:
+        data: dict[str, Any] = {"status": job["status"]}
+        if job["error_code"]:
+            data["error"] = {"code": job["error_code"], "message": job["error_message"]}
+        evs.append((job["status"], data))
+    return [{"id": i + 1, "event": e, "data": d} for i, (e, d) in enumerate(evs)]

@@ -1,0 +1,274 @@
+"""The asyncio driver: feeds the engine events with the real clock and carries out its decisions.
+
+No polling loop: it runs on API calls and worker messages, plus one timer armed for
+``engine.next_deadline()``.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import subprocess
+import sys
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+from ..config import DEMO_SOURCES, Config
+from ..engine import (
+    BatchKey,
+    CancelRunning,
+    Decision,
+    Engine,
+    FailJob,
+    JobDequeued,
+    LoadModel,
+    Priority,
+    RunBatch,
+)
+from ..requests import JobParams
+from ..workers import protocol as P
+from ..workers.pool import LocalPool, detect_devices
+from .events import EventHub
+from .jobstore import JobStore
+from .results import LocalResultStore
+
+log = logging.getLogger("genserve.runtime")
+
+
+class QueueFull(Exception):
+    def __init__(self, model: str, retry_after_s: float) -> None:
+        super().__init__(f"queue for {model} is full")
+        self.model, self.retry_after_s = model, retry_after_s
+
+
+class IdConflict(Exception):
+    pass
+
+
+@dataclass
+class BatchInfo:
+    id: str
+    worker: str
+    key: BatchKey
+    job_ids: tuple[str, ...]
+    loading: bool
+
+
+class Runtime:
+    def __init__(self, config: Config, *, devices: list[str] | None = None) -> None:
+        self.config = config
+        data = config.server.data_dir
+        data.mkdir(parents=True, exist_ok=True)
+        self.store = JobStore(data / "jobs.db")
+        self.results = LocalResultStore(data / "results")
+        self.engine = Engine(
+            {name: m.limits for name, m in config.models.items()},
+            aging_s=config.server.aging_s, max_attempts=config.server.max_attempts,
+            batch_id_prefix=f"b{secrets.token_hex(3)}",  # unique across restarts sharing one database
+        )
+        self.events = EventHub()
+        self.devices = devices if devices is not None else detect_devices(config.server.workers)
+        self.pool = LocalPool(self.devices, str(self.results.root), self._on_message, self._on_exit)
+        self.batches: dict[str, BatchInfo] = {}
+        self.progress: dict[str, tuple[int, int]] = {}
+        self.models_ready = False
+        self._timer: asyncio.TimerHandle | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    # ---- lifecycle -------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        await self._loop.run_in_executor(None, self._build_demo_models)
+        self.models_ready = True
+        now = time.time()
+        for job in self.store.requeue_unfinished():
+            p = job["params"]
+            key = JobParams(**p).key
+            # Re-entered jobs keep their original queue time, so they keep their place in line.
+            self.engine.submit(job["id"], key, Priority.parse(job["priority"]), job["t_queued"] or now, force=True)
+        self.pool.start()
+
+    async def close(self) -> None:
+        if self._timer:
+            self._timer.cancel()
+        await self.pool.close()
+        self.store.close()
+
+    def _build_demo_models(self) -> None:
+        for name, m in self.config.models.items():
+            if m.source in DEMO_SOURCES:
+                out = self.config.model_dir(name)
+                if not (out / "model_index.json").exists():
+                    log.info("building demo model %s into %s", name, out)
+                    subprocess.run([sys.executable, "-m", "genserve.backends.demo", DEMO_SOURCES[m.source], str(out)],
+                                   check=True, stdout=subprocess.DEVNULL)
+
+    @property
+    def ready(self) -> bool:
+        return self.models_ready and self.pool.all_ready()
+
+    # ---- API-facing ------------------------------------------------------------------------------
+
+    def submit(self, params: JobParams, client_id: str | None) -> tuple[dict[str, Any], bool]:
+        """Persist then queue a job. Returns (job record, created)."""
+        if client_id is not None:
+            existing = self.store.get_by_client_id(client_id)
+            if existing is not None:
+                return existing, False
+        adm = self.engine.admit(params.model)
+        if not adm.accepted:
+            raise QueueFull(params.model, adm.retry_after_s)
+        job_id = uuid.uuid4().hex
+        now = time.time()
+        self.store.insert(job_id, client_id, params.to_dict(), now)  # durable before acknowledged
+        self.engine.submit(job_id, params.key, Priority.parse(params.priority), now)
+        self.events.emit(job_id, "queued", {"model": params.model, "priority": params.priority})
+        return self.store.get(job_id), True
+
+    def submit_many(self, params: list[JobParams]) -> list[dict[str, Any]]:
+        """Submit jobs that should share a batch: all are queued before the engine decides."""
+        adm = self.engine.admit(params[0].model)
+        if not adm.accepted or self.engine.queue_depth(params[0].model) + len(params) > self.config.models[params[0].model].max_queue:
+            raise QueueFull(params[0].model, adm.retry_after_s or 1.0)
+        return [self.submit(p, None)[0] for p in params]
+
+    def cancel(self, job_id: str) -> dict[str, Any] | None:
+        job = self.store.get(job_id)
+        if job is None or job["status"] in ("succeeded", "failed", "canceled"):
+            return job
+        self.store.update([job_id], cancel_requested=1)
+        self._execute(self.engine.cancel(job_id, time.time()))
+        return self.store.get(job_id)
+
+    def queue_position(self, job_id: str) -> int | None:
+        return self.engine.queue_position(job_id, time.time())
+
+    def kick(self) -> None:
+        """Let the engine decide now (called after API events)."""
+        self._pump()
+
+    # ---- the engine loop -------------------------------------------------------------------------
+
+    def _pump(self) -> None:
+        now = time.time()
+        self._execute(self.engine.step(now))
+        self._arm_timer(now)
+
+    def _arm_timer(self, now: float) -> None:
+        if self._timer:
+            self._timer.cancel()
+            self._timer = None
+        deadline = self.engine.next_deadline(now)
+        if deadline is not None and self._loop is not None:
+            self._timer = self._loop.call_later(max(0.0, deadline - now) + 0.001, self._pump)
+
+    def _execute(self, decisions: list[Decision]) -> None:
+        now = time.time()
+        for d in decisions:
+            if isinstance(d, LoadModel):
+                m = self.config.models[d.model]
+                spec = {"path": str(self.config.model_dir(d.model)), "kind": m.kind, "dtype": m.dtype}
+                self.pool.send(d.worker, {"op": P.LOAD, "model": d.model, "spec": spec})
+            elif isinstance(d, RunBatch):
+                self._run_batch(d, now)
+            elif isinstance(d, CancelRunning):
+                self.pool.send(d.worker, {"op": P.CANCEL, "batch_id": d.batch_id, "job_ids": list(d.job_ids)})
+            elif isinstance(d, JobDequeued):
+                self._finish(d.job_id, "canceled", now)
+            elif isinstance(d, FailJob):
+                self._finish(d.job_id, "failed", now, code=d.code, message=d.message)
+
+    def _run_batch(self, d: RunBatch, now: float) -> None:
+        m = self.config.models[d.key.model]
+        jobs = [self.store.get(j) for j in d.job_ids]
+        self.batches[d.batch_id] = BatchInfo(d.batch_id, d.worker, d.key, d.job_ids, d.needs_load)
+        self.store.update(d.job_ids, status="running", batch_id=d.batch_id, batch_size=len(d.job_ids),
+                          worker=d.worker, t_dispatched=now)
+        for j in d.job_ids:
+            self.events.emit(j, "started", {"batch_id": d.batch_id, "batch_size": len(d.job_ids), "worker": d.worker,
+                                            "cold_start": d.needs_load})
+        params = {"width": d.key.width, "height": d.key.height, "num_frames": d.key.num_frames,
+                  "steps": d.key.steps, "guidance": d.key.guidance, "fps": m.fps}
+        payload = [{"id": j["id"], "prompt": j["params"]["prompt"], "negative_prompt": j["params"]["negative_prompt"],
+                    "seed": j["params"]["seed"]} for j in jobs]
+        self.pool.send(d.worker, {"op": P.RUN, "batch_id": d.batch_id, "model": d.key.model, "kind": m.kind,
+                                  "params": params, "jobs": payload})
+
+    def _finish(self, job_id: str, status: str, now: float, *, code: str | None = None, message: str | None = None,
+                **extra: Any) -> None:
+        self.store.update([job_id], status=status, t_finished=now, error_code=code, error_message=message, **extra)
+        self.progress.pop(job_id, None)
+        data: dict[str, Any] = {"status": status}
+        if code:
+            data["error"] = {"code": code, "message": message}
+        self.events.emit(job_id, status, data)
+
+    # ---- worker events ---------------------------------------------------------------------------
+
+    def _on_message(self, worker_id: str, msg: dict[str, Any]) -> None:
+        ev = msg["ev"]
+        now = time.time()
+        batch = self.batches.get(msg.get("batch_id", ""))
+        if ev == "ready":
+            log.info("worker %s ready on %s (pid %s, %s threads)", worker_id, msg["device"], msg["pid"], msg["threads"])
+            self.engine.worker_up(worker_id, now)
+        elif ev == "loaded":
+            self.engine.model_loaded(worker_id, msg["model"])
+            waiting = [b for b in self.batches.values() if b.worker == worker_id and b.loading]
+            for b in waiting:
+                if not msg.get("cached"):
+                    self.store.update(b.job_ids, t_load_start=msg["load_start"], t_load_end=msg["load_end"])
+                b.loading = False
+        elif ev == "load_failed":
+            self.engine.model_unloaded(worker_id, msg["model"])
+            log.error("worker %s failed to load %s: %s", worker_id, msg["model"], msg["message"])
+        elif ev == "started" and batch:
+            live = [j for j in batch.job_ids if not self._is_terminal(j)]
+            self.store.update(live, t_inference_start=msg["t"])
+        elif ev == "progress" and batch:
+            for j in batch.job_ids:
+                if not self._is_terminal(j):
+                    self.progress[j] = (msg["step"], msg["total"])
+                    self.events.emit(j, "progress", {"step": msg["step"], "total": msg["total"]})
+        elif ev == "job_canceled":
+            self._finish(msg["job_id"], "canceled", msg["t"])
+        elif ev == "job_done":
+            self.store.update([msg["job_id"]], results=[msg["result"]], t_inference_start=msg["inference_start"],
+                              t_inference_end=msg["inference_end"], t_output_written=msg["output_written"])
+            self._finish(msg["job_id"], "succeeded", now)
+        elif ev == "batch_done" and batch:
+            self._end_batch(batch, now)
+        elif ev == "batch_failed" and batch:
+            for j in batch.job_ids:
+                if not self._is_terminal(j):
+                    self._finish(j, "failed", now, code=msg["code"], message=msg["message"])
+            self._end_batch(batch, now)
+        self._pump()
+
+    def _end_batch(self, batch: BatchInfo, now: float) -> None:
+        del self.batches[batch.id]
+        self.engine.batch_finished(batch.id, now)
+
+    def _is_terminal(self, job_id: str) -> bool:
+        job = self.store.get(job_id)
+        return job is None or job["status"] in ("succeeded", "failed", "canceled")
+
+    def _on_exit(self, worker_id: str, code: int | None) -> None:
+        now = time.time()
+        lost = [b for b in self.batches.values() if b.worker == worker_id]
+        decisions = self.engine.worker_down(worker_id, now)
+        ended = {getattr(d, "job_id", None) for d in decisions}
+        for b in lost:
+            del self.batches[b.id]
+            requeued = [j for j in b.job_ids if j not in ended and not self._is_terminal(j)]
+            self.store.update(requeued, status="queued", batch_id=None, batch_size=None, worker=None,
+                              t_dispatched=None, t_load_start=None, t_load_end=None, t_inference_start=None)
+            for j in requeued:
+                self.progress.pop(j, None)
+                self.events.emit(j, "requeued", {"reason": "worker_crashed", "worker": worker_id})
+        self._execute(decisions)
+        log.warning("worker %s lost (exit code %s); %d batch(es) requeued", worker_id, code, len(lost))
+        self._pump()

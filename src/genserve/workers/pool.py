@@ -1,0 +1,140 @@
+"""The local process pool: starts one worker process per device, watches and restarts them.
+
+It is driven from the asyncio loop: each worker's pipe is registered with ``loop.add_reader``, so
+messages arrive as callbacks with no polling and no threads in the server.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import multiprocessing as mp
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from .process import worker_main
+
+log = logging.getLogger("genserve.pool")
+
+OnMessage = Callable[[str, dict[str, Any]], None]
+OnExit = Callable[[str, int | None], None]
+
+
+def detect_devices(cpu_workers: int) -> list[str]:
+    """``cuda:N`` for every visible GPU, else ``cpu`` × ``cpu_workers``. Avoids importing torch in
+    the server process: ``nvidia-smi``-less check via the environment and /proc."""
+    try:
+        import torch  # noqa: PLC0415 — only to count GPUs; cheap if already imported
+
+        n = torch.cuda.device_count()
+    except Exception:
+        n = 0
+    if n:
+        return [f"cuda:{i}" for i in range(n)]
+    return ["cpu"] * cpu_workers
+
+
+@dataclass
+class WorkerHandle:
+    id: str
+    device: str
+    process: Any = None
+    conn: Any = None
+    ready: bool = False
+    restarts: int = 0
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+class LocalPool:
+    RESTART_BACKOFF_S = (0.5, 1, 2, 5, 10, 30)
+
+    def __init__(self, devices: list[str], results_dir: str, on_message: OnMessage, on_exit: OnExit) -> None:
+        self.ctx = mp.get_context("spawn")
+        self.results_dir = results_dir
+        self.on_message = on_message
+        self.on_exit = on_exit
+        cpu_count = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        n_cpu = sum(1 for d in devices if d == "cpu")
+        self.threads = max(1, cpu_count // n_cpu) if n_cpu else 0
+        self.workers = {f"w{i}": WorkerHandle(f"w{i}", d) for i, d in enumerate(devices)}
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.closing = False
+
+    def start(self) -> None:
+        self.loop = asyncio.get_running_loop()
+        for w in self.workers.values():
+            self._spawn(w)
+
+    def _spawn(self, w: WorkerHandle) -> None:
+        parent, child = self.ctx.Pipe(duplex=True)
+        threads = self.threads if w.device == "cpu" else 0
+        proc = self.ctx.Process(target=worker_main, args=(child, w.id, w.device, self.results_dir, threads),
+                                name=f"genserve-worker-{w.id}", daemon=True)
+        proc.start()
+        child.close()
+        w.process, w.conn, w.ready = proc, parent, False
+        assert self.loop is not None
+        self.loop.add_reader(parent.fileno(), self._readable, w)
+
+    def _readable(self, w: WorkerHandle) -> None:
+        conn = w.conn
+        try:
+            while conn.poll():
+                msg = conn.recv()
+                if msg.get("ev") == "ready":
+                    w.ready, w.info = True, msg
+                self.on_message(w.id, msg)
+                if w.conn is not conn:  # handler tore the worker down
+                    return
+        except (EOFError, OSError):
+            self._lost(w)
+
+    def _lost(self, w: WorkerHandle) -> None:
+        assert self.loop is not None
+        try:
+            self.loop.remove_reader(w.conn.fileno())
+        except (ValueError, OSError):
+            pass
+        w.conn.close()
+        w.process.join(timeout=5)
+        code = w.process.exitcode
+        w.ready = False
+        self.on_exit(w.id, code)
+        if self.closing:
+            return
+        delay = self.RESTART_BACKOFF_S[min(w.restarts, len(self.RESTART_BACKOFF_S) - 1)]
+        w.restarts += 1
+        log.warning("worker %s exited with %s; restarting in %ss", w.id, code, delay)
+        self.loop.call_later(delay, lambda: None if self.closing else self._spawn(w))
+
+    def send(self, worker_id: str, msg: dict[str, Any]) -> None:
+        w = self.workers[worker_id]
+        try:
+            w.conn.send(msg)
+        except (OSError, ValueError):
+            pass  # the reader callback sees the EOF and reports the worker lost
+
+    def all_ready(self) -> bool:
+        return all(w.ready for w in self.workers.values())
+
+    async def close(self) -> None:
+        self.closing = True
+        for w in self.workers.values():
+            if w.conn is None:
+                continue
+            try:
+                self.loop.remove_reader(w.conn.fileno())
+            except (ValueError, OSError):
+                pass
+            try:
+                w.conn.send({"op": "shutdown"})
+            except (OSError, ValueError):
+                pass
+        for w in self.workers.values():
+            if w.process is None:
+                continue
+            await asyncio.get_running_loop().run_in_executor(None, w.process.join, 5)
+            if w.process.is_alive():
+                w.process.kill()
+                w.process.join(2)

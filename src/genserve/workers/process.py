@@ -1,0 +1,96 @@
+"""Worker process main: one per device. Loads pipelines on demand and runs batches."""
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import threading
+import time
+import traceback
+from multiprocessing.connection import Connection
+from typing import Any
+
+from . import protocol as P
+
+
+def worker_main(conn: Connection, worker_id: str, device: str, results_dir: str, threads: int) -> None:
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    import torch
+
+    if threads > 0:
+        torch.set_num_threads(threads)
+    from diffusers.utils import logging as dlogging
+
+    dlogging.set_verbosity_error()
+    logging.getLogger("transformers").setLevel(logging.ERROR)
+    from ..backends.runner import BatchAborted, PipelineRunner
+    from ..server.results import LocalResultStore
+
+    send_lock = threading.Lock()
+
+    def emit(msg: dict[str, Any]) -> None:
+        with send_lock:
+            conn.send(msg)
+
+    inbox: queue.Queue = queue.Queue()
+    canceled: set[str] = set()
+
+    def reader() -> None:
+        # Cancels must be seen while the main thread is inside a pipeline call, so a thread reads.
+        while True:
+            try:
+                msg = conn.recv()
+            except (EOFError, OSError):
+                os._exit(0)  # the server is gone: never outlive it
+            if msg["op"] == P.CANCEL:
+                canceled.update(msg["job_ids"])
+            else:
+                inbox.put(msg)
+
+    threading.Thread(target=reader, daemon=True, name="genserve-reader").start()
+    runner = PipelineRunner(device, LocalResultStore(results_dir))
+    emit({"ev": "ready", "worker": worker_id, "device": device, "pid": os.getpid(), "threads": torch.get_num_threads()})
+    failed_loads: dict[str, str] = {}
+    while True:
+        msg = inbox.get()
+        op = msg["op"]
+        if op == P.SHUTDOWN:
+            return
+        if op == P.LOAD:
+            model = msg["model"]
+            try:
+                info = runner.load(model, msg["spec"])
+                failed_loads.pop(model, None)
+                emit({"ev": "loaded", **info})
+            except Exception as e:  # any load error is reported, never fatal to the worker
+                failed_loads[model] = f"{type(e).__name__}: {e}"
+                emit({"ev": "load_failed", "model": model, "code": "model_load_failed", "message": failed_loads[model]})
+        elif op == P.RUN:
+            batch_id = msg["batch_id"]
+            try:
+                if msg["model"] not in runner.pipes:
+                    raise RuntimeError(failed_loads.get(msg["model"], f"model {msg['model']} is not loaded"))
+                runner.run(msg, emit, canceled)
+                emit({"ev": "batch_done", "batch_id": batch_id, "t": time.time()})
+            except BatchAborted:
+                emit({"ev": "batch_done", "batch_id": batch_id, "t": time.time()})
+            except Exception as e:
+                code = _classify(e, msg["model"] in failed_loads)
+                traceback.print_exc()
+                emit({"ev": "batch_failed", "batch_id": batch_id, "code": code, "message": f"{type(e).__name__}: {e}"})
+            finally:
+                canceled.difference_update(j["id"] for j in msg["jobs"])
+
+
+def _classify(e: Exception, load_failed: bool) -> str:
+    if load_failed:
+        return "model_load_failed"
+    name = type(e).__name__
+    if "OutOfMemory" in name or "out of memory" in str(e).lower():
+        return "out_of_memory"
+    if isinstance(e, OSError):
+        return "storage_error"
+    return "internal"
