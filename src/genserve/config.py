@@ -93,8 +93,8 @@ class Config:
     def model_dir(self, name: str) -> Path:
         """Where a model's weights are loaded from (demo models are built there on first start)."""
         m = self.models[name]
-        if m.source in DEMO_SOURCES:
-            return self.server.data_dir / "models" / name
+        if m.source in DEMO_SOURCES:  # one build per demo kind, shared by every model that uses it
+            return self.server.data_dir / "models" / m.source.replace(":", "-")
         return Path(m.source)
 
 

@@ -89,6 +89,7 @@ class Runtime:
             key = JobParams(**p).key
             # Re-entered jobs keep their original queue time, so they keep their place in line.
             self.engine.submit(job["id"], key, Priority.parse(job["priority"]), job["t_queued"] or now, force=True)
+            self.events.emit(job["id"], "queued", {"model": job["model"], "priority": job["priority"], "restored": True})
         self.pool.start()
 
     async def close(self) -> None:
@@ -98,13 +99,17 @@ class Runtime:
         self.store.close()
 
     def _build_demo_models(self) -> None:
+        # In a child process: the server process itself never needs the ML stack loaded.
         for name, m in self.config.models.items():
             if m.source in DEMO_SOURCES:
                 out = self.config.model_dir(name)
                 if not (out / "model_index.json").exists():
-                    log.info("building demo model %s into %s", name, out)
-                    subprocess.run([sys.executable, "-m", "genserve.backends.demo", DEMO_SOURCES[m.source], str(out)],
-                                   check=True, stdout=subprocess.DEVNULL)
+                    log.info("building demo model %s into %s", m.source, out)
+                    proc = subprocess.run(
+                        [sys.executable, "-m", "genserve.backends.demo", DEMO_SOURCES[m.source], str(out)],
+                        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                    if proc.returncode != 0:
+                        raise RuntimeError(f"building demo model {m.source} failed:\n{proc.stderr[-4000:]}")
 
     @property
     def ready(self) -> bool:

@@ -9,6 +9,8 @@ import asyncio
 import logging
 import multiprocessing as mp
 import os
+import subprocess
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -22,13 +24,13 @@ OnExit = Callable[[str, int | None], None]
 
 
 def detect_devices(cpu_workers: int) -> list[str]:
-    """``cuda:N`` for every visible GPU, else ``cpu`` × ``cpu_workers``. Avoids importing torch in
-    the server process: ``nvidia-smi``-less check via the environment and /proc."""
+    """``cuda:N`` for every visible GPU, else ``cpu`` × ``cpu_workers``. Asked of a child process so
+    the server process never loads torch (hundreds of MB it has no use for)."""
+    probe = "import torch; print(torch.cuda.device_count() if torch.cuda.is_available() else 0)"
     try:
-        import torch  # noqa: PLC0415 — only to count GPUs; cheap if already imported
-
-        n = torch.cuda.device_count()
-    except Exception:
+        out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+        n = int(out.stdout.strip() or 0)
+    except (OSError, ValueError, subprocess.TimeoutExpired):
         n = 0
     if n:
         return [f"cuda:{i}" for i in range(n)]

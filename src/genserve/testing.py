@@ -1,0 +1,104 @@
+"""Start and stop a real ``genserve serve`` process: used by the integration tests and benchmarks."""
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class LiveServer:
+    def __init__(self, data_dir: Path, config_text: str | None = None, workers: int = 1) -> None:
+        self.data_dir = Path(data_dir)
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self.config_path = None
+        if config_text is not None:
+            self.config_path = self.data_dir / "genserve.toml"
+            self.config_path.write_text(config_text)
+        self.workers = workers
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc: subprocess.Popen | None = None
+        self.log_path = self.data_dir / f"server-{self.port}.log"
+
+    def start(self, timeout: float = 180.0) -> "LiveServer":
+        cmd = [sys.executable, "-m", "genserve.cli", "serve", "--port", str(self.port), "--host", "127.0.0.1",
+               "--data-dir", str(self.data_dir), "--workers", str(self.workers)]
+        if self.config_path:
+            cmd += ["--config", str(self.config_path)]
+        self._log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log()}")
+            try:
+                if httpx.get(self.url + "/readyz", timeout=2).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.25)
+        self.stop()
+        raise RuntimeError(f"server not ready after {timeout}s:\n{self.log()}")
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")[-6000:]
+
+    def stop(self, kill: bool = False) -> None:
+        if self.proc is None:
+            return
+        if kill:
+            os.killpg(self.proc.pid, signal.SIGKILL)  # the server and its workers, like a machine crash
+        else:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+        self.proc = None
+        self._log.close()
+
+    def __enter__(self) -> "LiveServer":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def wait_for(client: httpx.Client, job_id: str, timeout: float = 120.0, statuses=("succeeded", "failed", "canceled")) -> dict:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        job = client.get(f"/v1/jobs/{job_id}").json()
+        if job["status"] in statuses:
+            return job
+        time.sleep(0.05)
+    raise AssertionError(f"job {job_id} still {job['status']} after {timeout}s")
+
+
+def sse_events(client: httpx.Client, job_id: str, timeout: float = 120.0, headers=None) -> list[tuple[str, dict, int]]:
+    import json
+
+    out = []
+    with client.stream("GET", f"/v1/jobs/{job_id}/events", timeout=timeout, headers=headers or {}) as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        ev, eid = None, None
+        for line in r.iter_lines():
+            if line.startswith("id:"):
+                eid = int(line[3:])
+            elif line.startswith("event:"):
+                ev = line[6:].strip()
+            elif line.startswith("data:"):
+                out.append((ev, json.loads(line[5:]), eid))
+    return out

@@ -1,0 +1,64 @@
+import pytest
+
+from genserve.config import ConfigError, load_config, parse_config
+
+
+def base(**model):
+    m = {"kind": "image", "source": "/models/x", **model}
+    return {"models": {"m": m}}
+
+
+def test_demo_catalog_is_valid():
+    cfg = load_config(None)
+    assert set(cfg.models) == {"demo-image", "demo-video"}
+    assert cfg.models["demo-video"].kind == "video" and cfg.models["demo-video"].max_frames >= 9
+
+
+@pytest.mark.parametrize("model, key", [
+    ({"max_batch_size": 0}, "models.m.max_batch_size"),
+    ({"max_batch_size": "4"}, "models.m.max_batch_size"),
+    ({"kind": "audio"}, "models.m.kind"),
+    ({"dtype": "int4"}, "models.m.dtype"),
+    ({"sizes": ["64x63"]}, "models.m.sizes[0]"),
+    ({"sizes": ["big"]}, "models.m.sizes[0]"),
+    ({"default_steps": 50, "max_steps": 10}, "models.m.default_steps"),
+    ({"max_frames": 8}, "models.m.max_frames"),
+    ({"colour": "red"}, "models.m.colour"),
+    ({"source": "demo:audio"}, "models.m.source"),
+    ({"max_wait_ms": -1}, "models.m.max_wait_ms"),
+])
+def test_invalid_model_keys_are_named(model, key):
+    with pytest.raises(ConfigError) as e:
+        parse_config(base(**model))
+    assert e.value.key == key
+    assert str(e.value).startswith(key + ":")
+
+
+def test_video_model_needs_frames():
+    with pytest.raises(ConfigError) as e:
+        parse_config(base(kind="video"))
+    assert e.value.key == "models.m.max_frames"
+
+
+def test_server_keys_and_missing_models(tmp_path):
+    with pytest.raises(ConfigError) as e:
+        parse_config({"server": {"port": 70000}, **base()})
+    assert e.value.key == "server.port"
+    with pytest.raises(ConfigError) as e:
+        parse_config({"server": {"workers": 1}})
+    assert e.value.key == "models"
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[models.x\n")
+    with pytest.raises(ConfigError, match="invalid TOML"):
+        load_config(bad)
+
+
+def test_file_round_trip_and_overrides(tmp_path):
+    p = tmp_path / "genserve.toml"
+    p.write_text('[server]\nport = 9000\nworkers = 2\n[models.sd]\nkind = "image"\nsource = "org/model"\n'
+                 'sizes = ["512x512", "768x512"]\nmax_wait_ms = 100\n')
+    cfg = load_config(p).with_overrides(port=9100, data_dir=str(tmp_path / "d"))
+    assert cfg.server.port == 9100 and cfg.server.workers == 2 and cfg.server.data_dir == tmp_path / "d"
+    sd = cfg.models["sd"]
+    assert sd.default_size == (512, 512) and sd.limits.max_wait_s == 0.1
+    assert cfg.model_dir("sd").name == "model"
