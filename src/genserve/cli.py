@@ -84,9 +84,9 @@ def cmd_submit(a: argparse.Namespace) -> int:
         ext = ".mp4" if res.headers.get("content-type", "").startswith("video/") else ".png"
         out = Path(a.out or f"{job['id']}{ext}")
         out.write_bytes(res.content)
-        b = job["breakdown"]
-        print(f"saved {out} ({len(res.content)} bytes); queue {b['queue_wait_s']}s, cold start {b['cold_start_s']}s, "
-              f"inference {b['inference_s']}s, total {b['total_s']}s, batch of {job['batch']['size']}", file=sys.stderr)
+        b = {k: "-" if v is None else f"{v:.3f}s" for k, v in job["breakdown"].items()}
+        print(f"saved {out} ({len(res.content)} bytes); queue {b['queue_wait_s']}, cold start {b['cold_start_s']}, "
+              f"inference {b['inference_s']}, total {b['total_s']}, batch of {job['batch']['size']}", file=sys.stderr)
         print(out)
     return 0
 

@@ -20,7 +20,7 @@ def demo_models(tmp_path_factory) -> Path:
 
 def catalog(models: Path, **overrides) -> str:
     image_batch = overrides.get("image_batch", 8)
-    image_wait = overrides.get("image_wait_ms", 400)
+    image_wait = overrides.get("image_wait_ms", 1000)
     return f"""
 [server]
 aging_s = 30

@@ -18,6 +18,7 @@ def worker_main(conn: Connection, worker_id: str, device: str, results_dir: str,
 
     warnings.filterwarnings("ignore")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     import torch
 
     if threads > 0:
@@ -25,6 +26,7 @@ def worker_main(conn: Connection, worker_id: str, device: str, results_dir: str,
     from diffusers.utils import logging as dlogging
 
     dlogging.set_verbosity_error()
+    dlogging.disable_progress_bar()
     logging.getLogger("transformers").setLevel(logging.ERROR)
     from ..backends.runner import BatchAborted, PipelineRunner
     from ..server.results import LocalResultStore
