@@ -60,5 +60,5 @@ def test_file_round_trip_and_overrides(tmp_path):
     cfg = load_config(p).with_overrides(port=9100, data_dir=str(tmp_path / "d"))
     assert cfg.server.port == 9100 and cfg.server.workers == 2 and cfg.server.data_dir == tmp_path / "d"
     sd = cfg.models["sd"]
-    assert sd.default_size == (512, 512) and sd.limits.max_wait_s == 0.1
+    assert sd.default_size == (512, 512) and sd.limits(cfg.server).max_wait_s == 0.1
     assert cfg.model_dir("sd").name == "model"

@@ -11,11 +11,14 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from .engine.placement import PLACEMENT
+from .engine.residency import RESIDENCY
 from .engine.types import ModelLimits
 
 KINDS = ("image", "video")
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 DEMO_SOURCES = {"demo:image": "image", "demo:video": "video"}
+GIB = 1 << 30
 
 
 class ConfigError(ValueError):
@@ -45,10 +48,16 @@ class ModelConfig:
     fps: int = 8
     max_queue: int = 256
     max_prompt_chars: int = 2000
+    memory_gb: float = 0.0  # weights hint (GiB) until a worker has measured the model
+    min_warm: int = 0  # warm pool size: workers that load it at start-up and never idle-unload it
+    keep_warm_s: float = 0.0  # stay loaded while requests arrive within this window
+    idle_unload_s: float | None = None  # None: the server's default; "never" in TOML disables
 
-    @property
-    def limits(self) -> ModelLimits:
-        return ModelLimits(self.max_batch_size, self.max_wait_ms / 1000.0, self.max_queue)
+    def limits(self, server: "ServerConfig") -> ModelLimits:
+        idle = self.idle_unload_s if self.idle_unload_s is not None else server.idle_unload_s
+        return ModelLimits(self.max_batch_size, self.max_wait_ms / 1000.0, self.max_queue,
+                           memory_bytes=int(self.memory_gb * GIB), min_warm=self.min_warm,
+                           keep_warm_s=self.keep_warm_s, idle_unload_s=None if idle < 0 else idle)
 
     def size_allowed(self, w: int, h: int) -> bool:
         return (w, h) in self.sizes if self.sizes else w * h <= self.max_pixels
@@ -64,6 +73,8 @@ class ModelConfig:
             "default_frames": self.default_frames or None, "max_frames": self.max_frames or None,
             "frame_stride": self.frame_stride if self.kind == "video" else None,
             "max_queue": self.max_queue, "max_prompt_chars": self.max_prompt_chars,
+            "memory_gb": self.memory_gb or None, "min_warm": self.min_warm, "keep_warm_s": self.keep_warm_s,
+            "idle_unload_s": self.idle_unload_s,
         }
 
 
@@ -75,6 +86,14 @@ class ServerConfig:
     workers: int = 1  # CPU workers when there is no GPU
     aging_s: float = 30.0
     max_attempts: int = 3
+    worker_memory_gb: float = 0.0  # CPU workers' memory budget each (0: physical memory / workers)
+    host_cache_gb: float = 8.0  # GPU workers: unloaded models kept in host RAM up to this size
+    idle_unload_s: float = 120.0  # default for models; < 0 = never
+    residency: str = "lru"
+    placement: str = "warm-first"
+    saturation: float = 0.9  # warm workers busier than this count as saturated (load elsewhere)
+    preload: bool = False  # predictive preloading
+    preload_min_probability: float = 0.2
 
 
 @dataclass(frozen=True)
@@ -203,6 +222,13 @@ def _parse_model(name: str, raw: Any) -> ModelConfig:
             kw[k] = _int(f"{p}.{k}", raw[k], lo)
     if "default_guidance" in raw:
         kw["default_guidance"] = _float(f"{p}.default_guidance", raw["default_guidance"], 0.0)
+    for k in ("memory_gb", "keep_warm_s"):
+        if k in raw:
+            kw[k] = _float(f"{p}.{k}", raw[k], 0.0)
+    if "min_warm" in raw:
+        kw["min_warm"] = _int(f"{p}.min_warm", raw["min_warm"], 0)
+    if "idle_unload_s" in raw:
+        kw["idle_unload_s"] = -1.0 if raw["idle_unload_s"] == "never" else _float(f"{p}.idle_unload_s", raw["idle_unload_s"], 0.0)
     if "sizes" in raw:
         _type(f"{p}.sizes", raw["sizes"], list, "a list of sizes")
         kw["sizes"] = tuple(_size(f"{p}.sizes[{i}]", s) for i, s in enumerate(raw["sizes"]))
@@ -248,6 +274,26 @@ def _parse_server(raw: Any) -> ServerConfig:
         kw["aging_s"] = _float("server.aging_s", raw["aging_s"], 0.0)
     if "max_attempts" in raw:
         kw["max_attempts"] = _int("server.max_attempts", raw["max_attempts"], 1)
+    for k in ("worker_memory_gb", "host_cache_gb"):
+        if k in raw:
+            kw[k] = _float(f"server.{k}", raw[k], 0.0)
+    if "idle_unload_s" in raw:
+        kw["idle_unload_s"] = -1.0 if raw["idle_unload_s"] == "never" else _float("server.idle_unload_s", raw["idle_unload_s"], 0.0)
+    if "saturation" in raw:
+        kw["saturation"] = _float("server.saturation", raw["saturation"], 0.0)
+        if kw["saturation"] > 1:
+            raise ConfigError("server.saturation", "must be between 0 and 1")
+    if "preload_min_probability" in raw:
+        kw["preload_min_probability"] = _float("server.preload_min_probability", raw["preload_min_probability"], 0.0)
+    if "preload" in raw:
+        if not isinstance(raw["preload"], bool):
+            raise ConfigError("server.preload", f"must be true or false, got {raw['preload']!r}")
+        kw["preload"] = raw["preload"]
+    for k, names in (("residency", RESIDENCY), ("placement", PLACEMENT)):
+        if k in raw:
+            kw[k] = _type(f"server.{k}", raw[k], str, "a string")
+            if kw[k] not in names:
+                raise ConfigError(f"server.{k}", f"unknown policy {kw[k]!r}; one of {', '.join(names)}")
     return ServerConfig(**kw)
 
 
@@ -262,6 +308,10 @@ def parse_config(data: dict[str, Any]) -> Config:
         raise ConfigError("models", "at least one model is required")
     models = {name: _parse_model(name, raw) for name, raw in models_raw.items()}
     return Config(server, models)
+
+
+def model_limits(config: Config) -> dict[str, ModelLimits]:
+    return {name: m.limits(config.server) for name, m in config.models.items()}
 
 
 def load_config(path: str | Path | None) -> Config:

@@ -59,8 +59,16 @@ def test_batch_never_exceeds_max_and_rest_waits_for_next_worker():
     assert second.job_ids == ("j2", "j3")
 
 
+def warm_all(eng, *models):
+    for w in eng.workers:
+        for m in models:
+            eng.request_load(m, 0.0, w)
+            eng.model_loaded(w, m, 0, 0.0)
+
+
 def test_different_shapes_never_share_a_batch():
     eng = make(max_batch=8, wait_s=0.0, workers=3)
+    warm_all(eng, "img", "vid")
     eng.submit("small1", IMG, Priority.STANDARD, 0.0)
     eng.submit("big", IMG_BIG, Priority.STANDARD, 0.0)
     eng.submit("small2", IMG, Priority.STANDARD, 0.0)
@@ -75,6 +83,7 @@ def test_different_shapes_never_share_a_batch():
 
 def test_steps_and_guidance_are_part_of_the_key():
     eng = make(max_batch=8, wait_s=0.0, workers=2)
+    warm_all(eng, "img")
     eng.submit("a", IMG, Priority.STANDARD, 0.0)
     eng.submit("b", BatchKey("img", 64, 64, 0, 20, 1.0), Priority.STANDARD, 0.0)
     assert sorted(len(r.job_ids) for r in runs(eng.step(0.0))) == [1, 1]
@@ -153,13 +162,14 @@ def test_queue_limit_is_per_model_and_reports_retry_after():
 
 def test_placement_prefers_worker_with_model_loaded_and_loads_otherwise():
     eng = make(max_batch=1, wait_s=0.0, workers=2)
-    eng.model_loaded("w1", "img")
+    eng.request_load("img", 0.0, "w1")
+    eng.model_loaded("w1", "img", 1000, 0.0)
     eng.submit("a", IMG, Priority.STANDARD, 0.0)
     decisions = eng.step(0.0)
     assert decisions == [RunBatch(decisions[0].batch_id, "w1", IMG, ("a",), False)]
     eng.submit("v", VID, Priority.STANDARD, 0.1)
     load, run = eng.step(0.1)
-    assert load == LoadModel("w0", "vid") and run.worker == "w0" and run.needs_load
+    assert load == LoadModel("w0", "vid", "batch") and run.worker == "w0" and run.needs_load
     eng.batch_finished(run.batch_id, 1.0)
     eng.submit("v2", VID, Priority.STANDARD, 1.0)
     [again] = eng.step(1.0)
@@ -194,7 +204,8 @@ def test_next_deadline_none_without_queued_jobs_and_idle_worker_count():
     assert eng.next_deadline(0.0) is None
     eng.submit("a", IMG, Priority.STANDARD, 1.0)
     assert eng.next_deadline(1.0) == 1.25
-    assert eng.next_deadline(2.0) == 2.0  # overdue: wake now
+    eng.step(1.25)
+    assert eng.next_deadline(1.25) is None  # dispatched: nothing left to wake for
 
 
 def test_queue_position_follows_service_order():

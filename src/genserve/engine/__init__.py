@@ -11,9 +11,10 @@ from .types import (
     ModelLimits,
     Priority,
     RunBatch,
+    UnloadModel,
 )
 
 __all__ = [
     "Admission", "BatchKey", "CancelRunning", "Decision", "Engine", "FailJob", "JobDequeued", "LoadModel",
-    "ModelLimits", "Priority", "RunBatch",
+    "ModelLimits", "Priority", "RunBatch", "UnloadModel",
 ]

@@ -9,8 +9,11 @@ import math
 from collections.abc import Mapping
 
 from .batching import BATCHING
+from .memory import MemoryModel
 from .placement import PLACEMENT
+from .preload import TransitionPredictor
 from .queues import KeyedQueues, order_key
+from .residency import RESIDENCY
 from .types import (
     Admission,
     BatchKey,
@@ -22,12 +25,15 @@ from .types import (
     ModelLimits,
     Priority,
     QueuedJob,
+    Resident,
     RunBatch,
     RunningBatch,
+    UnloadModel,
     WorkerState,
 )
 
 DEFAULT_BATCH_SECONDS = 1.0  # used for Retry-After until a model has run a batch
+RECHECK_S = 1.0  # how soon to look again while a batch waits for a busy warm worker
 
 
 class Engine:
@@ -39,13 +45,21 @@ class Engine:
         max_attempts: int = 3,
         batching: str = "greedy",
         placement: str = "warm-first",
+        residency: str = "lru",
+        saturation: float = 0.9,
+        preload: bool = False,
+        preload_min_probability: float = 0.2,
         batch_id_prefix: str = "b",
     ) -> None:
         self.models = dict(models)
         self.aging_s = aging_s
         self.max_attempts = max_attempts
         self.batching = BATCHING[batching]()
-        self.placement = PLACEMENT[placement]()
+        self.placement = PLACEMENT[placement](saturation)
+        self.residency = RESIDENCY[residency]()
+        self.memory = MemoryModel({m: lim.memory_bytes for m, lim in self.models.items() if lim.memory_bytes})
+        self.predictor = TransitionPredictor() if preload else None
+        self.preload_min_probability = preload_min_probability
         self.queues = KeyedQueues()
         self.workers: dict[str, WorkerState] = {}
         self.running: dict[str, RunningBatch] = {}
@@ -54,6 +68,8 @@ class Engine:
         self._batch_seq = 0
         self._prefix = batch_id_prefix
         self._batch_seconds: dict[str, float] = {}  # model -> EWMA of batch wall time
+        self.last_arrival: dict[str, float] = {}
+        self._waiting_on_warm = False  # a ready batch is holding out for a busy warm worker
 
     # ---- jobs ------------------------------------------------------------------------------------
 
@@ -76,6 +92,10 @@ class Engine:
         if job_id in self.queues or job_id in self._running_job:
             return Admission(True)  # idempotent
         self.queues.add(QueuedJob(job_id, key, priority, now))
+        if not force:
+            self.last_arrival[key.model] = now
+            if self.predictor is not None:
+                self.predictor.observe(key.model, now)
         return Admission(True)
 
     def cancel(self, job_id: str, now: float) -> list[Decision]:
@@ -104,10 +124,10 @@ class Engine:
     def queue_depth(self, model: str) -> int:
         return self.queues.depth(model)
 
-    # ---- workers ---------------------------------------------------------------------------------
+    # ---- workers and models ----------------------------------------------------------------------
 
-    def worker_up(self, worker_id: str, now: float) -> None:
-        self.workers[worker_id] = WorkerState(worker_id)
+    def worker_up(self, worker_id: str, now: float, capacity: int | None = None) -> None:
+        self.workers[worker_id] = WorkerState(worker_id, capacity)
 
     def worker_down(self, worker_id: str, now: float) -> list[Decision]:
         """A worker vanished. Its running jobs go back to the queue (keeping their place in line)
@@ -129,59 +149,260 @@ class Engine:
                     self.queues.add(job)
         return out
 
-    def model_loaded(self, worker_id: str, model: str) -> None:
-        if worker_id in self.workers:
-            self.workers[worker_id].resident.add(model)
+    def model_loaded(self, worker_id: str, model: str, nbytes: int, now: float) -> None:
+        """A worker finished loading ``model``; ``nbytes`` is what it measured it holds."""
+        self.memory.observe_weights(model, nbytes)
+        w = self.workers.get(worker_id)
+        if w is None:
+            return
+        r = w.resident.get(model)
+        if r is None:  # loaded without us asking (e.g. after a restart): account for it all the same
+            r = w.resident[model] = Resident(nbytes, now)
+        r.loading = False
+        r.bytes = nbytes or r.bytes
 
-    def model_unloaded(self, worker_id: str, model: str) -> None:
-        if worker_id in self.workers:
-            self.workers[worker_id].resident.discard(model)
+    def model_load_failed(self, worker_id: str, model: str, now: float) -> None:
+        w = self.workers.get(worker_id)
+        if w is not None:
+            w.resident.pop(model, None)
 
-    def batch_finished(self, batch_id: str, now: float) -> None:
-        """The worker finished a batch (whatever each job's outcome) and is idle again."""
+    def batch_finished(self, batch_id: str, now: float, peak_bytes: int = 0) -> None:
+        """The worker finished a batch (whatever each job's outcome) and is idle again.
+        ``peak_bytes``: the working memory the worker measured for it (0 = not measured)."""
         batch = self.running.pop(batch_id, None)
         if batch is None:
             return
         for job_id in batch.jobs:
             self._running_job.pop(job_id, None)
             self._cancel_sent.discard(job_id)
+        self.memory.observe_batch(batch.key, len(batch.jobs), peak_bytes)
         took = max(0.0, now - batch.started_at)
         prev = self._batch_seconds.get(batch.key.model)
         self._batch_seconds[batch.key.model] = took if prev is None else 0.7 * prev + 0.3 * took
         worker = self.workers.get(batch.worker)
         if worker is not None and worker.batch_id == batch_id:
             worker.batch_id = None
+            worker.busy.stop(now)
+            if batch.key.model in worker.resident:
+                worker.resident[batch.key.model].last_used = now
+
+    def request_load(self, model: str, now: float, worker_id: str | None = None, *, pin: bool = False) -> list[Decision]:
+        """Operator (or warm pool) asks for ``model`` to be loaded. Returns [] when no worker can."""
+        candidates = [self.workers[worker_id]] if worker_id in self.workers else (
+            [] if worker_id else list(self.workers.values()))
+        candidates = [w for w in candidates if model not in w.resident]
+        fits = [w for w in candidates if self._room_for(w, self.memory.weights(model), set()) is not None]
+        if not fits:
+            return []
+        w = min(fits, key=lambda w: (not w.idle, len(w.resident), w.busy.utilization(now), w.id))
+        return self._load(w, model, now, "warm_pool" if pin else "operator", pin=pin)
+
+    def request_unload(self, model: str, now: float, worker_id: str | None = None) -> list[Decision]:
+        """Operator asks for ``model`` to be unloaded (from one worker or all). Workers running it
+        keep it: unloading under a running batch is refused."""
+        out: list[Decision] = []
+        for w in self.workers.values():
+            if worker_id and w.id != worker_id:
+                continue
+            r = w.resident.get(model)
+            if r is None or r.loading or self._running_model(w) == model:
+                continue
+            del w.resident[model]
+            out.append(UnloadModel(w.id, model, "operator"))
+        return out
+
+    def utilization(self, worker_id: str, now: float) -> float:
+        return self.workers[worker_id].busy.utilization(now)
 
     # ---- the decision ----------------------------------------------------------------------------
 
     def step(self, now: float) -> list[Decision]:
-        """Dispatch every ready batch that has an idle worker, best first."""
-        out: list[Decision] = []
+        """Unload what has idled out, fill warm pools, dispatch every ready batch that has a worker
+        (best first), then preload into idle memory."""
+        out: list[Decision] = self._idle_unloads(now)
+        out += self._fill_warm_pools(now)
+        self._waiting_on_warm = False
+        blocked: set[BatchKey] = set()
         while True:
-            idle = [w for w in self.workers.values() if w.idle]
-            if not idle:
-                return out
-            ready = [k for k in self.queues.keys() if self._ready(k, now)]
-            if not ready:
-                return out
+            ready = [k for k in self.queues.keys() if k not in blocked and self._ready(k, now)]
+            if not ready or not any(w.idle for w in self.workers.values()):
+                break
             key = min(ready, key=lambda k: self._head_order(k, now))
-            worker = self.placement.choose(key.model, idle)
-            assert worker is not None
-            out.extend(self._dispatch(key, worker, now))
+            decisions = self._place(key, now)
+            if decisions is None:
+                blocked.add(key)
+            else:
+                out += decisions
+        out += self._fail_unplaceable(now)
+        out += self._preload(now)
+        return out
 
     def next_deadline(self, now: float) -> float | None:
         """When ``step`` could next decide something without a new event (None: only events matter)."""
-        if not any(w.idle for w in self.workers.values()):
-            return None  # a batch_finished/worker_up event will come first
         times = []
-        for key in self.queues.keys():
-            jobs = list(self.queues.jobs(key))
-            t = self.batching.ready_at(len(jobs), min(j.enqueued_at for j in jobs), self.models[key.model])
-            if t is not None:
-                times.append(max(t, now))
+        protected = self._protected()
+        for w in self.workers.values():
+            for m in w.resident:
+                if m in protected or self._running_model(w) == m:
+                    continue
+                due = self.residency.unload_at(m, w, self.models[m], self.last_arrival.get(m))
+                if due is not None:
+                    times.append(max(due, now))
+        if any(w.idle for w in self.workers.values()):
+            for key in self.queues.keys():
+                jobs = list(self.queues.jobs(key))
+                t = self.batching.ready_at(len(jobs), min(j.enqueued_at for j in jobs), self.models[key.model])
+                if t is not None and t > now:
+                    times.append(t)
+            if self._waiting_on_warm:
+                times.append(now + RECHECK_S)  # utilization of the busy warm workers keeps rising
         return min(times) if times else None
 
-    # ---- internals -------------------------------------------------------------------------------
+    # ---- internals: placement and memory ---------------------------------------------------------
+
+    def _place(self, key: BatchKey, now: float) -> list[Decision] | None:
+        limits = self.models[key.model]
+        jobs = self.queues.ordered(key, now, self.aging_s)[: limits.max_batch_size]
+        protected = self._protected()
+
+        def can_host(w: WorkerState) -> bool:
+            return self._room_for(w, self._need(w, key, 1), protected | {key.model}) is not None
+
+        backlog = math.ceil(self.queues.depth(key.model) / limits.max_batch_size)
+        worker = self.placement.choose(key.model, list(self.workers.values()), can_host,
+                                       lambda w: w.busy.utilization(now), backlog)
+        if worker is None:
+            if any(key.model in w.resident and not w.idle for w in self.workers.values()):
+                self._waiting_on_warm = True
+            return None
+        # The largest prefix of the batch that fits; shrinking beats an OOM.
+        n = len(jobs)
+        while n > 1 and self._room_for(worker, self._need(worker, key, n), protected | {key.model}) is None:
+            n -= 1
+        evict = self._room_for(worker, self._need(worker, key, n), protected | {key.model})
+        assert evict is not None
+        out: list[Decision] = []
+        for m in evict:
+            del worker.resident[m]
+            out.append(UnloadModel(worker.id, m, "lru"))
+        needs_load = key.model not in worker.resident
+        if needs_load:
+            out += self._load(worker, key.model, now, "batch")
+        out.append(self._dispatch(key, jobs[:n], worker, now, needs_load))
+        return out
+
+    def _need(self, w: WorkerState, key: BatchKey, n: int) -> int:
+        need = self.memory.working(key, n)
+        if key.model not in w.resident:
+            need += self.memory.weights(key.model)
+        return need
+
+    def _room_for(self, w: WorkerState, need: int, protected: set[str]) -> list[str] | None:
+        """Models to evict from ``w`` so ``need`` more bytes fit ([] = fits as is; None = cannot)."""
+        if w.capacity is None:
+            return []
+        free = w.capacity - w.used
+        evict: list[str] = []
+        for m in self.residency.eviction_order(w, protected | {self._running_model(w)} - {None}):
+            if free >= need:
+                break
+            free += w.resident[m].bytes
+            evict.append(m)
+        return evict if free >= need else None
+
+    def _protected(self) -> set[str]:
+        """Models with queued work are never evicted or idle-unloaded (DESIGN: no needless reload)."""
+        return {k.model for k in self.queues.keys()}
+
+    def _running_model(self, w: WorkerState) -> str | None:
+        return self.running[w.batch_id].key.model if w.batch_id in self.running else None
+
+    def _load(self, w: WorkerState, model: str, now: float, reason: str, *, pin: bool = False) -> list[Decision]:
+        out: list[Decision] = []
+        if reason != "batch":
+            evict = self._room_for(w, self.memory.weights(model), self._protected() | {model})
+            for m in evict or []:
+                del w.resident[m]
+                out.append(UnloadModel(w.id, m, "lru"))
+        pinned = pin or self._warm_count(model) < self.models[model].min_warm
+        w.resident[model] = Resident(self.memory.weights(model), now, pinned=pinned, loading=True)
+        out.append(LoadModel(w.id, model, reason))
+        return out
+
+    def _warm_count(self, model: str) -> int:
+        return sum(1 for w in self.workers.values() if model in w.resident and w.resident[model].pinned)
+
+    def _fill_warm_pools(self, now: float) -> list[Decision]:
+        out: list[Decision] = []
+        for model, limits in self.models.items():
+            # Pin copies that are already resident first, then load onto more workers.
+            for w in self.workers.values():
+                if self._warm_count(model) >= limits.min_warm:
+                    break
+                if model in w.resident:
+                    w.resident[model].pinned = True
+            while self._warm_count(model) < limits.min_warm:
+                got = self.request_load(model, now, pin=True)
+                if not got:
+                    break
+                out += got
+        return out
+
+    def _idle_unloads(self, now: float) -> list[Decision]:
+        out: list[Decision] = []
+        protected = self._protected()
+        for w in self.workers.values():
+            for m in self.residency.idle_unloads(w, self.models, self.last_arrival,
+                                                 protected | {self._running_model(w)} - {None}, now):
+                del w.resident[m]
+                out.append(UnloadModel(w.id, m, "idle"))
+        return out
+
+    def _preload(self, now: float) -> list[Decision]:
+        """Load the model most likely to be requested next into an idle worker's free memory,
+        evicting only models that are less likely to be needed."""
+        if self.predictor is None:
+            return []
+        probs = self.predictor.next_probabilities(now)
+        everywhere = {m for w in self.workers.values() for m in w.resident}
+        wanted = sorted(((p, m) for m, p in probs.items()
+                         if m not in everywhere and m in self.models and p >= self.preload_min_probability),
+                        reverse=True)
+        out: list[Decision] = []
+        for p, model in wanted:
+            idle = [w for w in self.workers.values() if w.idle and not w.loading]
+            colder = {m for w in idle for m in w.resident if probs.get(m, 0.0) >= p}
+            protected = self._protected() | colder | {model}
+            hosts = [w for w in idle if self._room_for(w, self.memory.weights(model), protected) is not None]
+            if not hosts:
+                continue
+            w = min(hosts, key=lambda w: (len(self._room_for(w, self.memory.weights(model), protected) or []),
+                                          w.busy.utilization(now), w.id))
+            for m in self._room_for(w, self.memory.weights(model), protected) or []:
+                del w.resident[m]
+                out.append(UnloadModel(w.id, m, "lru"))
+            w.resident[model] = Resident(self.memory.weights(model), now, loading=True)
+            out.append(LoadModel(w.id, model, "preload"))
+        return out
+
+    def _fail_unplaceable(self, now: float) -> list[Decision]:
+        """Jobs whose model plus one job's working memory exceed every worker's whole capacity can
+        never run: fail them instead of queueing forever."""
+        if not self.workers or any(w.capacity is None for w in self.workers.values()):
+            return []
+        biggest = max(w.capacity for w in self.workers.values())
+        out: list[Decision] = []
+        for key in self.queues.keys():
+            need = self.memory.weights(key.model) + self.memory.working(key, 1)
+            if need > biggest:
+                for job in list(self.queues.jobs(key)):
+                    self.queues.remove(job.id)
+                    out.append(FailJob(job.id, "out_of_memory",
+                                       f"{key.model} at {key.width}x{key.height} needs ~{need} bytes; "
+                                       f"the largest worker has {biggest}"))
+        return out
+
+    # ---- internals: queues -----------------------------------------------------------------------
 
     def _ready(self, key: BatchKey, now: float) -> bool:
         jobs = list(self.queues.jobs(key))
@@ -190,9 +411,8 @@ class Engine:
     def _head_order(self, key: BatchKey, now: float) -> tuple:
         return min(order_key(j, now, self.aging_s) for j in self.queues.jobs(key))
 
-    def _dispatch(self, key: BatchKey, worker: WorkerState, now: float) -> list[Decision]:
-        limits = self.models[key.model]
-        chosen = self.queues.ordered(key, now, self.aging_s)[: limits.max_batch_size]
+    def _dispatch(self, key: BatchKey, chosen: list[QueuedJob], worker: WorkerState, now: float,
+                  needs_load: bool) -> RunBatch:
         for job in chosen:
             self.queues.remove(job.id)
         self._batch_seq += 1
@@ -202,14 +422,9 @@ class Engine:
             self._running_job[job.id] = batch_id
         worker.batch_id = batch_id
         worker.batches_run += 1
-        out: list[Decision] = []
-        needs_load = key.model not in worker.resident
-        if needs_load:
-            out.append(LoadModel(worker.id, key.model))
-            # Assume success; a failed load is reported as a failed batch and retracted then.
-            worker.resident.add(key.model)
-        out.append(RunBatch(batch_id, worker.id, key, tuple(j.id for j in chosen), needs_load))
-        return out
+        worker.busy.start(now)
+        worker.resident[key.model].last_used = now
+        return RunBatch(batch_id, worker.id, key, tuple(j.id for j in chosen), needs_load)
 
     def _drain_estimate(self, model: str, depth: int) -> float:
         limits = self.models[model]

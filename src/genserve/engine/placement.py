@@ -1,24 +1,45 @@
-"""Placement policies: which idle worker runs a batch of a given model."""
+"""Placement policies: which worker runs a batch of a given model, or "not yet"."""
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from .types import WorkerState
 
+CanHost = Callable[[WorkerState], bool]
+Utilization = Callable[[WorkerState], float]
+
 
 class WarmFirst:
-    """Prefer an idle worker that already holds the model (no cold start). Otherwise take the idle
-    worker with the fewest resident models, so loads spread and warm workers stay warm; ties go to
-    the worker that has run the fewest batches (least loaded), then by id for determinism."""
+    """The seed's decision logic. A warm worker (model resident) that is free gets the batch. If
+    every warm worker is busy and *saturated* (utilization ≥ ``saturation``), and another free
+    worker can load the model, load it there; if the warm workers are busy but not saturated,
+    wait for them rather than pay a cold start. With no warm worker anywhere, load on a free
+    worker that can host it. Ties go to the least loaded (utilization, then batches run, then id)."""
 
     name = "warm-first"
 
-    def choose(self, model: str, idle: Sequence[WorkerState]) -> WorkerState | None:
-        if not idle:
+    def __init__(self, saturation: float = 0.9) -> None:
+        self.saturation = saturation
+
+    def choose(self, model: str, workers: Sequence[WorkerState], can_host: CanHost,
+               utilization: Utilization, backlog_batches: int = 1) -> WorkerState | None:
+        """``backlog_batches``: full batches of this model waiting. A busy warm worker has room for
+        one batch behind the one it runs; past that its "queue" is full and it counts as saturated."""
+        def least_loaded(w: WorkerState) -> tuple:
+            return (utilization(w), w.batches_run, w.id)
+
+        warm = [w for w in workers if model in w.resident]
+        free_warm = [w for w in warm if w.idle and can_host(w)]
+        if free_warm:
+            return min(free_warm, key=least_loaded)
+        saturated = backlog_batches > len(warm) or all(utilization(w) >= self.saturation for w in warm)
+        if warm and not saturated:
+            return None  # a warm worker will be free soon enough: no cold start
+        cold = [w for w in workers if w.idle and model not in w.resident and can_host(w)]
+        if not cold:
             return None
-        warm = [w for w in idle if model in w.resident]
-        pool = warm or idle
-        return min(pool, key=lambda w: (0 if warm else len(w.resident), w.batches_run, w.id))
+        # Prefer a worker with room to spare (no eviction), then fewer resident models.
+        return min(cold, key=lambda w: (len(w.resident), *least_loaded(w)))
 
 
 PLACEMENT = {WarmFirst.name: WarmFirst}

@@ -40,6 +40,10 @@ class ModelLimits:
     max_batch_size: int = 1
     max_wait_s: float = 0.0  # 0 = dispatch as soon as a worker is free
     max_queue: int = 256  # queued (not running) jobs per model
+    memory_bytes: int = 0  # weights hint used until a worker has measured the model (0 = unknown)
+    min_warm: int = 0  # warm pool: workers that keep the model loaded from start-up
+    keep_warm_s: float = 0.0  # stay loaded while requests keep arriving within this window
+    idle_unload_s: float | None = 120.0  # unload after this long unused (None: never)
 
 
 @dataclass
@@ -60,6 +64,14 @@ class LoadModel:
 
     worker: str
     model: str
+    reason: str = "batch"  # batch | warm_pool | preload | operator
+
+
+@dataclass(frozen=True)
+class UnloadModel:
+    worker: str
+    model: str
+    reason: str  # lru | idle | operator
 
 
 @dataclass(frozen=True)
@@ -95,7 +107,7 @@ class FailJob:
     message: str
 
 
-Decision = LoadModel | RunBatch | CancelRunning | JobDequeued | FailJob
+Decision = LoadModel | UnloadModel | RunBatch | CancelRunning | JobDequeued | FailJob
 
 
 @dataclass(frozen=True)
@@ -106,15 +118,61 @@ class Admission:
 
 
 @dataclass
+class Resident:
+    """A model held (or being loaded) by a worker, as the engine plans with it."""
+
+    bytes: int
+    last_used: float
+    pinned: bool = False  # warm pool: never idle-unloaded, never evicted
+    loading: bool = True  # LoadModel sent, ``model_loaded`` not yet seen
+
+
+@dataclass
+class BusyTracker:
+    """Busy intervals of one worker, to answer "what share of the last ``window`` was it busy"."""
+
+    window: float = 60.0
+    intervals: list[tuple[float, float]] = field(default_factory=list)
+    busy_since: float | None = None
+
+    def start(self, now: float) -> None:
+        self.busy_since = now
+
+    def stop(self, now: float) -> None:
+        if self.busy_since is not None:
+            self.intervals.append((self.busy_since, now))
+            self.busy_since = None
+        cutoff = now - self.window
+        self.intervals = [iv for iv in self.intervals if iv[1] > cutoff]
+
+    def utilization(self, now: float) -> float:
+        lo = now - self.window
+        busy = sum(min(e, now) - max(s, lo) for s, e in self.intervals if e > lo)
+        if self.busy_since is not None:
+            busy += now - max(self.busy_since, lo)
+        return max(0.0, min(1.0, busy / self.window))
+
+
+@dataclass
 class WorkerState:
     id: str
-    resident: set[str] = field(default_factory=set)
+    capacity: int | None = None  # bytes; None = not limited
+    resident: dict[str, Resident] = field(default_factory=dict)
     batch_id: str | None = None
     batches_run: int = 0
+    busy: BusyTracker = field(default_factory=BusyTracker)
 
     @property
     def idle(self) -> bool:
         return self.batch_id is None
+
+    @property
+    def used(self) -> int:
+        return sum(r.bytes for r in self.resident.values())
+
+    @property
+    def loading(self) -> bool:
+        return any(r.loading for r in self.resident.values())
 
 
 @dataclass

@@ -48,6 +48,11 @@ class ImageGenerationRequest(BaseModel):
     response_format: Literal["url", "b64_json"] = "url"
 
 
+class LoadRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    worker: str | None = Field(default=None, description="a worker id; default: wherever it fits")
+
+
 def error(status: int, field: str | None, message: str, code: str = "invalid_request",
           headers: dict[str, str] | None = None) -> JSONResponse:
     # OpenAI-shaped (message/type/param/code) so OpenAI clients surface it; ``field`` names the culprit.
@@ -118,6 +123,8 @@ def create_app(config: Config, runtime: Runtime | None = None) -> FastAPI:
             "error": {"code": job["error_code"], "message": job["error_message"]} if job["error_code"] else None,
             "batch": {"id": job["batch_id"], "size": job["batch_size"], "worker": job["worker"]} if job["batch_id"] else None,
             "timestamps": ts,
+            "cold_start": {"waited": job["t_load_start"] is not None, "worker": job["worker"] if job["t_load_start"] else None,
+                           "tier": job["load_tier"], "seconds": span("load_start", "load_end")},
             "breakdown": {
                 "queue_wait_s": span("queued", "dispatched"), "cold_start_s": span("load_start", "load_end"),
                 "inference_s": span("inference_start", "inference_end"),
@@ -267,13 +274,50 @@ def create_app(config: Config, runtime: Runtime | None = None) -> FastAPI:
 
     @app.get("/v1/workers", tags=["workers"])
     async def list_workers():
+        now = time.time()
         out = []
         for wid, h in rt.pool.workers.items():
             st = rt.engine.workers.get(wid)
-            out.append({"id": wid, "device": h.device, "state": ("busy" if st and not st.idle else "idle") if h.ready else "starting",
-                        "pid": h.info.get("pid"), "restarts": h.restarts,
-                        "resident_models": sorted(st.resident) if st else [], "batch_id": st.batch_id if st else None})
-        return {"object": "list", "data": out}
+            if st is None:
+                out.append({"id": wid, "device": h.device, "state": "starting", "restarts": h.restarts})
+                continue
+            state = "busy" if not st.idle else ("loading" if st.loading else "idle")
+            rep = rt.worker_reported.get(wid, {})
+            out.append({
+                "id": wid, "device": h.device, "state": state, "pid": h.info.get("pid"), "restarts": h.restarts,
+                "capacity_bytes": st.capacity, "used_bytes": st.used,
+                "free_bytes": None if st.capacity is None else st.capacity - st.used,
+                "reported_used_bytes": rep.get("used_bytes"), "utilization": round(st.busy.utilization(now), 4),
+                "batch_id": st.batch_id,
+                "resident_models": [{"model": m, "bytes": r.bytes, "last_used": r.last_used, "warm_pool": r.pinned,
+                                     "loading": r.loading} for m, r in sorted(st.resident.items())],
+            })
+        return {"object": "list", "data": out, "recent_residency_changes": rt.load_log[-50:]}
+
+    def _check_model(name: str, worker: str | None) -> None:
+        if name not in config.models:
+            raise RequestError("model", f"unknown model {name!r}", status=404, code="not_found")
+        if worker is not None and worker not in rt.engine.workers:
+            raise RequestError("worker", f"no running worker {worker!r}", status=404, code="not_found")
+
+    @app.post("/v1/models/{name}/load", tags=["models"], status_code=202)
+    async def load_model(name: str, body: LoadRequest | None = None):
+        worker = body.worker if body else None
+        _check_model(name, worker)
+        workers = rt.load_model(name, worker)
+        if not workers:
+            already = [w.id for w in rt.engine.workers.values() if name in w.resident]
+            if already and (worker is None or worker in already):
+                return JSONResponse({"model": name, "loading_on": [], "already_on": already}, status_code=200)
+            raise RequestError("model", f"no worker has room for {name} without evicting models in use",
+                               status=409, code="no_capacity")
+        return {"model": name, "loading_on": workers}
+
+    @app.post("/v1/models/{name}/unload", tags=["models"])
+    async def unload_model(name: str, body: LoadRequest | None = None):
+        worker = body.worker if body else None
+        _check_model(name, worker)
+        return {"model": name, "unloaded_from": rt.unload_model(name, worker)}
 
     @app.get("/healthz", tags=["health"])
     async def healthz():

@@ -33,11 +33,15 @@ CREATE TABLE IF NOT EXISTS jobs (
     worker TEXT,
     attempts INTEGER NOT NULL DEFAULT 0,
     cancel_requested INTEGER NOT NULL DEFAULT 0,
+    load_tier TEXT,
     {", ".join(f"t_{s} REAL" for s in STAGES)}
 );
 CREATE INDEX IF NOT EXISTS jobs_status ON jobs(status);
 CREATE INDEX IF NOT EXISTS jobs_batch ON jobs(batch_id);
 """
+
+
+_ADDED_COLUMNS = {"load_tier": "TEXT"}
 
 
 class JobStore:
@@ -51,6 +55,14 @@ class JobStore:
         self.db.execute("PRAGMA synchronous=NORMAL")
         self.db.execute("PRAGMA busy_timeout=5000")
         self.db.executescript(_SCHEMA)
+        self._add_missing_columns()
+
+    def _add_missing_columns(self) -> None:
+        """Databases made by an older genserve get the columns added since (all nullable)."""
+        have = {r["name"] for r in self.db.execute("PRAGMA table_info(jobs)")}
+        for name, decl in _ADDED_COLUMNS.items():
+            if name not in have:
+                self.db.execute(f"ALTER TABLE jobs ADD COLUMN {name} {decl}")
 
     def close(self) -> None:
         self.db.close()
@@ -96,7 +108,7 @@ class JobStore:
         worker is gone; nothing they produced was recorded, so running them again is safe)."""
         self.db.execute(
             "UPDATE jobs SET status = 'queued', batch_id = NULL, batch_size = NULL, worker = NULL,"
-            " t_dispatched = NULL, t_load_start = NULL, t_load_end = NULL, t_inference_start = NULL,"
+            " t_dispatched = NULL, t_load_start = NULL, t_load_end = NULL, load_tier = NULL, t_inference_start = NULL,"
             " t_inference_end = NULL, attempts = attempts + 1 WHERE status = 'running'"
         )
         return self.unfinished()

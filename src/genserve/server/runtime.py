@@ -15,7 +15,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
-from ..config import DEMO_SOURCES, Config
+from ..config import DEMO_SOURCES, GIB, Config, model_limits
 from ..engine import (
     BatchKey,
     CancelRunning,
@@ -26,6 +26,7 @@ from ..engine import (
     LoadModel,
     Priority,
     RunBatch,
+    UnloadModel,
 )
 from ..requests import JobParams
 from ..workers import protocol as P
@@ -63,14 +64,20 @@ class Runtime:
         data.mkdir(parents=True, exist_ok=True)
         self.store = JobStore(data / "jobs.db")
         self.results = LocalResultStore(data / "results")
+        srv = config.server
         self.engine = Engine(
-            {name: m.limits for name, m in config.models.items()},
-            aging_s=config.server.aging_s, max_attempts=config.server.max_attempts,
+            model_limits(config), aging_s=srv.aging_s, max_attempts=srv.max_attempts,
+            residency=srv.residency, placement=srv.placement, saturation=srv.saturation,
+            preload=srv.preload, preload_min_probability=srv.preload_min_probability,
             batch_id_prefix=f"b{secrets.token_hex(3)}",  # unique across restarts sharing one database
         )
         self.events = EventHub()
         self.devices = devices if devices is not None else detect_devices(config.server.workers)
-        self.pool = LocalPool(self.devices, str(self.results.root), self._on_message, self._on_exit)
+        self.pool = LocalPool(self.devices, str(self.results.root), self._on_message, self._on_exit,
+                              cpu_memory_bytes=int(srv.worker_memory_gb * GIB),
+                              host_cache_bytes=int(srv.host_cache_gb * GIB))
+        self.worker_reported: dict[str, dict[str, Any]] = {}  # what each worker last said of its memory
+        self.load_log: list[dict[str, Any]] = []  # recent loads/unloads, newest last (bounded)
         self.batches: dict[str, BatchInfo] = {}
         self.progress: dict[str, tuple[int, int]] = {}
         self.models_ready = False
@@ -176,7 +183,12 @@ class Runtime:
             if isinstance(d, LoadModel):
                 m = self.config.models[d.model]
                 spec = {"path": str(self.config.model_dir(d.model)), "kind": m.kind, "dtype": m.dtype}
-                self.pool.send(d.worker, {"op": P.LOAD, "model": d.model, "spec": spec})
+                log.info("loading %s on %s (%s)", d.model, d.worker, d.reason)
+                self.pool.send(d.worker, {"op": P.LOAD, "model": d.model, "spec": spec, "reason": d.reason})
+            elif isinstance(d, UnloadModel):
+                log.info("unloading %s from %s (%s)", d.model, d.worker, d.reason)
+                self._log_residency("unload", d.worker, d.model, reason=d.reason)
+                self.pool.send(d.worker, {"op": P.UNLOAD, "model": d.model})
             elif isinstance(d, RunBatch):
                 self._run_batch(d, now)
             elif isinstance(d, CancelRunning):
@@ -189,12 +201,15 @@ class Runtime:
     def _run_batch(self, d: RunBatch, now: float) -> None:
         m = self.config.models[d.key.model]
         jobs = [self.store.get(j) for j in d.job_ids]
-        self.batches[d.batch_id] = BatchInfo(d.batch_id, d.worker, d.key, d.job_ids, d.needs_load)
+        # A batch placed behind a preload still in flight waits for that load too.
+        resident = self.engine.workers[d.worker].resident.get(d.key.model)
+        loading = d.needs_load or bool(resident and resident.loading)
+        self.batches[d.batch_id] = BatchInfo(d.batch_id, d.worker, d.key, d.job_ids, loading)
         self.store.update(d.job_ids, status="running", batch_id=d.batch_id, batch_size=len(d.job_ids),
                           worker=d.worker, t_dispatched=now)
         for j in d.job_ids:
             self.events.emit(j, "started", {"batch_id": d.batch_id, "batch_size": len(d.job_ids), "worker": d.worker,
-                                            "cold_start": d.needs_load})
+                                            "cold_start": loading})
         params = {"width": d.key.width, "height": d.key.height, "num_frames": d.key.num_frames,
                   "steps": d.key.steps, "guidance": d.key.guidance, "fps": m.fps}
         payload = [{"id": j["id"], "prompt": j["params"]["prompt"], "negative_prompt": j["params"]["negative_prompt"],
@@ -218,17 +233,28 @@ class Runtime:
         now = time.time()
         batch = self.batches.get(msg.get("batch_id", ""))
         if ev == "ready":
-            log.info("worker %s ready on %s (pid %s, %s threads)", worker_id, msg["device"], msg["pid"], msg["threads"])
-            self.engine.worker_up(worker_id, now)
+            log.info("worker %s ready on %s (pid %s, %s threads, %.1f MiB)", worker_id, msg["device"], msg["pid"],
+                     msg["threads"], msg["capacity_bytes"] / (1 << 20))
+            self.engine.worker_up(worker_id, now, msg["capacity_bytes"])
+            self.worker_reported[worker_id] = {"used_bytes": 0, "resident": []}
         elif ev == "loaded":
-            self.engine.model_loaded(worker_id, msg["model"])
-            waiting = [b for b in self.batches.values() if b.worker == worker_id and b.loading]
-            for b in waiting:
-                if not msg.get("cached"):
-                    self.store.update(b.job_ids, t_load_start=msg["load_start"], t_load_end=msg["load_end"])
-                b.loading = False
+            self.engine.model_loaded(worker_id, msg["model"], msg["bytes"], now)
+            if not msg.get("cached"):
+                self._log_residency("load", worker_id, msg["model"], tier=msg["tier"], bytes=msg["bytes"],
+                                    seconds=round(msg["load_end"] - msg["load_start"], 4))
+                rep = self.worker_reported.setdefault(worker_id, {"used_bytes": 0, "resident": []})
+                rep["used_bytes"] += msg["bytes"]
+                rep["resident"] = sorted({*rep["resident"], msg["model"]})
+            for b in self.batches.values():
+                if b.worker == worker_id and b.loading and b.key.model == msg["model"]:
+                    if not msg.get("cached"):
+                        self.store.update(b.job_ids, t_load_start=msg["load_start"], t_load_end=msg["load_end"],
+                                          load_tier=msg["tier"])
+                    b.loading = False
+        elif ev == "unloaded":
+            self.worker_reported[worker_id] = {"used_bytes": msg["used_bytes"], "resident": msg["resident"]}
         elif ev == "load_failed":
-            self.engine.model_unloaded(worker_id, msg["model"])
+            self.engine.model_load_failed(worker_id, msg["model"], now)
             log.error("worker %s failed to load %s: %s", worker_id, msg["model"], msg["message"])
         elif ev == "started" and batch:
             live = [j for j in batch.job_ids if not self._is_terminal(j)]
@@ -245,7 +271,7 @@ class Runtime:
                               t_inference_end=msg["inference_end"], t_output_written=msg["output_written"])
             self._finish(msg["job_id"], "succeeded", now)
         elif ev == "batch_done" and batch:
-            self._end_batch(batch, now)
+            self._end_batch(batch, now, msg.get("peak_bytes", 0))
         elif ev == "batch_failed" and batch:
             for j in batch.job_ids:
                 if not self._is_terminal(j):
@@ -253,9 +279,26 @@ class Runtime:
             self._end_batch(batch, now)
         self._pump()
 
-    def _end_batch(self, batch: BatchInfo, now: float) -> None:
+    def _end_batch(self, batch: BatchInfo, now: float, peak_bytes: int = 0) -> None:
         del self.batches[batch.id]
-        self.engine.batch_finished(batch.id, now)
+        self.engine.batch_finished(batch.id, now, peak_bytes)
+
+    def _log_residency(self, action: str, worker: str, model: str, **info: Any) -> None:
+        self.load_log.append({"t": time.time(), "action": action, "worker": worker, "model": model, **info})
+        del self.load_log[:-500]
+
+    def load_model(self, model: str, worker: str | None) -> list[str]:
+        """Operator: load ``model`` (on ``worker`` or wherever it fits). Returns the workers chosen."""
+        decisions = self.engine.request_load(model, time.time(), worker)
+        self._execute(decisions)
+        self._pump()
+        return [d.worker for d in decisions if isinstance(d, LoadModel)]
+
+    def unload_model(self, model: str, worker: str | None) -> list[str]:
+        decisions = self.engine.request_unload(model, time.time(), worker)
+        self._execute(decisions)
+        self._pump()
+        return [d.worker for d in decisions if isinstance(d, UnloadModel)]
 
     def _is_terminal(self, job_id: str) -> bool:
         job = self.store.get(job_id)
@@ -270,7 +313,8 @@ class Runtime:
             del self.batches[b.id]
             requeued = [j for j in b.job_ids if j not in ended and not self._is_terminal(j)]
             self.store.update(requeued, status="queued", batch_id=None, batch_size=None, worker=None,
-                              t_dispatched=None, t_load_start=None, t_load_end=None, t_inference_start=None)
+                              t_dispatched=None, t_load_start=None, t_load_end=None, load_tier=None,
+                              t_inference_start=None)
             for j in requeued:
                 self.progress.pop(j, None)
                 self.events.emit(j, "requeued", {"reason": "worker_crashed", "worker": worker_id})

@@ -37,6 +37,13 @@ def detect_devices(cpu_workers: int) -> list[str]:
     return ["cpu"] * cpu_workers
 
 
+def _physical_memory() -> int:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError):
+        return 16 << 30
+
+
 @dataclass
 class WorkerHandle:
     id: str
@@ -51,7 +58,8 @@ class WorkerHandle:
 class LocalPool:
     RESTART_BACKOFF_S = (0.5, 1, 2, 5, 10, 30)
 
-    def __init__(self, devices: list[str], results_dir: str, on_message: OnMessage, on_exit: OnExit) -> None:
+    def __init__(self, devices: list[str], results_dir: str, on_message: OnMessage, on_exit: OnExit, *,
+                 cpu_memory_bytes: int = 0, host_cache_bytes: int = 0) -> None:
         self.ctx = mp.get_context("spawn")
         self.results_dir = results_dir
         self.on_message = on_message
@@ -59,6 +67,9 @@ class LocalPool:
         cpu_count = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
         n_cpu = sum(1 for d in devices if d == "cpu")
         self.threads = max(1, cpu_count // n_cpu) if n_cpu else 0
+        # A CPU worker's budget: configured, or an equal share of physical memory.
+        self.cpu_memory = cpu_memory_bytes or (_physical_memory() // max(1, n_cpu))
+        self.host_cache_bytes = host_cache_bytes
         self.workers = {f"w{i}": WorkerHandle(f"w{i}", d) for i, d in enumerate(devices)}
         self.loop: asyncio.AbstractEventLoop | None = None
         self.closing = False
@@ -71,7 +82,8 @@ class LocalPool:
     def _spawn(self, w: WorkerHandle) -> None:
         parent, child = self.ctx.Pipe(duplex=True)
         threads = self.threads if w.device == "cpu" else 0
-        proc = self.ctx.Process(target=worker_main, args=(child, w.id, w.device, self.results_dir, threads),
+        proc = self.ctx.Process(target=worker_main, args=(child, w.id, w.device, self.results_dir, threads,
+                                                          self.cpu_memory, self.host_cache_bytes),
                                 name=f"genserve-worker-{w.id}", daemon=True)
         proc.start()
         child.close()

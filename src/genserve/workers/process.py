@@ -13,7 +13,8 @@ from typing import Any
 from . import protocol as P
 
 
-def worker_main(conn: Connection, worker_id: str, device: str, results_dir: str, threads: int) -> None:
+def worker_main(conn: Connection, worker_id: str, device: str, results_dir: str, threads: int,
+                memory_budget: int = 0, host_cache_bytes: int = 0) -> None:
     import warnings
 
     warnings.filterwarnings("ignore")
@@ -53,8 +54,9 @@ def worker_main(conn: Connection, worker_id: str, device: str, results_dir: str,
                 inbox.put(msg)
 
     threading.Thread(target=reader, daemon=True, name="genserve-reader").start()
-    runner = PipelineRunner(device, LocalResultStore(results_dir))
-    emit({"ev": "ready", "worker": worker_id, "device": device, "pid": os.getpid(), "threads": torch.get_num_threads()})
+    runner = PipelineRunner(device, LocalResultStore(results_dir), host_cache_bytes)
+    emit({"ev": "ready", "worker": worker_id, "device": device, "pid": os.getpid(), "threads": torch.get_num_threads(),
+          "capacity_bytes": runner.capacity(memory_budget)})
     failed_loads: dict[str, str] = {}
     while True:
         msg = inbox.get()
@@ -70,13 +72,15 @@ def worker_main(conn: Connection, worker_id: str, device: str, results_dir: str,
             except Exception as e:  # any load error is reported, never fatal to the worker
                 failed_loads[model] = f"{type(e).__name__}: {e}"
                 emit({"ev": "load_failed", "model": model, "code": "model_load_failed", "message": failed_loads[model]})
+        elif op == P.UNLOAD:
+            emit({"ev": "unloaded", **runner.unload(msg["model"])})
         elif op == P.RUN:
             batch_id = msg["batch_id"]
             try:
                 if msg["model"] not in runner.pipes:
                     raise RuntimeError(failed_loads.get(msg["model"], f"model {msg['model']} is not loaded"))
-                runner.run(msg, emit, canceled)
-                emit({"ev": "batch_done", "batch_id": batch_id, "t": time.time()})
+                peak = runner.run(msg, emit, canceled)
+                emit({"ev": "batch_done", "batch_id": batch_id, "t": time.time(), "peak_bytes": peak})
             except BatchAborted:
                 emit({"ev": "batch_done", "batch_id": batch_id, "t": time.time()})
             except Exception as e:
