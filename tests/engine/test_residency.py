@@ -193,3 +193,30 @@ def test_preloading_never_evicts_a_hotter_model():
         run_one(eng, "A", float(i))  # only A: P(next = A) = 1
     assert resident(eng) == ["A"]
     assert eng.step(100.0) == []  # B is never predicted, and A is hotter anyway
+
+
+def test_evictions_follow_lru_across_workers():
+    eng = engine(models=("A", "B", "C"), workers=2, capacity=5 * MB)  # one model per worker
+    evicted = []
+    for i, m in enumerate("ABCABCA"):
+        decisions = run_one(eng, m, float(i * 10))
+        evicted += [d.model for d in decisions if isinstance(d, UnloadModel)]
+    assert evicted == list("ABCAB")  # always the least recently used model in the whole fleet
+
+
+def test_unmeasured_model_is_planned_like_the_largest_seen_but_never_failed_on_a_guess():
+    eng = Engine({"A": ModelLimits(4, 0.0), "B": ModelLimits(4, 0.0)})
+    eng.worker_up("w0", 0.0, 10 * MB)
+    run_one(eng, "A", 0.0)
+    eng.model_loaded("w0", "A", 6 * MB, 0.5)
+    # B has no hint and was never loaded: planned as 6 MB, so A must make room.
+    decisions = run_one(eng, "B", 5.0)
+    assert UnloadModel("w0", "A", "lru") in decisions
+    # A guess that exceeds every worker never fails a job, nor blocks it: it is capped.
+    eng2 = Engine({"A": ModelLimits(4, 0.0), "B": ModelLimits(4, 0.0)})
+    eng2.worker_up("w0", 0.0, 10 * MB)
+    eng2.memory.observe_weights("A", 50 * MB)
+    eng2.submit("b", key("B"), Priority.STANDARD, 0.0)
+    decisions = eng2.step(0.0)
+    assert not any(isinstance(d, FailJob) for d in decisions)
+    assert any(isinstance(d, RunBatch) and d.job_ids == ("b",) for d in decisions)

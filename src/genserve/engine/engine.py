@@ -265,11 +265,11 @@ class Engine:
         jobs = self.queues.ordered(key, now, self.aging_s)[: limits.max_batch_size]
         protected = self._protected()
 
-        def can_host(w: WorkerState) -> bool:
-            return self._room_for(w, self._need(w, key, 1), protected | {key.model}) is not None
+        def evictions(w: WorkerState) -> list[str] | None:
+            return self._room_for(w, self._need(w, key, 1), protected | {key.model})
 
         backlog = math.ceil(self.queues.depth(key.model) / limits.max_batch_size)
-        worker = self.placement.choose(key.model, list(self.workers.values()), can_host,
+        worker = self.placement.choose(key.model, list(self.workers.values()), evictions,
                                        lambda w: w.busy.utilization(now), backlog)
         if worker is None:
             if any(key.model in w.resident and not w.idle for w in self.workers.values()):
@@ -294,7 +294,12 @@ class Engine:
     def _need(self, w: WorkerState, key: BatchKey, n: int) -> int:
         need = self.memory.working(key, n)
         if key.model not in w.resident:
-            need += self.memory.weights(key.model)
+            weights = self.memory.weights(key.model)
+            if not self.memory.known_weights(key.model) and w.capacity is not None:
+                # A guess is capped at what the worker could ever hold, so it cannot block forever:
+                # at worst the worker is emptied, the model loads and gets measured.
+                weights = min(weights, max(0, w.capacity - need))
+            need += weights
         return need
 
     def _room_for(self, w: WorkerState, need: int, protected: set[str]) -> list[str] | None:
@@ -393,7 +398,8 @@ class Engine:
         biggest = max(w.capacity for w in self.workers.values())
         out: list[Decision] = []
         for key in self.queues.keys():
-            need = self.memory.weights(key.model) + self.memory.working(key, 1)
+            # Measured or hinted figures only: a guess never fails a job.
+            need = self.memory.known_weights(key.model) + self.memory.working(key, 1, known_only=True)
             if need > biggest:
                 for job in list(self.queues.jobs(key)):
                     self.queues.remove(job.id)

@@ -1,9 +1,11 @@
 """What models and batches need in memory, learned from the workers' measurements.
 
-Weights: a worker reports a model's resident bytes after each load; until then the config's hint.
+Weights: a worker reports a model's resident bytes after each load; until then the config's hint,
+and without a hint the largest model measured so far (for planning only: a guess never fails a job).
 Working memory: a worker reports a batch's peak working bytes; the engine keeps exact figures per
 (model, shape, batch size) and, for shapes it has not seen, scales the largest observed
-bytes-per-unit (unit = one job's pixels × frames) for that model. Unknown models plan with 0.
+bytes-per-unit (unit = one job's pixels × frames) for that model. A model that has not run yet is
+assumed to be as hungry per unit as the hungriest model seen so far (0 on a fresh start).
 """
 from __future__ import annotations
 
@@ -21,14 +23,21 @@ class MemoryModel:
         self.working_exact: dict[tuple[BatchKey, int], int] = {}
         self.per_unit: dict[str, float] = {}
 
-    def weights(self, model: str) -> int:
+    def known_weights(self, model: str) -> int:
         return self.weights_measured.get(model, self.hints.get(model, 0))
 
-    def working(self, key: BatchKey, n: int) -> int:
+    def weights(self, model: str) -> int:
+        known = self.known_weights(model)
+        return known if known else max(self.weights_measured.values(), default=0)
+
+    def working(self, key: BatchKey, n: int, *, known_only: bool = False) -> int:
         exact = self.working_exact.get((key, n))
         if exact is not None:
             return exact
-        return int(self.per_unit.get(key.model, 0.0) * batch_units(key, n))
+        ratio = self.per_unit.get(key.model)
+        if ratio is None:
+            ratio = 0.0 if known_only else max(self.per_unit.values(), default=0.0)
+        return int(ratio * batch_units(key, n))
 
     def observe_weights(self, model: str, nbytes: int) -> None:
         if nbytes > 0:

@@ -5,7 +5,7 @@ from collections.abc import Callable, Sequence
 
 from .types import WorkerState
 
-CanHost = Callable[[WorkerState], bool]
+Evictions = Callable[[WorkerState], "list[str] | None"]  # what hosting needs evicted; None = cannot
 Utilization = Callable[[WorkerState], float]
 
 
@@ -21,7 +21,7 @@ class WarmFirst:
     def __init__(self, saturation: float = 0.9) -> None:
         self.saturation = saturation
 
-    def choose(self, model: str, workers: Sequence[WorkerState], can_host: CanHost,
+    def choose(self, model: str, workers: Sequence[WorkerState], evictions: Evictions,
                utilization: Utilization, backlog_batches: int = 1) -> WorkerState | None:
         """``backlog_batches``: full batches of this model waiting. A busy warm worker has room for
         one batch behind the one it runs; past that its "queue" is full and it counts as saturated."""
@@ -29,17 +29,24 @@ class WarmFirst:
             return (utilization(w), w.batches_run, w.id)
 
         warm = [w for w in workers if model in w.resident]
-        free_warm = [w for w in warm if w.idle and can_host(w)]
+        free_warm = [w for w in warm if w.idle and evictions(w) is not None]
         if free_warm:
             return min(free_warm, key=least_loaded)
         saturated = backlog_batches > len(warm) or all(utilization(w) >= self.saturation for w in warm)
         if warm and not saturated:
             return None  # a warm worker will be free soon enough: no cold start
-        cold = [w for w in workers if w.idle and model not in w.resident and can_host(w)]
+        cold = {w.id: ev for w in workers if w.idle and model not in w.resident and (ev := evictions(w)) is not None}
         if not cold:
             return None
-        # Prefer a worker with room to spare (no eviction), then fewer resident models.
-        return min(cold, key=lambda w: (len(w.resident), *least_loaded(w)))
+
+        # Prefer room to spare (fewest evictions); among workers that must evict, the one whose
+        # victims were used longest ago — so evictions follow LRU across the fleet, not per worker.
+        def cost(w: WorkerState) -> tuple:
+            victims = cold[w.id]
+            newest_victim = max((w.resident[m].last_used for m in victims), default=float("-inf"))
+            return (len(victims), newest_victim, len(w.resident), *least_loaded(w))
+
+        return min((w for w in workers if w.id in cold), key=cost)
 
 
 PLACEMENT = {WarmFirst.name: WarmFirst}
