@@ -220,3 +220,17 @@ def test_unmeasured_model_is_planned_like_the_largest_seen_but_never_failed_on_a
     decisions = eng2.step(0.0)
     assert not any(isinstance(d, FailJob) for d in decisions)
     assert any(isinstance(d, RunBatch) and d.job_ids == ("b",) for d in decisions)
+
+
+def test_full_worker_whose_models_all_have_queued_work_does_not_deadlock():
+    eng = engine(models=("A", "B"), capacity=8 * MB, size=4 * MB, max_wait_s=0.0)
+    for m in "AB":  # both loaded before any working memory was known: the worker is full
+        eng.request_load(m, 0.0, "w0")
+        eng.model_loaded("w0", m, 4 * MB, 0.0)
+    eng.memory.observe_batch(key("A"), 1, 1 * MB)
+    eng.submit("a", key("A"), Priority.STANDARD, 1.0)
+    eng.submit("b", key("B"), Priority.STANDARD, 1.0)
+    # Each model protects itself (queued work); with the worker idle and nothing in flight, the
+    # best batch may evict the other rather than wait forever.
+    decisions = eng.step(1.0)
+    assert [type(d) for d in decisions] == [UnloadModel, RunBatch]

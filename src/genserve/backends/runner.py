@@ -13,6 +13,19 @@ from .encode import encode_mp4, encode_png
 Emit = Callable[[dict[str, Any]], None]
 
 
+def _dtype_kwarg() -> str:
+    # diffusers renamed ``torch_dtype`` to ``dtype`` (the old name still works, with a warning).
+    try:
+        from diffusers.utils.deprecation_utils import _resolve_dtype  # noqa: F401
+
+        return "dtype"
+    except ImportError:
+        return "torch_dtype"
+
+
+DTYPE_KWARG = _dtype_kwarg()
+
+
 class BatchAborted(Exception):
     """Every job of the batch was canceled: stop the pipeline at this step boundary."""
 
@@ -129,7 +142,7 @@ class PipelineRunner:
         else:
             from diffusers import DiffusionPipeline
 
-            pipe = DiffusionPipeline.from_pretrained(spec["path"], torch_dtype=resolve_dtype(spec["dtype"], self.device))
+            pipe = DiffusionPipeline.from_pretrained(spec["path"], **{DTYPE_KWARG: resolve_dtype(spec["dtype"], self.device)})
             pipe = pipe.to(self.device)
             pipe.set_progress_bar_config(disable=True)
             # On CPU a reload reads files the OS most likely still caches; we cannot see which.

@@ -69,6 +69,7 @@ class Engine:
         self._prefix = batch_id_prefix
         self._batch_seconds: dict[str, float] = {}  # model -> EWMA of batch wall time
         self.last_arrival: dict[str, float] = {}
+        self.last_key: dict[str, BatchKey] = {}  # each model's most recent request shape
         self._waiting_on_warm = False  # a ready batch is holding out for a busy warm worker
 
     # ---- jobs ------------------------------------------------------------------------------------
@@ -92,6 +93,7 @@ class Engine:
         if job_id in self.queues or job_id in self._running_job:
             return Admission(True)  # idempotent
         self.queues.add(QueuedJob(job_id, key, priority, now))
+        self.last_key[key.model] = key
         if not force:
             self.last_arrival[key.model] = now
             if self.predictor is not None:
@@ -233,6 +235,11 @@ class Engine:
                 blocked.add(key)
             else:
                 out += decisions
+        if blocked and not any(isinstance(d, RunBatch) for d in out) and self._quiescent():
+            # Every worker is idle with nothing in flight, yet nothing fits because every resident
+            # model has queued work. No event will ever change that: let the best batch evict them.
+            key = min(blocked, key=lambda k: self._head_order(k, now))
+            out += self._place(key, now, protect_queued=False) or []
         out += self._fail_unplaceable(now)
         out += self._preload(now)
         return out
@@ -260,10 +267,13 @@ class Engine:
 
     # ---- internals: placement and memory ---------------------------------------------------------
 
-    def _place(self, key: BatchKey, now: float) -> list[Decision] | None:
+    def _quiescent(self) -> bool:
+        return bool(self.workers) and all(w.idle and not w.loading for w in self.workers.values())
+
+    def _place(self, key: BatchKey, now: float, *, protect_queued: bool = True) -> list[Decision] | None:
         limits = self.models[key.model]
         jobs = self.queues.ordered(key, now, self.aging_s)[: limits.max_batch_size]
-        protected = self._protected()
+        protected = self._protected() if protect_queued else set()
 
         def evictions(w: WorkerState) -> list[str] | None:
             return self._room_for(w, self._need(w, key, 1), protected | {key.model})
@@ -376,14 +386,17 @@ class Engine:
         out: list[Decision] = []
         for p, model in wanted:
             idle = [w for w in self.workers.values() if w.idle and not w.loading]
-            colder = {m for w in idle for m in w.resident if probs.get(m, 0.0) >= p}
-            protected = self._protected() | colder | {model}
-            hosts = [w for w in idle if self._room_for(w, self.memory.weights(model), protected) is not None]
+            hotter = {m for w in idle for m in w.resident if probs.get(m, 0.0) >= p}
+            protected = self._protected() | hotter | {model}
+            # Room for the weights *and* one job of the shape last asked for: a preload that leaves
+            # no room to run would only be evicted again by the batch it was meant for.
+            key = self.last_key.get(model)
+            need = self.memory.weights(model) + (self.memory.working(key, 1) if key else 0)
+            hosts = {w.id: ev for w in idle if (ev := self._room_for(w, need, protected)) is not None}
             if not hosts:
                 continue
-            w = min(hosts, key=lambda w: (len(self._room_for(w, self.memory.weights(model), protected) or []),
-                                          w.busy.utilization(now), w.id))
-            for m in self._room_for(w, self.memory.weights(model), protected) or []:
+            w = min((w for w in idle if w.id in hosts), key=lambda w: (len(hosts[w.id]), w.busy.utilization(now), w.id))
+            for m in hosts[w.id]:
                 del w.resident[m]
                 out.append(UnloadModel(w.id, m, "lru"))
             w.resident[model] = Resident(self.memory.weights(model), now, loading=True)
