@@ -16,14 +16,14 @@ def engine(models=("A", "B", "C"), capacity=10 * MB, workers=1, size=4 * MB, pre
     return eng
 
 
-def run_one(eng, model, t, job=None, done_after=1.0, peak=0):
+def run_one(eng, model, t, job=None, done_after=1.0, peak=0, load_s=0.0):
     """Submit one job, step, confirm any loads, finish the batch. Returns the decisions."""
     job = job or f"{model}@{t}"
     eng.submit(job, key(model), Priority.STANDARD, t)
     decisions = eng.step(t)
     for d in decisions:
         if isinstance(d, LoadModel):
-            eng.model_loaded(d.worker, d.model, eng.memory.weights(d.model), t)
+            eng.model_loaded(d.worker, d.model, eng.memory.weights(d.model), t + load_s)
     for d in decisions:
         if isinstance(d, RunBatch):
             eng.batch_finished(d.batch_id, t + done_after, peak)
@@ -126,8 +126,8 @@ def test_warm_pool_loaded_at_start_and_never_unloaded_or_evicted():
 
 
 def test_warm_workers_are_waited_for_until_saturated():
-    eng = engine(models=("A",), workers=2, capacity=None, max_batch_size=1)
-    run_one(eng, "A", 0.0, done_after=0.0)  # A is warm on w0
+    eng = engine(models=("A",), workers=2, capacity=None, max_batch_size=1, est_job_seconds=5.0)
+    run_one(eng, "A", 0.0, done_after=0.0, load_s=30.0)  # A is warm on one worker; loading took 30 s
     warm = "w0" if "A" in eng.workers["w0"].resident else "w1"
     cold = "w1" if warm == "w0" else "w0"
     eng.submit("x", key("A"), Priority.STANDARD, 1.0)

@@ -10,11 +10,13 @@ from .types import (
     LoadModel,
     ModelLimits,
     Priority,
+    RetireWorker,
     RunBatch,
+    ScaleTo,
     UnloadModel,
 )
 
 __all__ = [
     "Admission", "BatchKey", "CancelRunning", "Decision", "Engine", "FailJob", "JobDequeued", "LoadModel",
-    "ModelLimits", "Priority", "RunBatch", "UnloadModel",
+    "ModelLimits", "Priority", "RetireWorker", "RunBatch", "ScaleTo", "UnloadModel",
 ]

@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 
+from .autoscale import Autoscaler, FleetSnapshot
 from .batching import BATCHING
 from .memory import MemoryModel
 from .placement import PLACEMENT
@@ -26,14 +27,17 @@ from .types import (
     Priority,
     QueuedJob,
     Resident,
+    RetireWorker,
     RunBatch,
     RunningBatch,
+    ScaleTo,
     UnloadModel,
     WorkerState,
 )
 
 DEFAULT_BATCH_SECONDS = 1.0  # used for Retry-After until a model has run a batch
 RECHECK_S = 1.0  # how soon to look again while a batch waits for a busy warm worker
+ARRIVAL_TAU_S = 60.0  # time constant of the arrival work-rate average
 
 
 class Engine:
@@ -50,6 +54,7 @@ class Engine:
         preload: bool = False,
         preload_min_probability: float = 0.2,
         batch_id_prefix: str = "b",
+        autoscaler: Autoscaler | None = None,
     ) -> None:
         self.models = dict(models)
         self.aging_s = aging_s
@@ -71,6 +76,13 @@ class Engine:
         self.last_arrival: dict[str, float] = {}
         self.last_key: dict[str, BatchKey] = {}  # each model's most recent request shape
         self._waiting_on_warm = False  # a ready batch is holding out for a busy warm worker
+        # Work accounting (device-seconds), for autoscaling and Retry-After.
+        self._sec_per_unit: dict[str, float] = {}  # model -> seconds per job-pixel-frame-step
+        self._load_seconds: dict[str, float] = {}  # model -> EWMA of load wall time
+        self._arrivals = (0.0, 0.0)  # (decayed work sum, at time)
+        self.autoscaler = autoscaler
+        self._next_scale_at: float | None = None
+        self.target_devices: int | None = None
 
     # ---- jobs ------------------------------------------------------------------------------------
 
@@ -96,6 +108,8 @@ class Engine:
         self.last_key[key.model] = key
         if not force:
             self.last_arrival[key.model] = now
+            acc, at = self._arrivals
+            self._arrivals = (acc * math.exp(-(now - at) / ARRIVAL_TAU_S) + self.job_work(key), now)
             if self.predictor is not None:
                 self.predictor.observe(key.model, now)
         return Admission(True)
@@ -159,7 +173,11 @@ class Engine:
             return
         r = w.resident.get(model)
         if r is None:  # loaded without us asking (e.g. after a restart): account for it all the same
-            r = w.resident[model] = Resident(nbytes, now)
+            r = w.resident[model] = Resident(nbytes, now, load_started=now)
+        if r.loading:
+            took = max(0.0, now - r.load_started)
+            old = self._load_seconds.get(model)
+            self._load_seconds[model] = took if old is None else 0.7 * old + 0.3 * took
         r.loading = False
         r.bytes = nbytes or r.bytes
 
@@ -181,6 +199,10 @@ class Engine:
         took = max(0.0, now - batch.started_at)
         prev = self._batch_seconds.get(batch.key.model)
         self._batch_seconds[batch.key.model] = took if prev is None else 0.7 * prev + 0.3 * took
+        if took > 0:
+            per = took / (len(batch.jobs) * _work_units(batch.key))
+            old = self._sec_per_unit.get(batch.key.model)
+            self._sec_per_unit[batch.key.model] = per if old is None else 0.7 * old + 0.3 * per
         worker = self.workers.get(batch.worker)
         if worker is not None and worker.batch_id == batch_id:
             worker.batch_id = None
@@ -216,12 +238,59 @@ class Engine:
     def utilization(self, worker_id: str, now: float) -> float:
         return self.workers[worker_id].busy.utilization(now)
 
+    # ---- work and autoscaling ----------------------------------------------------------------------
+
+    def job_work(self, key: BatchKey) -> float:
+        """Expected device-seconds for one job of ``key``, at the batch sizes seen so far."""
+        per = self._sec_per_unit.get(key.model)
+        if per is None:
+            return self.models[key.model].est_job_seconds
+        return per * _work_units(key)
+
+    def fleet_snapshot(self, now: float) -> FleetSnapshot:
+        queued = sum(self.job_work(k) * sum(1 for _ in self.queues.jobs(k)) for k in self.queues.keys())
+        running = 0.0
+        for b in self.running.values():
+            expected = self.job_work(b.key) * len(b.jobs)
+            running += max(0.0, expected - (now - b.started_at))
+        acc, at = self._arrivals
+        rate = acc * math.exp(-(now - at) / ARRIVAL_TAU_S) / ARRIVAL_TAU_S
+        up = len(self.workers)
+        pending = max(0, (self.target_devices or 0) - up)
+        return FleetSnapshot(now, up, pending, sum(1 for w in self.workers.values() if not w.idle), queued, running,
+                             rate, max((m.min_warm for m in self.models.values()), default=0))
+
+    def _autoscale(self, now: float) -> list[Decision]:
+        assert self.autoscaler is not None
+        out: list[Decision] = []
+        if self._next_scale_at is not None and now < self._next_scale_at:
+            return out
+        self._next_scale_at = now + self.autoscaler.limits.interval_s
+        snap = self.fleet_snapshot(now)
+        want = self.autoscaler.decide(snap)
+        if want != self.target_devices:
+            reason = f"{self.autoscaler.policy.name}: queued {snap.queued_work_s:.1f} s of work, " \
+                     f"arriving {snap.arrival_work_rate:.2f} dev-s/s, {snap.busy}/{snap.up} busy"
+            out.append(ScaleTo(want, reason))
+            self.target_devices = want
+        surplus = len(self.workers) - want
+        if surplus > 0:
+            # Retire idle workers, the ones holding the least (no warm-pool copies) first.
+            idle = [w for w in self.workers.values() if w.idle and not w.loading
+                    and not any(r.pinned for r in w.resident.values())]
+            for w in sorted(idle, key=lambda w: (w.used, w.busy.utilization(now), w.id), reverse=False)[:surplus]:
+                del self.workers[w.id]
+                out.append(RetireWorker(w.id, "scale down"))
+        return out
+
     # ---- the decision ----------------------------------------------------------------------------
 
     def step(self, now: float) -> list[Decision]:
         """Unload what has idled out, fill warm pools, dispatch every ready batch that has a worker
         (best first), then preload into idle memory."""
         out: list[Decision] = self._idle_unloads(now)
+        if self.autoscaler is not None:
+            out += self._autoscale(now)
         out += self._fill_warm_pools(now)
         self._waiting_on_warm = False
         blocked: set[BatchKey] = set()
@@ -263,6 +332,8 @@ class Engine:
                     times.append(t)
             if self._waiting_on_warm:
                 times.append(now + RECHECK_S)  # utilization of the busy warm workers keeps rising
+        if self.autoscaler is not None:
+            times.append(max(now, self._next_scale_at if self._next_scale_at is not None else now))
         return min(times) if times else None
 
     # ---- internals: placement and memory ---------------------------------------------------------
@@ -280,7 +351,9 @@ class Engine:
 
         backlog = math.ceil(self.queues.depth(key.model) / limits.max_batch_size)
         worker = self.placement.choose(key.model, list(self.workers.values()), evictions,
-                                       lambda w: w.busy.utilization(now), backlog)
+                                       lambda w: w.busy.utilization(now), backlog,
+                                       lambda w: self._time_left(w, now),
+                                       self._load_seconds.get(key.model, limits.est_load_seconds))
         if worker is None:
             if any(key.model in w.resident and not w.idle for w in self.workers.values()):
                 self._waiting_on_warm = True
@@ -300,6 +373,13 @@ class Engine:
             out += self._load(worker, key.model, now, "batch")
         out.append(self._dispatch(key, jobs[:n], worker, now, needs_load))
         return out
+
+    def _time_left(self, w: WorkerState, now: float) -> float:
+        """Expected seconds until busy worker ``w`` is free."""
+        batch = self.running.get(w.batch_id or "")
+        if batch is None:
+            return 0.0
+        return max(0.0, self.job_work(batch.key) * len(batch.jobs) - (now - batch.started_at))
 
     def _need(self, w: WorkerState, key: BatchKey, n: int) -> int:
         need = self.memory.working(key, n)
@@ -340,7 +420,7 @@ class Engine:
                 del w.resident[m]
                 out.append(UnloadModel(w.id, m, "lru"))
         pinned = pin or self._warm_count(model) < self.models[model].min_warm
-        w.resident[model] = Resident(self.memory.weights(model), now, pinned=pinned, loading=True)
+        w.resident[model] = Resident(self.memory.weights(model), now, pinned=pinned, loading=True, load_started=now)
         out.append(LoadModel(w.id, model, reason))
         return out
 
@@ -399,7 +479,7 @@ class Engine:
             for m in hosts[w.id]:
                 del w.resident[m]
                 out.append(UnloadModel(w.id, m, "lru"))
-            w.resident[model] = Resident(self.memory.weights(model), now, loading=True)
+            w.resident[model] = Resident(self.memory.weights(model), now, loading=True, load_started=now)
             out.append(LoadModel(w.id, model, "preload"))
         return out
 
@@ -452,3 +532,8 @@ class Engine:
         batches = math.ceil(max(1, depth) / limits.max_batch_size)
         # Retry-After is for "when is there room again": one batch's worth of drain is enough.
         return max(1.0, math.ceil(per_batch * min(batches, 1 + batches // workers)))
+
+
+def _work_units(key: BatchKey) -> float:
+    """One job's size for time accounting: pixels × frames × steps (millions)."""
+    return key.width * key.height * max(1, key.num_frames) * max(1, key.steps) / 1e6

@@ -22,9 +22,12 @@ class WarmFirst:
         self.saturation = saturation
 
     def choose(self, model: str, workers: Sequence[WorkerState], evictions: Evictions,
-               utilization: Utilization, backlog_batches: int = 1) -> WorkerState | None:
+               utilization: Utilization, backlog_batches: int = 1,
+               wait_s: Callable[[WorkerState], float] = lambda w: 0.0, load_s: float = float("inf")) -> WorkerState | None:
         """``backlog_batches``: full batches of this model waiting. A busy warm worker has room for
-        one batch behind the one it runs; past that its "queue" is full and it counts as saturated."""
+        one batch behind the one it runs; past that its "queue" is full and it counts as saturated.
+        ``wait_s(w)``: expected seconds until busy ``w`` is free; ``load_s``: expected cold start.
+        Waiting longer for a warm worker than a load would take is never worth it."""
         def least_loaded(w: WorkerState) -> tuple:
             return (utilization(w), w.batches_run, w.id)
 
@@ -32,7 +35,8 @@ class WarmFirst:
         free_warm = [w for w in warm if w.idle and evictions(w) is not None]
         if free_warm:
             return min(free_warm, key=least_loaded)
-        saturated = backlog_batches > len(warm) or all(utilization(w) >= self.saturation for w in warm)
+        saturated = (backlog_batches > len(warm) or all(utilization(w) >= self.saturation for w in warm)
+                     or min((wait_s(w) for w in warm), default=0.0) > load_s)
         if warm and not saturated:
             return None  # a warm worker will be free soon enough: no cold start
         cold = {w.id: ev for w in workers if w.idle and model not in w.resident and (ev := evictions(w)) is not None}

@@ -44,6 +44,8 @@ class ModelLimits:
     min_warm: int = 0  # warm pool: workers that keep the model loaded from start-up
     keep_warm_s: float = 0.0  # stay loaded while requests keep arriving within this window
     idle_unload_s: float | None = 120.0  # unload after this long unused (None: never)
+    est_job_seconds: float = 1.0  # expected device-seconds per job until batches have been timed
+    est_load_seconds: float = 10.0  # expected cold start until a load has been timed
 
 
 @dataclass
@@ -72,6 +74,21 @@ class UnloadModel:
     worker: str
     model: str
     reason: str  # lru | idle | operator
+
+
+@dataclass(frozen=True)
+class ScaleTo:
+    """Want ``devices`` devices in all (up + provisioning). The provider starts what is missing;
+    surplus devices are retired one by one with ``RetireWorker`` once idle."""
+
+    devices: int
+    reason: str
+
+
+@dataclass(frozen=True)
+class RetireWorker:
+    worker: str
+    reason: str
 
 
 @dataclass(frozen=True)
@@ -107,7 +124,7 @@ class FailJob:
     message: str
 
 
-Decision = LoadModel | UnloadModel | RunBatch | CancelRunning | JobDequeued | FailJob
+Decision = LoadModel | UnloadModel | RunBatch | CancelRunning | JobDequeued | FailJob | ScaleTo | RetireWorker
 
 
 @dataclass(frozen=True)
@@ -125,6 +142,7 @@ class Resident:
     last_used: float
     pinned: bool = False  # warm pool: never idle-unloaded, never evicted
     loading: bool = True  # LoadModel sent, ``model_loaded`` not yet seen
+    load_started: float = 0.0
 
 
 @dataclass

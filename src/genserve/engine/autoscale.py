@@ -1,0 +1,177 @@
+"""Autoscaling policies: how many devices to want. Pure functions of a fleet snapshot and ``now``.
+
+Demand is measured in *work* — expected device-seconds — not in request counts, so one 3-minute
+video and one 1-second image do not weigh the same. Each policy returns a raw device count; the
+``Autoscaler`` applies the common limits (min/max, budget cap, warm pools) and the scale-down delay.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class FleetSnapshot:
+    now: float
+    up: int  # devices registered and usable
+    pending: int  # asked for, still provisioning
+    busy: int  # devices running a batch
+    queued_work_s: float  # expected device-seconds of queued jobs
+    running_work_s: float  # expected device-seconds left in running batches
+    arrival_work_rate: float  # recent work arriving, device-seconds per second (≈ devices needed)
+    warm_min: int  # devices the warm pools need
+
+
+@dataclass(frozen=True)
+class ScaleLimits:
+    min_devices: int = 0
+    max_devices: int = 8
+    price_per_hour: float = 2.0
+    budget_per_hour: float | None = None  # cap on price_per_hour × devices
+    scale_down_delay_s: float = 120.0
+    interval_s: float = 5.0  # how often the policy is evaluated
+
+
+def apply_bounds(n: int, lo: int, hi: int) -> int:
+    return max(lo, min(hi, n))
+
+
+def budget_cap(limits: ScaleLimits) -> int:
+    if limits.budget_per_hour is None or limits.price_per_hour <= 0:
+        return limits.max_devices
+    return int(math.floor(limits.budget_per_hour / limits.price_per_hour + 1e-9))
+
+
+class QueueDepth:
+    """Pull: add devices when queued work per device exceeds ``target_queue_s``; with nothing
+    queued, devices beyond the busy ones may go (after the scale-down delay)."""
+
+    name = "queue_depth"
+
+    def __init__(self, target_queue_s: float = 30.0, **_: float) -> None:
+        self.target = target_queue_s
+
+    def desired(self, s: FleetSnapshot) -> int:
+        have = s.up + s.pending
+        if s.queued_work_s > self.target * max(have, 0):
+            return max(have + 1, math.ceil(s.queued_work_s / self.target))
+        if s.queued_work_s <= 0:
+            return s.busy
+        return have
+
+
+class Headroom:
+    """Push: keep ``headroom`` (e.g. 20 %) spare capacity over current demand, where demand is the
+    larger of the busy devices and the arrival work rate, plus what clears the queue in ``horizon_s``."""
+
+    name = "headroom"
+
+    def __init__(self, headroom: float = 0.2, horizon_s: float = 60.0, **_: float) -> None:
+        self.headroom = headroom
+        self.horizon = horizon_s
+
+    def demand(self, s: FleetSnapshot) -> float:
+        return max(float(s.busy), s.arrival_work_rate) + s.queued_work_s / self.horizon
+
+    def desired(self, s: FleetSnapshot) -> int:
+        return math.ceil(self.demand(s) * (1.0 + self.headroom) - 1e-9)
+
+
+@dataclass
+class _Profile:
+    """Arrival work rate by time-of-period bucket, learned as an EWMA across periods."""
+
+    period_s: float
+    bucket_s: float
+    alpha: float = 0.5
+    values: dict[int, float] = field(default_factory=dict)
+
+    def bucket(self, t: float) -> int:
+        return int((t % self.period_s) // self.bucket_s)
+
+    def observe(self, t: float, rate: float) -> None:
+        b = self.bucket(t)
+        old = self.values.get(b)
+        self.values[b] = rate if old is None else (1 - self.alpha) * old + self.alpha * rate
+
+    def at(self, t: float) -> float | None:
+        return self.values.get(self.bucket(t))
+
+
+class Predictive:
+    """Forecast demand ``lead_s`` ahead (set it to the provisioning lag) from a time-of-period
+    profile (default: a week in 15-minute buckets) scaled by the recent trend, and provision for it
+    now, with ``headroom`` on top and the queue cleared within ``horizon_s``."""
+
+    name = "predictive"
+
+    def __init__(self, lead_s: float = 60.0, period_s: float = 7 * 86400.0, bucket_s: float = 900.0,
+                 headroom: float = 0.1, horizon_s: float = 60.0, **_: float) -> None:
+        self.lead = lead_s
+        self.profile = _Profile(period_s, bucket_s)
+        self.headroom = headroom
+        self.horizon = horizon_s
+
+    def forecast(self, s: FleetSnapshot) -> float:
+        self.profile.observe(s.now, s.arrival_work_rate)
+        ahead = self.profile.at(s.now + self.lead)
+        here = self.profile.at(s.now)
+        if ahead is None:
+            return s.arrival_work_rate
+        # Trend: if today runs hotter than the profile says, expect the next bucket to as well.
+        trend = s.arrival_work_rate / here if here and here > 0 else 1.0
+        return ahead * min(max(trend, 0.5), 2.0)
+
+    def desired(self, s: FleetSnapshot) -> int:
+        need = max(self.forecast(s), float(s.busy) if s.queued_work_s > 0 else 0.0) + s.queued_work_s / self.horizon
+        return math.ceil(need * (1.0 + self.headroom) - 1e-9)
+
+
+class Hybrid:
+    """Reserved baseline + burst on queue depth + prediction (warm pools come from the limits)."""
+
+    name = "hybrid"
+
+    def __init__(self, baseline: int = 1, **kw: float) -> None:
+        self.baseline = int(baseline)
+        self.queue = QueueDepth(**kw)
+        self.predict = Predictive(**kw)
+
+    def desired(self, s: FleetSnapshot) -> int:
+        return max(self.baseline, self.queue.desired(s), self.predict.desired(s))
+
+
+POLICIES = {p.name: p for p in (QueueDepth, Headroom, Predictive, Hybrid)}
+
+
+class Autoscaler:
+    """A policy plus the limits every policy shares. Keeps its state explicitly: the time the
+    desired count first fell below the target, and the highest desire seen since."""
+
+    def __init__(self, policy: str, limits: ScaleLimits, **params: float) -> None:
+        self.policy = POLICIES[policy](**params)
+        self.limits = limits
+        self.target: int | None = None
+        self._below_since: float | None = None
+        self._below_max = 0
+
+    def decide(self, s: FleetSnapshot) -> int:
+        lim = self.limits
+        want = max(self.policy.desired(s), s.warm_min)
+        want = apply_bounds(want, lim.min_devices, min(lim.max_devices, budget_cap(lim)))
+        current = self.target if self.target is not None else s.up + s.pending
+        if want >= current or current > min(lim.max_devices, budget_cap(lim)):
+            self._below_since = None
+            self.target = want
+            return want
+        # Scale down only once the lower desire has held for the whole delay, and then only to the
+        # highest count wanted during it.
+        if self._below_since is None:
+            self._below_since, self._below_max = s.now, want
+        self._below_max = max(self._below_max, want)
+        if s.now - self._below_since >= lim.scale_down_delay_s:
+            self.target = self._below_max
+            self._below_since = None
+        else:
+            self.target = current
+        return self.target

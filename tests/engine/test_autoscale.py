@@ -1,0 +1,94 @@
+"""Autoscaling policies on a fake timeline."""
+from genserve.engine import BatchKey, Engine, ModelLimits, Priority, RetireWorker, ScaleTo
+from genserve.engine.autoscale import Autoscaler, FleetSnapshot, ScaleLimits, budget_cap
+
+IMG = BatchKey("img", 64, 64, 0, 10, 1.0)  # work units = 64·64·10/1e6
+
+
+def snap(now=0.0, up=1, pending=0, busy=0, queued=0.0, running=0.0, rate=0.0, warm=0):
+    return FleetSnapshot(now, up, pending, busy, queued, running, rate, warm)
+
+
+def test_queue_depth_scales_up_when_work_per_device_exceeds_threshold():
+    a = Autoscaler("queue_depth", ScaleLimits(0, 10), target_queue_s=30.0)
+    assert a.decide(snap(up=2, busy=2, queued=50.0)) == 2  # 25 s per device: fine
+    assert a.decide(snap(up=2, busy=2, queued=130.0)) == 5  # ceil(130 / 30)
+
+
+def test_scale_down_waits_for_the_delay_and_keeps_the_peak_of_the_window():
+    a = Autoscaler("queue_depth", ScaleLimits(0, 10, scale_down_delay_s=60.0), target_queue_s=30.0)
+    assert a.decide(snap(now=0, up=4, busy=4, queued=100.0)) == 4
+    assert a.decide(snap(now=10, up=4, busy=1)) == 4  # nothing queued, 1 busy: wants 1, must wait
+    assert a.decide(snap(now=40, up=4, busy=2)) == 4
+    assert a.decide(snap(now=69, up=4, busy=1)) == 4
+    assert a.decide(snap(now=70, up=4, busy=1)) == 2  # 60 s below; the highest wish meanwhile was 2
+    # Scale up is immediate.
+    assert a.decide(snap(now=71, up=2, busy=2, queued=200.0)) == 7
+
+
+def test_budget_cap_and_bounds_are_respected():
+    lim = ScaleLimits(1, 50, price_per_hour=2.6, budget_per_hour=20.0)
+    assert budget_cap(lim) == 7
+    a = Autoscaler("queue_depth", lim, target_queue_s=1.0)
+    assert a.decide(snap(up=1, queued=1000.0)) == 7
+    a = Autoscaler("headroom", ScaleLimits(2, 50))
+    assert a.decide(snap(up=2)) == 2  # min devices even with no demand
+
+
+def test_headroom_keeps_spare_capacity():
+    a = Autoscaler("headroom", ScaleLimits(0, 100), headroom=0.2, horizon_s=60.0)
+    assert a.decide(snap(up=10, busy=10, rate=10.0)) == 12  # 10 in use × 1.2
+    assert a.decide(snap(up=12, busy=5, rate=4.0, queued=60.0)) == 12  # (5 + 1) × 1.2 = 7.2 -> wait for delay
+
+
+def test_warm_pools_set_a_floor():
+    a = Autoscaler("queue_depth", ScaleLimits(0, 10))
+    assert a.decide(snap(up=0, warm=2)) == 2
+
+
+def test_predictive_leads_a_periodic_load_by_the_provisioning_lag():
+    period, lag = 3600.0, 120.0
+    a = Autoscaler("predictive", ScaleLimits(0, 100, scale_down_delay_s=0.0), lead_s=lag, period_s=period,
+                   bucket_s=60.0, headroom=0.0)
+
+    def load(t):  # 2 devices' worth of work, 10 during minutes 30-40 of each hour
+        return 10.0 if 1800 <= t % period < 2400 else 2.0
+
+    first_rise = None
+    for t in range(0, int(3 * period), 60):
+        n = a.decide(snap(now=float(t), up=a.target or 0, rate=load(float(t))))
+        if t >= 2 * period and n >= 10 and first_rise is None:
+            first_rise = t
+    # In the third hour, capacity for the peak is wanted `lag` seconds before the peak starts.
+    assert first_rise == 2 * period + 1800 - lag
+
+
+def test_engine_emits_scale_decisions_and_retires_idle_workers():
+    eng = Engine({"img": ModelLimits(4, 0.0, est_job_seconds=20.0)},
+                 autoscaler=Autoscaler("queue_depth", ScaleLimits(0, 5, scale_down_delay_s=30.0, interval_s=5.0),
+                                       target_queue_s=30.0))
+    for i in range(6):
+        eng.submit(f"j{i}", IMG, Priority.STANDARD, 0.0)
+    # No devices at all (scale to zero): 120 s of queued work asks for 4.
+    [scale] = [d for d in eng.step(0.0) if isinstance(d, ScaleTo)]
+    assert scale.devices == 4
+    assert eng.next_deadline(0.0) == 5.0
+    for w in ("w0", "w1", "w2", "w3"):
+        eng.worker_up(w, 3.0)
+    decisions = eng.step(3.0)
+    runs = [d for d in decisions if hasattr(d, "batch_id")]
+    # The second batch does not wait ~80 s for the warm worker: a cold start (~10 s) is cheaper.
+    assert sorted(len(r.job_ids) for r in runs) == [2, 4] and len({r.worker for r in runs}) == 2
+    for d in decisions:
+        if type(d).__name__ == "LoadModel":
+            eng.model_loaded(d.worker, d.model, 0, 4.0)
+    for r in runs:
+        eng.batch_finished(r.batch_id, 10.0)
+    retired = []
+    t = 10.0
+    while t < 60:
+        retired += [d.worker for d in eng.step(t) if isinstance(d, RetireWorker)]
+        t = eng.next_deadline(t)
+    assert sorted(retired) == ["w0", "w1", "w2", "w3"] and eng.target_devices == 0
+    # Work estimates are learned from the timed batches (7 s for 4 or 2 jobs), replacing the 20 s prior.
+    assert 7.0 / 4 <= eng.job_work(IMG) <= 7.0 / 2
