@@ -149,6 +149,9 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--url")
     m.add_argument("--json", action="store_true")
     m.set_defaults(func=cmd_models)
+    from .sim.cli import add_parsers
+
+    add_parsers(sub)
     return p
 
 

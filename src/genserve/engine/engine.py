@@ -382,15 +382,20 @@ class Engine:
         return max(0.0, self.job_work(batch.key) * len(batch.jobs) - (now - batch.started_at))
 
     def _need(self, w: WorkerState, key: BatchKey, n: int) -> int:
-        need = self.memory.working(key, n)
-        if key.model not in w.resident:
-            weights = self.memory.weights(key.model)
-            if not self.memory.known_weights(key.model) and w.capacity is not None:
-                # A guess is capped at what the worker could ever hold, so it cannot block forever:
-                # at worst the worker is emptied, the model loads and gets measured.
-                weights = min(weights, max(0, w.capacity - need))
-            need += weights
-        return need
+        """Bytes a batch of ``n`` needs on ``w``: working memory, plus the weights unless resident.
+        Guesses (figures from other models) are capped at what the worker could ever hold, so they
+        cannot block a job forever: at worst the worker is emptied, the batch runs and is measured."""
+        mem = self.memory
+        resident = key.model in w.resident
+        weights = 0 if resident else mem.weights(key.model)
+        working = mem.working(key, n)
+        if w.capacity is not None:
+            known_weights = resident or bool(mem.known_weights(key.model))
+            if not mem.working_is_known(key, n):
+                working = min(working, max(0, w.capacity - (weights if known_weights else 0)))
+            if not known_weights:
+                weights = min(weights, max(0, w.capacity - working))
+        return weights + working
 
     def _room_for(self, w: WorkerState, need: int, protected: set[str]) -> list[str] | None:
         """Models to evict from ``w`` so ``need`` more bytes fit ([] = fits as is; None = cannot)."""

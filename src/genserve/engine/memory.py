@@ -39,6 +39,9 @@ class MemoryModel:
             ratio = 0.0 if known_only else max(self.per_unit.values(), default=0.0)
         return int(ratio * batch_units(key, n))
 
+    def working_is_known(self, key: BatchKey, n: int) -> bool:
+        return (key, n) in self.working_exact or key.model in self.per_unit
+
     def observe_weights(self, model: str, nbytes: int) -> None:
         if nbytes > 0:
             self.weights_measured[model] = nbytes

@@ -1,0 +1,87 @@
+"""``genserve simulate`` and ``genserve trace export``."""
+from __future__ import annotations
+
+import argparse
+import json
+import sqlite3
+import sys
+import time
+from pathlib import Path
+
+from ..config import ConfigError
+
+
+def cmd_simulate(a: argparse.Namespace) -> int:
+    from . import report
+    from .driver import simulate
+    from .scenario import deep_merge, load_scenario, parse_scenario, variant
+
+    try:
+        base = load_scenario(a.scenario)
+        if a.requests is not None:
+            base = parse_scenario(deep_merge(base.raw, {"workload": {"max_requests": a.requests}}), base.base)
+        runs = [("base" if base.compare else base.name, base)]
+        if a.compare:
+            runs += [(name, variant(base, over)) for name, over in base.compare]
+    except ConfigError as e:
+        print(f"genserve: invalid scenario: {e}", file=sys.stderr)
+        return 2
+    summaries, results = [], []
+    for name, sc in runs:
+        t0 = time.perf_counter()
+        r = simulate(sc)
+        wall = time.perf_counter() - t0
+        x = report.summarize(r)
+        x["wall_s"] = wall
+        summaries.append((name, x))
+        results.append((name, r))
+        print(f"# {name}: {x['requests']:,} requests, {r.events:,} events in {wall:.2f} s "
+              f"({r.events / wall:,.0f} events/s)", file=sys.stderr)
+    print(f"## {base.name}\n")
+    print(report.table(summaries))
+    if not a.compare:
+        print()
+        print(report.per_model_table(summaries[0][1]))
+    if a.json:
+        report.write_json(Path(a.json), summaries)
+    if a.plot:
+        report.plot(Path(a.plot), results)
+    return 0
+
+
+def cmd_trace_export(a: argparse.Namespace) -> int:
+    """Job records -> JSON lines a scenario can replay (``workload.kind = "trace"``)."""
+    db = Path(a.data_dir) / "jobs.db"
+    if not db.exists():
+        print(f"genserve: no job store at {db}", file=sys.stderr)
+        return 2
+    con = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+    rows = con.execute("SELECT t_received, params FROM jobs ORDER BY t_received").fetchall()
+    out = open(a.output, "w") if a.output != "-" else sys.stdout
+    try:
+        for t, params in rows:
+            p = json.loads(params)
+            out.write(json.dumps({"t": t, "model": p["model"], "width": p["width"], "height": p["height"],
+                                  "num_frames": p.get("num_frames", 0), "steps": p["steps"],
+                                  "priority": p.get("priority", "standard")}) + "\n")
+    finally:
+        if out is not sys.stdout:
+            out.close()
+    print(f"exported {len(rows)} jobs", file=sys.stderr)
+    return 0
+
+
+def add_parsers(sub) -> None:
+    s = sub.add_parser("simulate", help="run a scenario through the real engine on simulated devices")
+    s.add_argument("scenario")
+    s.add_argument("--compare", action="store_true", help="also run the scenario's [[compare]] variants")
+    s.add_argument("--json", help="write the summaries here")
+    s.add_argument("--plot", help="write a PNG: queue depth, devices, latency over time")
+    s.add_argument("--requests", type=int, help="cap the number of requests")
+    s.set_defaults(func=cmd_simulate)
+    t = sub.add_parser("trace", help="traces of the job store")
+    tsub = t.add_subparsers(dest="trace_cmd", required=True)
+    e = tsub.add_parser("export", help="export the job store's requests as a replayable trace")
+    e.add_argument("--data-dir", default="genserve-data")
+    e.add_argument("-o", "--output", default="-")
+    e.set_defaults(func=cmd_trace_export)
