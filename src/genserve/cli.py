@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import sys
 from pathlib import Path
@@ -23,10 +22,14 @@ def cmd_serve(a: argparse.Namespace) -> int:
     except ConfigError as e:
         print(f"genserve: invalid config: {e}", file=sys.stderr)
         return 2
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from .logs import configure
+
+    configure(a.log_format)
     s = config.server
     print(f"genserve: serving {', '.join(config.models)} on http://{s.host}:{s.port} (data in {s.data_dir})", flush=True)
-    uvicorn.run(create_app(config), host=s.host, port=s.port, log_level="warning", timeout_graceful_shutdown=5)
+    # log_config=None: uvicorn's loggers go through the root handler, so --log-format applies to them too.
+    uvicorn.run(create_app(config), host=s.host, port=s.port, log_level="warning", log_config=None,
+                timeout_graceful_shutdown=5)
     return 0
 
 
@@ -128,6 +131,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--port", type=int)
     s.add_argument("--data-dir")
     s.add_argument("--workers", type=int, help="CPU workers when there is no GPU (default 1)")
+    s.add_argument("--log-format", choices=["text", "json"], default="text",
+                   help="json: one object per line with job_id, batch_id, worker, stage and timings")
     s.set_defaults(func=cmd_serve)
     j = sub.add_parser("submit", help="submit a job, follow its progress, save the output")
     j.add_argument("prompt")

@@ -19,7 +19,8 @@ def free_port() -> int:
 
 
 class LiveServer:
-    def __init__(self, data_dir: Path, config_text: str | None = None, workers: int = 1) -> None:
+    def __init__(self, data_dir: Path, config_text: str | None = None, workers: int = 1,
+                 extra_args: list[str] | None = None) -> None:
         self.data_dir = Path(data_dir)
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.config_path = None
@@ -27,6 +28,7 @@ class LiveServer:
             self.config_path = self.data_dir / "genserve.toml"
             self.config_path.write_text(config_text)
         self.workers = workers
+        self.extra_args = list(extra_args or [])
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.proc: subprocess.Popen | None = None
@@ -37,6 +39,7 @@ class LiveServer:
                "--data-dir", str(self.data_dir), "--workers", str(self.workers)]
         if self.config_path:
             cmd += ["--config", str(self.config_path)]
+        cmd += self.extra_args
         self._log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True)
         deadline = time.time() + timeout

@@ -165,3 +165,20 @@ def timeseries(records: Sequence[Record], since: float, now: float, step: float,
             point[f"latency_{name}_s"] = percentile(lat, q)
         out.append(point)
     return out
+
+
+_UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+
+
+def parse_duration(text: str, *, lo: float = 1.0, hi: float = 7 * 86400.0) -> float:
+    """``"300"``, ``"90s"``, ``"5m"``, ``"1h"``, ``"1d"`` -> seconds; ValueError outside ``[lo, hi]``."""
+    t = str(text).strip().lower()
+    unit = _UNITS.get(t[-1:], None)
+    num = t[:-1] if unit is not None else t
+    try:
+        value = float(num) * (unit or 1.0)
+    except ValueError:
+        raise ValueError(f"{text!r} is not a duration like 300, 90s, 5m, 1h") from None
+    if not lo <= value <= hi:
+        raise ValueError(f"must be between {lo:g}s and {hi:g}s")
+    return value

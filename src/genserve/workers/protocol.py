@@ -7,8 +7,8 @@ server -> worker (``op``):
   cancel   {batch_id, job_ids}            (honoured at the next step boundary)
   shutdown {}
 worker -> server (``ev``):
-  ready        {worker, device, pid, threads}
-  loaded       {model, cached, load_start, load_end, bytes}
+  ready        {worker, device, device_name, pid, threads}
+  loaded       {model, cached, load_start, load_end, bytes, tier?}   (tier: disk | host | page_cache; absent = disk)
   load_failed  {model, code, message}
   started      {batch_id, t}
   progress     {batch_id, step, total}
