@@ -43,7 +43,8 @@ def req(i, model="a", ok=True, latency=1.0, done=None, cost=None, stages=None):
     r = {"i": i, "model": model, "ok": ok, "latency_s": latency, "t_sent": 0.0, "t_done": done or latency,
          "error": None if ok else "http_429"}
     if stages:
-        r.update(breakdown=stages, batch_size=2, device_seconds=0.5, cost_usd=cost)
+        r.update(breakdown=stages, batch_id=f"b{i // 2}", batch_size=2 if i < 2 else 1, device_seconds=0.5,
+                 cost_usd=cost)
     return r
 
 
@@ -53,6 +54,7 @@ def test_summary_tables_and_compare():
     s = summarize_run(rs, duration_s=2.0)
     assert (s["count"], s["ok"], s["errors"]) == (5, 4, 1) and s["errors_by_kind"] == {"http_429": 1}
     assert s["throughput_per_s"] == 2.0 and s["latency_s"]["p50"] == 2.5
+    assert s["mean_batch_size"] == pytest.approx((2 + 1) / 2)  # batches b0 (2 jobs) and b1 (size 1 as recorded)
     assert s["cost_per_inference_usd"] == pytest.approx(0.01) and s["stages_s"]["inference"]["p99"] == 0.5
     assert s["stages_s"]["cold_start"]["count"] == 0 and s["per_model"]["b"]["ok"] == 0
     result = {"target": {"url": "http://x"}, "label": "x", "summary": s}

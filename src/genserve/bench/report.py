@@ -43,11 +43,17 @@ def _server_side(ok: Sequence[dict[str, Any]]) -> dict[str, Any]:
         "stages_s": {s: summarize([r["breakdown"][f"{s}_s"] for r in recs if r["breakdown"].get(f"{s}_s") is not None])
                      for s in STAGES},
         "server_latency_s": summarize([r["breakdown"]["total_s"] for r in recs if r["breakdown"].get("total_s") is not None]),
-        "mean_batch_size": sum(r.get("batch_size") or 0 for r in recs) / len(recs),
+        # per batch, like /v1/stats (a job-weighted mean would favour the big batches)
+        "mean_batch_size": _mean_batch(recs),
         "device_seconds": sum(r.get("device_seconds") or 0.0 for r in recs),
         "cost_usd": sum(costs),
         "cost_per_inference_usd": sum(costs) / len(costs) if costs else None,
     }
+
+
+def _mean_batch(recs: Sequence[dict[str, Any]]) -> float | None:
+    sizes = {r.get("batch_id") or f"job-{r['i']}": r.get("batch_size") or 0 for r in recs}
+    return sum(sizes.values()) / len(sizes) if sizes else None
 
 
 def _f(v: Any, digits: int = 3) -> str:

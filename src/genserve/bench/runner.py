@@ -76,7 +76,8 @@ async def _job_records(client: httpx.AsyncClient, results: list[dict[str, Any]],
             if cost.get("device_seconds") is not None or time.monotonic() > deadline:
                 break
             await asyncio.sleep(0.1)
-        r.update(breakdown=job.get("breakdown"), batch_size=(job.get("batch") or {}).get("size"),
+        batch = job.get("batch") or {}
+        r.update(breakdown=job.get("breakdown"), batch_id=batch.get("id"), batch_size=batch.get("size"),
                  device_seconds=cost.get("device_seconds"), cost_usd=cost.get("usd"), status=job.get("status"))
 
     sem = asyncio.Semaphore(16)
