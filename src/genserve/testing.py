@@ -80,6 +80,26 @@ class LiveServer:
         self.stop()
 
 
+def post_concurrently(url: str, bodies: list[dict], path: str = "/v1/jobs") -> list[httpx.Response]:
+    """POST every body at once (one client per thread, released together by a barrier)."""
+    import threading
+
+    out: list[httpx.Response] = [None] * len(bodies)  # type: ignore[list-item]
+    barrier = threading.Barrier(len(bodies))
+
+    def go(i: int) -> None:
+        with httpx.Client(base_url=url, timeout=60) as c:
+            barrier.wait()
+            out[i] = c.post(path, json=bodies[i])
+
+    threads = [threading.Thread(target=go, args=(i,)) for i in range(len(bodies))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return out
+
+
 def wait_for(client: httpx.Client, job_id: str, timeout: float = 120.0, statuses=("succeeded", "failed", "canceled")) -> dict:
     deadline = time.time() + timeout
     while time.time() < deadline:

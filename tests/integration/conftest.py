@@ -70,10 +70,14 @@ def server(demo_models, tmp_path_factory):
     srv.stop()
 
 
+def _http(srv: LiveServer):
+    with httpx.Client(base_url=srv.url, timeout=60) as c:
+        yield c
+
+
 @pytest.fixture
 def client(server):
-    with httpx.Client(base_url=server.url, timeout=60) as c:
-        yield c
+    yield from _http(server)
 
 
 OBS_PRICE_CPU = 36.0  # US$/h: 1 cent per device-second, so test costs are readable
@@ -91,5 +95,4 @@ def obs_server(demo_models, tmp_path_factory):
 
 @pytest.fixture
 def obs_client(obs_server):
-    with httpx.Client(base_url=obs_server.url, timeout=60) as c:
-        yield c
+    yield from _http(obs_server)
