@@ -62,3 +62,14 @@ def test_file_round_trip_and_overrides(tmp_path):
     sd = cfg.models["sd"]
     assert sd.default_size == (512, 512) and sd.limits(cfg.server).max_wait_s == 0.1
     assert cfg.model_dir("sd").name == "model"
+
+
+def test_prices_defaults_overrides_and_errors():
+    cfg = parse_config(base())
+    assert cfg.prices["H100"] == 2.00 and cfg.prices["H200"] == 2.60 and cfg.prices["B200"] == 4.00
+    cfg = parse_config({**base(), "prices": {"cpu": 0.5, "MI300X": 3}})
+    assert cfg.prices["cpu"] == 0.5 and cfg.prices["MI300X"] == 3.0 and cfg.prices["H100"] == 2.00
+    for bad, key in (({"H100": "two"}, "prices.H100"), ({"cpu": -1}, "prices.cpu"), ("cheap", "prices")):
+        with pytest.raises(ConfigError) as e:
+            parse_config({**base(), "prices": bad})
+        assert e.value.key == key

@@ -1,9 +1,8 @@
-"""The ``genserve`` command: serve, submit, models."""
+"""The ``genserve`` command: serve, submit, models, bench."""
 from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import sys
 from pathlib import Path
@@ -23,10 +22,14 @@ def cmd_serve(a: argparse.Namespace) -> int:
     except ConfigError as e:
         print(f"genserve: invalid config: {e}", file=sys.stderr)
         return 2
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from .logs import configure
+
+    configure(a.log_format)
     s = config.server
     print(f"genserve: serving {', '.join(config.models)} on http://{s.host}:{s.port} (data in {s.data_dir})", flush=True)
-    uvicorn.run(create_app(config), host=s.host, port=s.port, log_level="warning", timeout_graceful_shutdown=5)
+    # log_config=None: uvicorn's loggers go through the root handler, so --log-format applies to them too.
+    uvicorn.run(create_app(config), host=s.host, port=s.port, log_level="warning", log_config=None,
+                timeout_graceful_shutdown=5)
     return 0
 
 
@@ -119,6 +122,51 @@ def cmd_models(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(a: argparse.Namespace) -> int:
+    from .bench.report import compare, table
+
+    if a.compare:
+        x, y = (json.loads(Path(p).read_text()) for p in a.compare)
+        print(compare(x, y))
+        return 0
+    import asyncio
+
+    from tqdm import tqdm
+
+    from .bench.runner import run
+    from .bench.workload import WorkloadError, load_workload
+
+    try:
+        workload = load_workload(a.workload).with_arrival(
+            pattern=a.pattern, concurrency=a.concurrency, rate=a.rate, burst_size=a.burst_size,
+            burst_interval_s=a.burst_interval)
+    except (WorkloadError, OSError, TypeError) as e:
+        print(f"genserve: invalid workload: {e}", file=sys.stderr)
+        return 2
+    bar = tqdm(total=a.requests, unit="req", file=sys.stderr, disable=a.quiet)
+    errors = 0
+
+    def done(r: dict) -> None:
+        nonlocal errors
+        errors += not r["ok"]
+        bar.set_postfix(errors=errors, refresh=False)
+        bar.update(1)
+
+    print(f"genserve bench: {a.requests} requests to {a.url} ({a.api}), {workload.arrival.describe()}", file=sys.stderr)
+    result = asyncio.run(run(a.url, workload, a.requests, api=a.api, seed=a.seed, timeout=a.timeout,
+                             api_key=a.api_key, on_done=done, label=a.label))
+    bar.close()
+    print(table(result))
+    out = Path(a.out)
+    out.write_text(json.dumps(result, indent=1))
+    print(f"\nwrote {out}", file=sys.stderr)
+    if a.plot:
+        from .bench.plot import plot
+
+        print(f"wrote {plot(result, a.plot)}", file=sys.stderr)
+    return 0 if result["summary"]["errors"] == 0 or a.allow_errors else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="genserve", description="Self-hosted inference for image and video diffusion models")
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -128,6 +176,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--port", type=int)
     s.add_argument("--data-dir")
     s.add_argument("--workers", type=int, help="CPU workers when there is no GPU (default 1)")
+    s.add_argument("--log-format", choices=["text", "json"], default="text",
+                   help="json: one object per line with job_id, batch_id, worker, stage and timings")
     s.set_defaults(func=cmd_serve)
     j = sub.add_parser("submit", help="submit a job, follow its progress, save the output")
     j.add_argument("prompt")
@@ -144,6 +194,27 @@ def build_parser() -> argparse.ArgumentParser:
     j.add_argument("--url", default=DEFAULT_URL)
     j.add_argument("--quiet", "-q", action="store_true")
     j.set_defaults(func=cmd_submit)
+    b = sub.add_parser("bench", help="load-test a genserve or OpenAI-images endpoint; compare result files")
+    b.add_argument("--url", default=DEFAULT_URL)
+    b.add_argument("--api", choices=["genserve", "openai"], default="genserve",
+                   help="genserve: /v1/jobs + SSE, with per-stage breakdown and cost; openai: /v1/images/generations")
+    b.add_argument("-n", "--requests", type=int, default=100)
+    b.add_argument("--workload", help="TOML/JSON request mix and arrival pattern (default: demo-image 64x64, 8 steps)")
+    b.add_argument("--pattern", choices=["closed", "rate", "poisson", "bursts"], help="arrival pattern (overrides the file)")
+    b.add_argument("-c", "--concurrency", type=int, help="closed loop: requests in flight")
+    b.add_argument("--rate", type=float, help="rate / poisson: requests per second")
+    b.add_argument("--burst-size", type=int)
+    b.add_argument("--burst-interval", type=float, help="seconds between bursts")
+    b.add_argument("--seed", type=int, default=0, help="draws the request mix and Poisson arrivals")
+    b.add_argument("--timeout", type=float, default=600.0, help="per request, seconds")
+    b.add_argument("--api-key", help="sent as a Bearer token (OpenAI-compatible endpoints)")
+    b.add_argument("--label", help="a name for this run in tables and comparisons")
+    b.add_argument("--out", "-o", default="bench-result.json")
+    b.add_argument("--plot", help="write a PNG: latency distribution and throughput over time")
+    b.add_argument("--allow-errors", action="store_true", help="exit 0 even if some requests failed")
+    b.add_argument("--compare", nargs=2, metavar=("A.json", "B.json"), help="print two result files side by side")
+    b.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+    b.set_defaults(func=cmd_bench)
     m = sub.add_parser("models", help="list the model catalog (of a config file, or of a running server with --url)")
     m.add_argument("--config")
     m.add_argument("--url")

@@ -96,10 +96,17 @@ class ServerConfig:
     preload_min_probability: float = 0.2
 
 
+# US$ per device-hour, by device type: public on-demand list prices (rounded) for the GPUs, and a
+# placeholder for a CPU worker (a share of a small VM). Overridden per key by ``[prices]``.
+DEFAULT_PRICES: dict[str, float] = {"H100": 2.00, "H200": 2.60, "B200": 4.00, "A100": 1.40, "L40S": 1.00,
+                                    "gpu": 2.00, "cpu": 0.10}
+
+
 @dataclass(frozen=True)
 class Config:
     server: ServerConfig
     models: dict[str, ModelConfig] = field(default_factory=dict)
+    prices: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_PRICES))
 
     def with_overrides(self, **kw: Any) -> "Config":
         kw = {k: v for k, v in kw.items() if v is not None}
@@ -297,17 +304,27 @@ def _parse_server(raw: Any) -> ServerConfig:
     return ServerConfig(**kw)
 
 
+def _parse_prices(raw: Any) -> dict[str, float]:
+    """``[prices]``: device type -> US$ per hour. Types are matched against the GPU's name
+    (``H100`` matches "NVIDIA H100 80GB HBM3"); ``gpu`` is the fallback for an unlisted GPU."""
+    _type("prices", raw, dict, "a table of device type = US$ per hour")
+    prices = dict(DEFAULT_PRICES)
+    for name, v in raw.items():
+        prices[name] = _float(f"prices.{name}", v, 0.0)
+    return prices
+
+
 def parse_config(data: dict[str, Any]) -> Config:
-    unknown = sorted(set(data) - {"server", "models"})
+    unknown = sorted(set(data) - {"server", "models", "prices"})
     if unknown:
-        raise ConfigError(unknown[0], "unknown section (expected [server] and [models.NAME])")
+        raise ConfigError(unknown[0], "unknown section (expected [server], [prices] and [models.NAME])")
     server = _parse_server(data.get("server", {}))
     models_raw = data.get("models", {})
     _type("models", models_raw, dict, "a table of models")
     if not models_raw:
         raise ConfigError("models", "at least one model is required")
     models = {name: _parse_model(name, raw) for name, raw in models_raw.items()}
-    return Config(server, models)
+    return Config(server, models, _parse_prices(data.get("prices", {})))
 
 
 def model_limits(config: Config) -> dict[str, ModelLimits]:

@@ -19,7 +19,8 @@ def free_port() -> int:
 
 
 class LiveServer:
-    def __init__(self, data_dir: Path, config_text: str | None = None, workers: int = 1) -> None:
+    def __init__(self, data_dir: Path, config_text: str | None = None, workers: int = 1,
+                 extra_args: list[str] | None = None) -> None:
         self.data_dir = Path(data_dir)
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.config_path = None
@@ -27,6 +28,7 @@ class LiveServer:
             self.config_path = self.data_dir / "genserve.toml"
             self.config_path.write_text(config_text)
         self.workers = workers
+        self.extra_args = list(extra_args or [])
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.proc: subprocess.Popen | None = None
@@ -37,6 +39,7 @@ class LiveServer:
                "--data-dir", str(self.data_dir), "--workers", str(self.workers)]
         if self.config_path:
             cmd += ["--config", str(self.config_path)]
+        cmd += self.extra_args
         self._log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True)
         deadline = time.time() + timeout
@@ -75,6 +78,26 @@ class LiveServer:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+def post_concurrently(url: str, bodies: list[dict], path: str = "/v1/jobs") -> list[httpx.Response]:
+    """POST every body at once (one client per thread, released together by a barrier)."""
+    import threading
+
+    out: list[httpx.Response] = [None] * len(bodies)  # type: ignore[list-item]
+    barrier = threading.Barrier(len(bodies))
+
+    def go(i: int) -> None:
+        with httpx.Client(base_url=url, timeout=60) as c:
+            barrier.wait()
+            out[i] = c.post(path, json=bodies[i])
+
+    threads = [threading.Thread(target=go, args=(i,)) for i in range(len(bodies))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return out
 
 
 def wait_for(client: httpx.Client, job_id: str, timeout: float = 120.0, statuses=("succeeded", "failed", "canceled")) -> dict:

@@ -70,7 +70,29 @@ def server(demo_models, tmp_path_factory):
     srv.stop()
 
 
+def _http(srv: LiveServer):
+    with httpx.Client(base_url=srv.url, timeout=60) as c:
+        yield c
+
+
 @pytest.fixture
 def client(server):
-    with httpx.Client(base_url=server.url, timeout=60) as c:
-        yield c
+    yield from _http(server)
+
+
+OBS_PRICE_CPU = 36.0  # US$/h: 1 cent per device-second, so test costs are readable
+
+
+@pytest.fixture(scope="session")
+def obs_server(demo_models, tmp_path_factory):
+    """One server for the observability, dashboard and bench tests: JSON logs and a CPU price.
+    Tests on it compare deltas or job records, never absolute totals of a fresh server."""
+    text = catalog(demo_models) + f"\n[prices]\ncpu = {OBS_PRICE_CPU}\n"
+    srv = LiveServer(tmp_path_factory.mktemp("obs"), text, workers=1, extra_args=["--log-format", "json"]).start()
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture
+def obs_client(obs_server):
+    yield from _http(obs_server)

@@ -1,14 +1,13 @@
 """The real server with a real worker process and the demo models, over HTTP."""
 import base64
 import io
-import threading
 
 import av
 import httpx
 import pytest
 from PIL import Image
 
-from genserve.testing import sse_events, wait_for
+from genserve.testing import post_concurrently, sse_events, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -67,19 +66,7 @@ def test_video_mp4_of_requested_size_and_frames(client):
 
 
 def _concurrent(client_url, bodies):
-    out = [None] * len(bodies)
-    barrier = threading.Barrier(len(bodies))
-
-    def go(i):
-        with httpx.Client(base_url=client_url, timeout=60) as c:
-            barrier.wait()
-            out[i] = c.post("/v1/jobs", json=bodies[i])
-
-    threads = [threading.Thread(target=go, args=(i,)) for i in range(len(bodies))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    out = post_concurrently(client_url, bodies)
     assert all(r.status_code == 202 for r in out), [r.text for r in out]
     return [r.json()["id"] for r in out]
 

@@ -19,7 +19,9 @@ from ..config import Config, parse_size
 from ..requests import MAX_SEED, RequestError, validate
 from .events import TERMINAL_EVENTS
 from .jobstore import STAGES, TERMINAL
+from .observability_api import observability_router
 from .runtime import QueueFull, Runtime
+from .stats import breakdown
 
 
 class JobRequest(BaseModel):
@@ -105,15 +107,12 @@ def create_app(config: Config, runtime: Runtime | None = None) -> FastAPI:
     def job_view(job: dict[str, Any], base: str) -> dict[str, Any]:
         jid = job["id"]
         ts = {s: job[f"t_{s}"] for s in STAGES}
-
-        def span(a: str, b: str) -> float | None:
-            return round(ts[b] - ts[a], 4) if ts[a] is not None and ts[b] is not None else None
-
         urls = {"self": f"{base}v1/jobs/{jid}", "events": f"{base}v1/jobs/{jid}/events",
                 "cancel": f"{base}v1/jobs/{jid}/cancel", "result": f"{base}v1/jobs/{jid}/result"}
         step = rt.progress.get(jid)
         if job["status"] == "succeeded":
             step = (job["params"]["steps"], job["params"]["steps"])
+        stages = breakdown(job)
         return {
             "id": jid, "object": "job", "client_id": job["client_id"], "model": job["model"],
             "status": job["status"], "priority": job["priority"], "params": job["params"],
@@ -124,12 +123,11 @@ def create_app(config: Config, runtime: Runtime | None = None) -> FastAPI:
             "batch": {"id": job["batch_id"], "size": job["batch_size"], "worker": job["worker"]} if job["batch_id"] else None,
             "timestamps": ts,
             "cold_start": {"waited": job["t_load_start"] is not None, "worker": job["worker"] if job["t_load_start"] else None,
-                           "tier": job["load_tier"], "seconds": span("load_start", "load_end")},
-            "breakdown": {
-                "queue_wait_s": span("queued", "dispatched"), "cold_start_s": span("load_start", "load_end"),
-                "inference_s": span("inference_start", "inference_end"),
-                "output_write_s": span("inference_end", "output_written"), "total_s": span("received", "finished"),
-            },
+                           "tier": job["load_tier"],
+                           "seconds": None if stages["cold_start"] is None else round(stages["cold_start"], 4)},
+            "breakdown": {f"{k}_s": None if v is None else round(v, 4) for k, v in stages.items()},
+            # the job's share of its batch's device time, and its price; set when the batch ends
+            "cost": {"device_seconds": job["device_seconds"], "usd": job["cost_usd"], "device_type": job["device_type"]},
             "results": [{"url": urls["result"] + (f"?index={i}" if i else ""), "content_type": r["content_type"],
                          "bytes": r["bytes"]} for i, r in enumerate(job["results"])],
             "urls": urls,
@@ -155,6 +153,13 @@ def create_app(config: Config, runtime: Runtime | None = None) -> FastAPI:
         rt.kick()
         return JSONResponse(job_view(rt.store.get(job["id"]), str(request.base_url)), status_code=202,
                             headers={} if created else {"Idempotent-Replayed": "true"})
+
+    @app.get("/v1/jobs", tags=["jobs"])
+    async def list_jobs(request: Request, limit: int = 50):
+        """The most recent jobs, newest first."""
+        if not 1 <= limit <= 1000:
+            raise RequestError("limit", "must be between 1 and 1000")
+        return {"object": "list", "data": [job_view(j, str(request.base_url)) for j in rt.store.recent(limit)]}
 
     @app.get("/v1/jobs/{job_id}", tags=["jobs"])
     async def get_job(job_id: str, request: Request):
@@ -318,6 +323,8 @@ def create_app(config: Config, runtime: Runtime | None = None) -> FastAPI:
         worker = body.worker if body else None
         _check_model(name, worker)
         return {"model": name, "unloaded_from": rt.unload_model(name, worker)}
+
+    app.include_router(observability_router(rt.obs))
 
     @app.get("/healthz", tags=["health"])
     async def healthz():

@@ -33,15 +33,19 @@ CREATE TABLE IF NOT EXISTS jobs (
     worker TEXT,
     attempts INTEGER NOT NULL DEFAULT 0,
     cancel_requested INTEGER NOT NULL DEFAULT 0,
-    load_tier TEXT,
     {", ".join(f"t_{s} REAL" for s in STAGES)}
 );
 CREATE INDEX IF NOT EXISTS jobs_status ON jobs(status);
 CREATE INDEX IF NOT EXISTS jobs_batch ON jobs(batch_id);
 """
 
-
-_ADDED_COLUMNS = {"load_tier": "TEXT"}
+# Columns added after the first release: ensured on open, so databases created earlier keep working.
+_ADDED_COLUMNS = {
+    "device_seconds": "REAL",  # this job's share of its batch's device time (set when the batch ends)
+    "cost_usd": "REAL",  # device_seconds × the device type's price
+    "device_type": "TEXT",  # price-table key of the worker that ran it (H100, cpu, …)
+    "load_tier": "TEXT",  # where the model load this job waited for came from (disk, page_cache, host)
+}
 
 
 class JobStore:
@@ -63,6 +67,7 @@ class JobStore:
         for name, decl in _ADDED_COLUMNS.items():
             if name not in have:
                 self.db.execute(f"ALTER TABLE jobs ADD COLUMN {name} {decl}")
+        self.db.execute("CREATE INDEX IF NOT EXISTS jobs_finished ON jobs(t_finished)")
 
     def close(self) -> None:
         self.db.close()
@@ -90,6 +95,13 @@ class JobStore:
 
     def recent(self, limit: int = 50) -> list[dict[str, Any]]:
         rows = self.db.execute("SELECT * FROM jobs ORDER BY t_received DESC LIMIT ?", (limit,)).fetchall()
+        return [_decode(r) for r in rows]
+
+    def active_since(self, since: float, limit: int = 100_000) -> list[dict[str, Any]]:
+        """Jobs that finished at or after ``since`` or have not finished: what a stats window needs."""
+        rows = self.db.execute(
+            "SELECT * FROM jobs WHERE t_finished IS NULL OR t_finished >= ? ORDER BY t_received DESC LIMIT ?",
+            (since, limit)).fetchall()
         return [_decode(r) for r in rows]
 
     def update(self, job_ids: list[str] | tuple[str, ...], **fields: Any) -> None:

@@ -33,6 +33,7 @@ from ..workers import protocol as P
 from ..workers.pool import LocalPool, detect_devices
 from .events import EventHub
 from .jobstore import JobStore
+from .observe import Observer
 from .results import LocalResultStore
 
 log = logging.getLogger("genserve.runtime")
@@ -83,6 +84,7 @@ class Runtime:
         self.models_ready = False
         self._timer: asyncio.TimerHandle | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        self.obs = Observer(self)  # metrics, cost, usage, job logs: one hook per event below
 
     # ---- lifecycle -------------------------------------------------------------------------------
 
@@ -138,6 +140,7 @@ class Runtime:
         self.store.insert(job_id, client_id, params.to_dict(), now)  # durable before acknowledged
         self.engine.submit(job_id, params.key, Priority.parse(params.priority), now)
         self.events.emit(job_id, "queued", {"model": params.model, "priority": params.priority})
+        self.obs.job_queued(job_id, params.model, params.priority)
         return self.store.get(job_id), True
 
     def submit_many(self, params: list[JobParams]) -> list[dict[str, Any]]:
@@ -167,6 +170,7 @@ class Runtime:
     def _pump(self) -> None:
         now = time.time()
         self._execute(self.engine.step(now))
+        self.obs.sync(now)
         self._arm_timer(now)
 
     def _arm_timer(self, now: float) -> None:
@@ -207,6 +211,7 @@ class Runtime:
         self.batches[d.batch_id] = BatchInfo(d.batch_id, d.worker, d.key, d.job_ids, loading)
         self.store.update(d.job_ids, status="running", batch_id=d.batch_id, batch_size=len(d.job_ids),
                           worker=d.worker, t_dispatched=now)
+        self.obs.batch_dispatched(d.batch_id, d.worker, d.key.model, d.job_ids, d.needs_load, now)
         for j in d.job_ids:
             self.events.emit(j, "started", {"batch_id": d.batch_id, "batch_size": len(d.job_ids), "worker": d.worker,
                                             "cold_start": loading})
@@ -225,6 +230,7 @@ class Runtime:
         if code:
             data["error"] = {"code": code, "message": message}
         self.events.emit(job_id, status, data)
+        self.obs.job_finished(job_id)
 
     # ---- worker events ---------------------------------------------------------------------------
 
@@ -239,6 +245,7 @@ class Runtime:
             self.worker_reported[worker_id] = {"used_bytes": 0, "resident": []}
         elif ev == "loaded":
             self.engine.model_loaded(worker_id, msg["model"], msg["bytes"], now)
+            self.obs.model_loaded(worker_id, msg)
             if not msg.get("cached"):
                 self._log_residency("load", worker_id, msg["model"], tier=msg["tier"], bytes=msg["bytes"],
                                     seconds=round(msg["load_end"] - msg["load_start"], 4))
@@ -282,6 +289,7 @@ class Runtime:
     def _end_batch(self, batch: BatchInfo, now: float, peak_bytes: int = 0) -> None:
         del self.batches[batch.id]
         self.engine.batch_finished(batch.id, now, peak_bytes)
+        self.obs.batch_ended(batch.id, batch.worker, batch.job_ids, now)
 
     def _log_residency(self, action: str, worker: str, model: str, **info: Any) -> None:
         self.load_log.append({"t": time.time(), "action": action, "worker": worker, "model": model, **info})
@@ -318,6 +326,7 @@ class Runtime:
             for j in requeued:
                 self.progress.pop(j, None)
                 self.events.emit(j, "requeued", {"reason": "worker_crashed", "worker": worker_id})
+                self.obs.job_requeued(j, "worker_crashed")
         self._execute(decisions)
         log.warning("worker %s lost (exit code %s); %d batch(es) requeued", worker_id, code, len(lost))
         self._pump()

@@ -56,7 +56,8 @@ def worker_main(conn: Connection, worker_id: str, device: str, results_dir: str,
     threading.Thread(target=reader, daemon=True, name="genserve-reader").start()
     runner = PipelineRunner(device, LocalResultStore(results_dir), host_cache_bytes)
     emit({"ev": "ready", "worker": worker_id, "device": device, "pid": os.getpid(), "threads": torch.get_num_threads(),
-          "capacity_bytes": runner.capacity(memory_budget)})
+          "capacity_bytes": runner.capacity(memory_budget),
+          "device_name": torch.cuda.get_device_name(device) if device.startswith("cuda") else "cpu"})  # prices by GPU type
     failed_loads: dict[str, str] = {}
     while True:
         msg = inbox.get()

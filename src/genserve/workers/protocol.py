@@ -8,7 +8,7 @@ server -> worker (``op``):
   cancel   {batch_id, job_ids}            (honoured at the next step boundary)
   shutdown {}
 worker -> server (``ev``):
-  ready        {worker, device, pid, threads, capacity_bytes}
+  ready        {worker, device, device_name, pid, threads, capacity_bytes}
   loaded       {model, cached, load_start, load_end, bytes, tier: disk | page_cache | host | resident}
   unloaded     {model, freed_bytes, kept_in, used_bytes, resident}
   load_failed  {model, code, message}

@@ -1,0 +1,80 @@
+"""The dashboard in headless Chromium against the live server, after jobs ran: charts hold data
+points, the job table lists those jobs. The screenshot lands in test-artifacts/dashboard.png."""
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+from genserve.testing import wait_for
+
+pytestmark = pytest.mark.slow
+
+ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts"
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+CHROMEDRIVER = shutil.which("chromedriver")
+
+
+@pytest.fixture
+def browser():
+    if not (CHROMIUM and CHROMEDRIVER):
+        if os.environ.get("GENSERVE_REQUIRE_CHROMIUM"):
+            pytest.fail("chromium/chromedriver not installed (apt-get install chromium chromium-driver)")
+        pytest.skip("chromium/chromedriver not installed (apt-get install chromium chromium-driver)")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    profile = tempfile.mkdtemp(prefix="genserve-chromium-")
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = CHROMIUM
+    for arg in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                "--disable-dev-shm-usage", "--window-size=1400,2000", f"--user-data-dir={profile}"):
+        opts.add_argument(arg)
+    driver = webdriver.Chrome(service=Service(executable_path=CHROMEDRIVER), options=opts)
+    try:
+        yield driver
+    finally:
+        driver.quit()
+        shutil.rmtree(profile, ignore_errors=True)
+
+
+def test_dashboard_shows_live_data_in_chromium(browser, obs_client):
+    ran = [obs_client.post("/v1/jobs", json={"model": "demo-image", "prompt": f"dash {i}", "steps": 2}).json()["id"]
+           for i in range(4)]
+    ran.append(obs_client.post("/v1/jobs", json={"model": "demo-video", "prompt": "dash video", "steps": 2}).json()["id"])
+    done = [wait_for(obs_client, j) for j in ran]
+    assert all(j["status"] == "succeeded" for j in done)
+    base = str(obs_client.base_url).rstrip("/")
+    browser.get(base + "/dashboard")
+
+    def page(script):
+        return browser.execute_script(script)
+
+    deadline = time.time() + 30
+    # Two refreshes: the second one also sees the cost the batches were charged when they ended.
+    while time.time() < deadline and int(page("return document.body.dataset.refreshed || 0")) < 2:
+        time.sleep(0.2)
+    assert int(page("return document.body.dataset.refreshed || 0")) >= 2, page("return document.getElementById('status').textContent")
+    charts = page("""return Array.from(document.querySelectorAll('.chart svg')).map(
+        s => [s.parentElement.id, Number(s.dataset.points), Number(s.dataset.max), s.querySelectorAll('circle.pt').length])""")
+    by_id = {c[0]: c[1:] for c in charts}
+    assert len(by_id) == 7, charts
+    for cid, (points, _max, circles) in by_id.items():
+        assert points > 0 and circles == points, (cid, points, circles)
+    assert by_id["chart-throughput"][1] > 0 and by_id["chart-latency"][1] > 0 and by_id["chart-utilization"][1] > 0
+    assert by_id["chart-cost"][1] > 0
+    rows = page("return Array.from(document.querySelectorAll('#jobs tbody tr')).map(r => r.dataset.jobId)")
+    assert set(ran) <= set(rows), (ran, rows)
+    bars = page(f"""return document.querySelector('#jobs tr[data-job-id="{ran[0]}"] .bar').children.length""")
+    assert bars >= 2  # at least queue wait/inference segments of the breakdown
+    workers = page("return Array.from(document.querySelectorAll('#workers tbody tr')).map(r => r.textContent)")
+    assert len(workers) == 1 and "demo-image" in workers[0]
+    models = page("return Array.from(document.querySelectorAll('#models tbody tr td:first-child')).map(c => c.textContent)")
+    assert {"demo-image", "demo-video"} <= set(models)
+    ARTIFACTS.mkdir(exist_ok=True)
+    shot = ARTIFACTS / "dashboard.png"
+    browser.save_screenshot(str(shot))
+    assert shot.stat().st_size > 10_000
