@@ -48,7 +48,9 @@ class QueuedJob:
     key: BatchKey
     priority: Priority
     enqueued_at: float
-    attempts: int = 0  # dispatches that ended without a result (worker lost)
+    attempts: int = 0  # failed attempts so far (an OOM batch split does not count)
+    deadline: float | None = None  # fail with `timeout` if not finished by then
+    avoid: set[str] = field(default_factory=set)  # workers it failed on: retried elsewhere when possible
 
 
 # ---- decisions: what the engine asks a driver to do --------------------------------------------
@@ -95,7 +97,32 @@ class FailJob:
     message: str
 
 
-Decision = LoadModel | RunBatch | CancelRunning | JobDequeued | FailJob
+@dataclass(frozen=True)
+class RetryJob:
+    """An attempt failed and the job goes back to the queue, runnable from ``not_before`` on,
+    on ``model`` (a fallback when it differs from the job's). ``counted`` is False for an OOM
+    batch split, which does not use up an attempt."""
+
+    job_id: str
+    code: str
+    message: str
+    attempts: int
+    not_before: float
+    model: str
+    counted: bool = True
+
+
+@dataclass(frozen=True)
+class KillWorker:
+    """The worker is hung, stuck inside a step, or silent: kill it. Its running jobs come back
+    through ``worker_down`` as failed attempts with ``code``."""
+
+    worker: str
+    code: str
+    message: str
+
+
+Decision = LoadModel | RunBatch | CancelRunning | JobDequeued | FailJob | RetryJob | KillWorker
 
 
 @dataclass(frozen=True)
