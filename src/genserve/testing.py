@@ -19,8 +19,10 @@ def free_port() -> int:
 
 
 class LiveServer:
-    def __init__(self, data_dir: Path, config_text: str | None = None, workers: int = 1) -> None:
+    def __init__(self, data_dir: Path, config_text: str | None = None, workers: int = 1,
+                 env: dict[str, str] | None = None) -> None:
         self.data_dir = Path(data_dir)
+        self.env = {**os.environ, **(env or {})}
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.config_path = None
         if config_text is not None:
@@ -38,7 +40,8 @@ class LiveServer:
         if self.config_path:
             cmd += ["--config", str(self.config_path)]
         self._log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True)
+        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True,
+                                     env=self.env)
         deadline = time.time() + timeout
         while time.time() < deadline:
             if self.proc.poll() is not None:
