@@ -291,7 +291,8 @@ def test_webhooks_signed_retried_throttled_and_persisted_across_kill_9(demo_mode
                                       steps=300), timeout=180)
             hook.wait(1, "completed")
             types = [json.loads(r["body"])["type"] for r in hook.accepted()]
-            assert types[0] == "job.started" and types[-1] == "job.completed" and slow["status"] == "succeeded"
+            # Deliveries are concurrent (no ordering promise): count them instead.
+            assert types.count("job.started") == 1 and types.count("job.completed") == 1 and slow["status"] == "succeeded"
             progress = [r["at"] for r in hook.accepted("progress")]
             assert progress and all(b - a >= 0.45 for a, b in zip(progress, progress[1:]))
             assert len(progress) < 300  # throttled, not one per step

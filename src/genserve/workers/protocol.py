@@ -8,6 +8,7 @@ server -> worker (``op``):
   shutdown {}
 worker -> server (``ev``):
   ready        {worker, device, pid, threads}
+  heartbeat    {t}                    (every heartbeat_s, from its own thread)
   loaded       {model, cached, load_start, load_end, bytes}
   load_failed  {model, code, message}
   started      {batch_id, t}
