@@ -80,8 +80,10 @@ def test_retry_goes_to_another_worker_and_waits_for_one_rather_than_reuse_the_fa
     first = {r.job_ids[0]: r for r in runs(eng.step(0.0))}
     failed_on = first["j"].worker
     eng.batch_failed(first["j"].batch_id, "out_of_memory", "OOM", 1.0)
-    # Its old worker is idle, the other is busy: the job waits for the other one.
+    # Its old worker is idle, the other is busy: the job waits for the other one — for an event,
+    # so there is no timer to spin on meanwhile.
     assert runs(eng.step(1.0)) == []
+    assert eng.next_deadline(1.0) is None
     eng.batch_finished(first["k"].batch_id, 2.0)
     [again] = runs(eng.step(2.0))
     assert again.job_ids == ("j",) and again.worker != failed_on

@@ -211,7 +211,7 @@ class Engine:
         out = self._expire(now)
         unplaceable: set[BatchKey] = set()
         while True:
-            idle = [w for w in self.workers.values() if w.idle and w.id not in self._killing]
+            idle = self._idle()
             if not idle:
                 return out
             ready = [k for k in self.queues.keys() if k not in unplaceable and self._ready(k, now)]
@@ -229,12 +229,14 @@ class Engine:
     def next_deadline(self, now: float) -> float | None:
         """When ``step`` could next decide something without a new event (None: only events matter)."""
         times = self._failure_deadlines()
-        if any(w.idle for w in self.workers.values()):  # else a batch_finished/worker_up event comes first
-            for key in self.queues.keys():
-                jobs = list(self.queues.jobs(key))
-                t = self.batching.ready_at(len(jobs), min(j.enqueued_at for j in jobs), self.models[key.model])
-                if t is not None:
-                    times.append(t)
+        idle = self._idle()  # none: a batch_finished/worker_up event comes first
+        for key in self.queues.keys() if idle else ():
+            if not self._allowed(self.queues.ordered(key, now, self.aging_s)[0], idle):
+                continue  # waits for a worker it has not failed on: an event, not a time
+            jobs = list(self.queues.jobs(key))
+            t = self.batching.ready_at(len(jobs), min(j.enqueued_at for j in jobs), self.models[key.model])
+            if t is not None:
+                times.append(t)
         return max(min(times), now) if times else None
 
     # ---- internals -------------------------------------------------------------------------------
@@ -380,6 +382,9 @@ class Engine:
             times.append(self.liveness.batch_kill_at(self._watch[batch.id]))
         times += [self.liveness.silent_kill_at(t) for w, t in self._seen.items() if w not in self._killing]
         return [t for t in times if t is not None]
+
+    def _idle(self) -> list[WorkerState]:
+        return [w for w in self.workers.values() if w.idle and w.id not in self._killing]
 
     def _allowed(self, job: QueuedJob, workers: list[WorkerState]) -> list[WorkerState]:
         """The workers ``job`` may run on: those it has not failed on, as long as one of those is up
