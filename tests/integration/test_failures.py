@@ -178,6 +178,7 @@ def test_persistent_load_failure_falls_back_and_without_fallback_fails_with_the_
             ("demo-image", "model_load_failed"), ("demo-image", "model_load_failed"), ("backup-image", None)]
         # A backoff separated attempts 2 and 3 (retry_backoff_s = 0.2 ± 20 %).
         assert saved["attempts"][2]["started"] - saved["attempts"][1]["ended"] >= 0.15
+        assert all(a["duration_s"] >= 0 and a["worker"] == "w0" for a in saved["attempts"])
         failed = wait_for(c, submit(c, model="flaky-image"), timeout=120)
         assert failed["status"] == "failed" and failed["error"]["code"] == "model_load_failed"
         assert failed["error"]["retryable"] and "attempt 3 of 3" in failed["error"]["message"]

@@ -126,8 +126,10 @@ def create_app(config: Config, runtime: Runtime | None = None) -> FastAPI:
             "error": {"code": job["error_code"], "message": job["error_message"],
                       "retryable": is_retryable(job["error_code"])} if job["error_code"] else None,
             "served_by": job["served_model"], "timeout_s": job["params"].get("timeout_s"),
-            "attempts": [{k: a[k] for k in ("attempt", "worker", "model", "batch_id", "batch_size", "code", "message",
-                                            "started", "ended")} for a in rt.store.attempts(jid)],
+            "attempts": [{**{k: a[k] for k in ("attempt", "worker", "model", "batch_id", "batch_size", "code",
+                                               "message", "started", "ended")},
+                          "duration_s": round(a["ended"] - a["started"], 4) if a["ended"] is not None else None}
+                         for a in rt.store.attempts(jid)],
             "webhook": {"url": job["params"]["webhook"], "events": job["params"]["webhook_events"],
                         "deliveries": rt.store.deliveries(jid)} if job["params"].get("webhook") else None,
             "batch": {"id": job["batch_id"], "size": job["batch_size"], "worker": job["worker"]} if job["batch_id"] else None,
