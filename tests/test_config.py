@@ -73,3 +73,51 @@ def test_prices_defaults_overrides_and_errors():
         with pytest.raises(ConfigError) as e:
             parse_config({**base(), "prices": bad})
         assert e.value.key == key
+
+
+@pytest.mark.parametrize("models, key, msg", [
+    ({"a": {"fallback": "a"}}, "models.a.fallback", "its own fallback"),
+    ({"a": {"fallback": "nope"}}, "models.a.fallback", "unknown model"),
+    ({"a": {"fallback": "v"}, "v": {"kind": "video", "max_frames": 9, "default_frames": 9}}, "models.a.fallback",
+     "video model"),
+    ({"a": {"timeout_s": 0}}, "models.a.timeout_s", "≥"),
+])
+def test_fallback_and_timeout_are_validated(models, key, msg):
+    raw = {"models": {n: {"kind": "image", "source": "/m", **m} for n, m in models.items()}}
+    with pytest.raises(ConfigError) as e:
+        parse_config(raw)
+    assert e.value.key == key and msg in str(e.value)
+
+
+@pytest.mark.parametrize("server, key", [
+    ({"webhook_secret": "not-a-secret"}, "server.webhook_secret"),
+    ({"webhook_secret": "whsec_c2hvcnQ="}, "server.webhook_secret"),
+    ({"max_attempts": 0}, "server.max_attempts"),
+    ({"heartbeat_s": 5, "heartbeat_timeout_s": 5}, "server.heartbeat_timeout_s"),
+    ({"stop_grace_s": -1}, "server.stop_grace_s"),
+])
+def test_failure_settings_are_validated(server, key):
+    with pytest.raises(ConfigError) as e:
+        parse_config({"server": server, **base()})
+    assert e.value.key == key
+
+
+def test_faults_are_refused_unless_enabled_by_environment(monkeypatch):
+    raw = {**base(), "faults": {"crash_on_batch": 2}}
+    monkeypatch.delenv("GENSERVE_ENABLE_FAULTS", raising=False)
+    with pytest.raises(ConfigError) as e:
+        parse_config(raw)
+    assert e.value.key == "faults"
+    monkeypatch.setenv("GENSERVE_ENABLE_FAULTS", "1")
+    faults = parse_config({**raw, "faults": {"crash_on_batch": 2, "workers": ["w1"]}}).faults
+    assert faults.for_worker("w0", 0) is None and faults.for_worker("w1", 0)["crash_on_batch"] == 2
+    assert faults.for_worker("w1", 1) is None  # restarted processes behave (lives = 1)
+    with pytest.raises(ConfigError) as e:
+        parse_config({**raw, "faults": {"fail_load": ["nope"]}})
+    assert e.value.key == "faults.fail_load[0]"
+
+
+def test_fallback_and_timeout_parse():
+    cfg = parse_config({"models": {"a": {"kind": "image", "source": "/m", "fallback": "b", "timeout_s": 30},
+                                   "b": {"kind": "image", "source": "/m"}}})
+    assert cfg.models["a"].fallback == "b" and cfg.models["a"].timeout_s == 30.0 and cfg.models["b"].fallback is None

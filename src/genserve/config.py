@@ -5,6 +5,8 @@ anything starts. Past this module the rest of the code trusts its inputs.
 """
 from __future__ import annotations
 
+import base64
+import binascii
 import os
 import tomllib
 from dataclasses import dataclass, field, replace
@@ -19,6 +21,7 @@ KINDS = ("image", "video")
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 DEMO_SOURCES = {"demo:image": "image", "demo:video": "video"}
 GIB = 1 << 30
+FAULTS_ENV = "GENSERVE_ENABLE_FAULTS"  # fault injection is refused unless this is "1"
 
 
 class ConfigError(ValueError):
@@ -52,6 +55,8 @@ class ModelConfig:
     min_warm: int = 0  # warm pool size: workers that load it at start-up and never idle-unload it
     keep_warm_s: float = 0.0  # stay loaded while requests arrive within this window
     idle_unload_s: float | None = None  # None: the server's default; "never" in TOML disables
+    fallback: str | None = None  # retried on this model after repeated failures
+    timeout_s: float = 600.0  # a job's deadline: the default, and the most a request may ask for
 
     def limits(self, server: "ServerConfig") -> ModelLimits:
         idle = self.idle_unload_s if self.idle_unload_s is not None else server.idle_unload_s
@@ -75,6 +80,7 @@ class ModelConfig:
             "max_queue": self.max_queue, "max_prompt_chars": self.max_prompt_chars,
             "memory_gb": self.memory_gb or None, "min_warm": self.min_warm, "keep_warm_s": self.keep_warm_s,
             "idle_unload_s": self.idle_unload_s,
+            "fallback": self.fallback, "timeout_s": self.timeout_s,
         }
 
 
@@ -85,7 +91,7 @@ class ServerConfig:
     data_dir: Path = Path("genserve-data")
     workers: int = 1  # CPU workers when there is no GPU
     aging_s: float = 30.0
-    max_attempts: int = 3
+    # Residency (docs/residency.md).
     worker_memory_gb: float = 0.0  # CPU workers' memory budget each (0: physical memory / workers)
     host_cache_gb: float = 8.0  # GPU workers: unloaded models kept in host RAM up to this size
     idle_unload_s: float = 120.0  # default for models; < 0 = never
@@ -94,6 +100,20 @@ class ServerConfig:
     saturation: float = 0.9  # warm workers busier than this count as saturated (load elsewhere)
     preload: bool = False  # predictive preloading
     preload_min_probability: float = 0.2
+    # Failure handling (docs/failure-handling.md).
+    max_attempts: int = 3
+    retry_backoff_s: float = 5.0  # the second retry waits this long, doubling after (the first is immediate)
+    retry_backoff_max_s: float = 60.0
+    fallback_after: int = 2  # failed attempts before a model's fallback is tried
+    hang_timeout_s: float = 600.0  # a running batch with no progress this long: its worker is killed
+    stop_grace_s: float = 10.0  # a canceled / timed-out job not stopped at a step boundary by then: kill
+    heartbeat_s: float = 2.0  # how often workers say they are alive
+    heartbeat_timeout_s: float = 60.0  # a worker silent this long is killed
+    quarantine_after: int = 5  # worker exits within quarantine_window_s before it is no longer restarted
+    quarantine_window_s: float = 300.0
+    webhook_secret: str | None = None  # "whsec_<base64>"; required for jobs with a webhook
+    webhook_max_attempts: int = 8
+    webhook_backoff_s: float = 1.0  # first redelivery after this, doubling (≤ 5 min)
 
 
 # US$ per device-hour, by device type: public on-demand list prices (rounded) for the GPUs, and a
@@ -103,10 +123,32 @@ DEFAULT_PRICES: dict[str, float] = {"H100": 2.00, "H200": 2.60, "B200": 4.00, "A
 
 
 @dataclass(frozen=True)
+class FaultConfig:
+    """Fault injection for recovery drills (off unless configured *and* $GENSERVE_ENABLE_FAULTS=1).
+    Counts are per worker process; ``lives`` processes of each affected worker misbehave, later
+    restarts behave (so a drill tests recovery, not an endless crash loop, unless asked to)."""
+
+    oom_above_batch: int = 0  # raise OutOfMemoryError for batches with more jobs than this
+    crash_on_batch: int = 0  # SIGKILL itself at the first step of its Nth batch
+    hang_on_batch: int = 0  # sleep forever inside the first step of its Nth batch
+    fail_load: tuple[str, ...] = ()  # models whose load raises
+    workers: tuple[str, ...] = ()  # worker ids affected (empty: all)
+    lives: int = 1
+
+    def for_worker(self, worker_id: str, life: int) -> dict[str, Any] | None:
+        """The faults one worker process applies (a plain dict: it crosses a process boundary)."""
+        if (self.workers and worker_id not in self.workers) or life >= self.lives:
+            return None
+        return {"oom_above_batch": self.oom_above_batch, "crash_on_batch": self.crash_on_batch,
+                "hang_on_batch": self.hang_on_batch, "fail_load": list(self.fail_load)}
+
+
+@dataclass(frozen=True)
 class Config:
     server: ServerConfig
     models: dict[str, ModelConfig] = field(default_factory=dict)
     prices: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_PRICES))
+    faults: FaultConfig | None = None
 
     def with_overrides(self, **kw: Any) -> "Config":
         kw = {k: v for k, v in kw.items() if v is not None}
@@ -236,6 +278,10 @@ def _parse_model(name: str, raw: Any) -> ModelConfig:
         kw["min_warm"] = _int(f"{p}.min_warm", raw["min_warm"], 0)
     if "idle_unload_s" in raw:
         kw["idle_unload_s"] = -1.0 if raw["idle_unload_s"] == "never" else _float(f"{p}.idle_unload_s", raw["idle_unload_s"], 0.0)
+    if "timeout_s" in raw:
+        kw["timeout_s"] = _float(f"{p}.timeout_s", raw["timeout_s"], 0.1)
+    if "fallback" in raw:
+        kw["fallback"] = _type(f"{p}.fallback", raw["fallback"], str, "a model name")
     if "sizes" in raw:
         _type(f"{p}.sizes", raw["sizes"], list, "a list of sizes")
         kw["sizes"] = tuple(_size(f"{p}.sizes[{i}]", s) for i, s in enumerate(raw["sizes"]))
@@ -277,10 +323,17 @@ def _parse_server(raw: Any) -> ServerConfig:
         kw["data_dir"] = Path(os.path.expanduser(_type("server.data_dir", raw["data_dir"], str, "a string")))
     if "workers" in raw:
         kw["workers"] = _int("server.workers", raw["workers"], 0)
-    if "aging_s" in raw:
-        kw["aging_s"] = _float("server.aging_s", raw["aging_s"], 0.0)
-    if "max_attempts" in raw:
-        kw["max_attempts"] = _int("server.max_attempts", raw["max_attempts"], 1)
+    floats = {"aging_s": 0.0, "retry_backoff_s": 0.0, "retry_backoff_max_s": 0.0, "hang_timeout_s": 0.1,
+              "stop_grace_s": 0.1, "heartbeat_s": 0.05, "heartbeat_timeout_s": 0.1, "quarantine_window_s": 0.0,
+              "webhook_backoff_s": 0.0}
+    for k, lo in floats.items():
+        if k in raw:
+            kw[k] = _float(f"server.{k}", raw[k], lo)
+    for k in ("max_attempts", "fallback_after", "quarantine_after", "webhook_max_attempts"):
+        if k in raw:
+            kw[k] = _int(f"server.{k}", raw[k], 1)
+    if "webhook_secret" in raw:
+        kw["webhook_secret"] = _secret("server.webhook_secret", raw["webhook_secret"])
     for k in ("worker_memory_gb", "host_cache_gb"):
         if k in raw:
             kw[k] = _float(f"server.{k}", raw[k], 0.0)
@@ -301,7 +354,48 @@ def _parse_server(raw: Any) -> ServerConfig:
             kw[k] = _type(f"server.{k}", raw[k], str, "a string")
             if kw[k] not in names:
                 raise ConfigError(f"server.{k}", f"unknown policy {kw[k]!r}; one of {', '.join(names)}")
-    return ServerConfig(**kw)
+    s = ServerConfig(**kw)
+    if s.heartbeat_timeout_s <= s.heartbeat_s:
+        raise ConfigError("server.heartbeat_timeout_s", f"must exceed heartbeat_s ({s.heartbeat_s:g})")
+    return s
+
+
+def _secret(key: str, v: Any) -> str:
+    """A Standard Webhooks secret: ``whsec_`` + base64 of at least 24 random bytes."""
+    _type(key, v, str, 'a "whsec_…" string')
+    try:
+        raw = base64.b64decode(v.removeprefix("whsec_"), validate=True)
+    except (binascii.Error, ValueError):
+        raise ConfigError(key, "must be whsec_ followed by base64") from None
+    if not v.startswith("whsec_") or len(raw) < 24:
+        raise ConfigError(key, "must be whsec_ followed by base64 of at least 24 bytes")
+    return v
+
+
+_FAULT_KEYS = set(FaultConfig.__dataclass_fields__)
+
+
+def _parse_faults(raw: Any, models: dict[str, ModelConfig]) -> FaultConfig:
+    _type("faults", raw, dict, "a table")
+    if os.environ.get(FAULTS_ENV) != "1":
+        raise ConfigError("faults", f"fault injection is for tests; refused unless ${FAULTS_ENV}=1")
+    unknown = sorted(set(raw) - _FAULT_KEYS)
+    if unknown:
+        raise ConfigError(f"faults.{unknown[0]}", "unknown key")
+    kw: dict[str, Any] = {}
+    for k in ("oom_above_batch", "crash_on_batch", "hang_on_batch"):
+        if k in raw:
+            kw[k] = _int(f"faults.{k}", raw[k], 0)
+    if "lives" in raw:
+        kw["lives"] = _int("faults.lives", raw["lives"], 1)
+    for k in ("fail_load", "workers"):
+        if k in raw:
+            _type(f"faults.{k}", raw[k], list, "a list of names")
+            kw[k] = tuple(_type(f"faults.{k}[{i}]", v, str, "a string") for i, v in enumerate(raw[k]))
+    for i, name in enumerate(kw.get("fail_load", ())):
+        if name not in models:
+            raise ConfigError(f"faults.fail_load[{i}]", f"unknown model {name!r}")
+    return FaultConfig(**kw)
 
 
 def _parse_prices(raw: Any) -> dict[str, float]:
@@ -315,16 +409,27 @@ def _parse_prices(raw: Any) -> dict[str, float]:
 
 
 def parse_config(data: dict[str, Any]) -> Config:
-    unknown = sorted(set(data) - {"server", "models", "prices"})
+    unknown = sorted(set(data) - {"server", "models", "prices", "faults"})
     if unknown:
-        raise ConfigError(unknown[0], "unknown section (expected [server], [prices] and [models.NAME])")
+        raise ConfigError(unknown[0], "unknown section (expected [server], [prices], [models.NAME] and [faults])")
     server = _parse_server(data.get("server", {}))
     models_raw = data.get("models", {})
     _type("models", models_raw, dict, "a table of models")
     if not models_raw:
         raise ConfigError("models", "at least one model is required")
     models = {name: _parse_model(name, raw) for name, raw in models_raw.items()}
-    return Config(server, models, _parse_prices(data.get("prices", {})))
+    for name, m in models.items():
+        key = f"models.{name}.fallback"
+        if m.fallback is None:
+            continue
+        if m.fallback == name:
+            raise ConfigError(key, "a model cannot be its own fallback")
+        if m.fallback not in models:
+            raise ConfigError(key, f"unknown model {m.fallback!r}")
+        if models[m.fallback].kind != m.kind:
+            raise ConfigError(key, f"{m.fallback} is a {models[m.fallback].kind} model; {name} is {m.kind}")
+    faults = _parse_faults(data["faults"], models) if "faults" in data else None
+    return Config(server, models, _parse_prices(data.get("prices", {})), faults)
 
 
 def model_limits(config: Config) -> dict[str, ModelLimits]:

@@ -3,11 +3,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlsplit
 
 from .config import ModelConfig
 from .engine.types import BatchKey, Priority
 
 PRIORITIES = tuple(p.name.lower() for p in Priority)
+WEBHOOK_EVENTS = ("started", "progress", "completed")
 MAX_SEED = 2**63 - 1
 
 
@@ -31,16 +33,25 @@ class JobParams:
     guidance: float
     seed: int
     priority: str
+    # Defaults keep records written before these fields existed loadable.
+    timeout_s: float | None = None  # None: the model's
+    webhook: str | None = None
+    webhook_events: tuple[str, ...] = ("completed",)
 
     @property
     def key(self) -> BatchKey:
         return BatchKey(self.model, self.width, self.height, self.num_frames, self.steps, self.guidance)
 
     def to_dict(self) -> dict[str, Any]:
-        return dict(self.__dict__)
+        return dict(self.__dict__, webhook_events=list(self.webhook_events))
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "JobParams":
+        return cls(**dict(d, webhook_events=tuple(d.get("webhook_events", ("completed",)))))
 
 
-def validate(body: dict[str, Any], models: dict[str, ModelConfig], *, random_seed: int) -> JobParams:
+def validate(body: dict[str, Any], models: dict[str, ModelConfig], *, random_seed: int,
+             webhooks_enabled: bool = True) -> JobParams:
     """``body`` has already been type-checked by the API layer; here the model's limits apply."""
     name = body.get("model")
     if name not in models:
@@ -92,4 +103,20 @@ def validate(body: dict[str, Any], models: dict[str, ModelConfig], *, random_see
     priority = body.get("priority") or "standard"
     if priority not in PRIORITIES:
         raise RequestError("priority", f"must be one of {', '.join(PRIORITIES)}")
-    return JobParams(name, prompt, neg, width, height, frames, steps, guidance, seed, priority)
+    timeout_s = body.get("timeout_s")
+    timeout_s = m.timeout_s if timeout_s is None else float(timeout_s)
+    if not 0 < timeout_s <= m.timeout_s:
+        raise RequestError("timeout_s", f"must be greater than 0 and at most {m.timeout_s:g} for {name}")
+    webhook, events = body.get("webhook"), body.get("webhook_events")
+    if webhook is not None:
+        if not webhooks_enabled:
+            raise RequestError("webhook", "webhooks are not enabled on this server (server.webhook_secret)")
+        url = urlsplit(webhook)
+        if url.scheme not in ("http", "https") or not url.hostname:
+            raise RequestError("webhook", "must be an http:// or https:// URL")
+    events = ("completed",) if events is None else tuple(dict.fromkeys(events))
+    bad = [e for e in events if e not in WEBHOOK_EVENTS]
+    if bad or not events:
+        raise RequestError("webhook_events", f"must be a non-empty list of {', '.join(WEBHOOK_EVENTS)}")
+    return JobParams(name, prompt, neg, width, height, frames, steps, guidance, seed, priority, timeout_s, webhook,
+                     events)

@@ -20,8 +20,9 @@ def free_port() -> int:
 
 class LiveServer:
     def __init__(self, data_dir: Path, config_text: str | None = None, workers: int = 1,
-                 extra_args: list[str] | None = None) -> None:
+                 extra_args: list[str] | None = None, env: dict[str, str] | None = None) -> None:
         self.data_dir = Path(data_dir)
+        self.env = {**os.environ, **(env or {})}
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.config_path = None
         if config_text is not None:
@@ -41,7 +42,8 @@ class LiveServer:
             cmd += ["--config", str(self.config_path)]
         cmd += self.extra_args
         self._log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True)
+        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True,
+                                     env=self.env)
         deadline = time.time() + timeout
         while time.time() < deadline:
             if self.proc.poll() is not None:

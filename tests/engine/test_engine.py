@@ -1,6 +1,7 @@
 """Engine behaviour on a fake timeline: events and times in, decisions out. No torch, no event loop."""
 from genserve.engine import (
-    BatchKey, CancelRunning, Engine, FailJob, JobDequeued, LoadModel, ModelLimits, Priority, RunBatch,
+    BatchKey, CancelRunning, Engine, FailJob, JobDequeued, Liveness, LoadModel, ModelLimits, Priority, RetryJob,
+    RunBatch,
 )
 
 IMG = BatchKey("img", 64, 64, 0, 8, 1.0)
@@ -10,7 +11,7 @@ VID = BatchKey("vid", 64, 64, 9, 8, 1.0)
 
 def make(max_batch=4, wait_s=0.5, max_queue=100, workers=1, aging_s=30.0, **kw):
     eng = Engine({"img": ModelLimits(max_batch, wait_s, max_queue), "vid": ModelLimits(2, 0.0, max_queue)},
-                 aging_s=aging_s, **kw)
+                 aging_s=aging_s, **{"liveness": Liveness.OFF, **kw})
     for i in range(workers):
         eng.worker_up(f"w{i}", 0.0)
     return eng
@@ -192,11 +193,12 @@ def test_worker_loss_requeues_then_fails_after_max_attempts():
     eng = make(max_batch=1, wait_s=0.0, max_attempts=2)
     eng.submit("a", IMG, Priority.STANDARD, 0.0)
     runs(eng.step(0.0))
-    assert eng.worker_down("w0", 1.0) == []
+    # The first retry is immediate: straight back into the queue.
+    assert eng.worker_down("w0", 1.0) == [RetryJob("a", "worker_crashed", "worker process died", 1, 1.0, "img")]
     assert eng.is_queued("a")
     eng.worker_up("w0", 2.0)
     runs(eng.step(2.0))
-    assert eng.worker_down("w0", 3.0) == [FailJob("a", "worker_crashed", "worker lost 2 times while running the job")]
+    assert eng.worker_down("w0", 3.0) == [FailJob("a", "worker_crashed", "worker process died (attempt 2 of 2)")]
 
 
 def test_next_deadline_none_without_queued_jobs_and_idle_worker_count():

@@ -1,4 +1,6 @@
 """Residency on a fake timeline: memory fit, LRU eviction, idle unload, warm pools, preloading."""
+import pytest
+
 from genserve.engine import BatchKey, Engine, FailJob, LoadModel, ModelLimits, Priority, RunBatch, UnloadModel
 
 MB = 1 << 20
@@ -234,3 +236,18 @@ def test_full_worker_whose_models_all_have_queued_work_does_not_deadlock():
     # best batch may evict the other rather than wait forever.
     decisions = eng.step(1.0)
     assert [type(d) for d in decisions] == [UnloadModel, RunBatch]
+
+
+def test_memory_and_time_are_learned_even_when_jobs_report_before_the_batch_ends():
+    # The server reports each job's output (job_ended) before the batch's end: the batch still
+    # counts with its dispatched size.
+    eng = engine(models=("A",))
+    eng.submit("a1", key("A"), Priority.STANDARD, 0.0)
+    eng.submit("a2", key("A"), Priority.STANDARD, 0.0)
+    [load, run] = eng.step(0.0)
+    eng.model_loaded("w0", "A", 4 * MB, 1.0)
+    for j in run.job_ids:
+        eng.job_ended(j, 2.0)
+    eng.batch_finished(run.batch_id, 3.0, peak_bytes=2 * MB)
+    assert eng.memory.working(key("A"), 2) == 2 * MB and eng.memory.working(key("A"), 1) == 1 * MB
+    assert eng.job_work(key("A")) == pytest.approx(3.0 / 2)

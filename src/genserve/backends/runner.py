@@ -7,7 +7,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
-from ..server.results import LocalResultStore
+from ..server.results import OUTPUT_TYPES, LocalResultStore, output_name
 from .encode import encode_mp4, encode_png
 
 Emit = Callable[[dict[str, Any]], None]
@@ -176,8 +176,10 @@ class PipelineRunner:
         return {"model": model, "freed_bytes": freed, "kept_in": kept, "used_bytes": self.used_bytes(),
                 "resident": sorted(self.pipes)}
 
-    def run(self, msg: dict[str, Any], emit: Emit, canceled: set[str]) -> int:
+    def run(self, msg: dict[str, Any], emit: Emit, canceled: set[str],
+            on_step: Callable[[int], None] = lambda step: None) -> int:
         """Run one batch as one pipeline call; report progress, per-job outputs and timings.
+        ``on_step(i)`` runs at the end of each step (fault injection hooks in there).
         Returns the batch's peak working bytes (measured on CUDA, estimated on CPU)."""
         import torch
 
@@ -198,6 +200,7 @@ class PipelineRunner:
         total = p["steps"]
 
         def on_step_end(_pipe, i, _t, kwargs):
+            on_step(i)
             emit({"ev": "progress", "batch_id": batch_id, "step": i + 1, "total": total})
             report_cancels()
             return kwargs
@@ -237,10 +240,8 @@ class PipelineRunner:
                     reported.add(jid)
                     emit({"ev": "job_canceled", "batch_id": batch_id, "job_id": jid, "t": time.time()})
                 continue
-            if kind == "image":
-                ref = self.store.put(jid, "output.png", encode_png(outputs[idx]), "image/png")
-            else:
-                ref = self.store.put(jid, "output.mp4", encode_mp4(outputs[idx], p["fps"]), "video/mp4")
+            data = encode_png(outputs[idx]) if kind == "image" else encode_mp4(outputs[idx], p["fps"])
+            ref = self.store.put(jid, output_name(kind), data, OUTPUT_TYPES[kind])
             emit({"ev": "job_done", "batch_id": batch_id, "job_id": jid, "result": ref.to_dict(),
                   "inference_start": t_start, "inference_end": t_end, "output_written": time.time()})
         return peak

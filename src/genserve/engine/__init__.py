@@ -1,5 +1,8 @@
 """The pure scheduling core. See DESIGN.md §1: events and ``now`` in, decisions out."""
 from .engine import Engine
+from .errors import ErrorCode, is_retryable
+from .liveness import Liveness, RestartPolicy
+from .retry import Backoff, RetryPolicy
 from .types import (
     Admission,
     BatchKey,
@@ -7,16 +10,19 @@ from .types import (
     Decision,
     FailJob,
     JobDequeued,
+    KillWorker,
     LoadModel,
     ModelLimits,
     Priority,
     RetireWorker,
+    RetryJob,
     RunBatch,
     ScaleTo,
     UnloadModel,
 )
 
 __all__ = [
-    "Admission", "BatchKey", "CancelRunning", "Decision", "Engine", "FailJob", "JobDequeued", "LoadModel",
-    "ModelLimits", "Priority", "RetireWorker", "RunBatch", "ScaleTo", "UnloadModel",
+    "Admission", "Backoff", "BatchKey", "CancelRunning", "Decision", "Engine", "ErrorCode", "FailJob", "JobDequeued",
+    "KillWorker", "Liveness", "LoadModel", "ModelLimits", "Priority", "RestartPolicy", "RetireWorker", "RetryJob",
+    "RetryPolicy", "RunBatch", "ScaleTo", "UnloadModel", "is_retryable",
 ]

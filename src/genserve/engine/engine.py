@@ -7,14 +7,18 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from dataclasses import replace
 
 from .autoscale import Autoscaler, FleetSnapshot
 from .batching import BATCHING
+from .errors import ErrorCode
+from .liveness import BatchWatch, Liveness
 from .memory import MemoryModel
 from .placement import PLACEMENT
 from .preload import TransitionPredictor
 from .queues import KeyedQueues, order_key
 from .residency import RESIDENCY
+from .retry import RetryPolicy
 from .types import (
     Admission,
     BatchKey,
@@ -22,12 +26,14 @@ from .types import (
     Decision,
     FailJob,
     JobDequeued,
+    KillWorker,
     LoadModel,
     ModelLimits,
     Priority,
     QueuedJob,
     Resident,
     RetireWorker,
+    RetryJob,
     RunBatch,
     RunningBatch,
     ScaleTo,
@@ -55,10 +61,15 @@ class Engine:
         preload_min_probability: float = 0.2,
         batch_id_prefix: str = "b",
         autoscaler: Autoscaler | None = None,
+        retry: RetryPolicy | None = None,
+        liveness: Liveness | None = None,
     ) -> None:
         self.models = dict(models)
         self.aging_s = aging_s
-        self.max_attempts = max_attempts
+        self.retry = retry or RetryPolicy(max_attempts=max_attempts)
+        # Off unless the driver configures it: only a driver that hears heartbeats can judge them
+        # (the server does; unit tests and the simulator do not).
+        self.liveness = liveness or Liveness.OFF
         self.batching = BATCHING[batching]()
         self.placement = PLACEMENT[placement](saturation)
         self.residency = RESIDENCY[residency]()
@@ -83,6 +94,14 @@ class Engine:
         self.autoscaler = autoscaler
         self._next_scale_at: float | None = None
         self.target_devices: int | None = None
+        # Failure handling (see retry.py, liveness.py): jobs waiting out a retry backoff, batch
+        # sizes that ran out of memory, each running batch's pulse, when each worker was last
+        # heard from, and the workers we asked to be killed (with the code their jobs fail with).
+        self._delayed: dict[str, tuple[float, QueuedJob]] = {}
+        self._oom_cap: dict[tuple[str, int, int, int, str], int] = {}
+        self._watch: dict[str, BatchWatch] = {}
+        self._seen: dict[str, float] = {}
+        self._killing: dict[str, tuple[str, str]] = {}
 
     # ---- jobs ------------------------------------------------------------------------------------
 
@@ -96,15 +115,17 @@ class Engine:
             return Admission(False, "queue_full", self._drain_estimate(model, depth))
         return Admission(True)
 
-    def submit(self, job_id: str, key: BatchKey, priority: Priority, now: float, *, force: bool = False) -> Admission:
+    def submit(self, job_id: str, key: BatchKey, priority: Priority, now: float, *, force: bool = False,
+               deadline: float | None = None, attempts: int = 0) -> Admission:
         """Queue a job. ``force`` skips the queue limit: used when re-entering jobs that were already
-        accepted (server restart) — an accepted job is never turned away later."""
+        accepted (server restart) — an accepted job is never turned away later. ``deadline``: fail
+        it with ``timeout`` if it has not finished by then; ``attempts``: failed attempts so far."""
         adm = self.admit(key.model)
         if not adm.accepted and not (force and adm.reason == "queue_full"):
             return adm
-        if job_id in self.queues or job_id in self._running_job:
+        if job_id in self.queues or job_id in self._running_job or job_id in self._delayed:
             return Admission(True)  # idempotent
-        self.queues.add(QueuedJob(job_id, key, priority, now))
+        self.queues.add(QueuedJob(job_id, key, priority, now, attempts=attempts, deadline=deadline))
         self.last_key[key.model] = key
         if not force:
             self.last_arrival[key.model] = now
@@ -115,18 +136,20 @@ class Engine:
         return Admission(True)
 
     def cancel(self, job_id: str, now: float) -> list[Decision]:
-        if job_id in self.queues:
-            self.queues.remove(job_id)
+        if job_id in self.queues or job_id in self._delayed:
+            self._take_queued(job_id)
             return [JobDequeued(job_id, "canceled")]
         batch_id = self._running_job.get(job_id)
         if batch_id is not None and job_id not in self._cancel_sent:
             self._cancel_sent.add(job_id)
             batch = self.running[batch_id]
+            self._stop_requested(batch_id, now)
             return [CancelRunning(batch.worker, batch_id, (job_id,))]
         return []
 
     def is_queued(self, job_id: str) -> bool:
-        return job_id in self.queues
+        """Waiting to run: in a queue, or waiting out a retry backoff."""
+        return job_id in self.queues or job_id in self._delayed
 
     def queue_position(self, job_id: str, now: float) -> int | None:
         """0-based position among all queued jobs of the same model, in service order."""
@@ -144,25 +167,63 @@ class Engine:
 
     def worker_up(self, worker_id: str, now: float, capacity: int | None = None) -> None:
         self.workers[worker_id] = WorkerState(worker_id, capacity)
+        self._seen[worker_id] = now
+
+    def worker_seen(self, worker_id: str, now: float) -> None:
+        """Any message from the worker (a heartbeat included): it is alive."""
+        if worker_id in self.workers:
+            self._seen[worker_id] = now
 
     def worker_down(self, worker_id: str, now: float) -> list[Decision]:
-        """A worker vanished. Its running jobs go back to the queue (keeping their place in line)
-        unless they have used up their attempts, in which case they fail."""
-        self.workers.pop(worker_id, None)
+        """A worker vanished (crashed, or killed on our request). Each of its running jobs has a
+        failed attempt — ``worker_crashed``, or the code we killed it for — and goes through the
+        retry policy: back to the queue (keeping its place in line) or failed."""
+        self._seen.pop(worker_id, None)
+        code, message = self._killing.pop(worker_id, (ErrorCode.WORKER_CRASHED, "worker process died"))
         out: list[Decision] = []
         for batch in [b for b in self.running.values() if b.worker == worker_id]:
-            del self.running[batch.id]
-            for job in batch.jobs.values():
-                del self._running_job[job.id]
-                if job.id in self._cancel_sent:
-                    self._cancel_sent.discard(job.id)
-                    out.append(JobDequeued(job.id, "canceled"))
-                    continue
-                job.attempts += 1
-                if job.attempts >= self.max_attempts:
-                    out.append(FailJob(job.id, "worker_crashed", f"worker lost {job.attempts} times while running the job"))
-                else:
-                    self.queues.add(job)
+            self._release(batch.id, now)
+            out.extend(self._fail_attempts(batch.jobs.values(), worker_id, code, message, now))
+        self.workers.pop(worker_id, None)
+        return out
+
+    def batch_progress(self, batch_id: str, now: float) -> None:
+        """The batch moved (model loaded, inference started, a step, an output): not hung."""
+        watch = self._watch.get(batch_id)
+        if watch is not None:
+            watch.last_progress = now
+            self._seen[self.running[batch_id].worker] = now
+
+    def job_ended(self, job_id: str, now: float) -> None:
+        """A job of a running batch reached its outcome (output written, or canceled) before the
+        batch ended: whatever happens to the batch later, this job is not run again."""
+        batch_id = self._running_job.pop(job_id, None)
+        if batch_id is not None:
+            self.running[batch_id].jobs.pop(job_id, None)
+            self._cancel_sent.discard(job_id)
+
+    def batch_failed(self, batch_id: str, code: str, message: str, now: float) -> list[Decision]:
+        """The worker reported the whole batch failed (and is idle again). Out of memory with more
+        than one job: the batch size is remembered as too large for this shape on this worker and
+        the jobs are requeued to run in smaller batches, without using up an attempt. Otherwise
+        each job has a failed attempt and goes through the retry policy."""
+        batch = self._release(batch_id, now)
+        if batch is None:
+            return []
+        if code == ErrorCode.MODEL_LOAD_FAILED:
+            self.model_load_failed(batch.worker, batch.key.model, now)
+        smaller = self.retry.split(batch.size, code)
+        if smaller is None:
+            return self._fail_attempts(batch.jobs.values(), batch.worker, code, message, now)
+        shape = self._shape(batch.key, batch.worker)
+        self._oom_cap[shape] = min(smaller, self._oom_cap.get(shape, smaller))
+        out: list[Decision] = []
+        for job in batch.jobs.values():
+            if self._canceled(job.id, out):
+                continue
+            self.queues.add(job)
+            out.append(RetryJob(job.id, code, f"{message}; retrying in batches of ≤ {smaller}", job.attempts, now,
+                                job.key.model, counted=False))
         return out
 
     def model_loaded(self, worker_id: str, model: str, nbytes: int, now: float) -> None:
@@ -189,26 +250,17 @@ class Engine:
     def batch_finished(self, batch_id: str, now: float, peak_bytes: int = 0) -> None:
         """The worker finished a batch (whatever each job's outcome) and is idle again.
         ``peak_bytes``: the working memory the worker measured for it (0 = not measured)."""
-        batch = self.running.pop(batch_id, None)
+        batch = self._release(batch_id, now)
         if batch is None:
             return
-        for job_id in batch.jobs:
-            self._running_job.pop(job_id, None)
-            self._cancel_sent.discard(job_id)
-        self.memory.observe_batch(batch.key, len(batch.jobs), peak_bytes)
+        self.memory.observe_batch(batch.key, batch.size, peak_bytes)
         took = max(0.0, now - batch.started_at)
         prev = self._batch_seconds.get(batch.key.model)
         self._batch_seconds[batch.key.model] = took if prev is None else 0.7 * prev + 0.3 * took
-        if took > 0:
-            per = took / (len(batch.jobs) * _work_units(batch.key))
+        if took > 0 and batch.size:
+            per = took / (batch.size * _work_units(batch.key))
             old = self._sec_per_unit.get(batch.key.model)
             self._sec_per_unit[batch.key.model] = per if old is None else 0.7 * old + 0.3 * per
-        worker = self.workers.get(batch.worker)
-        if worker is not None and worker.batch_id == batch_id:
-            worker.batch_id = None
-            worker.busy.stop(now)
-            if batch.key.model in worker.resident:
-                worker.resident[batch.key.model].last_used = now
 
     def request_load(self, model: str, now: float, worker_id: str | None = None, *, pin: bool = False) -> list[Decision]:
         """Operator (or warm pool) asks for ``model`` to be loaded. Returns [] when no worker can."""
@@ -251,7 +303,7 @@ class Engine:
         queued = sum(self.job_work(k) * sum(1 for _ in self.queues.jobs(k)) for k in self.queues.keys())
         running = 0.0
         for b in self.running.values():
-            expected = self.job_work(b.key) * len(b.jobs)
+            expected = self.job_work(b.key) * b.size
             running += max(0.0, expected - (now - b.started_at))
         acc, at = self._arrivals
         rate = acc * math.exp(-(now - at) / ARRIVAL_TAU_S) / ARRIVAL_TAU_S
@@ -276,8 +328,7 @@ class Engine:
         surplus = len(self.workers) - want
         if surplus > 0:
             # Retire idle workers, the ones holding the least (no warm-pool copies) first.
-            idle = [w for w in self.workers.values() if w.idle and not w.loading
-                    and not any(r.pinned for r in w.resident.values())]
+            idle = [w for w in self._idle() if not w.loading and not any(r.pinned for r in w.resident.values())]
             for w in sorted(idle, key=lambda w: (w.used, w.busy.utilization(now), w.id), reverse=False)[:surplus]:
                 del self.workers[w.id]
                 out.append(RetireWorker(w.id, "scale down"))
@@ -288,7 +339,8 @@ class Engine:
     def step(self, now: float) -> list[Decision]:
         """Unload what has idled out, fill warm pools, dispatch every ready batch that has a worker
         (best first), then preload into idle memory."""
-        out: list[Decision] = self._idle_unloads(now)
+        out: list[Decision] = self._expire(now)
+        out += self._idle_unloads(now)
         if self.autoscaler is not None:
             out += self._autoscale(now)
         out += self._fill_warm_pools(now)
@@ -296,7 +348,7 @@ class Engine:
         blocked: set[BatchKey] = set()
         while True:
             ready = [k for k in self.queues.keys() if k not in blocked and self._ready(k, now)]
-            if not ready or not any(w.idle for w in self.workers.values()):
+            if not ready or not self._idle():
                 break
             key = min(ready, key=lambda k: self._head_order(k, now))
             decisions = self._place(key, now)
@@ -315,7 +367,7 @@ class Engine:
 
     def next_deadline(self, now: float) -> float | None:
         """When ``step`` could next decide something without a new event (None: only events matter)."""
-        times = []
+        times = self._failure_deadlines()
         protected = self._protected()
         for w in self.workers.values():
             for m in w.resident:
@@ -324,8 +376,11 @@ class Engine:
                 due = self.residency.unload_at(m, w, self.models[m], self.last_arrival.get(m))
                 if due is not None:
                     times.append(max(due, now))
-        if any(w.idle for w in self.workers.values()):
+        idle = self._idle()
+        if idle:
             for key in self.queues.keys():
+                if not self._allowed(self.queues.ordered(key, now, self.aging_s)[0], idle):
+                    continue  # waits for a worker it has not failed on: an event, not a time
                 jobs = list(self.queues.jobs(key))
                 t = self.batching.ready_at(len(jobs), min(j.enqueued_at for j in jobs), self.models[key.model])
                 if t is not None and t > now:
@@ -334,23 +389,27 @@ class Engine:
                 times.append(now + RECHECK_S)  # utilization of the busy warm workers keeps rising
         if self.autoscaler is not None:
             times.append(max(now, self._next_scale_at if self._next_scale_at is not None else now))
-        return min(times) if times else None
+        return max(min(times), now) if times else None
 
     # ---- internals: placement and memory ---------------------------------------------------------
 
     def _quiescent(self) -> bool:
-        return bool(self.workers) and all(w.idle and not w.loading for w in self.workers.values())
+        return bool(self.workers) and not self._killing and all(w.idle and not w.loading for w in self.workers.values())
 
     def _place(self, key: BatchKey, now: float, *, protect_queued: bool = True) -> list[Decision] | None:
         limits = self.models[key.model]
-        jobs = self.queues.ordered(key, now, self.aging_s)[: limits.max_batch_size]
+        ordered = self.queues.ordered(key, now, self.aging_s)
+        # Only workers the head job has not failed on (while one is up), and none being killed.
+        candidates = self._allowed(ordered[0], [w for w in self.workers.values() if w.id not in self._killing])
+        if not candidates:
+            return None
         protected = self._protected() if protect_queued else set()
 
         def evictions(w: WorkerState) -> list[str] | None:
             return self._room_for(w, self._need(w, key, 1), protected | {key.model})
 
         backlog = math.ceil(self.queues.depth(key.model) / limits.max_batch_size)
-        worker = self.placement.choose(key.model, list(self.workers.values()), evictions,
+        worker = self.placement.choose(key.model, candidates, evictions,
                                        lambda w: w.busy.utilization(now), backlog,
                                        lambda w: self._time_left(w, now),
                                        self._load_seconds.get(key.model, limits.est_load_seconds))
@@ -358,6 +417,8 @@ class Engine:
             if any(key.model in w.resident and not w.idle for w in self.workers.values()):
                 self._waiting_on_warm = True
             return None
+        size = min(limits.max_batch_size, self._oom_cap.get(self._shape(key, worker.id), limits.max_batch_size))
+        jobs = [j for j in ordered if self._allowed(j, [worker])][:size]
         # The largest prefix of the batch that fits; shrinking beats an OOM.
         n = len(jobs)
         while n > 1 and self._room_for(worker, self._need(worker, key, n), protected | {key.model}) is None:
@@ -379,7 +440,7 @@ class Engine:
         batch = self.running.get(w.batch_id or "")
         if batch is None:
             return 0.0
-        return max(0.0, self.job_work(batch.key) * len(batch.jobs) - (now - batch.started_at))
+        return max(0.0, self.job_work(batch.key) * batch.size - (now - batch.started_at))
 
     def _need(self, w: WorkerState, key: BatchKey, n: int) -> int:
         """Bytes a batch of ``n`` needs on ``w``: working memory, plus the weights unless resident.
@@ -521,7 +582,8 @@ class Engine:
             self.queues.remove(job.id)
         self._batch_seq += 1
         batch_id = f"{self._prefix}-{self._batch_seq:06d}"
-        self.running[batch_id] = RunningBatch(batch_id, worker.id, key, {j.id: j for j in chosen}, now)
+        self.running[batch_id] = RunningBatch(batch_id, worker.id, key, {j.id: j for j in chosen}, now, len(chosen))
+        self._watch[batch_id] = BatchWatch(now)
         for job in chosen:
             self._running_job[job.id] = batch_id
         worker.batch_id = batch_id
@@ -537,6 +599,131 @@ class Engine:
         batches = math.ceil(max(1, depth) / limits.max_batch_size)
         # Retry-After is for "when is there room again": one batch's worth of drain is enough.
         return max(1.0, math.ceil(per_batch * min(batches, 1 + batches // workers)))
+
+    # ---- internals: failure handling (policies: retry.py, liveness.py) --------------------------------
+
+    def _release(self, batch_id: str, now: float) -> RunningBatch | None:
+        """Take a batch off the running set and free its worker; its jobs are the caller's."""
+        batch = self.running.pop(batch_id, None)
+        if batch is None:
+            return None
+        self._watch.pop(batch_id, None)
+        for job_id in batch.jobs:
+            self._running_job.pop(job_id, None)
+        worker = self.workers.get(batch.worker)
+        if worker is not None and worker.batch_id == batch_id:
+            worker.batch_id = None
+            worker.busy.stop(now)
+            if batch.key.model in worker.resident:
+                worker.resident[batch.key.model].last_used = now
+        return batch
+
+    def _canceled(self, job_id: str, out: list[Decision]) -> bool:
+        """A job whose cancel was already sent ends canceled, whatever happened to its batch."""
+        if job_id not in self._cancel_sent:
+            return False
+        self._cancel_sent.discard(job_id)
+        out.append(JobDequeued(job_id, "canceled"))
+        return True
+
+    def _fail_attempts(self, jobs, worker_id: str, code: str, message: str, now: float) -> list[Decision]:
+        out: list[Decision] = []
+        for job in list(jobs):
+            if self._canceled(job.id, out):
+                continue
+            job.attempts += 1
+            job.avoid.add(worker_id)
+            retry = self.retry.after_failure(job.id, job.key.model, job.attempts, code, now, job.deadline)
+            if retry is None:
+                out.append(FailJob(job.id, code, f"{message} (attempt {job.attempts} of {self.retry.max_attempts})"))
+                continue
+            if retry.model != job.key.model:
+                job.key = replace(job.key, model=retry.model)
+            if retry.at <= now:
+                self.queues.add(job)
+            else:
+                self._delayed[job.id] = (retry.at, job)
+            out.append(RetryJob(job.id, code, message, job.attempts, retry.at, retry.model))
+        return out
+
+    def _take_queued(self, job_id: str) -> QueuedJob:
+        if job_id in self._delayed:
+            return self._delayed.pop(job_id)[1]
+        return self.queues.remove(job_id)
+
+    def _stop_requested(self, batch_id: str, now: float) -> None:
+        watch = self._watch.get(batch_id)
+        if watch is not None and watch.stop_requested is None:
+            watch.stop_requested = now
+
+    def _expire(self, now: float) -> list[Decision]:
+        """Everything time-driven: retries whose backoff is over rejoin their queue; jobs past their
+        deadline fail (a running one is also stopped at its next step); hung, stuck and silent
+        workers are killed."""
+        out: list[Decision] = []
+        for job_id, (at, job) in list(self._delayed.items()):
+            if at <= now:
+                del self._delayed[job_id]
+                self.queues.add(job)
+        expired = [j.id for key in self.queues.keys() for j in self.queues.jobs(key) if _due(j.deadline, now)]
+        for job_id, (_, job) in self._delayed.items():
+            if _due(job.deadline, now):
+                expired.append(job_id)
+        for job_id in expired:
+            self._take_queued(job_id)
+            out.append(FailJob(job_id, ErrorCode.TIMEOUT, "deadline passed before the job could run"))
+        for batch in list(self.running.values()):
+            late = [j.id for j in batch.jobs.values() if _due(j.deadline, now) and j.id not in self._cancel_sent]
+            for job_id in late:
+                self.job_ended(job_id, now)
+                out.append(FailJob(job_id, ErrorCode.TIMEOUT, "deadline passed while running"))
+            if late:
+                self._stop_requested(batch.id, now)
+                out.append(CancelRunning(batch.worker, batch.id, tuple(late)))
+            verdict = self.liveness.batch_verdict(self._watch[batch.id], now)
+            if verdict is not None:
+                out.extend(self._kill(batch.worker, *verdict))
+        for worker_id, seen in list(self._seen.items()):
+            if _due(self.liveness.silent_kill_at(seen), now):
+                out.extend(self._kill(worker_id, ErrorCode.WORKER_CRASHED,
+                                      f"no heartbeat for {self.liveness.heartbeat_timeout_s:g}s"))
+        return out
+
+    def _kill(self, worker_id: str, code: str, message: str) -> list[Decision]:
+        if worker_id in self._killing:
+            return []  # asked already; worker_down follows
+        self._killing[worker_id] = (code, message)
+        return [KillWorker(worker_id, code, message)]
+
+    def _failure_deadlines(self) -> list[float]:
+        times = [at for at, _ in self._delayed.values()]
+        times += [j.deadline for _, j in self._delayed.values() if j.deadline is not None]
+        times += [j.deadline for k in self.queues.keys() for j in self.queues.jobs(k) if j.deadline is not None]
+        for batch in self.running.values():
+            if batch.worker in self._killing:
+                continue
+            times += [j.deadline for j in batch.jobs.values() if j.deadline is not None and j.id not in self._cancel_sent]
+            times.append(self.liveness.batch_kill_at(self._watch[batch.id]))
+        times += [self.liveness.silent_kill_at(t) for w, t in self._seen.items() if w not in self._killing]
+        return [t for t in times if t is not None]
+
+    def _idle(self) -> list[WorkerState]:
+        return [w for w in self.workers.values() if w.idle and w.id not in self._killing]
+
+    def _allowed(self, job: QueuedJob, workers: list[WorkerState]) -> list[WorkerState]:
+        """The workers ``job`` may run on: those it has not failed on, as long as one of those is up
+        (otherwise any: a one-worker deployment still retries)."""
+        if not job.avoid or not any(w not in job.avoid for w in self.workers if w not in self._killing):
+            return list(workers)
+        return [w for w in workers if w.id not in job.avoid]
+
+    @staticmethod
+    def _shape(key: BatchKey, worker_id: str) -> tuple[str, int, int, int, str]:
+        return (key.model, key.width, key.height, key.num_frames, worker_id)
+
+
+def _due(deadline: float | None, now: float) -> bool:
+    return deadline is not None and now >= deadline
 
 
 def _work_units(key: BatchKey) -> float:

@@ -54,7 +54,9 @@ class QueuedJob:
     key: BatchKey
     priority: Priority
     enqueued_at: float
-    attempts: int = 0  # dispatches that ended without a result (worker lost)
+    attempts: int = 0  # failed attempts so far (an OOM batch split does not count)
+    deadline: float | None = None  # fail with `timeout` if not finished by then
+    avoid: set[str] = field(default_factory=set)  # workers it failed on: retried elsewhere when possible
 
 
 # ---- decisions: what the engine asks a driver to do --------------------------------------------
@@ -124,7 +126,33 @@ class FailJob:
     message: str
 
 
-Decision = LoadModel | UnloadModel | RunBatch | CancelRunning | JobDequeued | FailJob | ScaleTo | RetireWorker
+@dataclass(frozen=True)
+class RetryJob:
+    """An attempt failed and the job goes back to the queue, runnable from ``not_before`` on,
+    on ``model`` (a fallback when it differs from the job's). ``counted`` is False for an OOM
+    batch split, which does not use up an attempt."""
+
+    job_id: str
+    code: str
+    message: str
+    attempts: int
+    not_before: float
+    model: str
+    counted: bool = True
+
+
+@dataclass(frozen=True)
+class KillWorker:
+    """The worker is hung, stuck inside a step, or silent: kill it. Its running jobs come back
+    through ``worker_down`` as failed attempts with ``code``."""
+
+    worker: str
+    code: str
+    message: str
+
+
+Decision = (LoadModel | UnloadModel | RunBatch | CancelRunning | JobDequeued | FailJob | RetryJob | KillWorker
+            | ScaleTo | RetireWorker)
 
 
 @dataclass(frozen=True)
@@ -198,5 +226,6 @@ class RunningBatch:
     id: str
     worker: str
     key: BatchKey
-    jobs: dict[str, QueuedJob]
+    jobs: dict[str, QueuedJob]  # still in the batch: jobs that ended early (output written, canceled) leave
     started_at: float
+    size: int = 0  # jobs dispatched: what the batch's time and memory were spent on

@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..config import Config, parse_size
+from ..engine import is_retryable
 from ..requests import MAX_SEED, RequestError, validate
 from .events import TERMINAL_EVENTS
 from .jobstore import STAGES, TERMINAL
@@ -37,6 +38,9 @@ class JobRequest(BaseModel):
     seed: int | None = None
     priority: Literal["high", "standard", "low"] = "standard"
     id: str | None = Field(default=None, min_length=1, max_length=128, description="client-supplied id (idempotency key)")
+    timeout_s: float | None = Field(default=None, description="deadline in seconds from submission (≤ the model's timeout_s)")
+    webhook: str | None = Field(default=None, max_length=2048, description="URL for signed job events (Standard Webhooks)")
+    webhook_events: list[Literal["started", "progress", "completed"]] | None = None
 
 
 class ImageGenerationRequest(BaseModel):
@@ -98,6 +102,10 @@ def create_app(config: Config, runtime: Runtime | None = None) -> FastAPI:
     async def _request_error(_req: Request, exc: RequestError):
         return error(exc.status, exc.field, exc.message, code=exc.code)
 
+    @app.exception_handler(Exception)
+    async def _internal(_req: Request, exc: Exception):
+        return error(500, None, f"internal error: {type(exc).__name__}", code="internal")
+
     @app.exception_handler(QueueFull)
     async def _queue_full(_req: Request, exc: QueueFull):
         retry = str(int(max(1, round(exc.retry_after_s))))
@@ -119,7 +127,15 @@ def create_app(config: Config, runtime: Runtime | None = None) -> FastAPI:
             "queue_position": rt.queue_position(jid) if job["status"] == "queued" else None,
             "progress": {"step": step[0], "total": step[1]} if step else None,
             "cancel_requested": job["cancel_requested"],
-            "error": {"code": job["error_code"], "message": job["error_message"]} if job["error_code"] else None,
+            "error": {"code": job["error_code"], "message": job["error_message"],
+                      "retryable": is_retryable(job["error_code"])} if job["error_code"] else None,
+            "served_by": job["served_model"], "timeout_s": job["params"].get("timeout_s"),
+            "attempts": [{**{k: a[k] for k in ("attempt", "worker", "model", "batch_id", "batch_size", "code",
+                                               "message", "started", "ended")},
+                          "duration_s": round(a["ended"] - a["started"], 4) if a["ended"] is not None else None}
+                         for a in rt.store.attempts(jid)],
+            "webhook": {"url": job["params"]["webhook"], "events": job["params"]["webhook_events"],
+                        "deliveries": rt.store.deliveries(jid)} if job["params"].get("webhook") else None,
             "batch": {"id": job["batch_id"], "size": job["batch_size"], "worker": job["worker"]} if job["batch_id"] else None,
             "timestamps": ts,
             "cold_start": {"waited": job["t_load_start"] is not None, "worker": job["worker"] if job["t_load_start"] else None,
@@ -142,7 +158,8 @@ def create_app(config: Config, runtime: Runtime | None = None) -> FastAPI:
     @app.post("/v1/jobs", status_code=202, tags=["jobs"])
     async def create_job(body: JobRequest, request: Request):
         data = body.model_dump()
-        params = validate(data, config.models, random_seed=random.randint(0, MAX_SEED))
+        params = validate(data, config.models, random_seed=random.randint(0, MAX_SEED),
+                          webhooks_enabled=config.server.webhook_secret is not None)
         if body.id is not None:
             existing = rt.store.get_by_client_id(body.id)
             if existing is not None:
@@ -283,13 +300,15 @@ def create_app(config: Config, runtime: Runtime | None = None) -> FastAPI:
         out = []
         for wid, h in rt.pool.workers.items():
             st = rt.engine.workers.get(wid)
-            if st is None:
-                out.append({"id": wid, "device": h.device, "state": "starting", "restarts": h.restarts})
+            if st is None or not h.ready:  # starting, restarting or quarantined
+                out.append({"id": wid, "device": h.device, "state": h.state, "quarantined": h.quarantined,
+                            "restarts": h.restarts, "exits": len(h.exits), "resident_models": []})
                 continue
             state = "busy" if not st.idle else ("loading" if st.loading else "idle")
             rep = rt.worker_reported.get(wid, {})
             out.append({
-                "id": wid, "device": h.device, "state": state, "pid": h.info.get("pid"), "restarts": h.restarts,
+                "id": wid, "device": h.device, "state": state, "quarantined": h.quarantined, "pid": h.info.get("pid"),
+                "restarts": h.restarts, "exits": len(h.exits),
                 "capacity_bytes": st.capacity, "used_bytes": st.used,
                 "free_bytes": None if st.capacity is None else st.capacity - st.used,
                 "reported_used_bytes": rep.get("used_bytes"), "utilization": round(st.busy.utilization(now), 4),

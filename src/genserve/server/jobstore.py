@@ -37,15 +37,45 @@ CREATE TABLE IF NOT EXISTS jobs (
 );
 CREATE INDEX IF NOT EXISTS jobs_status ON jobs(status);
 CREATE INDEX IF NOT EXISTS jobs_batch ON jobs(batch_id);
+-- One row per time a job was handed to a worker: who ran it, how it ended (code NULL: success).
+CREATE TABLE IF NOT EXISTS attempts (
+    job_id TEXT NOT NULL,
+    attempt INTEGER NOT NULL,
+    worker TEXT,
+    model TEXT,
+    batch_id TEXT,
+    batch_size INTEGER,
+    code TEXT,
+    message TEXT,
+    started REAL NOT NULL,
+    ended REAL,
+    PRIMARY KEY (job_id, attempt)
+);
+-- Webhook deliveries outlive the process: pending ones are picked up again after a restart.
+CREATE TABLE IF NOT EXISTS webhook_deliveries (
+    id TEXT PRIMARY KEY,
+    job_id TEXT NOT NULL,
+    url TEXT NOT NULL,
+    event TEXT NOT NULL,
+    payload TEXT NOT NULL,
+    status TEXT NOT NULL DEFAULT 'pending',
+    attempts INTEGER NOT NULL DEFAULT 0,
+    next_at REAL NOT NULL,
+    last_error TEXT,
+    created REAL NOT NULL,
+    delivered REAL
+);
+CREATE INDEX IF NOT EXISTS webhook_pending ON webhook_deliveries(status, next_at);
 """
 
-# Columns added after the first release: ensured on open, so databases created earlier keep working.
-_ADDED_COLUMNS = {
+# Columns added after the first release: added on open when missing, so old databases keep working.
+_ADDED_COLUMNS = {"jobs": {
+    "served_model": "TEXT",  # the model that produced the output (a fallback, when it differs)
     "device_seconds": "REAL",  # this job's share of its batch's device time (set when the batch ends)
     "cost_usd": "REAL",  # device_seconds × the device type's price
     "device_type": "TEXT",  # price-table key of the worker that ran it (H100, cpu, …)
     "load_tier": "TEXT",  # where the model load this job waited for came from (disk, page_cache, host)
-}
+}}
 
 
 class JobStore:
@@ -59,14 +89,11 @@ class JobStore:
         self.db.execute("PRAGMA synchronous=NORMAL")
         self.db.execute("PRAGMA busy_timeout=5000")
         self.db.executescript(_SCHEMA)
-        self._add_missing_columns()
-
-    def _add_missing_columns(self) -> None:
-        """Databases made by an older genserve get the columns added since (all nullable)."""
-        have = {r["name"] for r in self.db.execute("PRAGMA table_info(jobs)")}
-        for name, decl in _ADDED_COLUMNS.items():
-            if name not in have:
-                self.db.execute(f"ALTER TABLE jobs ADD COLUMN {name} {decl}")
+        for table, cols in _ADDED_COLUMNS.items():
+            have = {r["name"] for r in self.db.execute(f"PRAGMA table_info({table})")}
+            for col, decl in cols.items():
+                if col not in have:
+                    self.db.execute(f"ALTER TABLE {table} ADD COLUMN {col} {decl}")
         self.db.execute("CREATE INDEX IF NOT EXISTS jobs_finished ON jobs(t_finished)")
 
     def close(self) -> None:
@@ -115,15 +142,59 @@ class JobStore:
         marks = ",".join("?" * len(job_ids))
         self.db.execute(f"UPDATE jobs SET {', '.join(cols)} WHERE id IN ({marks})", (*vals, *job_ids))
 
-    def requeue_unfinished(self) -> list[dict[str, Any]]:
-        """On start: jobs that were running when the server stopped go back to queued (their
-        worker is gone; nothing they produced was recorded, so running them again is safe)."""
-        self.db.execute(
-            "UPDATE jobs SET status = 'queued', batch_id = NULL, batch_size = NULL, worker = NULL,"
-            " t_dispatched = NULL, t_load_start = NULL, t_load_end = NULL, load_tier = NULL, t_inference_start = NULL,"
-            " t_inference_end = NULL, attempts = attempts + 1 WHERE status = 'running'"
-        )
+    def requeue_unfinished(self, now: float) -> list[dict[str, Any]]:
+        """On start: jobs that were running when the server stopped go back to queued: their worker
+        died with the server, which counts as a failed attempt. (An output written just before the
+        crash is found by the caller, which then does not run the job again.)"""
+        with self.db:
+            self.db.execute("BEGIN")
+            self.db.execute(
+                "UPDATE attempts SET code = 'worker_crashed', message = 'the server stopped during the attempt',"
+                " ended = ? WHERE ended IS NULL", (now,))
+            self.db.execute(
+                "UPDATE jobs SET status = 'queued', batch_id = NULL, batch_size = NULL, worker = NULL,"
+                " t_dispatched = NULL, t_load_start = NULL, t_load_end = NULL, load_tier = NULL, t_inference_start = NULL,"
+                " t_inference_end = NULL, attempts = attempts + 1 WHERE status = 'running'"
+            )
         return self.unfinished()
+
+    # ---- attempts ----------------------------------------------------------------------------------
+
+    def start_attempts(self, job_ids: tuple[str, ...], worker: str, model: str, batch_id: str, now: float) -> None:
+        self.db.executemany(
+            "INSERT INTO attempts (job_id, attempt, worker, model, batch_id, batch_size, started)"
+            " VALUES (?, (SELECT COALESCE(MAX(attempt), 0) + 1 FROM attempts WHERE job_id = ?), ?, ?, ?, ?, ?)",
+            [(j, j, worker, model, batch_id, len(job_ids), now) for j in job_ids])
+
+    def end_attempt(self, job_id: str, code: str | None, message: str | None, now: float) -> None:
+        """Close the job's open attempt (if any): ``code`` None is a success."""
+        self.db.execute("UPDATE attempts SET code = ?, message = ?, ended = ? WHERE job_id = ? AND ended IS NULL",
+                        (code, message, now, job_id))
+
+    def attempts(self, job_id: str) -> list[dict[str, Any]]:
+        rows = self.db.execute("SELECT * FROM attempts WHERE job_id = ? ORDER BY attempt", (job_id,)).fetchall()
+        return [dict(r) for r in rows]
+
+    # ---- webhook deliveries ------------------------------------------------------------------------
+
+    def add_delivery(self, delivery_id: str, job_id: str, url: str, event: str, payload: str, now: float) -> None:
+        self.db.execute(
+            "INSERT INTO webhook_deliveries (id, job_id, url, event, payload, next_at, created)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?)", (delivery_id, job_id, url, event, payload, now, now))
+
+    def pending_deliveries(self, limit: int = 64) -> list[dict[str, Any]]:
+        rows = self.db.execute("SELECT * FROM webhook_deliveries WHERE status = 'pending' ORDER BY next_at, created"
+                               " LIMIT ?", (limit,)).fetchall()
+        return [dict(r) for r in rows]
+
+    def update_delivery(self, delivery_id: str, **fields: Any) -> None:
+        cols = ", ".join(f"{k} = ?" for k in fields)
+        self.db.execute(f"UPDATE webhook_deliveries SET {cols} WHERE id = ?", (*fields.values(), delivery_id))
+
+    def deliveries(self, job_id: str) -> list[dict[str, Any]]:
+        rows = self.db.execute("SELECT id, event, status, attempts, last_error, created, delivered"
+                               " FROM webhook_deliveries WHERE job_id = ? ORDER BY created", (job_id,)).fetchall()
+        return [dict(r) for r in rows]
 
 
 def _decode(row: sqlite3.Row) -> dict[str, Any]:

@@ -8,6 +8,15 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Protocol
 
+OUTPUT_TYPES = {"image": "image/png", "video": "video/mp4"}
+
+
+def output_name(kind: str) -> str:
+    """A job's output key within its directory: one fixed name per kind, so running a job again
+    overwrites its output instead of adding a second one."""
+    return "output.png" if kind == "image" else "output.mp4"
+
+
 _JOB_ID = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
 _NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 

@@ -1,7 +1,11 @@
 """The asyncio driver: feeds the engine events with the real clock and carries out its decisions.
 
 No polling loop: it runs on API calls and worker messages, plus one timer armed for
-``engine.next_deadline()``.
+``engine.next_deadline()`` (batching windows, retry backoffs, deadlines, hang checks).
+
+Failure handling (docs/failure-handling.md) is the engine's decisions (RetryJob, FailJob,
+KillWorker) carried out here: every attempt is recorded, a job is finished at most once, and an
+output already written by a dead worker (or before a server crash) is adopted, never redone.
 """
 from __future__ import annotations
 
@@ -17,14 +21,21 @@ from typing import Any
 
 from ..config import DEMO_SOURCES, GIB, Config, model_limits
 from ..engine import (
+    Backoff,
     BatchKey,
     CancelRunning,
     Decision,
     Engine,
+    ErrorCode,
     FailJob,
     JobDequeued,
+    KillWorker,
+    Liveness,
     LoadModel,
     Priority,
+    RestartPolicy,
+    RetryJob,
+    RetryPolicy,
     RunBatch,
     UnloadModel,
 )
@@ -32,9 +43,10 @@ from ..requests import JobParams
 from ..workers import protocol as P
 from ..workers.pool import LocalPool, detect_devices
 from .events import EventHub
-from .jobstore import JobStore
+from .jobstore import TERMINAL, JobStore
 from .observe import Observer
-from .results import LocalResultStore
+from .results import OUTPUT_TYPES, LocalResultStore, ResultRef, output_name
+from .webhooks import WebhookSender
 
 log = logging.getLogger("genserve.runtime")
 
@@ -58,28 +70,45 @@ class BatchInfo:
     loading: bool
 
 
+def _engine(config: Config) -> Engine:
+    s = config.server
+    retry = RetryPolicy(
+        max_attempts=s.max_attempts, fallback_after=s.fallback_after,
+        backoff=Backoff(first_s=0.0, base_s=s.retry_backoff_s, factor=2.0, max_s=s.retry_backoff_max_s, jitter=0.2),
+        fallbacks={name: m.fallback for name, m in config.models.items() if m.fallback},
+    )
+    return Engine(
+        model_limits(config), aging_s=s.aging_s, retry=retry,
+        liveness=Liveness(s.hang_timeout_s, s.heartbeat_timeout_s, s.stop_grace_s),
+        residency=s.residency, placement=s.placement, saturation=s.saturation,
+        preload=s.preload, preload_min_probability=s.preload_min_probability,
+        batch_id_prefix=f"b{secrets.token_hex(3)}",  # unique across restarts sharing one database
+    )
+
+
 class Runtime:
     def __init__(self, config: Config, *, devices: list[str] | None = None) -> None:
         self.config = config
-        data = config.server.data_dir
-        data.mkdir(parents=True, exist_ok=True)
-        self.store = JobStore(data / "jobs.db")
-        self.results = LocalResultStore(data / "results")
-        srv = config.server
-        self.engine = Engine(
-            model_limits(config), aging_s=srv.aging_s, max_attempts=srv.max_attempts,
-            residency=srv.residency, placement=srv.placement, saturation=srv.saturation,
-            preload=srv.preload, preload_min_probability=srv.preload_min_probability,
-            batch_id_prefix=f"b{secrets.token_hex(3)}",  # unique across restarts sharing one database
-        )
+        s = config.server
+        s.data_dir.mkdir(parents=True, exist_ok=True)
+        self.store = JobStore(s.data_dir / "jobs.db")
+        self.results = LocalResultStore(s.data_dir / "results")
+        self.engine = _engine(config)
         self.events = EventHub()
-        self.devices = devices if devices is not None else detect_devices(config.server.workers)
+        self.webhooks = WebhookSender(self.store, s.webhook_secret, max_attempts=s.webhook_max_attempts,
+                                      backoff_s=s.webhook_backoff_s)
+        self.devices = devices if devices is not None else detect_devices(s.workers)
+        faults = config.faults
         self.pool = LocalPool(self.devices, str(self.results.root), self._on_message, self._on_exit,
-                              cpu_memory_bytes=int(srv.worker_memory_gb * GIB),
-                              host_cache_bytes=int(srv.host_cache_gb * GIB))
+                              heartbeat_s=s.heartbeat_s,
+                              restart=RestartPolicy(quarantine_after=s.quarantine_after, window_s=s.quarantine_window_s),
+                              faults=faults.for_worker if faults else None,
+                              cpu_memory_bytes=int(s.worker_memory_gb * GIB),
+                              host_cache_bytes=int(s.host_cache_gb * GIB))
         self.worker_reported: dict[str, dict[str, Any]] = {}  # what each worker last said of its memory
         self.load_log: list[dict[str, Any]] = []  # recent loads/unloads, newest last (bounded)
         self.batches: dict[str, BatchInfo] = {}
+        self._hooks: dict[str, tuple[str, tuple[str, ...]]] = {}  # job id -> (webhook url, events), live jobs
         self.progress: dict[str, tuple[int, int]] = {}
         self.models_ready = False
         self._timer: asyncio.TimerHandle | None = None
@@ -93,18 +122,27 @@ class Runtime:
         await self._loop.run_in_executor(None, self._build_demo_models)
         self.models_ready = True
         now = time.time()
-        for job in self.store.requeue_unfinished():
-            p = job["params"]
-            key = JobParams(**p).key
-            # Re-entered jobs keep their original queue time, so they keep their place in line.
-            self.engine.submit(job["id"], key, Priority.parse(job["priority"]), job["t_queued"] or now, force=True)
+        # Outputs written just before a crash (worker or server) are adopted, not produced again.
+        for job in self.store.unfinished():
+            self._adopt_output(job["id"], now, "found after a restart")
+        for job in self.store.requeue_unfinished(now):
+            params = JobParams.from_dict(job["params"])
+            self._watch_hooks(job["id"], params)
+            # Re-entered jobs keep their original queue time (their place in line), their deadline
+            # and the attempts they have used.
+            self.engine.submit(job["id"], params.key, Priority.parse(job["priority"]), job["t_queued"] or now,
+                               force=True, deadline=self._deadline(params, job["t_received"]),
+                               attempts=job["attempts"])
             self.events.emit(job["id"], "queued", {"model": job["model"], "priority": job["priority"], "restored": True})
+        self.webhooks.start()
         self.pool.start()
+        self._pump()
 
     async def close(self) -> None:
         if self._timer:
             self._timer.cancel()
         await self.pool.close()
+        await self.webhooks.close()
         self.store.close()
 
     def _build_demo_models(self) -> None:
@@ -138,10 +176,19 @@ class Runtime:
         job_id = uuid.uuid4().hex
         now = time.time()
         self.store.insert(job_id, client_id, params.to_dict(), now)  # durable before acknowledged
-        self.engine.submit(job_id, params.key, Priority.parse(params.priority), now)
+        self._watch_hooks(job_id, params)
+        self.engine.submit(job_id, params.key, Priority.parse(params.priority), now,
+                           deadline=self._deadline(params, now))
         self.events.emit(job_id, "queued", {"model": params.model, "priority": params.priority})
         self.obs.job_queued(job_id, params.model, params.priority)
         return self.store.get(job_id), True
+
+    def _deadline(self, params: JobParams, received: float) -> float:
+        return received + (params.timeout_s or self.config.models[params.model].timeout_s)
+
+    def _watch_hooks(self, job_id: str, params: JobParams) -> None:
+        if params.webhook is not None:
+            self._hooks[job_id] = (params.webhook, params.webhook_events)
 
     def submit_many(self, params: list[JobParams]) -> list[dict[str, Any]]:
         """Submit jobs that should share a batch: all are queued before the engine decides."""
@@ -198,9 +245,24 @@ class Runtime:
             elif isinstance(d, CancelRunning):
                 self.pool.send(d.worker, {"op": P.CANCEL, "batch_id": d.batch_id, "job_ids": list(d.job_ids)})
             elif isinstance(d, JobDequeued):
-                self._finish(d.job_id, "canceled", now)
+                self._finish(d.job_id, "canceled", now, code=ErrorCode.CANCELED, message="canceled by request")
             elif isinstance(d, FailJob):
                 self._finish(d.job_id, "failed", now, code=d.code, message=d.message)
+            elif isinstance(d, RetryJob):
+                self._retry(d, now)
+            elif isinstance(d, KillWorker):
+                log.warning("killing worker %s: %s", d.worker, d.message)
+                self.pool.kill(d.worker)
+
+    def _retry(self, d: RetryJob, now: float) -> None:
+        self.store.end_attempt(d.job_id, d.code, d.message, now)
+        self.store.update([d.job_id], status="queued", attempts=d.attempts, batch_id=None, batch_size=None,
+                          worker=None, t_dispatched=None, t_load_start=None, t_load_end=None, load_tier=None,
+                          t_inference_start=None, t_inference_end=None)
+        self.progress.pop(d.job_id, None)
+        self.obs.job_requeued(d.job_id, d.code)
+        self.events.emit(d.job_id, "retrying", {"code": d.code, "message": d.message, "attempts": d.attempts,
+                                                "not_before": d.not_before, "model": d.model, "counted": d.counted})
 
     def _run_batch(self, d: RunBatch, now: float) -> None:
         m = self.config.models[d.key.model]
@@ -210,11 +272,12 @@ class Runtime:
         loading = d.needs_load or bool(resident and resident.loading)
         self.batches[d.batch_id] = BatchInfo(d.batch_id, d.worker, d.key, d.job_ids, loading)
         self.store.update(d.job_ids, status="running", batch_id=d.batch_id, batch_size=len(d.job_ids),
-                          worker=d.worker, t_dispatched=now)
+                          worker=d.worker, t_dispatched=now, served_model=d.key.model)
+        self.store.start_attempts(d.job_ids, d.worker, d.key.model, d.batch_id, now)
         self.obs.batch_dispatched(d.batch_id, d.worker, d.key.model, d.job_ids, d.needs_load, now)
         for j in d.job_ids:
-            self.events.emit(j, "started", {"batch_id": d.batch_id, "batch_size": len(d.job_ids), "worker": d.worker,
-                                            "cold_start": loading})
+            self._emit(j, "started", {"batch_id": d.batch_id, "batch_size": len(d.job_ids), "worker": d.worker,
+                                      "model": d.key.model, "cold_start": loading}, now)
         params = {"width": d.key.width, "height": d.key.height, "num_frames": d.key.num_frames,
                   "steps": d.key.steps, "guidance": d.key.guidance, "fps": m.fps}
         payload = [{"id": j["id"], "prompt": j["params"]["prompt"], "negative_prompt": j["params"]["negative_prompt"],
@@ -224,13 +287,41 @@ class Runtime:
 
     def _finish(self, job_id: str, status: str, now: float, *, code: str | None = None, message: str | None = None,
                 **extra: Any) -> None:
-        self.store.update([job_id], status=status, t_finished=now, error_code=code, error_message=message, **extra)
+        """The one place a job becomes terminal; a terminal job never changes again."""
+        if self._is_terminal(job_id):
+            return
+        self.store.end_attempt(job_id, code if status != "succeeded" else None, message, now)
+        self.store.update([job_id], status=status, t_finished=now, error_code=code if status == "failed" else None,
+                          error_message=message if status == "failed" else None, **extra)
         self.progress.pop(job_id, None)
         data: dict[str, Any] = {"status": status}
-        if code:
+        if status == "failed":
             data["error"] = {"code": code, "message": message}
-        self.events.emit(job_id, status, data)
+        self._emit(job_id, status, data, now)
+        self._hooks.pop(job_id, None)
         self.obs.job_finished(job_id)
+
+    def _emit(self, job_id: str, event: str, data: dict[str, Any], now: float) -> None:
+        """An SSE event, and the matching webhook event when the job asked for one."""
+        self.events.emit(job_id, event, data)
+        hook = self._hooks.get(job_id)
+        if hook is not None:
+            kind = "completed" if event in TERMINAL else event
+            self.webhooks.notify(job_id, hook[0], hook[1], kind, data, now)
+
+    def _adopt_output(self, job_id: str, now: float, how: str) -> bool:
+        """If the job's output is already in the result store (its worker or the server died
+        between writing it and reporting it), finish the job with it instead of running it again."""
+        job = self.store.get(job_id)
+        kind = self.config.models[job["served_model"] or job["model"]].kind
+        key = f"{job_id}/{output_name(kind)}"
+        if job["status"] in TERMINAL or not self.results.exists(key):
+            return False
+        ref = ResultRef(key, OUTPUT_TYPES[kind], self.results.local_path(key).stat().st_size)
+        log.info("job %s: output %s", job_id, how)
+        self.store.update([job_id], results=[ref.to_dict()], t_output_written=self.results.local_path(key).stat().st_mtime)
+        self._finish(job_id, "succeeded", now)
+        return True
 
     # ---- worker events ---------------------------------------------------------------------------
 
@@ -238,6 +329,12 @@ class Runtime:
         ev = msg["ev"]
         now = time.time()
         batch = self.batches.get(msg.get("batch_id", ""))
+        self.engine.worker_seen(worker_id, now)
+        if ev == "heartbeat":
+            return self._pump()
+        for b in self.batches.values():  # anything else from a busy worker is a sign of progress
+            if b.worker == worker_id:
+                self.engine.batch_progress(b.id, now)
         if ev == "ready":
             log.info("worker %s ready on %s (pid %s, %s threads, %.1f MiB)", worker_id, msg["device"], msg["pid"],
                      msg["threads"], msg["capacity_bytes"] / (1 << 20))
@@ -270,20 +367,22 @@ class Runtime:
             for j in batch.job_ids:
                 if not self._is_terminal(j):
                     self.progress[j] = (msg["step"], msg["total"])
-                    self.events.emit(j, "progress", {"step": msg["step"], "total": msg["total"]})
+                    self._emit(j, "progress", {"step": msg["step"], "total": msg["total"]}, now)
         elif ev == "job_canceled":
-            self._finish(msg["job_id"], "canceled", msg["t"])
+            self.engine.job_ended(msg["job_id"], now)
+            self._finish(msg["job_id"], "canceled", msg["t"], code=ErrorCode.CANCELED, message="canceled by request")
         elif ev == "job_done":
-            self.store.update([msg["job_id"]], results=[msg["result"]], t_inference_start=msg["inference_start"],
-                              t_inference_end=msg["inference_end"], t_output_written=msg["output_written"])
-            self._finish(msg["job_id"], "succeeded", now)
+            self.engine.job_ended(msg["job_id"], now)
+            if not self._is_terminal(msg["job_id"]):  # e.g. it timed out while its last step ran
+                self.store.update([msg["job_id"]], results=[msg["result"]], t_inference_start=msg["inference_start"],
+                                  t_inference_end=msg["inference_end"], t_output_written=msg["output_written"])
+                self._finish(msg["job_id"], "succeeded", now)
         elif ev == "batch_done" and batch:
             self._end_batch(batch, now, msg.get("peak_bytes", 0))
         elif ev == "batch_failed" and batch:
-            for j in batch.job_ids:
-                if not self._is_terminal(j):
-                    self._finish(j, "failed", now, code=msg["code"], message=msg["message"])
-            self._end_batch(batch, now)
+            log.warning("batch %s on %s failed: %s: %s", batch.id, worker_id, msg["code"], msg["message"])
+            del self.batches[batch.id]
+            self._execute(self.engine.batch_failed(batch.id, msg["code"], msg["message"], now))
         self._pump()
 
     def _end_batch(self, batch: BatchInfo, now: float, peak_bytes: int = 0) -> None:
@@ -315,18 +414,13 @@ class Runtime:
     def _on_exit(self, worker_id: str, code: int | None) -> None:
         now = time.time()
         lost = [b for b in self.batches.values() if b.worker == worker_id]
-        decisions = self.engine.worker_down(worker_id, now)
-        ended = {getattr(d, "job_id", None) for d in decisions}
         for b in lost:
             del self.batches[b.id]
-            requeued = [j for j in b.job_ids if j not in ended and not self._is_terminal(j)]
-            self.store.update(requeued, status="queued", batch_id=None, batch_size=None, worker=None,
-                              t_dispatched=None, t_load_start=None, t_load_end=None, load_tier=None,
-                              t_inference_start=None)
-            for j in requeued:
-                self.progress.pop(j, None)
-                self.events.emit(j, "requeued", {"reason": "worker_crashed", "worker": worker_id})
-                self.obs.job_requeued(j, "worker_crashed")
-        self._execute(decisions)
-        log.warning("worker %s lost (exit code %s); %d batch(es) requeued", worker_id, code, len(lost))
+            for j in b.job_ids:
+                if self._adopt_output(j, now, "written before its worker died"):
+                    self.engine.job_ended(j, now)
+        # Each job still in the engine's batch has a failed attempt: retried or failed by policy.
+        self._execute(self.engine.worker_down(worker_id, now))
+        self.worker_reported.pop(worker_id, None)
+        log.warning("worker %s lost (exit code %s) with %d batch(es)", worker_id, code, len(lost))
         self._pump()

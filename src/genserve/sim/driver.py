@@ -20,6 +20,7 @@ from ..engine import (
     LoadModel,
     Priority,
     RetireWorker,
+    RetryJob,
     RunBatch,
     ScaleTo,
     UnloadModel,
@@ -46,6 +47,7 @@ class SimJob:
     finished: float = math.nan
     failed: str = ""
     batch_size: int = 0
+    retries: int = 0
 
 
 @dataclass(slots=True)
@@ -158,6 +160,8 @@ class Simulator:
                 dev.retired = now
                 dev.up = False
                 dev.generation += 1
+            elif isinstance(d, RetryJob):
+                self.jobs[int(d.job_id)].retries += 1  # the engine has requeued it
             elif isinstance(d, (FailJob, JobDequeued)):
                 job = self.jobs[int(d.job_id)]
                 job.failed = getattr(d, "code", "canceled")

@@ -11,10 +11,12 @@ import multiprocessing as mp
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..engine.liveness import RestartPolicy
 from .process import worker_main
 
 log = logging.getLogger("genserve.pool")
@@ -51,14 +53,22 @@ class WorkerHandle:
     process: Any = None
     conn: Any = None
     ready: bool = False
-    restarts: int = 0
+    restarts: int = 0  # also the process's "life" number, which fault injection keys on
+    exits: list[float] = field(default_factory=list)
+    quarantined: bool = False
     info: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def state(self) -> str:
+        if self.quarantined:
+            return "quarantined"
+        return "ready" if self.ready else ("starting" if self.process is not None and self.process.is_alive() else "restarting")
 
 
 class LocalPool:
-    RESTART_BACKOFF_S = (0.5, 1, 2, 5, 10, 30)
-
     def __init__(self, devices: list[str], results_dir: str, on_message: OnMessage, on_exit: OnExit, *,
+                 heartbeat_s: float = 2.0, restart: RestartPolicy | None = None,
+                 faults: Callable[[str, int], dict[str, Any] | None] | None = None,
                  cpu_memory_bytes: int = 0, host_cache_bytes: int = 0) -> None:
         self.ctx = mp.get_context("spawn")
         self.results_dir = results_dir
@@ -73,6 +83,9 @@ class LocalPool:
         self.workers = {f"w{i}": WorkerHandle(f"w{i}", d) for i, d in enumerate(devices)}
         self.loop: asyncio.AbstractEventLoop | None = None
         self.closing = False
+        self.heartbeat_s = heartbeat_s
+        self.restart = restart or RestartPolicy()
+        self.faults = faults or (lambda worker_id, life: None)
 
     def start(self) -> None:
         self.loop = asyncio.get_running_loop()
@@ -82,9 +95,9 @@ class LocalPool:
     def _spawn(self, w: WorkerHandle) -> None:
         parent, child = self.ctx.Pipe(duplex=True)
         threads = self.threads if w.device == "cpu" else 0
-        proc = self.ctx.Process(target=worker_main, args=(child, w.id, w.device, self.results_dir, threads,
-                                                          self.cpu_memory, self.host_cache_bytes),
-                                name=f"genserve-worker-{w.id}", daemon=True)
+        proc = self.ctx.Process(target=worker_main, name=f"genserve-worker-{w.id}", daemon=True,
+                                args=(child, w.id, w.device, self.results_dir, threads, self.heartbeat_s,
+                                      self.faults(w.id, w.restarts), self.cpu_memory, self.host_cache_bytes))
         proc.start()
         child.close()
         w.process, w.conn, w.ready = proc, parent, False
@@ -117,10 +130,23 @@ class LocalPool:
         self.on_exit(w.id, code)
         if self.closing:
             return
-        delay = self.RESTART_BACKOFF_S[min(w.restarts, len(self.RESTART_BACKOFF_S) - 1)]
+        now = time.time()
+        w.exits.append(now)
+        delay = self.restart.after_exit(w.exits, now)
+        if delay is None:
+            w.quarantined = True
+            log.error("worker %s exited with %s, %d times in %gs: quarantined (not restarted)", w.id, code,
+                      len(w.exits), self.restart.window_s)
+            return
         w.restarts += 1
-        log.warning("worker %s exited with %s; restarting in %ss", w.id, code, delay)
+        log.warning("worker %s exited with %s; restarting in %.1fs", w.id, code, delay)
         self.loop.call_later(delay, lambda: None if self.closing else self._spawn(w))
+
+    def kill(self, worker_id: str) -> None:
+        """SIGKILL a hung or stuck worker. Its exit is reported like any crash (``on_exit``)."""
+        w = self.workers[worker_id]
+        if w.process is not None and w.process.is_alive():
+            w.process.kill()
 
     def send(self, worker_id: str, msg: dict[str, Any]) -> None:
         w = self.workers[worker_id]
@@ -130,7 +156,7 @@ class LocalPool:
             pass  # the reader callback sees the EOF and reports the worker lost
 
     def all_ready(self) -> bool:
-        return all(w.ready for w in self.workers.values())
+        return all(w.ready or w.quarantined for w in self.workers.values())
 
     async def close(self) -> None:
         self.closing = True

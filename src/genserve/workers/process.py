@@ -10,10 +10,13 @@ import traceback
 from multiprocessing.connection import Connection
 from typing import Any
 
+from ..engine.errors import ErrorCode, classify_exception
 from . import protocol as P
+from .faults import FaultInjector
 
 
 def worker_main(conn: Connection, worker_id: str, device: str, results_dir: str, threads: int,
+                heartbeat_s: float = 2.0, faults: dict[str, Any] | None = None,
                 memory_budget: int = 0, host_cache_bytes: int = 0) -> None:
     import warnings
 
@@ -53,7 +56,19 @@ def worker_main(conn: Connection, worker_id: str, device: str, results_dir: str,
             else:
                 inbox.put(msg)
 
+    def heartbeat() -> None:
+        # From its own thread, so a worker busy inside a long step still counts as alive; "hung"
+        # is judged by step progress, not by heartbeats.
+        while True:
+            time.sleep(heartbeat_s)
+            try:
+                emit({"ev": "heartbeat", "t": time.time()})
+            except (OSError, ValueError):
+                os._exit(0)
+
     threading.Thread(target=reader, daemon=True, name="genserve-reader").start()
+    threading.Thread(target=heartbeat, daemon=True, name="genserve-heartbeat").start()
+    injector = FaultInjector(faults)
     runner = PipelineRunner(device, LocalResultStore(results_dir), host_cache_bytes)
     emit({"ev": "ready", "worker": worker_id, "device": device, "pid": os.getpid(), "threads": torch.get_num_threads(),
           "capacity_bytes": runner.capacity(memory_budget),
@@ -67,12 +82,14 @@ def worker_main(conn: Connection, worker_id: str, device: str, results_dir: str,
         if op == P.LOAD:
             model = msg["model"]
             try:
+                injector.on_load(model)
                 info = runner.load(model, msg["spec"])
                 failed_loads.pop(model, None)
                 emit({"ev": "loaded", **info})
             except Exception as e:  # any load error is reported, never fatal to the worker
                 failed_loads[model] = f"{type(e).__name__}: {e}"
-                emit({"ev": "load_failed", "model": model, "code": "model_load_failed", "message": failed_loads[model]})
+                emit({"ev": "load_failed", "model": model, "code": ErrorCode.MODEL_LOAD_FAILED.value,
+                      "message": failed_loads[model]})
         elif op == P.UNLOAD:
             emit({"ev": "unloaded", **runner.unload(msg["model"])})
         elif op == P.RUN:
@@ -80,24 +97,15 @@ def worker_main(conn: Connection, worker_id: str, device: str, results_dir: str,
             try:
                 if msg["model"] not in runner.pipes:
                     raise RuntimeError(failed_loads.get(msg["model"], f"model {msg['model']} is not loaded"))
-                peak = runner.run(msg, emit, canceled)
+                injector.on_batch(len(msg["jobs"]))
+                peak = runner.run(msg, emit, canceled, on_step=injector.on_step)
                 emit({"ev": "batch_done", "batch_id": batch_id, "t": time.time(), "peak_bytes": peak})
             except BatchAborted:
                 emit({"ev": "batch_done", "batch_id": batch_id, "t": time.time()})
             except Exception as e:
-                code = _classify(e, msg["model"] in failed_loads)
+                code = ErrorCode.MODEL_LOAD_FAILED if msg["model"] in failed_loads else classify_exception(e)
                 traceback.print_exc()
-                emit({"ev": "batch_failed", "batch_id": batch_id, "code": code, "message": f"{type(e).__name__}: {e}"})
+                emit({"ev": "batch_failed", "batch_id": batch_id, "code": code.value, "message": f"{type(e).__name__}: {e}"})
             finally:
                 canceled.difference_update(j["id"] for j in msg["jobs"])
 
-
-def _classify(e: Exception, load_failed: bool) -> str:
-    if load_failed:
-        return "model_load_failed"
-    name = type(e).__name__
-    if "OutOfMemory" in name or "out of memory" in str(e).lower():
-        return "out_of_memory"
-    if isinstance(e, OSError):
-        return "storage_error"
-    return "internal"

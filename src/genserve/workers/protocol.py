@@ -9,6 +9,7 @@ server -> worker (``op``):
   shutdown {}
 worker -> server (``ev``):
   ready        {worker, device, device_name, pid, threads, capacity_bytes}
+  heartbeat    {t}                    (every heartbeat_s, from its own thread)
   loaded       {model, cached, load_start, load_end, bytes, tier: disk | page_cache | host | resident}
   unloaded     {model, freed_bytes, kept_in, used_bytes, resident}
   load_failed  {model, code, message}

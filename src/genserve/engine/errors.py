@@ -1,0 +1,40 @@
+"""The error taxonomy: one stable code per way a job can fail, used in job records, API errors,
+attempt history and metrics. Whether a code is worth retrying is decided here, once."""
+from __future__ import annotations
+
+from enum import StrEnum
+
+
+class ErrorCode(StrEnum):
+    OUT_OF_MEMORY = "out_of_memory"  # the device ran out of memory for this batch
+    TIMEOUT = "timeout"  # the job's deadline passed, or its worker stopped making progress
+    WORKER_CRASHED = "worker_crashed"  # the worker process died (or went silent) under the job
+    MODEL_LOAD_FAILED = "model_load_failed"
+    STORAGE_ERROR = "storage_error"  # writing the output failed
+    INVALID_REQUEST = "invalid_request"
+    CANCELED = "canceled"
+    INTERNAL = "internal"  # anything else: a bug, most likely deterministic for this input
+
+
+# Retrying helps when the cause is the machine, not the request: another worker (or the same one
+# later, or a smaller batch) may well succeed. An internal error is most likely a bug that would
+# fail the same way again, so it is not retried.
+RETRYABLE = frozenset({
+    ErrorCode.OUT_OF_MEMORY, ErrorCode.TIMEOUT, ErrorCode.WORKER_CRASHED, ErrorCode.MODEL_LOAD_FAILED,
+    ErrorCode.STORAGE_ERROR,
+})
+
+
+def is_retryable(code: str) -> bool:
+    return code in RETRYABLE
+
+
+def classify_exception(exc: BaseException) -> ErrorCode:
+    """The code for an exception raised while running a batch. By name, so no torch import here:
+    ``torch.OutOfMemoryError`` / ``torch.cuda.OutOfMemoryError`` and CUDA's "out of memory"
+    RuntimeErrors are OOM; OS errors happen writing outputs."""
+    if "OutOfMemory" in type(exc).__name__ or "out of memory" in str(exc).lower():
+        return ErrorCode.OUT_OF_MEMORY
+    if isinstance(exc, OSError):
+        return ErrorCode.STORAGE_ERROR
+    return ErrorCode.INTERNAL

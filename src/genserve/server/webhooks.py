@@ -1,0 +1,142 @@
+"""Webhook delivery: signed per Standard Webhooks, persisted, retried with exponential backoff.
+
+Every delivery is a row in SQLite before anything is sent, so a restart resumes what was pending.
+One asyncio task sends what is due and sleeps until the next row is due or a new one arrives (no
+polling). Retries keep the same ``webhook-id``, so receivers can drop duplicates.
+
+Signature (https://www.standardwebhooks.com): ``webhook-signature: v1,<base64 HMAC-SHA256>`` over
+``"<webhook-id>.<webhook-timestamp>.<body>"``, keyed with the base64 part of ``whsec_<base64>``.
+"""
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import hmac
+import json
+import logging
+import time
+import uuid
+from datetime import datetime, timezone
+from typing import Any
+
+import httpx
+
+from ..engine.retry import Backoff
+from .jobstore import JobStore
+
+log = logging.getLogger("genserve.webhooks")
+
+PROGRESS_INTERVAL_S = 0.5  # progress events to one job's webhook are at least this far apart
+MAX_BACKOFF_S = 300.0
+
+
+def sign(secret: str, msg_id: str, timestamp: int, body: bytes) -> str:
+    key = base64.b64decode(secret.removeprefix("whsec_"))
+    mac = hmac.new(key, f"{msg_id}.{timestamp}.".encode() + body, hashlib.sha256).digest()
+    return "v1," + base64.b64encode(mac).decode()
+
+
+def _retryable(status: int | None) -> bool:
+    """Connection errors, timeouts, 5xx and 429 are worth another try; other answers are final."""
+    return status is None or status >= 500 or status == 429
+
+
+class WebhookSender:
+    def __init__(self, store: JobStore, secret: str | None, *, max_attempts: int = 8, backoff_s: float = 1.0,
+                 timeout_s: float = 10.0) -> None:
+        self.store = store
+        self.secret = secret
+        self.max_attempts = max_attempts
+        self.backoff = Backoff(first_s=backoff_s, base_s=2 * backoff_s, factor=2.0, max_s=MAX_BACKOFF_S, jitter=0.1)
+        self.timeout_s = timeout_s
+        self._last_progress: dict[str, float] = {}
+        self._inflight: set[str] = set()
+        self._wake: asyncio.Event | None = None
+        self._task: asyncio.Task | None = None
+        self._client: httpx.AsyncClient | None = None
+
+    # ---- producing ---------------------------------------------------------------------------------
+
+    def notify(self, job_id: str, url: str | None, wanted: tuple[str, ...], event: str, data: dict[str, Any],
+               now: float) -> None:
+        """Queue ``event`` (started | progress | completed) for the job's webhook, if it wants it."""
+        if url is None or event not in wanted or self.secret is None:
+            return
+        if event == "progress":
+            if now - self._last_progress.get(job_id, float("-inf")) < PROGRESS_INTERVAL_S:
+                return
+            self._last_progress[job_id] = now
+        elif event == "completed":
+            self._last_progress.pop(job_id, None)
+        payload = {"type": f"job.{event}", "timestamp": datetime.fromtimestamp(now, timezone.utc).isoformat(),
+                   "data": {"id": job_id, **data}}
+        self.store.add_delivery(f"msg_{uuid.uuid4().hex}", job_id, url, event, json.dumps(payload), now)
+        if self._wake is not None:
+            self._wake.set()
+
+    # ---- delivering --------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._wake = asyncio.Event()
+        self._client = httpx.AsyncClient(timeout=self.timeout_s, follow_redirects=False)
+        self._task = asyncio.get_running_loop().create_task(self._run())
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+        if self._client is not None:
+            await self._client.aclose()
+
+    async def _run(self) -> None:
+        assert self._wake is not None
+        while True:
+            self._wake.clear()
+            now = time.time()
+            rows = [r for r in self.store.pending_deliveries() if r["id"] not in self._inflight]
+            for r in rows:
+                if r["next_at"] <= now:
+                    self._inflight.add(r["id"])
+                    asyncio.get_running_loop().create_task(self._deliver(r))
+            later = [r["next_at"] for r in rows if r["next_at"] > now]
+            try:
+                await asyncio.wait_for(self._wake.wait(), timeout=min(later) - now if later else None)
+            except asyncio.TimeoutError:
+                pass
+
+    async def _deliver(self, row: dict[str, Any]) -> None:
+        assert self._client is not None and self.secret is not None and self._wake is not None
+        body = row["payload"].encode()
+        ts = int(time.time())
+        headers = {"content-type": "application/json", "user-agent": "genserve-webhooks",
+                   "webhook-id": row["id"], "webhook-timestamp": str(ts),
+                   "webhook-signature": sign(self.secret, row["id"], ts, body)}
+        status: int | None = None
+        try:
+            resp = await self._client.post(row["url"], content=body, headers=headers)
+            status, error = resp.status_code, f"HTTP {resp.status_code}"
+        except httpx.HTTPError as e:
+            error = f"{type(e).__name__}: {e}"
+        except Exception as e:  # noqa: BLE001 — a bad URL must not kill the delivery task
+            error = f"{type(e).__name__}: {e}"
+            status = 0
+        attempts = row["attempts"] + 1
+        now = time.time()
+        try:
+            if status is not None and 200 <= status < 300:
+                self.store.update_delivery(row["id"], status="delivered", attempts=attempts, delivered=now,
+                                           last_error=None)
+            elif _retryable(status) and attempts < self.max_attempts:
+                self.store.update_delivery(row["id"], attempts=attempts, last_error=error,
+                                           next_at=now + self.backoff.delay(attempts, row["id"]))
+            else:
+                log.warning("webhook %s for job %s gave up after %d attempts: %s", row["id"], row["job_id"],
+                            attempts, error)
+                self.store.update_delivery(row["id"], status="failed", attempts=attempts, last_error=error)
+        finally:
+            self._inflight.discard(row["id"])
+            self._wake.set()
