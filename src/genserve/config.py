@@ -123,6 +123,23 @@ DEFAULT_PRICES: dict[str, float] = {"H100": 2.00, "H200": 2.60, "B200": 4.00, "A
 
 
 @dataclass(frozen=True)
+class AutoscaleConfig:
+    """``[autoscale]``: the engine's autoscaling policy and the local provider's limits."""
+
+    policy: str = "queue_depth"
+    min_devices: int = 1
+    max_devices: int = 2
+    budget_per_hour: float | None = None
+    price_per_hour: float | None = None  # default: the device type's price in [prices]
+    scale_down_delay_s: float = 120.0
+    interval_s: float = 5.0
+    params: dict[str, float] = field(default_factory=dict)  # the policy's own knobs
+
+
+AUTOSCALE_PARAMS = ("target_queue_s", "headroom", "horizon_s", "lead_s", "period_s", "bucket_s", "baseline")
+
+
+@dataclass(frozen=True)
 class FaultConfig:
     """Fault injection for recovery drills (off unless configured *and* $GENSERVE_ENABLE_FAULTS=1).
     Counts are per worker process; ``lives`` processes of each affected worker misbehave, later
@@ -149,6 +166,7 @@ class Config:
     models: dict[str, ModelConfig] = field(default_factory=dict)
     prices: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_PRICES))
     faults: FaultConfig | None = None
+    autoscale: AutoscaleConfig | None = None
 
     def with_overrides(self, **kw: Any) -> "Config":
         kw = {k: v for k, v in kw.items() if v is not None}
@@ -409,9 +427,9 @@ def _parse_prices(raw: Any) -> dict[str, float]:
 
 
 def parse_config(data: dict[str, Any]) -> Config:
-    unknown = sorted(set(data) - {"server", "models", "prices", "faults"})
+    unknown = sorted(set(data) - {"server", "models", "prices", "faults", "autoscale"})
     if unknown:
-        raise ConfigError(unknown[0], "unknown section (expected [server], [prices], [models.NAME] and [faults])")
+        raise ConfigError(unknown[0], "unknown section (expected [server], [prices], [autoscale], [models.NAME], [faults])")
     server = _parse_server(data.get("server", {}))
     models_raw = data.get("models", {})
     _type("models", models_raw, dict, "a table of models")
@@ -429,7 +447,36 @@ def parse_config(data: dict[str, Any]) -> Config:
         if models[m.fallback].kind != m.kind:
             raise ConfigError(key, f"{m.fallback} is a {models[m.fallback].kind} model; {name} is {m.kind}")
     faults = _parse_faults(data["faults"], models) if "faults" in data else None
-    return Config(server, models, _parse_prices(data.get("prices", {})), faults)
+    autoscale = _parse_autoscale(data["autoscale"]) if "autoscale" in data else None
+    return Config(server, models, _parse_prices(data.get("prices", {})), faults, autoscale)
+
+
+def _parse_autoscale(raw: Any) -> AutoscaleConfig:
+    from .engine.autoscale import POLICIES
+
+    _type("autoscale", raw, dict, "a table")
+    known = set(AutoscaleConfig.__dataclass_fields__) - {"params"} | set(AUTOSCALE_PARAMS)
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        raise ConfigError(f"autoscale.{unknown[0]}", "unknown key")
+    kw: dict[str, Any] = {}
+    if "policy" in raw:
+        kw["policy"] = _type("autoscale.policy", raw["policy"], str, "a string")
+        if kw["policy"] not in POLICIES:
+            raise ConfigError("autoscale.policy", f"unknown policy {kw['policy']!r}; one of {', '.join(POLICIES)}")
+    for k in ("min_devices", "max_devices"):
+        if k in raw:
+            kw[k] = _int(f"autoscale.{k}", raw[k], 0)
+    for k in ("budget_per_hour", "price_per_hour", "scale_down_delay_s"):
+        if k in raw:
+            kw[k] = _float(f"autoscale.{k}", raw[k], 0.0)
+    if "interval_s" in raw:
+        kw["interval_s"] = _float("autoscale.interval_s", raw["interval_s"], 0.05)
+    kw["params"] = {k: _float(f"autoscale.{k}", raw[k], 0.0) for k in AUTOSCALE_PARAMS if k in raw}
+    a = AutoscaleConfig(**kw)
+    if a.max_devices < max(1, a.min_devices):
+        raise ConfigError("autoscale.max_devices", f"must be ≥ min_devices ({a.min_devices}) and ≥ 1")
+    return a
 
 
 def model_limits(config: Config) -> dict[str, ModelLimits]:

@@ -35,10 +35,13 @@ from ..engine import (
     Priority,
     RestartPolicy,
     RetryJob,
+    RetireWorker,
     RetryPolicy,
     RunBatch,
+    ScaleTo,
     UnloadModel,
 )
+from ..engine.autoscale import Autoscaler, ScaleLimits
 from ..requests import JobParams
 from ..workers import protocol as P
 from ..workers.pool import LocalPool, detect_devices
@@ -78,12 +81,32 @@ def _engine(config: Config) -> Engine:
         fallbacks={name: m.fallback for name, m in config.models.items() if m.fallback},
     )
     return Engine(
-        model_limits(config), aging_s=s.aging_s, retry=retry,
+        model_limits(config), aging_s=s.aging_s, retry=retry, autoscaler=_autoscaler(config),
         liveness=Liveness(s.hang_timeout_s, s.heartbeat_timeout_s, s.stop_grace_s),
         residency=s.residency, placement=s.placement, saturation=s.saturation,
         preload=s.preload, preload_min_probability=s.preload_min_probability,
         batch_id_prefix=f"b{secrets.token_hex(3)}",  # unique across restarts sharing one database
     )
+
+
+def _autoscaler(config: Config) -> Autoscaler | None:
+    a = config.autoscale
+    if a is None:
+        return None
+    price = a.price_per_hour if a.price_per_hour is not None else config.prices.get("cpu", 0.0)
+    limits = ScaleLimits(a.min_devices, a.max_devices, price, a.budget_per_hour, a.scale_down_delay_s, a.interval_s)
+    return Autoscaler(a.policy, limits, **a.params)
+
+
+def initial_devices(config: Config, detected: list[str]) -> list[str]:
+    """The fleet to start with. With autoscaling, the provider may start up to ``max_devices``
+    (never more GPUs than exist) and begins with ``server.workers`` clamped to the limits."""
+    a = config.autoscale
+    if a is None:
+        return detected
+    if detected and detected[0].startswith("cuda"):
+        return detected[: max(a.min_devices, min(len(detected), a.max_devices))]
+    return ["cpu"] * max(a.min_devices, min(config.server.workers, a.max_devices))
 
 
 class Runtime:
@@ -97,7 +120,9 @@ class Runtime:
         self.events = EventHub()
         self.webhooks = WebhookSender(self.store, s.webhook_secret, max_attempts=s.webhook_max_attempts,
                                       backoff_s=s.webhook_backoff_s)
-        self.devices = devices if devices is not None else detect_devices(s.workers)
+        detected = devices if devices is not None else detect_devices(s.workers)
+        self.gpus = [d for d in detected if d.startswith("cuda")]
+        self.devices = initial_devices(config, detected)
         faults = config.faults
         self.pool = LocalPool(self.devices, str(self.results.root), self._on_message, self._on_exit,
                               heartbeat_s=s.heartbeat_s,
@@ -250,9 +275,29 @@ class Runtime:
                 self._finish(d.job_id, "failed", now, code=d.code, message=d.message)
             elif isinstance(d, RetryJob):
                 self._retry(d, now)
+            elif isinstance(d, ScaleTo):
+                self._scale_to(d)
+            elif isinstance(d, RetireWorker):
+                log.info("retiring worker %s (%s)", d.worker, d.reason)
+                self.pool.retire(d.worker)
             elif isinstance(d, KillWorker):
                 log.warning("killing worker %s: %s", d.worker, d.message)
                 self.pool.kill(d.worker)
+
+    def _scale_to(self, d: ScaleTo) -> None:
+        """The local provider: start worker processes until ``d.devices`` are up or starting (GPU
+        workers only on GPUs not already in use). Surplus ones are retired by the engine, one by one."""
+        active = self.pool.active()
+        log.info("autoscale: want %d devices, have %d (%s)", d.devices, len(active), d.reason)
+        for _ in range(d.devices - len(active)):
+            if self.gpus:
+                used = {w.device for w in self.pool.active()}
+                free = [g for g in self.gpus if g not in used]
+                if not free:
+                    break
+                self.pool.add_worker(free[0])
+            else:
+                self.pool.add_worker("cpu")
 
     def _retry(self, d: RetryJob, now: float) -> None:
         self.store.end_attempt(d.job_id, d.code, d.message, now)

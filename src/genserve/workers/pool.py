@@ -56,6 +56,7 @@ class WorkerHandle:
     restarts: int = 0  # also the process's "life" number, which fault injection keys on
     exits: list[float] = field(default_factory=list)
     quarantined: bool = False
+    retiring: bool = False  # scaled down: asked to shut down, not to be restarted
     info: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -81,6 +82,8 @@ class LocalPool:
         self.cpu_memory = cpu_memory_bytes or (_physical_memory() // max(1, n_cpu))
         self.host_cache_bytes = host_cache_bytes
         self.workers = {f"w{i}": WorkerHandle(f"w{i}", d) for i, d in enumerate(devices)}
+        self._next_id = len(devices)
+        self._started_once = False  # readiness latch: every initial worker has been up
         self.loop: asyncio.AbstractEventLoop | None = None
         self.closing = False
         self.heartbeat_s = heartbeat_s
@@ -127,6 +130,10 @@ class LocalPool:
         w.process.join(timeout=5)
         code = w.process.exitcode
         w.ready = False
+        if w.retiring:  # scaled down on purpose: gone for good, nothing to recover
+            del self.workers[w.id]
+            log.info("worker %s retired (exit code %s)", w.id, code)
+            return
         self.on_exit(w.id, code)
         if self.closing:
             return
@@ -156,7 +163,33 @@ class LocalPool:
             pass  # the reader callback sees the EOF and reports the worker lost
 
     def all_ready(self) -> bool:
-        return all(w.ready or w.quarantined for w in self.workers.values())
+        """Every initial worker has come up once (later scale-ups and restarts do not make the
+        server unready: it keeps accepting and queueing)."""
+        if not self._started_once:
+            self._started_once = all(w.ready or w.quarantined for w in self.workers.values())
+        return self._started_once
+
+    # ---- the local provider: autoscaling starts and retires worker processes ------------------------
+
+    def active(self) -> list[WorkerHandle]:
+        """Workers that count towards the fleet: not retiring, not quarantined."""
+        return [w for w in self.workers.values() if not w.retiring and not w.quarantined]
+
+    def add_worker(self, device: str) -> str:
+        wid = f"w{self._next_id}"
+        self._next_id += 1
+        w = self.workers[wid] = WorkerHandle(wid, device)
+        self._spawn(w)
+        log.info("worker %s starting on %s (scale up)", wid, device)
+        return wid
+
+    def retire(self, worker_id: str) -> None:
+        """Graceful shutdown of an idle worker; its exit is not a crash."""
+        w = self.workers.get(worker_id)
+        if w is None:
+            return
+        w.retiring = True
+        self.send(worker_id, {"op": "shutdown"})
 
     async def close(self) -> None:
         self.closing = True
