@@ -5,9 +5,9 @@ tests, later the simulator) feed it events and carry out the decisions it return
 """
 from __future__ import annotations
 
+import heapq
 import math
 from collections.abc import Mapping
-from dataclasses import replace
 
 from .autoscale import Autoscaler, FleetSnapshot
 from .batching import BATCHING
@@ -102,6 +102,13 @@ class Engine:
         self._watch: dict[str, BatchWatch] = {}
         self._seen: dict[str, float] = {}
         self._killing: dict[str, tuple[str, str]] = {}
+        self._deadlines: list[tuple[float, str]] = []  # heap of (deadline, job id); stale entries skipped
+        self._any_avoid = False  # some job avoids a worker it failed on
+        self._liveness_on = any(x is not None for x in (self.liveness.hang_timeout_s,
+                                                         self.liveness.heartbeat_timeout_s, self.liveness.stop_grace_s))
+        # Idle unloads are checked only when one can be due: the earliest future due time seen by
+        # the last scan, lowered by events that start a countdown, -inf to force a rescan.
+        self._unload_next = -math.inf
 
     # ---- jobs ------------------------------------------------------------------------------------
 
@@ -126,6 +133,8 @@ class Engine:
         if job_id in self.queues or job_id in self._running_job or job_id in self._delayed:
             return Admission(True)  # idempotent
         self.queues.add(QueuedJob(job_id, key, priority, now, attempts=attempts, deadline=deadline))
+        if deadline is not None:
+            heapq.heappush(self._deadlines, (deadline, job_id))
         self.last_key[key.model] = key
         if not force:
             self.last_arrival[key.model] = now
@@ -241,6 +250,7 @@ class Engine:
             self._load_seconds[model] = took if old is None else 0.7 * old + 0.3 * took
         r.loading = False
         r.bytes = nbytes or r.bytes
+        self._unload_next = -math.inf
 
     def model_load_failed(self, worker_id: str, model: str, now: float) -> None:
         w = self.workers.get(worker_id)
@@ -347,8 +357,10 @@ class Engine:
         self._waiting_on_warm = False
         blocked: set[BatchKey] = set()
         while True:
+            if not self._has_idle():
+                break
             ready = [k for k in self.queues.keys() if k not in blocked and self._ready(k, now)]
-            if not ready or not self._idle():
+            if not ready:
                 break
             key = min(ready, key=lambda k: self._head_order(k, now))
             decisions = self._place(key, now)
@@ -368,21 +380,19 @@ class Engine:
     def next_deadline(self, now: float) -> float | None:
         """When ``step`` could next decide something without a new event (None: only events matter)."""
         times = self._failure_deadlines()
-        protected = self._protected()
-        for w in self.workers.values():
-            for m in w.resident:
-                if m in protected or self._running_model(w) == m:
-                    continue
-                due = self.residency.unload_at(m, w, self.models[m], self.last_arrival.get(m))
-                if due is not None:
-                    times.append(max(due, now))
-        idle = self._idle()
-        if idle:
+        if self._unload_next == -math.inf:
+            due_now, self._unload_next = self._unload_scan(now)
+            if due_now:
+                times.append(now)
+        if self._unload_next < math.inf:
+            times.append(max(self._unload_next, now))
+        if self._has_idle():
+            idle = self._idle() if self._any_avoid else []
             for key in self.queues.keys():
-                if not self._allowed(self.queues.ordered(key, now, self.aging_s)[0], idle):
+                if self._any_avoid and not self._allowed(self.queues.ordered(key, now, self.aging_s)[0], idle):
                     continue  # waits for a worker it has not failed on: an event, not a time
-                jobs = list(self.queues.jobs(key))
-                t = self.batching.ready_at(len(jobs), min(j.enqueued_at for j in jobs), self.models[key.model])
+                t = self.batching.ready_at(self.queues.size(key), self.queues.oldest_enqueued(key),
+                                           self.models[key.model])
                 if t is not None and t > now:
                     times.append(t)
             if self._waiting_on_warm:
@@ -485,7 +495,8 @@ class Engine:
             for m in evict or []:
                 del w.resident[m]
                 out.append(UnloadModel(w.id, m, "lru"))
-        pinned = pin or self._warm_count(model) < self.models[model].min_warm
+        min_warm = self.models[model].min_warm
+        pinned = pin or (min_warm > 0 and self._warm_count(model) < min_warm)
         w.resident[model] = Resident(self.memory.weights(model), now, pinned=pinned, loading=True, load_started=now)
         out.append(LoadModel(w.id, model, reason))
         return out
@@ -496,6 +507,8 @@ class Engine:
     def _fill_warm_pools(self, now: float) -> list[Decision]:
         out: list[Decision] = []
         for model, limits in self.models.items():
+            if limits.min_warm <= 0:
+                continue
             # Pin copies that are already resident first, then load onto more workers.
             for w in self.workers.values():
                 if self._warm_count(model) >= limits.min_warm:
@@ -510,14 +523,34 @@ class Engine:
         return out
 
     def _idle_unloads(self, now: float) -> list[Decision]:
+        if now < self._unload_next:
+            return []
+        due_now, self._unload_next = self._unload_scan(now)
         out: list[Decision] = []
-        protected = self._protected()
-        for w in self.workers.values():
-            for m in self.residency.idle_unloads(w, self.models, self.last_arrival,
-                                                 protected | {self._running_model(w)} - {None}, now):
-                del w.resident[m]
-                out.append(UnloadModel(w.id, m, "idle"))
+        for w, m in due_now:
+            del w.resident[m]
+            out.append(UnloadModel(w.id, m, "idle"))
         return out
+
+    def _unload_scan(self, now: float) -> tuple[list[tuple[WorkerState, str]], float]:
+        """Resident copies due for an idle unload now, and the earliest due time after ``now``.
+        Copies with queued work, running, pinned or loading are never due."""
+        protected = self._protected()
+        due_now: list[tuple[WorkerState, str]] = []
+        nxt = math.inf
+        for w in self.workers.values():
+            running = self._running_model(w)
+            for m in w.resident:
+                if m in protected or m == running:
+                    continue
+                due = self.residency.unload_at(m, w, self.models[m], self.last_arrival.get(m))
+                if due is None:
+                    continue
+                if due <= now:
+                    due_now.append((w, m))
+                else:
+                    nxt = min(nxt, due)
+        return due_now, nxt
 
     def _preload(self, now: float) -> list[Decision]:
         """Load the model most likely to be requested next into an idle worker's free memory,
@@ -552,9 +585,12 @@ class Engine:
     def _fail_unplaceable(self, now: float) -> list[Decision]:
         """Jobs whose model plus one job's working memory exceed every worker's whole capacity can
         never run: fail them instead of queueing forever."""
-        if not self.workers or any(w.capacity is None for w in self.workers.values()):
+        if not self.queues or not self.workers:
             return []
-        biggest = max(w.capacity for w in self.workers.values())
+        caps = [w.capacity for w in self.workers.values()]
+        if None in caps:
+            return []
+        biggest = max(caps)
         out: list[Decision] = []
         for key in self.queues.keys():
             # Measured or hinted figures only: a guess never fails a job.
@@ -570,8 +606,7 @@ class Engine:
     # ---- internals: queues -----------------------------------------------------------------------
 
     def _ready(self, key: BatchKey, now: float) -> bool:
-        jobs = list(self.queues.jobs(key))
-        return self.batching.ready(len(jobs), min(j.enqueued_at for j in jobs), self.models[key.model], now)
+        return self.batching.ready(self.queues.size(key), self.queues.oldest_enqueued(key), self.models[key.model], now)
 
     def _head_order(self, key: BatchKey, now: float) -> tuple:
         return min(order_key(j, now, self.aging_s) for j in self.queues.jobs(key))
@@ -580,6 +615,8 @@ class Engine:
                   needs_load: bool) -> RunBatch:
         for job in chosen:
             self.queues.remove(job.id)
+        if not self.queues.depth(key.model):
+            self._unload_next = -math.inf  # copies elsewhere lost their protection
         self._batch_seq += 1
         batch_id = f"{self._prefix}-{self._batch_seq:06d}"
         self.running[batch_id] = RunningBatch(batch_id, worker.id, key, {j.id: j for j in chosen}, now, len(chosen))
@@ -616,6 +653,10 @@ class Engine:
             worker.busy.stop(now)
             if batch.key.model in worker.resident:
                 worker.resident[batch.key.model].last_used = now
+                due = self.residency.unload_at(batch.key.model, worker, self.models[batch.key.model],
+                                               self.last_arrival.get(batch.key.model))
+                if due is not None:
+                    self._unload_next = min(self._unload_next, due)
         return batch
 
     def _canceled(self, job_id: str, out: list[Decision]) -> bool:
@@ -633,12 +674,13 @@ class Engine:
                 continue
             job.attempts += 1
             job.avoid.add(worker_id)
+            self._any_avoid = True
             retry = self.retry.after_failure(job.id, job.key.model, job.attempts, code, now, job.deadline)
             if retry is None:
                 out.append(FailJob(job.id, code, f"{message} (attempt {job.attempts} of {self.retry.max_attempts})"))
                 continue
             if retry.model != job.key.model:
-                job.key = replace(job.key, model=retry.model)
+                job.key = job.key._replace(model=retry.model)
             if retry.at <= now:
                 self.queues.add(job)
             else:
@@ -647,6 +689,7 @@ class Engine:
         return out
 
     def _take_queued(self, job_id: str) -> QueuedJob:
+        self._unload_next = -math.inf  # the model may have lost its last queued job
         if job_id in self._delayed:
             return self._delayed.pop(job_id)[1]
         return self.queues.remove(job_id)
@@ -665,21 +708,24 @@ class Engine:
             if at <= now:
                 del self._delayed[job_id]
                 self.queues.add(job)
-        expired = [j.id for key in self.queues.keys() for j in self.queues.jobs(key) if _due(j.deadline, now)]
-        for job_id, (_, job) in self._delayed.items():
-            if _due(job.deadline, now):
-                expired.append(job_id)
-        for job_id in expired:
-            self._take_queued(job_id)
-            out.append(FailJob(job_id, ErrorCode.TIMEOUT, "deadline passed before the job could run"))
-        for batch in list(self.running.values()):
-            late = [j.id for j in batch.jobs.values() if _due(j.deadline, now) and j.id not in self._cancel_sent]
-            for job_id in late:
+        late: dict[str, list[str]] = {}  # batch id -> its jobs past their deadline
+        while self._deadlines and self._deadlines[0][0] <= now:
+            _, job_id = heapq.heappop(self._deadlines)
+            if job_id in self.queues or job_id in self._delayed:
+                self._take_queued(job_id)
+                out.append(FailJob(job_id, ErrorCode.TIMEOUT, "deadline passed before the job could run"))
+            elif job_id in self._running_job and job_id not in self._cancel_sent:
+                late.setdefault(self._running_job[job_id], []).append(job_id)
+        for batch_id, job_ids in late.items():
+            batch = self.running[batch_id]
+            for job_id in job_ids:
                 self.job_ended(job_id, now)
                 out.append(FailJob(job_id, ErrorCode.TIMEOUT, "deadline passed while running"))
-            if late:
-                self._stop_requested(batch.id, now)
-                out.append(CancelRunning(batch.worker, batch.id, tuple(late)))
+            self._stop_requested(batch_id, now)
+            out.append(CancelRunning(batch.worker, batch_id, tuple(job_ids)))
+        if not self._liveness_on:
+            return out
+        for batch in list(self.running.values()):
             verdict = self.liveness.batch_verdict(self._watch[batch.id], now)
             if verdict is not None:
                 out.extend(self._kill(batch.worker, *verdict))
@@ -697,15 +743,28 @@ class Engine:
 
     def _failure_deadlines(self) -> list[float]:
         times = [at for at, _ in self._delayed.values()]
-        times += [j.deadline for _, j in self._delayed.values() if j.deadline is not None]
-        times += [j.deadline for k in self.queues.keys() for j in self.queues.jobs(k) if j.deadline is not None]
-        for batch in self.running.values():
-            if batch.worker in self._killing:
-                continue
-            times += [j.deadline for j in batch.jobs.values() if j.deadline is not None and j.id not in self._cancel_sent]
-            times.append(self.liveness.batch_kill_at(self._watch[batch.id]))
-        times += [self.liveness.silent_kill_at(t) for w, t in self._seen.items() if w not in self._killing]
+        heap = self._deadlines
+        while heap and not self._deadline_pending(heap[0][1]):
+            heapq.heappop(heap)  # the job finished or left: its deadline no longer matters
+        if heap:
+            times.append(heap[0][0])
+        if self._liveness_on:
+            for batch in self.running.values():
+                if batch.worker not in self._killing:
+                    times.append(self.liveness.batch_kill_at(self._watch[batch.id]))
+            times += [self.liveness.silent_kill_at(t) for w, t in self._seen.items() if w not in self._killing]
         return [t for t in times if t is not None]
+
+    def _deadline_pending(self, job_id: str) -> bool:
+        return (job_id in self.queues or job_id in self._delayed
+                or (job_id in self._running_job and job_id not in self._cancel_sent))
+
+    def _has_idle(self) -> bool:
+        # Each running batch holds one distinct worker (a lost worker's batches are released), so
+        # fewer batches than workers means one is free — exact unless a kill is pending.
+        if self._killing:
+            return bool(self._idle())
+        return len(self.running) < len(self.workers)
 
     def _idle(self) -> list[WorkerState]:
         return [w for w in self.workers.values() if w.idle and w.id not in self._killing]

@@ -26,6 +26,7 @@ class KeyedQueues:
         self._by_key: dict[BatchKey, dict[str, QueuedJob]] = {}
         self._key_of: dict[str, BatchKey] = {}
         self._per_model: dict[str, int] = {}
+        self._oldest: dict[BatchKey, float] = {}  # cache; absent = recompute
 
     def __len__(self) -> int:
         return len(self._key_of)
@@ -36,6 +37,9 @@ class KeyedQueues:
     def add(self, job: QueuedJob) -> None:
         self._by_key.setdefault(job.key, {})[job.id] = job
         self._key_of[job.id] = job.key
+        old = self._oldest.get(job.key)
+        if old is not None and job.enqueued_at < old:
+            self._oldest[job.key] = job.enqueued_at
         self._per_model[job.key.model] = self._per_model.get(job.key.model, 0) + 1
 
     def remove(self, job_id: str) -> QueuedJob:
@@ -44,6 +48,9 @@ class KeyedQueues:
         job = bucket.pop(job_id)
         if not bucket:
             del self._by_key[key]
+            self._oldest.pop(key, None)
+        elif self._oldest.get(key) == job.enqueued_at:
+            del self._oldest[key]
         self._per_model[key.model] -= 1
         return job
 
@@ -59,8 +66,14 @@ class KeyedQueues:
     def ordered(self, key: BatchKey, now: float, aging_s: float) -> list[QueuedJob]:
         return sorted(self.jobs(key), key=lambda j: order_key(j, now, aging_s))
 
+    def size(self, key: BatchKey) -> int:
+        return len(self._by_key.get(key, ()))
+
     def oldest_enqueued(self, key: BatchKey) -> float:
-        return min(j.enqueued_at for j in self.jobs(key))
+        old = self._oldest.get(key)
+        if old is None:
+            old = self._oldest[key] = min(j.enqueued_at for j in self.jobs(key))
+        return old
 
     def all_ordered(self, now: float, aging_s: float) -> list[QueuedJob]:
         everything = [j for bucket in self._by_key.values() for j in bucket.values()]

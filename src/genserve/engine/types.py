@@ -1,8 +1,10 @@
 """Plain data the engine takes in and hands out. No behaviour beyond small invariants."""
 from __future__ import annotations
 
+from collections import deque
 from dataclasses import dataclass, field
 from enum import IntEnum
+from typing import NamedTuple
 
 
 class Priority(IntEnum):
@@ -17,9 +19,9 @@ class Priority(IntEnum):
         return cls[name.upper()]
 
 
-@dataclass(frozen=True, order=True)
-class BatchKey:
-    """Everything that must be equal for jobs to share one pipeline call."""
+class BatchKey(NamedTuple):
+    """Everything that must be equal for jobs to share one pipeline call. (A named tuple: it is
+    hashed on every queue operation, and tuples hash in C.)"""
 
     model: str
     width: int
@@ -175,11 +177,13 @@ class Resident:
 
 @dataclass
 class BusyTracker:
-    """Busy intervals of one worker, to answer "what share of the last ``window`` was it busy"."""
+    """Busy intervals of one worker, to answer "what share of the last ``window`` was it busy".
+    Keeps a running total so a query only looks at the few intervals crossing the window's start."""
 
     window: float = 60.0
-    intervals: list[tuple[float, float]] = field(default_factory=list)
+    intervals: deque[tuple[float, float]] = field(default_factory=deque)
     busy_since: float | None = None
+    total: float = 0.0  # sum of the lengths of ``intervals``
 
     def start(self, now: float) -> None:
         self.busy_since = now
@@ -187,13 +191,20 @@ class BusyTracker:
     def stop(self, now: float) -> None:
         if self.busy_since is not None:
             self.intervals.append((self.busy_since, now))
+            self.total += now - self.busy_since
             self.busy_since = None
         cutoff = now - self.window
-        self.intervals = [iv for iv in self.intervals if iv[1] > cutoff]
+        while self.intervals and self.intervals[0][1] <= cutoff:
+            s, e = self.intervals.popleft()
+            self.total -= e - s
 
     def utilization(self, now: float) -> float:
         lo = now - self.window
-        busy = sum(min(e, now) - max(s, lo) for s, e in self.intervals if e > lo)
+        busy = self.total
+        for s, e in self.intervals:
+            if s >= lo:
+                break
+            busy -= min(e, lo) - s  # the part before the window
         if self.busy_since is not None:
             busy += now - max(self.busy_since, lo)
         return max(0.0, min(1.0, busy / self.window))
