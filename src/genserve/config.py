@@ -261,10 +261,7 @@ _SERVER_KEYS = set(ServerConfig.__dataclass_fields__)
 
 def _parse_model(name: str, raw: Any) -> ModelConfig:
     p = f"models.{name}"
-    _type(p, raw, dict, "a table")
-    unknown = sorted(set(raw) - _MODEL_KEYS)
-    if unknown:
-        raise ConfigError(f"{p}.{unknown[0]}", "unknown key")
+    _check_table(p, raw, _MODEL_KEYS)
     for req in ("kind", "source"):
         if req not in raw:
             raise ConfigError(f"{p}.{req}", "is required")
@@ -295,7 +292,7 @@ def _parse_model(name: str, raw: Any) -> ModelConfig:
     if "min_warm" in raw:
         kw["min_warm"] = _int(f"{p}.min_warm", raw["min_warm"], 0)
     if "idle_unload_s" in raw:
-        kw["idle_unload_s"] = -1.0 if raw["idle_unload_s"] == "never" else _float(f"{p}.idle_unload_s", raw["idle_unload_s"], 0.0)
+        kw["idle_unload_s"] = _seconds_or_never(f"{p}.idle_unload_s", raw["idle_unload_s"])
     if "timeout_s" in raw:
         kw["timeout_s"] = _float(f"{p}.timeout_s", raw["timeout_s"], 0.1)
     if "fallback" in raw:
@@ -327,11 +324,20 @@ def _parse_model(name: str, raw: Any) -> ModelConfig:
     return m
 
 
-def _parse_server(raw: Any) -> ServerConfig:
-    _type("server", raw, dict, "a table")
-    unknown = sorted(set(raw) - _SERVER_KEYS)
+def _check_table(key: str, raw: Any, known: set[str]) -> None:
+    _type(key, raw, dict, "a table")
+    unknown = sorted(set(raw) - known)
     if unknown:
-        raise ConfigError(f"server.{unknown[0]}", "unknown key")
+        raise ConfigError(f"{key}.{unknown[0]}", "unknown key")
+
+
+def _seconds_or_never(key: str, v: Any) -> float:
+    """A duration ≥ 0, or "never" (stored as -1)."""
+    return -1.0 if v == "never" else _float(key, v, 0.0)
+
+
+def _parse_server(raw: Any) -> ServerConfig:
+    _check_table("server", raw, _SERVER_KEYS)
     kw: dict[str, Any] = {}
     if "host" in raw:
         kw["host"] = _type("server.host", raw["host"], str, "a string")
@@ -356,7 +362,7 @@ def _parse_server(raw: Any) -> ServerConfig:
         if k in raw:
             kw[k] = _float(f"server.{k}", raw[k], 0.0)
     if "idle_unload_s" in raw:
-        kw["idle_unload_s"] = -1.0 if raw["idle_unload_s"] == "never" else _float("server.idle_unload_s", raw["idle_unload_s"], 0.0)
+        kw["idle_unload_s"] = _seconds_or_never("server.idle_unload_s", raw["idle_unload_s"])
     if "saturation" in raw:
         kw["saturation"] = _float("server.saturation", raw["saturation"], 0.0)
         if kw["saturation"] > 1:
@@ -397,9 +403,7 @@ def _parse_faults(raw: Any, models: dict[str, ModelConfig]) -> FaultConfig:
     _type("faults", raw, dict, "a table")
     if os.environ.get(FAULTS_ENV) != "1":
         raise ConfigError("faults", f"fault injection is for tests; refused unless ${FAULTS_ENV}=1")
-    unknown = sorted(set(raw) - _FAULT_KEYS)
-    if unknown:
-        raise ConfigError(f"faults.{unknown[0]}", "unknown key")
+    _check_table("faults", raw, _FAULT_KEYS)
     kw: dict[str, Any] = {}
     for k in ("oom_above_batch", "crash_on_batch", "hang_on_batch"):
         if k in raw:
@@ -454,11 +458,7 @@ def parse_config(data: dict[str, Any]) -> Config:
 def _parse_autoscale(raw: Any) -> AutoscaleConfig:
     from .engine.autoscale import POLICIES
 
-    _type("autoscale", raw, dict, "a table")
-    known = set(AutoscaleConfig.__dataclass_fields__) - {"params"} | set(AUTOSCALE_PARAMS)
-    unknown = sorted(set(raw) - known)
-    if unknown:
-        raise ConfigError(f"autoscale.{unknown[0]}", "unknown key")
+    _check_table("autoscale", raw, set(AutoscaleConfig.__dataclass_fields__) - {"params"} | set(AUTOSCALE_PARAMS))
     kw: dict[str, Any] = {}
     if "policy" in raw:
         kw["policy"] = _type("autoscale.policy", raw["policy"], str, "a string")

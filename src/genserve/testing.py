@@ -127,3 +127,14 @@ def sse_events(client: httpx.Client, job_id: str, timeout: float = 120.0, header
             elif line.startswith("data:"):
                 out.append((ev, json.loads(line[5:]), eid))
     return out
+
+
+def wait_until(pred, timeout: float = 60.0, what: str = "condition", every: float = 0.1):
+    """Poll ``pred`` until it returns something truthy (which is returned) or time runs out."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        got = pred()
+        if got:
+            return got
+        time.sleep(every)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")

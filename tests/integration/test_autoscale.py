@@ -1,27 +1,16 @@
 """The local provider: the engine's autoscaler starts and retires real worker processes."""
 import os
-import time
 
 import httpx
 import pytest
 
-from genserve.testing import LiveServer, wait_for
+from genserve.testing import LiveServer, wait_for, wait_until
 
 pytestmark = pytest.mark.slow
 
 
 def workers(c):
     return c.get("/v1/workers").json()["data"]
-
-
-def wait_until(pred, timeout, what):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        got = pred()
-        if got:
-            return got
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def test_queue_depth_scales_worker_processes_up_and_down(demo_models, tmp_path):

@@ -4,7 +4,7 @@ import time
 import httpx
 import pytest
 
-from genserve.testing import LiveServer, wait_for
+from genserve.testing import LiveServer, wait_for, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -22,16 +22,6 @@ def model(name, models, **extra):
 
 def workers(c):
     return {w["id"]: w for w in c.get("/v1/workers").json()["data"]}
-
-
-def wait_until(pred, timeout=60.0, what="condition"):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        got = pred()
-        if got:
-            return got
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def test_cycling_three_models_over_two_small_workers_evicts_lru(demo_models, tmp_path):
