@@ -92,3 +92,30 @@ def test_engine_emits_scale_decisions_and_retires_idle_workers():
     assert sorted(retired) == ["w0", "w1", "w2", "w3"] and eng.target_devices == 0
     # Work estimates are learned from the timed batches (7 s for 4 or 2 jobs), replacing the 20 s prior.
     assert 7.0 / 4 <= eng.job_work(IMG) <= 7.0 / 2
+
+
+def test_a_retired_worker_is_forgotten_not_killed_for_silence():
+    from genserve.engine import KillWorker, Liveness
+
+    eng = Engine({"img": ModelLimits(idle_unload_s=None)}, liveness=Liveness(None, 60.0, None),
+                 autoscaler=Autoscaler("queue_depth", ScaleLimits(1, 4, scale_down_delay_s=0, interval_s=5)))
+    for w in ("w0", "w1"):
+        eng.worker_up(w, 0.0, None)
+    retired = [d.worker for d in eng.step(0.0) if isinstance(d, RetireWorker)]
+    assert len(retired) == 1
+    kept = next(iter(eng.workers))
+    t = 0.0
+    while t < 300:  # the kept worker keeps sending heartbeats; the retired one is gone for good
+        t = eng.next_deadline(t)
+        eng.worker_seen(kept, t)
+        assert not any(isinstance(d, KillWorker) for d in eng.step(t))
+    assert not eng._killing
+
+
+def test_a_lost_device_is_asked_for_again():
+    eng = Engine({"img": ModelLimits()}, autoscaler=Autoscaler("queue_depth", ScaleLimits(2, 4, interval_s=5)))
+    for w in ("d0", "d1"):
+        eng.worker_up(w, 0.0)
+    assert [d.devices for d in eng.step(0.0) if isinstance(d, ScaleTo)] == [2]
+    eng.worker_down("d1", 1.0)  # crashed
+    assert [d.devices for d in eng.step(5.0) if isinstance(d, ScaleTo)] == [2]  # the provider tops up again

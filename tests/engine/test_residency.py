@@ -251,3 +251,31 @@ def test_memory_and_time_are_learned_even_when_jobs_report_before_the_batch_ends
     eng.batch_finished(run.batch_id, 3.0, peak_bytes=2 * MB)
     assert eng.memory.working(key("A"), 2) == 2 * MB and eng.memory.working(key("A"), 1) == 1 * MB
     assert eng.job_work(key("A")) == pytest.approx(3.0 / 2)
+
+
+def test_a_copy_due_for_idle_unload_is_not_skipped_when_the_scan_happens_mid_step():
+    eng = Engine({"A": ModelLimits(idle_unload_s=10.0)})
+    for w in ("w0", "w1"):
+        eng.worker_up(w, 0.0, None)
+        eng.request_load("A", 0.0, w)
+        eng.model_loaded(w, "A", 1, 0.0)
+    eng.submit("j", key("A"), Priority.STANDARD, 20.0)
+    [run] = eng.step(20.0)  # one copy runs it; the other has been idle since 0 (due at 10)
+    t = eng.next_deadline(20.0)
+    assert t == 20.0
+    other = "w1" if run.worker == "w0" else "w0"
+    assert eng.step(t) == [UnloadModel(other, "A", "idle")]
+
+
+def test_a_warm_pool_load_that_fails_is_retried_with_backoff_not_in_a_loop():
+    eng = Engine({"A": ModelLimits(min_warm=1)})
+    eng.worker_up("w0", 0.0, None)
+    [load] = eng.step(0.0)
+    assert load.reason == "warm_pool"
+    eng.model_load_failed("w0", "A", 0.1)
+    assert eng.step(0.2) == [] and eng.step(4.0) == []  # backing off
+    assert eng.next_deadline(0.2) == pytest.approx(5.1)
+    [again] = eng.step(5.1)
+    assert again == load
+    eng.model_load_failed("w0", "A", 5.2)
+    assert eng.step(14.0) == [] and len(eng.step(15.2)) == 1  # 10 s the second time

@@ -44,6 +44,9 @@ from .types import (
 DEFAULT_BATCH_SECONDS = 1.0  # used for Retry-After until a model has run a batch
 RECHECK_S = 1.0  # how soon to look again while a batch waits for a busy warm worker
 ARRIVAL_TAU_S = 60.0  # time constant of the arrival work-rate average
+# A failed warm-pool or preload load is not retried on that worker before 5 s, doubling per failure
+# up to 5 min (a batch that needs the model may still ask for it).
+LOAD_RETRY_S = (5.0, 300.0)
 
 
 class Engine:
@@ -109,6 +112,7 @@ class Engine:
         # Idle unloads are checked only when one can be due: the earliest future due time seen by
         # the last scan, lowered by events that start a countdown, -inf to force a rescan.
         self._unload_next = -math.inf
+        self._load_backoff: dict[tuple[str, str], tuple[int, float]] = {}  # (worker, model) -> (failures, retry at)
 
     # ---- jobs ------------------------------------------------------------------------------------
 
@@ -172,6 +176,10 @@ class Engine:
     def queue_depth(self, model: str) -> int:
         return self.queues.depth(model)
 
+    def has_pending(self) -> bool:
+        """Any job queued, waiting out a retry backoff, or running."""
+        return bool(self.queues) or bool(self._delayed) or bool(self.running)
+
     # ---- workers and models ----------------------------------------------------------------------
 
     def worker_up(self, worker_id: str, now: float, capacity: int | None = None) -> None:
@@ -189,6 +197,8 @@ class Engine:
         retry policy: back to the queue (keeping its place in line) or failed."""
         self._seen.pop(worker_id, None)
         code, message = self._killing.pop(worker_id, (ErrorCode.WORKER_CRASHED, "worker process died"))
+        if self.autoscaler is not None and worker_id in self.workers:
+            self.target_devices = None  # a device was lost: the next tick asks the provider again
         out: list[Decision] = []
         for batch in [b for b in self.running.values() if b.worker == worker_id]:
             self._release(batch.id, now)
@@ -253,9 +263,18 @@ class Engine:
         self._unload_next = -math.inf
 
     def model_load_failed(self, worker_id: str, model: str, now: float) -> None:
+        """The load failed: forget the copy, and do not try it on this worker on our own initiative
+        (warm pool, preload) until a backoff has passed — a batch asking for it still may."""
         w = self.workers.get(worker_id)
         if w is not None:
             w.resident.pop(model, None)
+        n, _ = self._load_backoff.get((worker_id, model), (0, now))
+        first, cap = LOAD_RETRY_S
+        self._load_backoff[(worker_id, model)] = (n + 1, now + min(cap, first * 2 ** n))
+
+    def _may_load(self, w: WorkerState, model: str, now: float) -> bool:
+        entry = self._load_backoff.get((w.id, model))
+        return entry is None or now >= entry[1]
 
     def batch_finished(self, batch_id: str, now: float, peak_bytes: int = 0) -> None:
         """The worker finished a batch (whatever each job's outcome) and is idle again.
@@ -276,7 +295,8 @@ class Engine:
         """Operator (or warm pool) asks for ``model`` to be loaded. Returns [] when no worker can."""
         candidates = [self.workers[worker_id]] if worker_id in self.workers else (
             [] if worker_id else list(self.workers.values()))
-        candidates = [w for w in candidates if model not in w.resident]
+        candidates = [w for w in candidates if model not in w.resident and w.id not in self._killing
+                      and (not pin or self._may_load(w, model, now))]
         fits = [w for w in candidates if self._room_for(w, self.memory.weights(model), set()) is not None]
         if not fits:
             return []
@@ -339,8 +359,9 @@ class Engine:
         if surplus > 0:
             # Retire idle workers, the ones holding the least (no warm-pool copies) first.
             idle = [w for w in self._idle() if not w.loading and not any(r.pinned for r in w.resident.values())]
-            for w in sorted(idle, key=lambda w: (w.used, w.busy.utilization(now), w.id), reverse=False)[:surplus]:
+            for w in sorted(idle, key=lambda w: (w.used, w.busy.utilization(now), w.id))[:surplus]:
                 del self.workers[w.id]
+                self._seen.pop(w.id, None)  # gone on purpose: no heartbeat is expected any more
                 out.append(RetireWorker(w.id, "scale down"))
         return out
 
@@ -381,9 +402,8 @@ class Engine:
         """When ``step`` could next decide something without a new event (None: only events matter)."""
         times = self._failure_deadlines()
         if self._unload_next == -math.inf:
-            due_now, self._unload_next = self._unload_scan(now)
-            if due_now:
-                times.append(now)
+            due_now, nxt = self._unload_scan(now)
+            self._unload_next = now if due_now else nxt  # copies due now go at the next step
         if self._unload_next < math.inf:
             times.append(max(self._unload_next, now))
         if self._has_idle():
@@ -399,6 +419,7 @@ class Engine:
                 times.append(now + RECHECK_S)  # utilization of the busy warm workers keeps rising
         if self.autoscaler is not None:
             times.append(max(now, self._next_scale_at if self._next_scale_at is not None else now))
+        times += [at for _, at in self._load_backoff.values() if at > now]  # warm pools may retry then
         return max(min(times), now) if times else None
 
     # ---- internals: placement and memory ---------------------------------------------------------
@@ -564,7 +585,7 @@ class Engine:
                         reverse=True)
         out: list[Decision] = []
         for p, model in wanted:
-            idle = [w for w in self.workers.values() if w.idle and not w.loading]
+            idle = [w for w in self._idle() if not w.loading and self._may_load(w, model, now)]
             hotter = {m for w in idle for m in w.resident if probs.get(m, 0.0) >= p}
             protected = self._protected() | hotter | {model}
             # Room for the weights *and* one job of the shape last asked for: a preload that leaves
@@ -597,7 +618,7 @@ class Engine:
             need = self.memory.known_weights(key.model) + self.memory.working(key, 1, known_only=True)
             if need > biggest:
                 for job in list(self.queues.jobs(key)):
-                    self.queues.remove(job.id)
+                    self._take_queued(job.id)
                     out.append(FailJob(job.id, "out_of_memory",
                                        f"{key.model} at {key.width}x{key.height} needs ~{need} bytes; "
                                        f"the largest worker has {biggest}"))

@@ -256,33 +256,39 @@ class Runtime:
     def _execute(self, decisions: list[Decision]) -> None:
         now = time.time()
         for d in decisions:
-            if isinstance(d, LoadModel):
-                m = self.config.models[d.model]
-                spec = {"path": str(self.config.model_dir(d.model)), "kind": m.kind, "dtype": m.dtype}
-                log.info("loading %s on %s (%s)", d.model, d.worker, d.reason)
-                self.pool.send(d.worker, {"op": P.LOAD, "model": d.model, "spec": spec, "reason": d.reason})
-            elif isinstance(d, UnloadModel):
-                log.info("unloading %s from %s (%s)", d.model, d.worker, d.reason)
-                self._log_residency("unload", d.worker, d.model, reason=d.reason)
-                self.pool.send(d.worker, {"op": P.UNLOAD, "model": d.model})
-            elif isinstance(d, RunBatch):
-                self._run_batch(d, now)
-            elif isinstance(d, CancelRunning):
-                self.pool.send(d.worker, {"op": P.CANCEL, "batch_id": d.batch_id, "job_ids": list(d.job_ids)})
-            elif isinstance(d, JobDequeued):
-                self._finish(d.job_id, "canceled", now, code=ErrorCode.CANCELED, message="canceled by request")
-            elif isinstance(d, FailJob):
-                self._finish(d.job_id, "failed", now, code=d.code, message=d.message)
-            elif isinstance(d, RetryJob):
-                self._retry(d, now)
-            elif isinstance(d, ScaleTo):
-                self._scale_to(d)
-            elif isinstance(d, RetireWorker):
-                log.info("retiring worker %s (%s)", d.worker, d.reason)
-                self.pool.retire(d.worker)
-            elif isinstance(d, KillWorker):
-                log.warning("killing worker %s: %s", d.worker, d.message)
-                self.pool.kill(d.worker)
+            try:
+                self._carry_out(d, now)
+            except Exception:  # one decision failing must not drop the ones after it
+                log.exception("carrying out %r failed", d)
+
+    def _carry_out(self, d: Decision, now: float) -> None:
+        if isinstance(d, LoadModel):
+            m = self.config.models[d.model]
+            spec = {"path": str(self.config.model_dir(d.model)), "kind": m.kind, "dtype": m.dtype}
+            log.info("loading %s on %s (%s)", d.model, d.worker, d.reason)
+            self.pool.send(d.worker, {"op": P.LOAD, "model": d.model, "spec": spec, "reason": d.reason})
+        elif isinstance(d, UnloadModel):
+            log.info("unloading %s from %s (%s)", d.model, d.worker, d.reason)
+            self._log_residency("unload", d.worker, d.model, reason=d.reason)
+            self.pool.send(d.worker, {"op": P.UNLOAD, "model": d.model})
+        elif isinstance(d, RunBatch):
+            self._run_batch(d, now)
+        elif isinstance(d, CancelRunning):
+            self.pool.send(d.worker, {"op": P.CANCEL, "batch_id": d.batch_id, "job_ids": list(d.job_ids)})
+        elif isinstance(d, JobDequeued):
+            self._finish(d.job_id, "canceled", now, code=ErrorCode.CANCELED, message="canceled by request")
+        elif isinstance(d, FailJob):
+            self._finish(d.job_id, "failed", now, code=d.code, message=d.message)
+        elif isinstance(d, RetryJob):
+            self._retry(d, now)
+        elif isinstance(d, ScaleTo):
+            self._scale_to(d)
+        elif isinstance(d, RetireWorker):
+            log.info("retiring worker %s (%s)", d.worker, d.reason)
+            self.pool.retire(d.worker)
+        elif isinstance(d, KillWorker):
+            log.warning("killing worker %s: %s", d.worker, d.message)
+            self.pool.kill(d.worker)
 
     def _scale_to(self, d: ScaleTo) -> None:
         """The local provider: start worker processes until ``d.devices`` are up or starting (GPU
@@ -291,7 +297,7 @@ class Runtime:
         log.info("autoscale: want %d devices, have %d (%s)", d.devices, len(active), d.reason)
         for _ in range(d.devices - len(active)):
             if self.gpus:
-                used = {w.device for w in self.pool.active()}
+                used = {w.device for w in self.pool.workers.values() if not w.quarantined}  # retiring ones too
                 free = [g for g in self.gpus if g not in used]
                 if not free:
                     break

@@ -217,7 +217,7 @@ class Simulator:
             t = min(t_event, t_arr, t_dead)
             if t == inf:
                 break
-            if nxt is None and not eng.queues and not eng.running and self._in_flight == 0:
+            if nxt is None and not eng.has_pending() and self._in_flight == 0:
                 break  # every request is done; what is left are samples and autoscaler ticks
             now = t
             self.events += 1
@@ -272,7 +272,7 @@ class Simulator:
                             self._new_device(now)  # the pool restarts it
                 elif kind == SAMPLE:
                     self._sample(now)
-                    if nxt is not None or eng.queues or eng.running:
+                    if nxt is not None or eng.has_pending():
                         self.push(now + sample_every, SAMPLE, None)
             self.execute(eng.step(now), now)
             deadline = eng.next_deadline(now)

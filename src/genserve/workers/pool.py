@@ -151,12 +151,14 @@ class LocalPool:
 
     def kill(self, worker_id: str) -> None:
         """SIGKILL a hung or stuck worker. Its exit is reported like any crash (``on_exit``)."""
-        w = self.workers[worker_id]
-        if w.process is not None and w.process.is_alive():
+        w = self.workers.get(worker_id)
+        if w is not None and w.process is not None and w.process.is_alive():
             w.process.kill()
 
     def send(self, worker_id: str, msg: dict[str, Any]) -> None:
-        w = self.workers[worker_id]
+        w = self.workers.get(worker_id)
+        if w is None:
+            return  # retired meanwhile
         try:
             w.conn.send(msg)
         except (OSError, ValueError):
