@@ -119,3 +119,10 @@ def test_a_lost_device_is_asked_for_again():
     assert [d.devices for d in eng.step(0.0) if isinstance(d, ScaleTo)] == [2]
     eng.worker_down("d1", 1.0)  # crashed
     assert [d.devices for d in eng.step(5.0) if isinstance(d, ScaleTo)] == [2]  # the provider tops up again
+
+
+def test_queue_depth_shrinks_when_a_short_queue_remains_from_batching_windows():
+    a = Autoscaler("queue_depth", ScaleLimits(0, 30, scale_down_delay_s=0.0), target_queue_s=30.0)
+    assert a.decide(snap(now=0, up=20, busy=20, queued=700.0)) == 24
+    # Load fell: 6 busy and a few seconds of work waiting for its batching window.
+    assert a.decide(snap(now=10, up=24, busy=6, queued=5.0)) == 7

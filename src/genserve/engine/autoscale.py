@@ -43,8 +43,9 @@ def budget_cap(limits: ScaleLimits) -> int:
 
 
 class QueueDepth:
-    """Pull: add devices when queued work per device exceeds ``target_queue_s``; with nothing
-    queued, devices beyond the busy ones may go (after the scale-down delay)."""
+    """Pull: add devices when queued work per device exceeds ``target_queue_s``. Otherwise want the
+    busy devices plus enough to hold the queue at the target — so a fleet whose queue is short
+    (batching windows keep a few jobs waiting at any moment) shrinks after the scale-down delay."""
 
     name = "queue_depth"
 
@@ -53,11 +54,10 @@ class QueueDepth:
 
     def desired(self, s: FleetSnapshot) -> int:
         have = s.up + s.pending
+        queue_devices = math.ceil(s.queued_work_s / self.target - 1e-9) if s.queued_work_s > 0 else 0
         if s.queued_work_s > self.target * max(have, 0):
-            return max(have + 1, math.ceil(s.queued_work_s / self.target))
-        if s.queued_work_s <= 0:
-            return s.busy
-        return have
+            return max(have + 1, queue_devices)
+        return min(have, s.busy + queue_devices)
 
 
 class Headroom:
@@ -79,23 +79,42 @@ class Headroom:
 
 @dataclass
 class _Profile:
-    """Arrival work rate by time-of-period bucket, learned as an EWMA across periods."""
+    """Arrival work rate by time-of-period bucket. Readings within one bucket of one period are
+    averaged; a bucket's past periods are blended as an EWMA (weight ``alpha`` for the newest)."""
 
     period_s: float
     bucket_s: float
     alpha: float = 0.5
-    values: dict[int, float] = field(default_factory=dict)
+    past: dict[int, float] = field(default_factory=dict)  # bucket -> EWMA over completed periods
+    current: dict[int, tuple[int, float, int]] = field(default_factory=dict)  # bucket -> (period, sum, n)
 
     def bucket(self, t: float) -> int:
         return int((t % self.period_s) // self.bucket_s)
 
-    def observe(self, t: float, rate: float) -> None:
-        b = self.bucket(t)
-        old = self.values.get(b)
-        self.values[b] = rate if old is None else (1 - self.alpha) * old + self.alpha * rate
+    def _fold(self, b: int) -> None:
+        _, total, n = self.current.pop(b)
+        mean = total / n
+        old = self.past.get(b)
+        self.past[b] = mean if old is None else (1 - self.alpha) * old + self.alpha * mean
 
-    def at(self, t: float) -> float | None:
-        return self.values.get(self.bucket(t))
+    def observe(self, t: float, rate: float) -> None:
+        b, period = self.bucket(t), int(t // self.period_s)
+        cur = self.current.get(b)
+        if cur is not None and cur[0] != period:
+            self._fold(b)
+            cur = None
+        _, total, n = cur if cur is not None else (period, 0.0, 0)
+        self.current[b] = (period, total + rate, n + 1)
+
+    def at(self, t: float, now: float) -> float | None:
+        """The profile's rate for the bucket of ``t``, from periods before the one ``now`` is in."""
+        b = self.bucket(t)
+        value = self.past.get(b)
+        cur = self.current.get(b)
+        if cur is not None and cur[0] < int(now // self.period_s):
+            mean = cur[1] / cur[2]  # an earlier period's readings, not folded yet
+            value = mean if value is None else (1 - self.alpha) * value + self.alpha * mean
+        return value
 
 
 class Predictive:
@@ -114,8 +133,8 @@ class Predictive:
 
     def forecast(self, s: FleetSnapshot) -> float:
         self.profile.observe(s.now, s.arrival_work_rate)
-        ahead = self.profile.at(s.now + self.lead)
-        here = self.profile.at(s.now)
+        ahead = self.profile.at(s.now + self.lead, s.now)
+        here = self.profile.at(s.now, s.now)
         if ahead is None:
             return s.arrival_work_rate
         # Trend: if today runs hotter than the profile says, expect the next bucket to as well.

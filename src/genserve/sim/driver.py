@@ -195,14 +195,17 @@ class Simulator:
     def run(self) -> SimResult:
         eng = self.engine
         models = self.s.models
+        # The fleet you start with is up at time 0, all of it before the engine's first decision
+        # (one at a time, an autoscaler would see one device and cancel the rest).
         for _ in range(self.s.fleet.initial):
             self._new_device(0.0)
-        # Devices present at time 0 are ready at once (the fleet you start with).
-        for did in list(self.provisioning):
-            self.devices[did].ready_at = 0.0
-        self.heap = [(0.0, i, READY, (did, 0)) for i, did in enumerate(self.provisioning)]
-        heapq.heapify(self.heap)
-        self.seq = len(self.heap)
+        self.heap = []
+        for did in self.provisioning:
+            dev = self.devices[did]
+            dev.ready_at, dev.up, dev.busy_until = 0.0, True, 0.0
+            eng.worker_up(did, 0.0, self.capacity)
+            self._schedule_crash(dev, 0.0)
+        self.provisioning.clear()
         sample_every = max(1.0, self.s.duration_s / 400)
         self.push(0.0, SAMPLE, None)
         stream = arrivals(self.s)

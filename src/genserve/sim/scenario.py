@@ -226,6 +226,13 @@ def parse_scenario(raw: dict[str, Any], base: Path = Path(".")) -> Scenario:
         pol = auto.get("policy", "queue_depth")
         if pol not in POLICIES:
             raise ConfigError("fleet.autoscale.policy", f"unknown policy {pol!r}; one of {', '.join(POLICIES)}")
+        from ..config import AUTOSCALE_PARAMS
+
+        known = {"policy", "min_devices", "max_devices", "budget_per_hour", "scale_down_delay_s", "interval_s",
+                 *AUTOSCALE_PARAMS}
+        unknown = sorted(set(auto) - known)
+        if unknown:
+            raise ConfigError(f"fleet.autoscale.{unknown[0]}", "unknown key")
     fleet = Fleet(_get(fleet_raw, "device_type", "fleet", "h100", str), _get(fleet_raw, "initial", "fleet", 1, int, 0),
                   _get(fleet_raw, "provisioning_s", "fleet", 60.0, float), _get(fleet_raw, "memory_gb", "fleet", 80.0, float),
                   _get(fleet_raw, "price_per_hour", "fleet", 2.0, float),
