@@ -126,3 +126,13 @@ def test_queue_depth_shrinks_when_a_short_queue_remains_from_batching_windows():
     assert a.decide(snap(now=0, up=20, busy=20, queued=700.0)) == 24
     # Load fell: 6 busy and a few seconds of work waiting for its batching window.
     assert a.decide(snap(now=10, up=24, busy=6, queued=5.0)) == 7
+
+
+def test_scale_down_continues_as_higher_wishes_age_out_of_the_window():
+    a = Autoscaler("queue_depth", ScaleLimits(0, 20, scale_down_delay_s=100.0), target_queue_s=10.0)
+    assert a.decide(snap(now=0, up=14, busy=14, queued=200.0)) == 20
+    assert a.decide(snap(now=10, up=20, busy=8)) == 20  # wishes 8: the delay starts
+    for t in range(20, 110, 10):
+        a.decide(snap(now=float(t), up=20, busy=0))  # then nothing at all
+    assert a.decide(snap(now=110, up=20, busy=0)) == 8   # 100 s below: the window's peak is the 8 at t=10…
+    assert a.decide(snap(now=120, up=8, busy=0)) == 0    # …which ages out 10 s later, not a whole delay later

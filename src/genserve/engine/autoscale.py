@@ -7,6 +7,7 @@ video and one 1-second image do not weigh the same. Each policy returns a raw de
 from __future__ import annotations
 
 import math
+from collections import deque
 from dataclasses import dataclass, field
 
 
@@ -164,33 +165,36 @@ POLICIES = {p.name: p for p in (QueueDepth, Headroom, Predictive, Hybrid)}
 
 
 class Autoscaler:
-    """A policy plus the limits every policy shares. Keeps its state explicitly: the time the
-    desired count first fell below the target, and the highest desire seen since."""
+    """A policy plus the limits every policy shares. Keeps its state explicitly: the wishes of the
+    last ``scale_down_delay_s`` (a sliding window), so the fleet only shrinks to the highest count
+    wished for during the whole delay — and keeps shrinking as older, higher wishes age out."""
 
     def __init__(self, policy: str, limits: ScaleLimits, **params: float) -> None:
         self.policy = POLICIES[policy](**params)
         self.limits = limits
         self.target: int | None = None
-        self._below_since: float | None = None
-        self._below_max = 0
+        self._wishes: deque[tuple[float, int]] = deque()  # (time, wanted), within the delay window
+        self._below_since: float | None = None  # since when every wish has been below the target
 
     def decide(self, s: FleetSnapshot) -> int:
         lim = self.limits
-        want = max(self.policy.desired(s), s.warm_min)
-        want = apply_bounds(want, lim.min_devices, min(lim.max_devices, budget_cap(lim)))
-        current = self.target if self.target is not None else s.up + s.pending
-        if want >= current or current > min(lim.max_devices, budget_cap(lim)):
+        hi = min(lim.max_devices, budget_cap(lim))
+        want = apply_bounds(max(self.policy.desired(s), s.warm_min), lim.min_devices, hi)
+        window_start = s.now - lim.scale_down_delay_s
+        self._wishes.append((s.now, want))
+        while self._wishes and self._wishes[0][0] < window_start:
+            self._wishes.popleft()
+        if self.target is None:
+            self.target = s.up + s.pending  # start from the fleet as it is
+        current = self.target
+        if want >= current or current > hi:
+            self.target = want  # up at once (and down at once when over the limits)
             self._below_since = None
-            self.target = want
             return want
-        # Scale down only once the lower desire has held for the whole delay, and then only to the
-        # highest count wanted during it.
         if self._below_since is None:
-            self._below_since, self._below_max = s.now, want
-        self._below_max = max(self._below_max, want)
+            self._below_since = s.now
         if s.now - self._below_since >= lim.scale_down_delay_s:
-            self.target = self._below_max
-            self._below_since = None
-        else:
-            self.target = current
+            # Below for the whole delay: shrink to the highest wish of the window, and keep
+            # shrinking as higher wishes age out of it.
+            self.target = min(current, max(w for _, w in self._wishes))
         return self.target
