@@ -100,8 +100,10 @@ function breakdownBar(b) {
   return bar;
 }
 
+const FETCH_TIMEOUT_MS = 8000;  // a stalled request must not freeze the refresh loop
+
 async function getJSON(path) {
-  const r = await fetch(path, {cache: "no-store"});
+  const r = await fetch(path, {cache: "no-store", signal: AbortSignal.timeout(FETCH_TIMEOUT_MS)});
   if (!r.ok) throw new Error(`${path}: HTTP ${r.status}`);
   return r.json();
 }
@@ -156,12 +158,14 @@ async function refresh() {
 }
 
 async function loop() {
+  let next = REFRESH_MS;
   try {
     await refresh();
   } catch (e) {
     document.getElementById("status").textContent = `error: ${e.message}`;
+    next = Math.min(REFRESH_MS, 1000);  // a failed refresh is retried sooner
   }
-  setTimeout(loop, REFRESH_MS);
+  setTimeout(loop, next);
 }
 
 document.getElementById("window").addEventListener("change", () => refresh().catch(() => {}));
