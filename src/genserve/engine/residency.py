@@ -1,8 +1,6 @@
 """Residency policies: which models to evict when memory is short, and which to unload when idle."""
 from __future__ import annotations
 
-from collections.abc import Mapping
-
 from .types import ModelLimits, WorkerState
 
 
@@ -26,17 +24,6 @@ class LRU:
         if limits.keep_warm_s > 0 and last_arrival is not None:
             due = max(due, last_arrival + limits.keep_warm_s)
         return due
-
-    def idle_unloads(self, worker: WorkerState, limits: Mapping[str, ModelLimits], last_arrival: Mapping[str, float],
-                     protected: set[str], now: float) -> list[str]:
-        out = []
-        for m in sorted(worker.resident):
-            if m in protected:
-                continue
-            due = self.unload_at(m, worker, limits[m], last_arrival.get(m))
-            if due is not None and now >= due:
-                out.append(m)
-        return out
 
 
 RESIDENCY = {LRU.name: LRU}

@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import Any
 
 TERMINAL = ("succeeded", "failed", "canceled")
-STATUSES = ("queued", "running") + TERMINAL
 STAGES = (
     "received", "queued", "dispatched", "load_start", "load_end",
     "inference_start", "inference_end", "output_written", "finished",

@@ -16,7 +16,7 @@ import subprocess
 import sys
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from ..config import DEMO_SOURCES, GIB, Config, model_limits
@@ -60,10 +60,6 @@ class QueueFull(Exception):
         self.model, self.retry_after_s = model, retry_after_s
 
 
-class IdConflict(Exception):
-    pass
-
-
 @dataclass
 class BatchInfo:
     id: str
@@ -71,6 +67,7 @@ class BatchInfo:
     key: BatchKey
     job_ids: tuple[str, ...]
     loading: bool
+    live: set[str] = field(default_factory=set)  # jobs not yet terminal; ``_finish`` removes them
 
 
 def _engine(config: Config) -> Engine:
@@ -321,7 +318,7 @@ class Runtime:
         # A batch placed behind a preload still in flight waits for that load too.
         resident = self.engine.workers[d.worker].resident.get(d.key.model)
         loading = d.needs_load or bool(resident and resident.loading)
-        self.batches[d.batch_id] = BatchInfo(d.batch_id, d.worker, d.key, d.job_ids, loading)
+        self.batches[d.batch_id] = BatchInfo(d.batch_id, d.worker, d.key, d.job_ids, loading, set(d.job_ids))
         self.store.update(d.job_ids, status="running", batch_id=d.batch_id, batch_size=len(d.job_ids),
                           worker=d.worker, t_dispatched=now, served_model=d.key.model)
         self.store.start_attempts(d.job_ids, d.worker, d.key.model, d.batch_id, now)
@@ -345,6 +342,8 @@ class Runtime:
         self.store.update([job_id], status=status, t_finished=now, error_code=code if status == "failed" else None,
                           error_message=message if status == "failed" else None, **extra)
         self.progress.pop(job_id, None)
+        for b in self.batches.values():
+            b.live.discard(job_id)
         data: dict[str, Any] = {"status": status}
         if status == "failed":
             data["error"] = {"code": code, "message": message}
@@ -412,13 +411,11 @@ class Runtime:
             self.engine.model_load_failed(worker_id, msg["model"], now)
             log.error("worker %s failed to load %s: %s", worker_id, msg["model"], msg["message"])
         elif ev == "started" and batch:
-            live = [j for j in batch.job_ids if not self._is_terminal(j)]
-            self.store.update(live, t_inference_start=msg["t"])
+            self.store.update(list(batch.live), t_inference_start=msg["t"])
         elif ev == "progress" and batch:
-            for j in batch.job_ids:
-                if not self._is_terminal(j):
-                    self.progress[j] = (msg["step"], msg["total"])
-                    self._emit(j, "progress", {"step": msg["step"], "total": msg["total"]}, now)
+            for j in batch.live:  # every step: from memory, not a store read per job
+                self.progress[j] = (msg["step"], msg["total"])
+                self._emit(j, "progress", {"step": msg["step"], "total": msg["total"]}, now)
         elif ev == "job_canceled":
             self.engine.job_ended(msg["job_id"], now)
             self._finish(msg["job_id"], "canceled", msg["t"], code=ErrorCode.CANCELED, message="canceled by request")
