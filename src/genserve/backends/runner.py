@@ -7,7 +7,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
-from ..server.results import OUTPUT_TYPES, LocalResultStore, output_name
+from ..storage import OUTPUT_TYPES, LocalResultStore, output_name
 from .encode import encode_mp4, encode_png
 
 Emit = Callable[[dict[str, Any]], None]

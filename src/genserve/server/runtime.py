@@ -48,7 +48,7 @@ from ..workers.pool import LocalPool, detect_devices
 from .events import EventHub
 from .jobstore import TERMINAL, JobStore
 from .observe import Observer
-from .results import OUTPUT_TYPES, LocalResultStore, ResultRef, output_name
+from ..storage import OUTPUT_TYPES, LocalResultStore, ResultRef, output_name
 from .webhooks import WebhookSender
 
 log = logging.getLogger("genserve.runtime")

@@ -33,7 +33,7 @@ def worker_main(conn: Connection, worker_id: str, device: str, results_dir: str,
     dlogging.disable_progress_bar()
     logging.getLogger("transformers").setLevel(logging.ERROR)
     from ..backends.runner import BatchAborted, PipelineRunner
-    from ..server.results import LocalResultStore
+    from ..storage import LocalResultStore
 
     send_lock = threading.Lock()
 
