@@ -13,8 +13,12 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from .engine.autoscale import Autoscaler, ScaleLimits
+from .engine.liveness import Liveness
 from .engine.placement import PLACEMENT
 from .engine.residency import RESIDENCY
+from .engine.settings import ENGINE_KEYS, EngineSettings
+from .engine.settings import engine_settings as build_engine_settings
 from .engine.types import ModelLimits
 
 KINDS = ("image", "video")
@@ -481,6 +485,26 @@ def _parse_autoscale(raw: Any) -> AutoscaleConfig:
 
 def model_limits(config: Config) -> dict[str, ModelLimits]:
     return {name: m.limits(config.server) for name, m in config.models.items()}
+
+
+def engine_settings(config: Config, *, batch_id_prefix: str = "b") -> EngineSettings:
+    """The engine's settings from ``[server]``, ``[models.*]`` and ``[autoscale]`` — through the
+    same builder the simulator uses for a scenario's ``[engine]``."""
+    s = config.server
+    return build_engine_settings(
+        model_limits(config), {k: getattr(s, k) for k in ENGINE_KEYS},
+        fallbacks={name: m.fallback for name, m in config.models.items() if m.fallback},
+        liveness=Liveness(s.hang_timeout_s, s.heartbeat_timeout_s, s.stop_grace_s),
+        autoscaler=autoscaler(config), batch_id_prefix=batch_id_prefix)
+
+
+def autoscaler(config: Config) -> Autoscaler | None:
+    a = config.autoscale
+    if a is None:
+        return None
+    price = a.price_per_hour if a.price_per_hour is not None else config.prices.get("cpu", 0.0)
+    limits = ScaleLimits(a.min_devices, a.max_devices, price, a.budget_per_hour, a.scale_down_delay_s, a.interval_s)
+    return Autoscaler(a.policy, limits, **a.params)
 
 
 def load_config(path: str | Path | None) -> Config:

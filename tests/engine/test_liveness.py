@@ -56,7 +56,7 @@ def drive(seed: int, *, preload: bool, warm: bool, workers: int, capacity: int, 
             assert w.used <= w.capacity, (w.id, w.used, w.capacity)
 
     execute(eng.step(0.0), 0.0)
-    while events or eng.queues:
+    while events or eng.queued():
         deadline = eng.next_deadline(now)
         if events and (deadline is None or events[0][0] <= deadline):
             now, _, kind, p = heapq.heappop(events)
@@ -72,7 +72,7 @@ def drive(seed: int, *, preload: bool, warm: bool, workers: int, capacity: int, 
             assert deadline >= now
             now = deadline
         else:
-            pytest.fail(f"stuck at t={now:.2f}: {len(eng.queues)} queued, nothing will wake the engine")
+            pytest.fail(f"stuck at t={now:.2f}: {len(eng.queued())} queued, nothing will wake the engine")
         execute(eng.step(now), now)
         assert now < 10_000, "no progress"
     assert done | failed == {f"j{i}" for i in range(jobs)} and not failed

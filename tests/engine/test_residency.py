@@ -25,7 +25,7 @@ def run_one(eng, model, t, job=None, done_after=1.0, peak=0, load_s=0.0):
     decisions = eng.step(t)
     for d in decisions:
         if isinstance(d, LoadModel):
-            eng.model_loaded(d.worker, d.model, eng.memory.weights(d.model), t + load_s)
+            eng.model_loaded(d.worker, d.model, eng.residency.memory.weights(d.model), t + load_s)
     for d in decisions:
         if isinstance(d, RunBatch):
             eng.batch_finished(d.batch_id, t + done_after, peak)
@@ -179,7 +179,7 @@ def test_preloading_learns_that_a_is_followed_by_b():
         t += 2
         run_one(eng, "C" if i % 5 == 4 else "B", t)
         t += 2
-    probs = eng.predictor.next_probabilities(t)
+    probs = eng.residency.predictor.next_probabilities(t)
     assert probs["A"] > 0.9  # after B or C comes A
     # Now an A request arrives: the idle worker preloads B, the likeliest follower.
     eng.submit("a-last", key("A"), Priority.STANDARD, t)
@@ -217,7 +217,7 @@ def test_unmeasured_model_is_planned_like_the_largest_seen_but_never_failed_on_a
     # A guess that exceeds every worker never fails a job, nor blocks it: it is capped.
     eng2 = Engine({"A": ModelLimits(4, 0.0), "B": ModelLimits(4, 0.0)})
     eng2.worker_up("w0", 0.0, 10 * MB)
-    eng2.memory.observe_weights("A", 50 * MB)
+    eng2.residency.memory.observe_weights("A", 50 * MB)
     eng2.submit("b", key("B"), Priority.STANDARD, 0.0)
     decisions = eng2.step(0.0)
     assert not any(isinstance(d, FailJob) for d in decisions)
@@ -229,7 +229,7 @@ def test_full_worker_whose_models_all_have_queued_work_does_not_deadlock():
     for m in "AB":  # both loaded before any working memory was known: the worker is full
         eng.request_load(m, 0.0, "w0")
         eng.model_loaded("w0", m, 4 * MB, 0.0)
-    eng.memory.observe_batch(key("A"), 1, 1 * MB)
+    eng.residency.memory.observe_batch(key("A"), 1, 1 * MB)
     eng.submit("a", key("A"), Priority.STANDARD, 1.0)
     eng.submit("b", key("B"), Priority.STANDARD, 1.0)
     # Each model protects itself (queued work); with the worker idle and nothing in flight, the
@@ -249,7 +249,7 @@ def test_memory_and_time_are_learned_even_when_jobs_report_before_the_batch_ends
     for j in run.job_ids:
         eng.job_ended(j, 2.0)
     eng.batch_finished(run.batch_id, 3.0, peak_bytes=2 * MB)
-    assert eng.memory.working(key("A"), 2) == 2 * MB and eng.memory.working(key("A"), 1) == 1 * MB
+    assert eng.residency.memory.working(key("A"), 2) == 2 * MB and eng.residency.memory.working(key("A"), 1) == 1 * MB
     assert eng.job_work(key("A")) == pytest.approx(3.0 / 2)
 
 

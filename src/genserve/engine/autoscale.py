@@ -1,5 +1,7 @@
 """Autoscaling policies: how many devices to want. Pure functions of a fleet snapshot and ``now``.
 
+Every policy is ``desired(snapshot, state) -> (devices, state)``, like Ray Serve's autoscaling
+policies: what it remembers (the predictive profile) is explicit state that the caller keeps.
 Demand is measured in *work* — expected device-seconds — not in request counts, so one 3-minute
 video and one 1-second image do not weigh the same. Each policy returns a raw device count; the
 ``Autoscaler`` applies the common limits (min/max, budget cap, warm pools) and the scale-down delay.
@@ -7,8 +9,9 @@ video and one 1-second image do not weigh the same. Each policy returns a raw de
 from __future__ import annotations
 
 import math
-from collections import deque
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -53,7 +56,13 @@ class QueueDepth:
     def __init__(self, target_queue_s: float = 30.0, **_: float) -> None:
         self.target = target_queue_s
 
-    def desired(self, s: FleetSnapshot) -> int:
+    def initial_state(self) -> None:
+        return None
+
+    def desired(self, s: FleetSnapshot, state: None = None) -> tuple[int, None]:
+        return self.devices(s), state
+
+    def devices(self, s: FleetSnapshot) -> int:
         have = s.up + s.pending
         queue_devices = math.ceil(s.queued_work_s / self.target - 1e-9) if s.queued_work_s > 0 else 0
         if s.queued_work_s > self.target * max(have, 0):
@@ -74,38 +83,41 @@ class Headroom:
     def demand(self, s: FleetSnapshot) -> float:
         return max(float(s.busy), s.arrival_work_rate) + s.queued_work_s / self.horizon
 
-    def desired(self, s: FleetSnapshot) -> int:
-        return math.ceil(self.demand(s) * (1.0 + self.headroom) - 1e-9)
+    def initial_state(self) -> None:
+        return None
+
+    def desired(self, s: FleetSnapshot, state: None = None) -> tuple[int, None]:
+        return math.ceil(self.demand(s) * (1.0 + self.headroom) - 1e-9), state
 
 
-@dataclass
-class _Profile:
+@dataclass(frozen=True)
+class Profile:
     """Arrival work rate by time-of-period bucket. Readings within one bucket of one period are
-    averaged; a bucket's past periods are blended as an EWMA (weight ``alpha`` for the newest)."""
+    averaged; a bucket's past periods are blended as an EWMA (weight ``alpha`` for the newest).
+    Immutable: ``observe`` returns the next profile (it is the predictive policy's state)."""
 
     period_s: float
     bucket_s: float
     alpha: float = 0.5
-    past: dict[int, float] = field(default_factory=dict)  # bucket -> EWMA over completed periods
-    current: dict[int, tuple[int, float, int]] = field(default_factory=dict)  # bucket -> (period, sum, n)
+    past: Mapping[int, float] = field(default_factory=dict)  # bucket -> EWMA over completed periods
+    current: Mapping[int, tuple[int, float, int]] = field(default_factory=dict)  # bucket -> (period, sum, n)
 
     def bucket(self, t: float) -> int:
         return int((t % self.period_s) // self.bucket_s)
 
-    def _fold(self, b: int) -> None:
-        _, total, n = self.current.pop(b)
-        mean = total / n
-        old = self.past.get(b)
-        self.past[b] = mean if old is None else (1 - self.alpha) * old + self.alpha * mean
-
-    def observe(self, t: float, rate: float) -> None:
+    def observe(self, t: float, rate: float) -> "Profile":
         b, period = self.bucket(t), int(t // self.period_s)
-        cur = self.current.get(b)
-        if cur is not None and cur[0] != period:
-            self._fold(b)
+        past, current = self.past, dict(self.current)
+        cur = current.get(b)
+        if cur is not None and cur[0] != period:  # a new period in this bucket: fold the old one
+            _, total, n = current.pop(b)
+            mean = total / n
+            old = past.get(b)
+            past = {**past, b: mean if old is None else (1 - self.alpha) * old + self.alpha * mean}
             cur = None
         _, total, n = cur if cur is not None else (period, 0.0, 0)
-        self.current[b] = (period, total + rate, n + 1)
+        current[b] = (period, total + rate, n + 1)
+        return replace(self, past=past, current=current)
 
     def at(self, t: float, now: float) -> float | None:
         """The profile's rate for the bucket of ``t``, from periods before the one ``now`` is in."""
@@ -121,30 +133,34 @@ class _Profile:
 class Predictive:
     """Forecast demand ``lead_s`` ahead (set it to the provisioning lag) from a time-of-period
     profile (default: a week in 15-minute buckets) scaled by the recent trend, and provision for it
-    now, with ``headroom`` on top and the queue cleared within ``horizon_s``."""
+    now, with ``headroom`` on top and the queue cleared within ``horizon_s``. State: the profile."""
 
     name = "predictive"
 
     def __init__(self, lead_s: float = 60.0, period_s: float = 7 * 86400.0, bucket_s: float = 900.0,
                  headroom: float = 0.1, horizon_s: float = 60.0, **_: float) -> None:
         self.lead = lead_s
-        self.profile = _Profile(period_s, bucket_s)
+        self.period_s, self.bucket_s = period_s, bucket_s
         self.headroom = headroom
         self.horizon = horizon_s
 
-    def forecast(self, s: FleetSnapshot) -> float:
-        self.profile.observe(s.now, s.arrival_work_rate)
-        ahead = self.profile.at(s.now + self.lead, s.now)
-        here = self.profile.at(s.now, s.now)
+    def initial_state(self) -> Profile:
+        return Profile(self.period_s, self.bucket_s)
+
+    def forecast(self, s: FleetSnapshot, profile: Profile) -> tuple[float, Profile]:
+        profile = profile.observe(s.now, s.arrival_work_rate)
+        ahead = profile.at(s.now + self.lead, s.now)
+        here = profile.at(s.now, s.now)
         if ahead is None:
-            return s.arrival_work_rate
+            return s.arrival_work_rate, profile
         # Trend: if today runs hotter than the profile says, expect the next bucket to as well.
         trend = s.arrival_work_rate / here if here and here > 0 else 1.0
-        return ahead * min(max(trend, 0.5), 2.0)
+        return ahead * min(max(trend, 0.5), 2.0), profile
 
-    def desired(self, s: FleetSnapshot) -> int:
-        need = max(self.forecast(s), float(s.busy) if s.queued_work_s > 0 else 0.0) + s.queued_work_s / self.horizon
-        return math.ceil(need * (1.0 + self.headroom) - 1e-9)
+    def desired(self, s: FleetSnapshot, state: Profile) -> tuple[int, Profile]:
+        forecast, state = self.forecast(s, state)
+        need = max(forecast, float(s.busy) if s.queued_work_s > 0 else 0.0) + s.queued_work_s / self.horizon
+        return math.ceil(need * (1.0 + self.headroom) - 1e-9), state
 
 
 class Hybrid:
@@ -157,44 +173,56 @@ class Hybrid:
         self.queue = QueueDepth(**kw)
         self.predict = Predictive(**kw)
 
-    def desired(self, s: FleetSnapshot) -> int:
-        return max(self.baseline, self.queue.desired(s), self.predict.desired(s))
+    def initial_state(self) -> Profile:
+        return self.predict.initial_state()
+
+    def desired(self, s: FleetSnapshot, state: Profile) -> tuple[int, Profile]:
+        predicted, state = self.predict.desired(s, state)
+        return max(self.baseline, self.queue.desired(s, None)[0], predicted), state
 
 
 POLICIES = {p.name: p for p in (QueueDepth, Headroom, Predictive, Hybrid)}
 
 
+@dataclass(frozen=True)
+class ScaleState:
+    """What autoscaling remembers between decisions: the target, the wishes of the last
+    ``scale_down_delay_s`` (a sliding window), since when every wish has been below the target,
+    and the policy's own state (the predictive profile)."""
+
+    target: int | None = None
+    wishes: tuple[tuple[float, int], ...] = ()
+    below_since: float | None = None
+    policy: Any = None
+
+
 class Autoscaler:
-    """A policy plus the limits every policy shares. Keeps its state explicitly: the wishes of the
-    last ``scale_down_delay_s`` (a sliding window), so the fleet only shrinks to the highest count
-    wished for during the whole delay — and keeps shrinking as older, higher wishes age out."""
+    """A policy plus the limits every policy shares. ``decide`` is pure: snapshot and state in,
+    device count and next state out. The fleet only shrinks to the highest count wished for during
+    the whole scale-down delay — and keeps shrinking as older, higher wishes age out."""
 
     def __init__(self, policy: str, limits: ScaleLimits, **params: float) -> None:
         self.policy = POLICIES[policy](**params)
         self.limits = limits
-        self.target: int | None = None
-        self._wishes: deque[tuple[float, int]] = deque()  # (time, wanted), within the delay window
-        self._below_since: float | None = None  # since when every wish has been below the target
 
-    def decide(self, s: FleetSnapshot) -> int:
+    def initial_state(self) -> ScaleState:
+        return ScaleState(policy=self.policy.initial_state())
+
+    def decide(self, s: FleetSnapshot, state: ScaleState) -> tuple[int, ScaleState]:
         lim = self.limits
         hi = min(lim.max_devices, budget_cap(lim))
-        want = apply_bounds(max(self.policy.desired(s), s.warm_min), lim.min_devices, hi)
+        raw, policy_state = self.policy.desired(s, state.policy)
+        want = apply_bounds(max(raw, s.warm_min), lim.min_devices, hi)
         window_start = s.now - lim.scale_down_delay_s
-        self._wishes.append((s.now, want))
-        while self._wishes and self._wishes[0][0] < window_start:
-            self._wishes.popleft()
-        if self.target is None:
-            self.target = s.up + s.pending  # start from the fleet as it is
-        current = self.target
+        wishes = tuple(w for w in state.wishes if w[0] >= window_start) + ((s.now, want),)
+        current = state.target if state.target is not None else s.up + s.pending  # start from the fleet as it is
         if want >= current or current > hi:
-            self.target = want  # up at once (and down at once when over the limits)
-            self._below_since = None
-            return want
-        if self._below_since is None:
-            self._below_since = s.now
-        if s.now - self._below_since >= lim.scale_down_delay_s:
+            # up at once (and down at once when over the limits)
+            return want, ScaleState(want, wishes, None, policy_state)
+        below_since = state.below_since if state.below_since is not None else s.now
+        target = current
+        if s.now - below_since >= lim.scale_down_delay_s:
             # Below for the whole delay: shrink to the highest wish of the window, and keep
             # shrinking as higher wishes age out of it.
-            self.target = min(current, max(w for _, w in self._wishes))
-        return self.target
+            target = min(current, max(w for _, w in wishes))
+        return target, ScaleState(target, wishes, below_since, policy_state)

@@ -1,7 +1,16 @@
 """Batching policies: when is a batch key's queue ready, and when will it be."""
 from __future__ import annotations
 
+from typing import Protocol
+
 from .types import ModelLimits
+
+
+class BatchingPolicy(Protocol):
+    name: str
+
+    def ready(self, depth: int, oldest_enqueued: float, limits: ModelLimits, now: float) -> bool: ...
+    def ready_at(self, depth: int, oldest_enqueued: float, limits: ModelLimits) -> float | None: ...
 
 
 class GreedyWindow:

@@ -1,7 +1,17 @@
 """Residency policies: which models to evict when memory is short, and which to unload when idle."""
 from __future__ import annotations
 
+from typing import Protocol
+
 from .types import ModelLimits, WorkerState
+
+
+class ResidencyPolicy(Protocol):
+    name: str
+
+    def eviction_order(self, worker: WorkerState, protected: set[str]) -> list[str]: ...
+    def unload_at(self, model: str, worker: WorkerState, limits: ModelLimits,
+                  last_arrival: float | None) -> float | None: ...
 
 
 class LRU:

@@ -101,7 +101,8 @@ class RunBatch:
     worker: str
     key: BatchKey
     job_ids: tuple[str, ...]
-    needs_load: bool = False  # a LoadModel for this worker precedes it
+    needs_load: bool = False  # a LoadModel for this worker precedes it (this batch caused the load)
+    waits_for_load: bool = False  # the model is still loading there (its own load, or a preload in flight)
 
 
 @dataclass(frozen=True)
@@ -240,3 +241,4 @@ class RunningBatch:
     jobs: dict[str, QueuedJob]  # still in the batch: jobs that ended early (output written, canceled) leave
     started_at: float
     size: int = 0  # jobs dispatched: what the batch's time and memory were spent on
+    job_ids: tuple[str, ...] = ()  # every job dispatched in it, in order (``jobs`` loses those that ended)

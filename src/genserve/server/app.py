@@ -18,11 +18,12 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from ..config import Config, parse_size
 from ..engine import is_retryable
 from ..requests import MAX_SEED, RequestError, validate
-from .events import TERMINAL_EVENTS
-from .jobstore import STAGES, TERMINAL
+from ..status import JobStatus, is_terminal
+from .jobstore import STAGES
 from .observability_api import observability_router
 from .runtime import QueueFull, Runtime
 from .stats import breakdown
+from .views import Control, FleetView, JobReader
 
 
 class JobRequest(BaseModel):
@@ -69,6 +70,11 @@ def error(status: int, field: str | None, message: str, code: str = "invalid_req
 
 def create_app(config: Config, runtime: Runtime | None = None) -> FastAPI:
     rt = runtime or Runtime(config)
+    # The routes see the system through these read models and the runtime's control surface only.
+    control: Control = rt
+    fleet: FleetView = rt
+    jobs: JobReader = rt.store
+    results, events = rt.results, rt.events
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -117,14 +123,14 @@ def create_app(config: Config, runtime: Runtime | None = None) -> FastAPI:
         ts = {s: job[f"t_{s}"] for s in STAGES}
         urls = {"self": f"{base}v1/jobs/{jid}", "events": f"{base}v1/jobs/{jid}/events",
                 "cancel": f"{base}v1/jobs/{jid}/cancel", "result": f"{base}v1/jobs/{jid}/result"}
-        step = rt.progress.get(jid)
-        if job["status"] == "succeeded":
+        step = control.progress(jid)
+        if job["status"] == JobStatus.SUCCEEDED:
             step = (job["params"]["steps"], job["params"]["steps"])
         stages = breakdown(job)
         return {
             "id": jid, "object": "job", "client_id": job["client_id"], "model": job["model"],
             "status": job["status"], "priority": job["priority"], "params": job["params"],
-            "queue_position": rt.queue_position(jid) if job["status"] == "queued" else None,
+            "queue_position": control.queue_position(jid) if job["status"] == JobStatus.QUEUED else None,
             "progress": {"step": step[0], "total": step[1]} if step else None,
             "cancel_requested": job["cancel_requested"],
             "error": {"code": job["error_code"], "message": job["error_message"],
@@ -133,9 +139,9 @@ def create_app(config: Config, runtime: Runtime | None = None) -> FastAPI:
             "attempts": [{**{k: a[k] for k in ("attempt", "worker", "model", "batch_id", "batch_size", "code",
                                                "message", "started", "ended")},
                           "duration_s": round(a["ended"] - a["started"], 4) if a["ended"] is not None else None}
-                         for a in rt.store.attempts(jid)],
+                         for a in jobs.attempts(jid)],
             "webhook": {"url": job["params"]["webhook"], "events": job["params"]["webhook_events"],
-                        "deliveries": rt.store.deliveries(jid)} if job["params"].get("webhook") else None,
+                        "deliveries": jobs.deliveries(jid)} if job["params"].get("webhook") else None,
             "batch": {"id": job["batch_id"], "size": job["batch_size"], "worker": job["worker"]} if job["batch_id"] else None,
             "timestamps": ts,
             "cold_start": {"waited": job["t_load_start"] is not None, "worker": job["worker"] if job["t_load_start"] else None,
@@ -150,7 +156,7 @@ def create_app(config: Config, runtime: Runtime | None = None) -> FastAPI:
         }
 
     def get_job_or_404(job_id: str) -> dict[str, Any]:
-        job = rt.store.get(job_id)
+        job = jobs.get(job_id)
         if job is None:
             raise RequestError("id", f"no job {job_id!r}", status=404, code="not_found")
         return job
@@ -161,14 +167,14 @@ def create_app(config: Config, runtime: Runtime | None = None) -> FastAPI:
         params = validate(data, config.models, random_seed=random.randint(0, MAX_SEED),
                           webhooks_enabled=config.server.webhook_secret is not None)
         if body.id is not None:
-            existing = rt.store.get_by_client_id(body.id)
+            existing = jobs.get_by_client_id(body.id)
             if existing is not None:
                 same = dict(params.to_dict(), seed=existing["params"]["seed"] if body.seed is None else params.seed)
                 if same != existing["params"]:
                     raise RequestError("id", "already used for a job with different parameters", status=409, code="conflict")
-        job, created = rt.submit(params, body.id)
-        rt.kick()
-        return JSONResponse(job_view(rt.store.get(job["id"]), str(request.base_url)), status_code=202,
+        job, created = control.submit(params, body.id)
+        control.kick()
+        return JSONResponse(job_view(jobs.get(job["id"]), str(request.base_url)), status_code=202,
                             headers={} if created else {"Idempotent-Replayed": "true"})
 
     @app.get("/v1/jobs", tags=["jobs"])
@@ -176,7 +182,7 @@ def create_app(config: Config, runtime: Runtime | None = None) -> FastAPI:
         """The most recent jobs, newest first."""
         if not 1 <= limit <= 1000:
             raise RequestError("limit", "must be between 1 and 1000")
-        return {"object": "list", "data": [job_view(j, str(request.base_url)) for j in rt.store.recent(limit)]}
+        return {"object": "list", "data": [job_view(j, str(request.base_url)) for j in jobs.recent(limit)]}
 
     @app.get("/v1/jobs/{job_id}", tags=["jobs"])
     async def get_job(job_id: str, request: Request):
@@ -185,20 +191,20 @@ def create_app(config: Config, runtime: Runtime | None = None) -> FastAPI:
     @app.post("/v1/jobs/{job_id}/cancel", tags=["jobs"])
     async def cancel_job(job_id: str, request: Request):
         get_job_or_404(job_id)
-        job = rt.cancel(job_id)
-        rt.kick()
+        job = control.cancel(job_id)
+        control.kick()
         return job_view(job, str(request.base_url))
 
     @app.get("/v1/jobs/{job_id}/result", tags=["jobs"])
     async def get_result(job_id: str, index: int = 0):
         job = get_job_or_404(job_id)
-        if job["status"] != "succeeded":
-            raise RequestError("id", f"job is {job['status']}; no result yet" if job["status"] not in TERMINAL
+        if job["status"] != JobStatus.SUCCEEDED:
+            raise RequestError("id", f"job is {job['status']}; no result yet" if not is_terminal(job["status"])
                                else f"job {job['status']}; it has no result", status=409, code="not_ready")
         if not 0 <= index < len(job["results"]):
             raise RequestError("index", f"must be between 0 and {len(job['results']) - 1}", status=404, code="not_found")
         ref = job["results"][index]
-        path = rt.results.local_path(ref["key"])
+        path = results.local_path(ref["key"])
         return FileResponse(path, media_type=ref["content_type"], filename=f"{job_id}-{path.name}")
 
     @app.get("/v1/jobs/{job_id}/events", tags=["jobs"])
@@ -207,19 +213,19 @@ def create_app(config: Config, runtime: Runtime | None = None) -> FastAPI:
         last_id = int(request.headers.get("last-event-id", "0") or 0)
 
         async def stream():
-            if not rt.events.known(job_id):
+            if not events.known(job_id):
                 # History is gone (restart, or an old job): rebuild the milestones from the record.
                 history, q = _synthesized(job), None
-                if job["status"] not in TERMINAL:
-                    hist2, q = rt.events.subscribe(job_id)
+                if not is_terminal(job["status"]):
+                    hist2, q = events.subscribe(job_id)
                     history += [dict(e, id=len(history) + e["id"]) for e in hist2]
             else:
-                history, q = rt.events.subscribe(job_id)
+                history, q = events.subscribe(job_id)
             try:
                 for ev in history:
                     if ev["id"] > last_id:
                         yield _sse(ev)
-                    if ev["event"] in TERMINAL_EVENTS:
+                    if is_terminal(ev["event"]):
                         return
                 if q is None:
                     return
@@ -230,11 +236,11 @@ def create_app(config: Config, runtime: Runtime | None = None) -> FastAPI:
                         yield ": keep-alive\n\n"
                         continue
                     yield _sse(ev)
-                    if ev["event"] in TERMINAL_EVENTS:
+                    if is_terminal(ev["event"]):
                         return
             finally:
                 if q is not None:
-                    rt.events.unsubscribe(job_id, q)
+                    events.unsubscribe(job_id, q)
 
         return StreamingResponse(stream(), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
@@ -255,10 +261,10 @@ def create_app(config: Config, runtime: Runtime | None = None) -> FastAPI:
                 raise RequestError("size", str(e)) from None
         params = [validate({"model": model, "prompt": body.prompt, **size}, config.models,
                            random_seed=random.randint(0, MAX_SEED)) for _ in range(body.n)]
-        jobs = rt.submit_many(params)
-        rt.kick()
-        finals = [await _wait_terminal(j["id"]) for j in jobs]
-        failed = [j for j in finals if j["status"] != "succeeded"]
+        submitted = control.submit_many(params)
+        control.kick()
+        finals = [await _wait_terminal(j["id"]) for j in submitted]
+        failed = [j for j in finals if j["status"] != JobStatus.SUCCEEDED]
         if failed:
             j = failed[0]
             return error(500, None, f"generation {j['status']}: {j['error_message'] or ''}",
@@ -266,71 +272,56 @@ def create_app(config: Config, runtime: Runtime | None = None) -> FastAPI:
         data = []
         for j in finals:
             if body.response_format == "b64_json":
-                raw = rt.results.local_path(j["results"][0]["key"]).read_bytes()
+                raw = results.local_path(j["results"][0]["key"]).read_bytes()
                 data.append({"b64_json": base64.b64encode(raw).decode(), "revised_prompt": None})
             else:
                 data.append({"url": f"{request.base_url}v1/jobs/{j['id']}/result", "revised_prompt": None})
         return {"created": int(time.time()), "data": data}
 
     async def _wait_terminal(job_id: str) -> dict[str, Any]:
-        history, q = rt.events.subscribe(job_id)
+        history, q = events.subscribe(job_id)
         try:
-            if not any(e["event"] in TERMINAL_EVENTS for e in history):
-                while (await q.get())["event"] not in TERMINAL_EVENTS:
+            if not any(is_terminal(e["event"]) for e in history):
+                while not is_terminal((await q.get())["event"]):
                     pass
         finally:
-            rt.events.unsubscribe(job_id, q)
-        return rt.store.get(job_id)
+            events.unsubscribe(job_id, q)
+        return jobs.get(job_id)
 
     @app.get("/v1/models", tags=["models"])
     async def list_models():
         loaded: dict[str, list[str]] = {}
-        for w in rt.engine.workers.values():
-            for m in w.resident:
-                loaded.setdefault(m, []).append(w.id)
+        for v in fleet.worker_views(time.time()):
+            for r in v.resident:
+                loaded.setdefault(r.model, []).append(v.id)
         return {"object": "list", "data": [
             {"id": name, "object": "model", "created": 0, "owned_by": "genserve", **m.public(),
-             "queue_depth": rt.engine.queue_depth(name), "loaded_on": sorted(loaded.get(name, []))}
+             "queue_depth": fleet.queue_depth(name), "loaded_on": sorted(loaded.get(name, []))}
             for name, m in config.models.items()
         ]}
 
     @app.get("/v1/workers", tags=["workers"])
     async def list_workers():
-        now = time.time()
-        out = []
-        for wid, h in rt.pool.workers.items():
-            st = rt.engine.workers.get(wid)
-            if st is None or not h.ready:  # starting, restarting or quarantined
-                out.append({"id": wid, "device": h.device, "state": h.state, "quarantined": h.quarantined,
-                            "restarts": h.restarts, "exits": len(h.exits), "resident_models": []})
-                continue
-            state = "busy" if not st.idle else ("loading" if st.loading else "idle")
-            rep = rt.worker_reported.get(wid, {})
-            out.append({
-                "id": wid, "device": h.device, "state": state, "quarantined": h.quarantined, "pid": h.info.get("pid"),
-                "restarts": h.restarts, "exits": len(h.exits),
-                "capacity_bytes": st.capacity, "used_bytes": st.used,
-                "free_bytes": None if st.capacity is None else st.capacity - st.used,
-                "reported_used_bytes": rep.get("used_bytes"), "utilization": round(st.busy.utilization(now), 4),
-                "batch_id": st.batch_id,
-                "resident_models": [{"model": m, "bytes": r.bytes, "last_used": r.last_used, "warm_pool": r.pinned,
-                                     "loading": r.loading} for m, r in sorted(st.resident.items())],
-            })
-        return {"object": "list", "data": out, "recent_residency_changes": rt.load_log[-50:]}
+        return {"object": "list", "data": [v.to_dict() for v in fleet.worker_views(time.time())],
+                "recent_residency_changes": fleet.residency_changes()}
+
+    def _up_workers() -> dict[str, set[str]]:
+        """Workers the engine schedules on -> the models they hold."""
+        return {v.id: {r.model for r in v.resident} for v in fleet.worker_views(time.time()) if v.up}
 
     def _check_model(name: str, worker: str | None) -> None:
         if name not in config.models:
             raise RequestError("model", f"unknown model {name!r}", status=404, code="not_found")
-        if worker is not None and worker not in rt.engine.workers:
+        if worker is not None and worker not in _up_workers():
             raise RequestError("worker", f"no running worker {worker!r}", status=404, code="not_found")
 
     @app.post("/v1/models/{name}/load", tags=["models"], status_code=202)
     async def load_model(name: str, body: LoadRequest | None = None):
         worker = body.worker if body else None
         _check_model(name, worker)
-        workers = rt.load_model(name, worker)
+        workers = control.load_model(name, worker)
         if not workers:
-            already = [w.id for w in rt.engine.workers.values() if name in w.resident]
+            already = sorted(w for w, models in _up_workers().items() if name in models)
             if already and (worker is None or worker in already):
                 return JSONResponse({"model": name, "loading_on": [], "already_on": already}, status_code=200)
             raise RequestError("model", f"no worker has room for {name} without evicting models in use",
@@ -341,9 +332,9 @@ def create_app(config: Config, runtime: Runtime | None = None) -> FastAPI:
     async def unload_model(name: str, body: LoadRequest | None = None):
         worker = body.worker if body else None
         _check_model(name, worker)
-        return {"model": name, "unloaded_from": rt.unload_model(name, worker)}
+        return {"model": name, "unloaded_from": control.unload_model(name, worker)}
 
-    app.include_router(observability_router(rt.obs))
+    app.include_router(observability_router(rt.observer))
 
     @app.get("/healthz", tags=["health"])
     async def healthz():
@@ -351,8 +342,8 @@ def create_app(config: Config, runtime: Runtime | None = None) -> FastAPI:
 
     @app.get("/readyz", tags=["health"])
     async def readyz():
-        ok = rt.ready
-        return JSONResponse({"ready": ok, "workers": {w.id: w.ready for w in rt.pool.workers.values()}},
+        ok = control.ready
+        return JSONResponse({"ready": ok, "workers": {v.id: v.up for v in fleet.worker_views(time.time())}},
                             status_code=200 if ok else 503)
 
     return app
@@ -366,7 +357,7 @@ def _synthesized(job: dict[str, Any]) -> list[dict[str, Any]]:
     evs: list[tuple[str, dict[str, Any]]] = [("queued", {"model": job["model"], "priority": job["priority"]})]
     if job["t_dispatched"] is not None:
         evs.append(("started", {"batch_id": job["batch_id"], "batch_size": job["batch_size"], "worker": job["worker"]}))
-    if job["status"] in TERMINAL:
+    if is_terminal(job["status"]):
         data: dict[str, Any] = {"status": job["status"]}
         if job["error_code"]:
             data["error"] = {"code": job["error_code"], "message": job["error_message"]}

@@ -9,14 +9,20 @@ import asyncio
 from collections import OrderedDict
 from typing import Any
 
-TERMINAL_EVENTS = ("succeeded", "failed", "canceled")
+from .listeners import JOB_EVENTS, Event
 
 
 class EventHub:
+    """A runtime listener: keeps each job's events (the SSE stream) and hands them to subscribers."""
+
     def __init__(self, max_jobs: int = 10_000) -> None:
         self.max_jobs = max_jobs
         self.history: OrderedDict[str, list[dict[str, Any]]] = OrderedDict()
         self.subscribers: dict[str, set[asyncio.Queue]] = {}
+
+    def on_event(self, ev: Event) -> None:
+        if ev.job_id is not None and ev.kind in JOB_EVENTS:
+            self.emit(ev.job_id, ev.kind, dict(ev.data))
 
     def emit(self, job_id: str, event: str, data: dict[str, Any]) -> None:
         hist = self.history.get(job_id)

@@ -1,24 +1,24 @@
-"""The observer: the runtime's hooks for metrics, cost accounting, device usage and job logs.
+"""The observer: metrics, device usage and job logs, as a listener of the runtime's events.
 
-The runtime calls one method per event (a line each); the decisions stay in the engine and the
-arithmetic in the pure modules (``cost``, ``usage``, ``stats``). Everything here runs on the event
-loop, like the runtime, so it reads the runtime's state without locks.
+It reads what the events carry and the read models it is given (``FleetView`` for workers,
+``JobReader`` for stats windows); it never writes the job store. The arithmetic lives in the pure
+modules (``cost``, ``usage``, ``stats``).
 """
 from __future__ import annotations
 
 import logging
-import time
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Mapping
+from typing import Any
 
 from prometheus_client import generate_latest
 
-from .cost import apportion, cost_usd, device_type, job_weight
+from ..status import JobStatus, is_terminal
+from .cost import cost_usd
+from .listeners import Event
 from .metrics import Metrics, Snapshot, StateCollector, nvml_stats
 from .stats import breakdown, timeseries, window_stats
 from .usage import UsageLedger
-
-if TYPE_CHECKING:
-    from .runtime import Runtime
+from .views import FleetView, JobReader
 
 log = logging.getLogger("genserve.jobs")
 
@@ -26,116 +26,110 @@ BUSY_WINDOW_S = 60.0
 
 
 class Observer:
-    def __init__(self, rt: "Runtime") -> None:
-        self.rt = rt
-        self.prices = rt.config.prices
+    def __init__(self, prices: Mapping[str, float], models: Mapping[str, Any], fleet: FleetView, jobs: JobReader,
+                 clock: Callable[[], float]) -> None:
+        self.prices = prices
+        self.models = models  # name -> ModelConfig
+        self.fleet = fleet
+        self.jobs = jobs
+        self.clock = clock
         self.metrics = Metrics()
         self.metrics.registry.register(StateCollector(self.snapshot))
         self.usage = UsageLedger()
-        self._batch_start: dict[str, float] = {}  # batch id -> dispatch time
         self._up: set[str] = set()  # workers the ledger knows are up
 
-    # ---- hooks (called by the runtime) -----------------------------------------------------------
+    def on_event(self, ev: Event) -> None:
+        handler = _HANDLERS.get(ev.kind)
+        if handler is not None:
+            handler(self, ev)
+        elif is_terminal(ev.kind) and ev.record is not None:
+            self._job_finished(ev.record)
 
-    def job_queued(self, job_id: str, model: str, priority: str) -> None:
-        log.info("job queued", extra={"job_id": job_id, "model": model, "stage": "queued"})
+    # ---- event handlers --------------------------------------------------------------------------
 
-    def batch_dispatched(self, batch_id: str, worker: str, model: str, job_ids: tuple[str, ...], cold: bool,
-                         now: float) -> None:
-        self._batch_start[batch_id] = now
-        self.metrics.batch_size.labels(model).observe(len(job_ids))
-        for j in job_ids:
-            log.info("job dispatched", extra={"job_id": j, "batch_id": batch_id, "worker": worker, "model": model,
-                                              "stage": "dispatched", "timings": {"batch_size": len(job_ids), "cold": cold}})
+    def _queued(self, ev: Event) -> None:
+        log.info("job queued", extra={"job_id": ev.job_id, "model": ev.data.get("model"), "stage": "queued"})
 
-    def model_loaded(self, worker: str, msg: dict[str, Any]) -> None:
+    def _batch_dispatched(self, ev: Event) -> None:
+        d = ev.data
+        self.metrics.batch_size.labels(d["model"]).observe(len(d["job_ids"]))
+        for j in d["job_ids"]:
+            log.info("job dispatched", extra={"job_id": j, "batch_id": d["batch_id"], "worker": d["worker"],
+                                              "model": d["model"], "stage": "dispatched",
+                                              "timings": {"batch_size": len(d["job_ids"]), "cold": d["cold"]}})
+
+    def _model_loaded(self, ev: Event) -> None:
+        msg = ev.data
         if msg.get("cached"):
             return
         model, tier = msg["model"], msg.get("tier") or "disk"
         took = max(0.0, msg["load_end"] - msg["load_start"])
         self.metrics.cold_starts.labels(model, tier).inc()
         self.metrics.cold_start_seconds.labels(model, tier).observe(took)
-        log.info("model loaded", extra={"worker": worker, "model": model, "stage": "loaded", "tier": tier,
+        log.info("model loaded", extra={"worker": msg["worker"], "model": model, "stage": "loaded", "tier": tier,
                                         "timings": {"load_s": took, "bytes": msg.get("bytes")}})
 
-    def job_requeued(self, job_id: str, reason: str) -> None:
-        job = self.rt.store.get(job_id)
-        if job is not None:
-            self.metrics.retries.labels(job["model"], reason).inc()
-            log.warning("job requeued", extra={"job_id": job_id, "model": job["model"], "stage": "requeued", "code": reason})
-
-    def job_finished(self, job_id: str) -> None:
-        job = self.rt.store.get(job_id)
-        if job is None:
+    def _retrying(self, ev: Event) -> None:
+        if ev.record is None:
             return
+        code = ev.data["code"]
+        self.metrics.retries.labels(ev.record["model"], code).inc()
+        log.warning("job requeued", extra={"job_id": ev.job_id, "model": ev.record["model"], "stage": "requeued",
+                                           "code": code})
+
+    def _job_finished(self, job: Mapping[str, Any]) -> None:
         model, status = job["model"], job["status"]
         self.metrics.jobs.labels(model, status, job["error_code"] or "none").inc()
         spans = breakdown(job)
-        if status == "succeeded":
+        if status == JobStatus.SUCCEEDED:
             self.metrics.latency.labels(model).observe(spans["total"] or 0.0)
             for stage in ("queue_wait", "cold_start", "inference", "output_write"):
                 if spans[stage] is not None:
                     self.metrics.stage.labels(model, stage).observe(spans[stage])
-        log.info(f"job {status}", extra={"job_id": job_id, "batch_id": job["batch_id"], "worker": job["worker"],
+        log.info(f"job {status}", extra={"job_id": job["id"], "batch_id": job["batch_id"], "worker": job["worker"],
                                          "model": model, "stage": "finished", "status": status,
                                          "code": job["error_code"], "timings": _rounded(spans)})
 
-    def batch_ended(self, batch_id: str, worker: str, job_ids: tuple[str, ...], now: float) -> None:
-        """Charge the batch's device time (dispatch to end) to its jobs, by work share."""
-        jobs = [j for j in (self.rt.store.get(i) for i in job_ids) if j is not None]
-        start = self._batch_start.pop(batch_id, None)
-        if start is None:
-            start = min((j["t_dispatched"] for j in jobs if j["t_dispatched"] is not None), default=now)
-        dtype = self._device_type(worker)
-        price = self.prices.get(dtype, 0.0)
-        weights = [job_weight(j["params"]["width"], j["params"]["height"], j["params"]["num_frames"]) for j in jobs]
-        for job, share in zip(jobs, apportion(max(0.0, now - start), weights)):
-            c = cost_usd(share, price)
-            self.rt.store.update([job["id"]], device_seconds=share, cost_usd=c, device_type=dtype)
-            self.metrics.device_seconds.labels(job["model"], dtype).inc(share)
-            self.metrics.cost.labels(job["model"], dtype).inc(c)
-            log.info("job charged", extra={"job_id": job["id"], "batch_id": batch_id, "worker": worker,
-                                           "model": job["model"], "stage": "charged", "device_seconds": share,
-                                           "cost_usd": c})
+    def _batch_ended(self, ev: Event) -> None:
+        d = ev.data
+        for c in d["charges"]:
+            self.metrics.device_seconds.labels(c["model"], d["device_type"]).inc(c["device_seconds"])
+            self.metrics.cost.labels(c["model"], d["device_type"]).inc(c["cost_usd"])
+            log.info("job charged", extra={"job_id": c["job_id"], "batch_id": d["batch_id"], "worker": d["worker"],
+                                           "model": c["model"], "stage": "charged",
+                                           "device_seconds": c["device_seconds"], "cost_usd": c["cost_usd"]})
 
-    def sync(self, now: float) -> None:
-        """Bring the usage ledger in line with the engine's workers (up, busy, resident). Called after
-        every engine step, so transitions are recorded within the same event-loop turn."""
-        engine_workers = self.rt.engine.workers
-        for wid, st in engine_workers.items():
+    def _synced(self, ev: Event) -> None:
+        """Bring the usage ledger in line with the fleet (up, busy, resident). Runs after every
+        engine step, so transitions are recorded within the same event-loop turn."""
+        up = {v.id: v for v in self.fleet.worker_views(ev.now) if v.up}
+        for wid, v in up.items():
             if wid not in self._up:
-                self.usage.worker_up(wid, self._device_type(wid), now)
+                self.usage.worker_up(wid, v.device_type, ev.now)
                 self._up.add(wid)
-            self.usage.resident(wid, st.resident, now)
-            (self.usage.idle if st.idle else self.usage.busy)(wid, now)
-        for wid in list(self._up - set(engine_workers)):
-            self.usage.worker_down(wid, now)
+            self.usage.resident(wid, {r.model for r in v.resident}, ev.now)
+            (self.usage.busy if v.busy else self.usage.idle)(wid, ev.now)
+        for wid in list(self._up - set(up)):
+            self.usage.worker_down(wid, ev.now)
             self._up.discard(wid)
 
     # ---- reads (API, /metrics) -------------------------------------------------------------------
 
-    def _device_type(self, worker: str) -> str:
-        h = self.rt.pool.workers.get(worker)
-        if h is None:
-            return "cpu"
-        return device_type(h.device, h.info.get("device_name"), self.prices)
-
     def snapshot(self) -> Snapshot:
-        rt, now = self.rt, time.time()
+        now = self.clock()
         s = Snapshot()
-        for name in rt.config.models:
-            s.queue_depth[(name, "any")] = rt.engine.queue_depth(name)
-        for b in rt.batches.values():
-            if b.loading:
-                k = (b.key.model, self._device_type(b.worker))
-                s.queue_depth[k] = s.queue_depth.get(k, 0) + len(b.job_ids)
+        views = self.fleet.worker_views(now)
+        dtype = {v.id: v.device_type for v in views}
+        for name in self.models:
+            s.queue_depth[(name, "any")] = self.fleet.queue_depth(name)
+        for model, worker, n in self.fleet.jobs_waiting_for_loads():
+            k = (model, dtype.get(worker, "cpu"))
+            s.queue_depth[k] = s.queue_depth.get(k, 0) + n
         s.workers = {"starting": 0, "idle": 0, "busy": 0}
-        for wid, h in rt.pool.workers.items():
-            st = rt.engine.workers.get(wid)
-            state = "starting" if not h.ready or st is None else ("idle" if st.idle else "busy")
-            s.workers[state] += 1
-            for m in (st.resident if st else ()):
-                k = (m, self._device_type(wid))
+        for v in views:
+            s.workers["starting" if not v.up else ("busy" if v.busy else "idle")] += 1
+            for r in v.resident:
+                k = (r.model, v.device_type)
                 s.models_resident[k] = s.models_resident.get(k, 0) + 1
         for wid, u in self.usage.totals(now).items():
             s.busy_s[(wid, u.device_type)] = u.busy_s
@@ -144,7 +138,7 @@ class Observer:
                 s.idle_cost[k] = s.idle_cost.get(k, 0.0) + cost_usd(secs, self.prices.get(u.device_type, 0.0))
         for wid, u in self.usage.window(now - BUSY_WINDOW_S, now).workers.items():
             s.busy_fraction[(wid, u.device_type)] = u.busy_fraction
-        s.gpu = nvml_stats({w: h.device for w, h in rt.pool.workers.items()})
+        s.gpu = nvml_stats({v.id: v.device for v in views})
         return s
 
     def prometheus_text(self) -> bytes:
@@ -152,17 +146,24 @@ class Observer:
 
     def stats(self, window_s: float, now: float) -> dict[str, Any]:
         since = now - window_s
-        recs = self.rt.store.active_since(since)
-        out = window_stats(recs, since, now, n_workers=max(1, len(self.rt.pool.workers)),
-                           usage=self.usage.window(since, now), prices=self.prices, models=self.rt.config.models)
+        recs = self.jobs.active_since(since)
+        n_workers = max(1, len(self.fleet.worker_views(now)))
+        out = window_stats(recs, since, now, n_workers=n_workers, usage=self.usage.window(since, now),
+                           prices=self.prices, models=self.models)
         for name, st in out["models"].items():
-            st["queue_depth"] = self.rt.engine.queue_depth(name) if name in self.rt.config.models else 0
+            st["queue_depth"] = self.fleet.queue_depth(name) if name in self.models else 0
         return out
 
     def series(self, window_s: float, step_s: float, now: float) -> list[dict[str, Any]]:
         since = now - window_s
-        return timeseries(self.rt.store.active_since(since), since, now, step_s,
+        return timeseries(self.jobs.active_since(since), since, now, step_s,
                           utilization=self.usage.series(since, now, step_s))
+
+
+_HANDLERS: dict[str, Callable[[Observer, Event], None]] = {
+    "queued": Observer._queued, "batch_dispatched": Observer._batch_dispatched, "model_loaded": Observer._model_loaded,
+    "retrying": Observer._retrying, "batch_ended": Observer._batch_ended, "synced": Observer._synced,
+}
 
 
 def _rounded(spans: dict[str, float | None]) -> dict[str, float]:

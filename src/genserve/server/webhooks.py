@@ -23,7 +23,9 @@ from typing import Any
 import httpx
 
 from ..engine.retry import Backoff
+from ..status import is_terminal
 from .jobstore import JobStore
+from .listeners import Event
 
 log = logging.getLogger("genserve.webhooks")
 
@@ -50,6 +52,7 @@ class WebhookSender:
         self.max_attempts = max_attempts
         self.backoff = Backoff(first_s=backoff_s, base_s=2 * backoff_s, factor=2.0, max_s=MAX_BACKOFF_S, jitter=0.1)
         self.timeout_s = timeout_s
+        self._hooks: dict[str, tuple[str, tuple[str, ...]]] = {}  # live job id -> (url, events it wants)
         self._last_progress: dict[str, float] = {}
         self._inflight: set[str] = set()
         self._wake: asyncio.Event | None = None
@@ -57,6 +60,20 @@ class WebhookSender:
         self._client: httpx.AsyncClient | None = None
 
     # ---- producing ---------------------------------------------------------------------------------
+
+    def watch(self, job_id: str, url: str, events: tuple[str, ...]) -> None:
+        """The job asked for signed events at ``url``: its events from now on are delivered."""
+        self._hooks[job_id] = (url, tuple(events))
+
+    def on_event(self, ev: Event) -> None:
+        """A runtime listener: a watched job's started / progress / terminal ("completed") events."""
+        hook = self._hooks.get(ev.job_id or "")
+        if hook is None:
+            return
+        done = is_terminal(ev.kind)
+        self.notify(ev.job_id, hook[0], hook[1], "completed" if done else ev.kind, dict(ev.data), ev.now)
+        if done:
+            del self._hooks[ev.job_id]
 
     def notify(self, job_id: str, url: str | None, wanted: tuple[str, ...], event: str, data: dict[str, Any],
                now: float) -> None:

@@ -12,11 +12,16 @@ import math
 import random
 from dataclasses import dataclass, field
 
+from typing import assert_never
+
 from ..engine import (
     BatchKey,
+    CancelRunning,
+    Decision,
     Engine,
     FailJob,
     JobDequeued,
+    KillWorker,
     LoadModel,
     Priority,
     RetireWorker,
@@ -25,7 +30,6 @@ from ..engine import (
     ScaleTo,
     UnloadModel,
 )
-from ..engine.autoscale import Autoscaler
 from .scenario import Scenario
 from .workload import arrivals
 
@@ -78,18 +82,7 @@ class SimResult:
 class Simulator:
     def __init__(self, scenario: Scenario) -> None:
         self.s = scenario
-        limits = scenario.scale_limits()
-        auto = None
-        if limits is not None:
-            params = {k: v for k, v in scenario.fleet.autoscale.items()
-                      if k not in ("policy", "min_devices", "max_devices", "budget_per_hour", "scale_down_delay_s", "interval_s")}
-            auto = Autoscaler(scenario.fleet.autoscale.get("policy", "queue_depth"), limits, **params)
-        e = scenario.engine
-        self.engine = Engine(
-            {n: m.limits for n, m in scenario.models.items()}, aging_s=float(e.get("aging_s", 30.0)),
-            max_attempts=int(e.get("max_attempts", 3)), placement=e.get("placement", "warm-first"),
-            residency=e.get("residency", "lru"), saturation=float(e.get("saturation", 0.9)),
-            preload=bool(e.get("preload", False)), autoscaler=auto)
+        self.engine = Engine(scenario.engine_settings())
         self.rng = random.Random(scenario.seed + 7919)
         self.heap: list[tuple[float, int, int, object]] = []
         self.seq = 0
@@ -125,47 +118,71 @@ class Simulator:
 
     # ---- carrying out the engine's decisions -----------------------------------------------------------
 
-    def execute(self, decisions, now: float) -> None:
+    def execute(self, decisions: list[Decision], now: float) -> None:
         for d in decisions:
-            if isinstance(d, RunBatch):
-                self._run(d, now)
-            elif isinstance(d, LoadModel):
-                dev = self.devices[d.worker]
-                m = self.s.models[d.model]
-                tier = "host" if d.model in dev.host_cache else "disk"
-                if tier == "host":
-                    dev.host_cache.remove(d.model)
-                start = max(now, dev.busy_until)
-                end = start + (m.load_host_s if tier == "host" else m.load_disk_s)
-                dev.busy_until = end
-                dev.loading_until[d.model] = (end, tier)
-                self.push(end, LOADED, (d.worker, dev.generation, d.model, tier, start))
-                self._in_flight += 1
-            elif isinstance(d, UnloadModel):
-                dev = self.devices[d.worker]
-                dev.host_cache.append(d.model)
-                del dev.host_cache[:-HOST_CACHE_MODELS]
-            elif isinstance(d, ScaleTo):
-                self.scale_log.append((now, d.devices, d.reason))
-                have = sum(1 for x in self.devices.values() if x.up) + len(self.provisioning)
-                for _ in range(d.devices - have):
-                    self._new_device(now)
-                while have > d.devices and self.provisioning:
-                    dev = self.devices[self.provisioning.pop()]  # cancel the newest request
+            match d:
+                case RunBatch():
+                    self._run(d, now)
+                case LoadModel():
+                    self._load(d, now)
+                case UnloadModel():
+                    dev = self.devices[d.worker]
+                    dev.host_cache.append(d.model)
+                    del dev.host_cache[:-HOST_CACHE_MODELS]
+                case ScaleTo():
+                    self._scale_to(d, now)
+                case RetireWorker():
+                    dev = self.devices[d.worker]
                     dev.retired = now
+                    dev.up = False
                     dev.generation += 1
-                    have -= 1
-            elif isinstance(d, RetireWorker):
-                dev = self.devices[d.worker]
-                dev.retired = now
-                dev.up = False
-                dev.generation += 1
-            elif isinstance(d, RetryJob):
-                self.jobs[int(d.job_id)].retries += 1  # the engine has requeued it
-            elif isinstance(d, (FailJob, JobDequeued)):
-                job = self.jobs[int(d.job_id)]
-                job.failed = getattr(d, "code", "canceled")
-                job.finished = now
+                case RetryJob():
+                    self.jobs[int(d.job_id)].retries += 1  # the engine has requeued it
+                case FailJob() | JobDequeued():
+                    job = self.jobs[int(d.job_id)]
+                    job.failed = d.code if isinstance(d, FailJob) else "canceled"
+                    job.finished = now
+                case CancelRunning():
+                    # A simulated device stops the jobs at the next step boundary; the batch keeps
+                    # its modelled duration (a step is short against a whole batch).
+                    for jid in d.job_ids:
+                        self.engine.job_ended(jid, now)
+                case KillWorker():
+                    self._crash(self.devices[d.worker], now)  # killed: exactly like a crash
+                case _:
+                    assert_never(d)
+
+    def _load(self, d: LoadModel, now: float) -> None:
+        dev = self.devices[d.worker]
+        m = self.s.models[d.model]
+        tier = "host" if d.model in dev.host_cache else "disk"
+        if tier == "host":
+            dev.host_cache.remove(d.model)
+        start = max(now, dev.busy_until)
+        end = start + (m.load_host_s if tier == "host" else m.load_disk_s)
+        dev.busy_until = end
+        dev.loading_until[d.model] = (end, tier)
+        self.push(end, LOADED, (d.worker, dev.generation, d.model, tier, start))
+        self._in_flight += 1
+
+    def _scale_to(self, d: ScaleTo, now: float) -> None:
+        self.scale_log.append((now, d.devices, d.reason))
+        have = sum(1 for x in self.devices.values() if x.up) + len(self.provisioning)
+        for _ in range(d.devices - have):
+            self._new_device(now)
+        while have > d.devices and self.provisioning:
+            dev = self.devices[self.provisioning.pop()]  # cancel the newest request
+            dev.retired = now
+            dev.generation += 1
+            have -= 1
+
+    def _crash(self, dev: SimDevice, now: float) -> None:
+        dev.generation += 1
+        dev.up = False
+        dev.retired = now
+        self.execute(self.engine.worker_down(dev.id, now), now)
+        if self.engine.autoscaler is None:
+            self._new_device(now)  # the pool restarts it
 
     def _run(self, d: RunBatch, now: float) -> None:
         dev = self.devices[d.worker]
@@ -267,12 +284,7 @@ class Simulator:
                     wid, gen = p
                     dev = self.devices[wid]
                     if gen == dev.generation and dev.up:
-                        dev.generation += 1
-                        dev.up = False
-                        dev.retired = now
-                        self.execute(eng.worker_down(wid, now), now)
-                        if eng.autoscaler is None:
-                            self._new_device(now)  # the pool restarts it
+                        self._crash(dev, now)
                 elif kind == SAMPLE:
                     self._sample(now)
                     if nxt is not None or eng.has_pending():
@@ -291,7 +303,7 @@ class Simulator:
     def _sample(self, now: float) -> None:
         busy = sum(1 for w in self.engine.workers.values() if not w.idle)
         up = len(self.engine.workers)
-        self.samples.append((now, len(self.engine.queues), len(self.provisioning), up - busy, busy))
+        self.samples.append((now, self.engine.queued(), len(self.provisioning), up - busy, busy))
 
 
 _PRIORITY = {"high": Priority.HIGH, "standard": Priority.STANDARD, "low": Priority.LOW}

@@ -8,7 +8,10 @@ from pathlib import Path
 from typing import Any
 
 from ..config import ConfigError
-from ..engine.autoscale import POLICIES, ScaleLimits
+from ..engine.autoscale import POLICIES, Autoscaler, ScaleLimits
+from ..engine.placement import PLACEMENT
+from ..engine.residency import RESIDENCY
+from ..engine.settings import ENGINE_KEYS, EngineSettings, engine_settings
 from ..engine.types import ModelLimits
 
 GIB = 1 << 30
@@ -26,6 +29,7 @@ class SimModel:
     load_host_s: float
     ref_pixels: int  # width × height × max(frames, 1) × steps of the reference shape
     limits: ModelLimits
+    fallback: str | None = None  # retried on this model after repeated failures (as in genserve.toml)
 
     def f(self, b: int) -> float:
         """The batch curve, linearly interpolated (and extrapolated from the last two points)."""
@@ -102,6 +106,19 @@ class Scenario:
     raw: dict[str, Any] = field(default_factory=dict)
     base: Path = Path(".")
 
+    def engine_settings(self) -> EngineSettings:
+        """The same settings object the server builds from genserve.toml."""
+        limits = self.scale_limits()
+        auto = None
+        if limits is not None:
+            a = self.fleet.autoscale or {}
+            params = {k: v for k, v in a.items() if k not in
+                      ("policy", "min_devices", "max_devices", "budget_per_hour", "scale_down_delay_s", "interval_s")}
+            auto = Autoscaler(a.get("policy", "queue_depth"), limits, **params)
+        return engine_settings({n: m.limits for n, m in self.models.items()}, self.engine,
+                               fallbacks={n: m.fallback for n, m in self.models.items() if m.fallback},
+                               autoscaler=auto)
+
     def scale_limits(self) -> ScaleLimits | None:
         a = self.fleet.autoscale
         if a is None:
@@ -174,7 +191,7 @@ def _model(name: str, raw: dict) -> SimModel:
     return SimModel(name, _get(raw, "kind", p, "image", str), _get(raw, "weights_gb", p, 10.0, float),
                     _get(raw, "working_gb", p, 1.0, float), _get(raw, "t1_s", p, ..., float), tuple(curve),
                     _get(raw, "load_disk_s", p, 10.0, float), _get(raw, "load_host_s", p, 2.0, float),
-                    ref_w * ref_h * max(ref_f, 1) * ref_steps, limits)
+                    ref_w * ref_h * max(ref_f, 1) * ref_steps, limits, raw.get("fallback"))
 
 
 def _entry(p: str, raw: dict, models: dict[str, SimModel]) -> MixEntry:
@@ -211,6 +228,31 @@ def _workload(raw: dict, models: dict[str, SimModel], base: Path) -> Workload:
                     raw.get("max_requests"))
 
 
+def _engine(raw: Any) -> dict[str, Any]:
+    """``[engine]``: the keys genserve.toml's ``[server]`` has for the engine (same names, defaults)."""
+    if not isinstance(raw, dict):
+        raise ConfigError("engine", "must be a table")
+    out: dict[str, Any] = {}
+    for k, v in raw.items():
+        if k not in ENGINE_KEYS:
+            raise ConfigError(f"engine.{k}", f"unknown key; one of {', '.join(ENGINE_KEYS)}")
+        default = ENGINE_KEYS[k]
+        if isinstance(default, bool):
+            if not isinstance(v, bool):
+                raise ConfigError(f"engine.{k}", f"must be true or false, got {v!r}")
+            out[k] = v
+        elif isinstance(default, int):
+            out[k] = _int(f"engine.{k}", v, 1)
+        elif isinstance(default, float):
+            out[k] = _num(f"engine.{k}", v)
+        else:
+            out[k] = _get(raw, k, "engine", kind=str)
+    for k, table in (("placement", PLACEMENT), ("residency", RESIDENCY)):
+        if k in out and out[k] not in table:
+            raise ConfigError(f"engine.{k}", f"unknown policy {out[k]!r}; one of {', '.join(table)}")
+    return out
+
+
 def deep_merge(base: dict, over: dict) -> dict:
     out = copy.deepcopy(base)
     for k, v in over.items():
@@ -241,11 +283,14 @@ def parse_scenario(raw: dict[str, Any], base: Path = Path(".")) -> Scenario:
     if not models_raw:
         raise ConfigError("models", "at least one model is required")
     models = {n: _model(n, m) for n, m in models_raw.items()}
+    for n, m in models.items():
+        if m.fallback is not None and (m.fallback not in models or m.fallback == n):
+            raise ConfigError(f"models.{n}.fallback", f"must name another model, got {m.fallback!r}")
     compare = tuple((c.get("name", f"variant {i + 1}"), {k: v for k, v in c.items() if k != "name"})
                     for i, c in enumerate(raw.get("compare", [])))
     return Scenario(_get(sim, "name", "sim", "scenario", str), _get(sim, "seed", "sim", 1, int, 0),
                     _get(sim, "duration_s", "sim", 3600.0, float), _get(sim, "slo_s", "sim", 60.0, float),
-                    fleet, models, _workload(raw.get("workload", {}), models, base), dict(raw.get("engine", {})),
+                    fleet, models, _workload(raw.get("workload", {}), models, base), _engine(raw.get("engine", {})),
                     compare, raw, base)
 
 

@@ -13,16 +13,13 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 from ..engine.liveness import RestartPolicy
+from .base import OnExit, OnMessage, WorkerHandle
 from .process import worker_main
 
 log = logging.getLogger("genserve.pool")
-
-OnMessage = Callable[[str, dict[str, Any]], None]
-OnExit = Callable[[str, int | None], None]
 
 
 def detect_devices(cpu_workers: int) -> list[str]:
@@ -46,27 +43,9 @@ def _physical_memory() -> int:
         return 16 << 30
 
 
-@dataclass
-class WorkerHandle:
-    id: str
-    device: str
-    process: Any = None
-    conn: Any = None
-    ready: bool = False
-    restarts: int = 0  # also the process's "life" number, which fault injection keys on
-    exits: list[float] = field(default_factory=list)
-    quarantined: bool = False
-    retiring: bool = False  # scaled down: asked to shut down, not to be restarted
-    info: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def state(self) -> str:
-        if self.quarantined:
-            return "quarantined"
-        return "ready" if self.ready else ("starting" if self.process is not None and self.process.is_alive() else "restarting")
-
-
 class LocalPool:
+    """Worker processes on this machine (implements ``base.Pool``)."""
+
     def __init__(self, devices: list[str], results_dir: str, on_message: OnMessage, on_exit: OnExit, *,
                  heartbeat_s: float = 2.0, restart: RestartPolicy | None = None,
                  faults: Callable[[str, int], dict[str, Any] | None] | None = None,

@@ -1,0 +1,108 @@
+"""Waiting jobs: the keyed queues (priority classes with aging), jobs parked until a retry's
+backoff is over, and the deadline heap. The one owner of "who is waiting, and in what order"."""
+from __future__ import annotations
+
+import heapq
+from collections.abc import Callable, Iterable, Mapping
+
+from .batching import BatchingPolicy
+from .queues import KeyedQueues, order_key
+from .types import BatchKey, ModelLimits, QueuedJob
+
+
+class Waiting:
+    def __init__(self, models: Mapping[str, ModelLimits], batching: BatchingPolicy, aging_s: float) -> None:
+        self.models = models
+        self.batching = batching
+        self.aging_s = aging_s
+        self.queues = KeyedQueues()
+        self._parked: dict[str, tuple[float, QueuedJob]] = {}  # job id -> (runnable from, job)
+        self._deadlines: list[tuple[float, str]] = []  # heap of (deadline, job id); stale entries skipped
+
+    def __contains__(self, job_id: str) -> bool:
+        """Waiting to run: in a queue, or parked until its retry backoff is over."""
+        return job_id in self.queues or job_id in self._parked
+
+    def __bool__(self) -> bool:
+        return bool(self.queues) or bool(self._parked)
+
+    # ---- entering and leaving -----------------------------------------------------------------------
+
+    def enter(self, job: QueuedJob) -> None:
+        """A new (or restored) job joins its queue; its deadline, if any, starts counting."""
+        self.queues.add(job)
+        if job.deadline is not None:
+            heapq.heappush(self._deadlines, (job.deadline, job.id))
+
+    def requeue(self, job: QueuedJob, at: float, now: float) -> None:
+        """A job whose attempt failed waits again: in its queue at once, or parked until ``at``."""
+        if at <= now:
+            self.queues.add(job)
+        else:
+            self._parked[job.id] = (at, job)
+
+    def take(self, job_id: str) -> QueuedJob:
+        """Remove a waiting job (canceled, failed, or dispatched)."""
+        if job_id in self._parked:
+            return self._parked.pop(job_id)[1]
+        return self.queues.remove(job_id)
+
+    def unpark_due(self, now: float) -> None:
+        for job_id, (at, job) in list(self._parked.items()):
+            if at <= now:
+                del self._parked[job_id]
+                self.queues.add(job)
+
+    def due_deadlines(self, now: float) -> list[str]:
+        """Job ids whose deadline has come (popped: each is reported once). Some may have ended
+        already; the caller decides what each still means."""
+        due = []
+        while self._deadlines and self._deadlines[0][0] <= now:
+            due.append(heapq.heappop(self._deadlines)[1])
+        return due
+
+    def next_times(self, pending: Callable[[str], bool]) -> list[float]:
+        """Parked jobs' wake-up times and the earliest deadline still ``pending``."""
+        times = [at for at, _ in self._parked.values()]
+        heap = self._deadlines
+        while heap and not pending(heap[0][1]):
+            heapq.heappop(heap)  # the job finished or left: its deadline no longer matters
+        if heap:
+            times.append(heap[0][0])
+        return times
+
+    # ---- reading ----------------------------------------------------------------------------------
+
+    def keys(self) -> list[BatchKey]:
+        return self.queues.keys()
+
+    def jobs(self, key: BatchKey) -> Iterable[QueuedJob]:
+        return self.queues.jobs(key)
+
+    def depth(self, model: str) -> int:
+        return self.queues.depth(model)
+
+    def ordered(self, key: BatchKey, now: float) -> list[QueuedJob]:
+        return self.queues.ordered(key, now, self.aging_s)
+
+    def head_order(self, key: BatchKey, now: float) -> tuple:
+        return min(order_key(j, now, self.aging_s) for j in self.queues.jobs(key))
+
+    def ready(self, key: BatchKey, now: float) -> bool:
+        return self.batching.ready(self.queues.size(key), self.queues.oldest_enqueued(key), self.models[key.model], now)
+
+    def ready_at(self, key: BatchKey) -> float | None:
+        return self.batching.ready_at(self.queues.size(key), self.queues.oldest_enqueued(key), self.models[key.model])
+
+    def protected_models(self) -> set[str]:
+        """Models with queued work: never evicted or idle-unloaded (no needless reload)."""
+        return {k.model for k in self.queues.keys()}
+
+    def position(self, job_id: str, now: float) -> int | None:
+        """0-based position among all queued jobs of the same model, in service order."""
+        if job_id not in self.queues:
+            return None
+        ordered = self.queues.all_ordered(now, self.aging_s)
+        model = next(j.key.model for j in ordered if j.id == job_id)
+        same = [j.id for j in ordered if j.key.model == model]
+        return same.index(job_id)
