@@ -13,6 +13,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from .demo_catalog import DEMO_SOURCES, DEMO_TOML
 from .engine.autoscale import Autoscaler, ScaleLimits
 from .engine.liveness import Liveness
 from .engine.placement import PLACEMENT
@@ -23,7 +24,6 @@ from .engine.types import ModelLimits
 
 KINDS = ("image", "video")
 DTYPES = ("auto", "float32", "float16", "bfloat16")
-DEMO_SOURCES = {"demo:image": "image", "demo:video": "video"}
 GIB = 1 << 30
 FAULTS_ENV = "GENSERVE_ENABLE_FAULTS"  # fault injection is refused unless this is "1"
 
@@ -186,38 +186,6 @@ class Config:
         if m.source in DEMO_SOURCES:  # one build per demo kind, shared by every model that uses it
             return self.server.data_dir / "models" / m.source.replace(":", "-")
         return Path(m.source)
-
-
-DEMO_TOML = """
-[models.demo-image]
-kind = "image"
-source = "demo:image"
-dtype = "float32"
-max_batch_size = 8
-max_wait_ms = 50
-sizes = ["64x64", "128x128", "64x128", "128x64"]
-default_size = "64x64"
-default_steps = 8
-max_steps = 100
-default_guidance = 1.0
-
-[models.demo-video]
-kind = "video"
-source = "demo:video"
-dtype = "float32"
-max_batch_size = 4
-max_wait_ms = 50
-max_pixels = 16384
-size_multiple = 16
-default_size = "64x64"
-default_steps = 8
-max_steps = 100
-default_guidance = 1.0
-default_frames = 9
-max_frames = 33
-frame_stride = 4
-fps = 8
-"""
 
 
 def _type(key: str, value: Any, types: type | tuple[type, ...], what: str) -> Any:

@@ -104,7 +104,7 @@ def test_engine_emits_scale_decisions_and_retires_idle_workers():
     while t < 60:
         retired += [d.worker for d in eng.step(t) if isinstance(d, RetireWorker)]
         t = eng.next_deadline(t)
-    assert sorted(retired) == ["w0", "w1", "w2", "w3"] and eng.target_devices == 0
+    assert sorted(retired) == ["w0", "w1", "w2", "w3"] and eng.scaling.target_devices == 0
     # Work estimates are learned from the timed batches (7 s for 4 or 2 jobs), replacing the 20 s prior.
     assert 7.0 / 4 <= eng.job_work(IMG) <= 7.0 / 2
 

@@ -9,18 +9,18 @@ components, each its only owner (DESIGN §5):
   residency  ResidencyManager  resident models, memory fit, idle unloads, warm pools, preloads
   failures   FailureTracker    retries, OOM caps, cancels, liveness watches, kills
   work       WorkModel         device-second estimates, arrival rate
-  autoscale  Autoscaler + ScaleState (pure ``decide``)
+  scaling    Scaling           autoscaling state around the pure ``Autoscaler.decide``
+  dispatcher Dispatcher        placement: ready queues -> batches on workers (reads all of the above)
 
-The facade routes events to them, runs ``step`` as an ordered pipeline and makes the placement
-decision; ``next_deadline`` is the earliest time any component could decide something new.
+The facade routes events to them and runs ``step`` as an ordered pipeline; ``next_deadline`` is
+the earliest time any component could decide something new.
 """
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 
-from .autoscale import FleetSnapshot, ScaleState
 from .batching import BATCHING
+from .dispatch import Dispatcher
 from .errors import ErrorCode
 from .failures import FailureTracker
 from .fleet import Fleet
@@ -28,13 +28,12 @@ from .placement import PLACEMENT
 from .residency import RESIDENCY
 from .residency_manager import ResidencyManager
 from .retry import RetryPolicy
+from .scaling import Scaling
 from .settings import EngineSettings
 from .types import (Admission, BatchKey, CancelRunning, Decision, FailJob, JobDequeued, ModelLimits, Priority,
-                    QueuedJob, RetireWorker, RetryJob, RunBatch, RunningBatch, ScaleTo, WorkerState)
+                    QueuedJob, RetryJob, RunningBatch, WorkerState)
 from .waiting import Waiting
 from .work import WorkModel
-
-RECHECK_S = 1.0  # how soon to look again while a batch waits for a busy warm worker
 
 
 class Engine:
@@ -50,7 +49,6 @@ class Engine:
             s = EngineSettings(dict(models), **settings)
         self.settings = s
         self.models = s.models
-        self.placement = PLACEMENT[s.placement](s.saturation)
         self.waiting = Waiting(self.models, BATCHING[s.batching](), s.aging_s)
         self.fleet = Fleet(s.batch_id_prefix)
         self.work = WorkModel(self.models)
@@ -58,10 +56,9 @@ class Engine:
                                           preload=s.preload, preload_min_probability=s.preload_min_probability)
         self.failures = FailureTracker(s.retry, s.liveness)
         self.autoscaler = s.autoscaler
-        self.scale = self.autoscaler.initial_state() if self.autoscaler is not None else ScaleState()
-        self.target_devices: int | None = None  # the last ScaleTo sent (None: ask the provider again)
-        self._next_scale_at: float | None = None
-        self._waiting_on_warm = False  # a ready batch is holding out for a busy warm worker
+        self.scaling = Scaling(s.autoscaler) if s.autoscaler is not None else None
+        self.dispatcher = Dispatcher(PLACEMENT[s.placement](s.saturation), self.waiting, self.fleet, self.residency,
+                                     self.failures, self.work)
 
     @property
     def workers(self) -> Mapping[str, WorkerState]:
@@ -145,8 +142,8 @@ class Engine:
         failed attempt — ``worker_crashed``, or the code we killed it for — and goes through the
         retry policy: back to the queue (keeping its place in line) or failed."""
         code, message = self.failures.worker_gone(worker_id)
-        if self.autoscaler is not None and worker_id in self.fleet.workers:
-            self.target_devices = None  # a device was lost: the next tick asks the provider again
+        if self.scaling is not None and worker_id in self.fleet.workers:
+            self.scaling.device_lost()
         out: list[Decision] = []
         for batch in self.fleet.batches_on(worker_id):
             self._release(batch.id, now)
@@ -216,15 +213,6 @@ class Engine:
     def job_work(self, key: BatchKey) -> float:
         return self.work.job_work(key)
 
-    def fleet_snapshot(self, now: float) -> FleetSnapshot:
-        w = self.waiting
-        queued = sum(self.work.job_work(k) * sum(1 for _ in w.jobs(k)) for k in w.keys())
-        up = len(self.fleet.workers)
-        return FleetSnapshot(now, up, max(0, (self.target_devices or 0) - up),
-                             sum(1 for x in self.fleet.workers.values() if not x.idle), queued,
-                             self.work.running_work(self.fleet.running.values(), now), self.work.arrival_rate(now),
-                             max((m.min_warm for m in self.models.values()), default=0))
-
     # ---- the decision ----------------------------------------------------------------------------
 
     def step(self, now: float) -> list[Decision]:
@@ -232,10 +220,14 @@ class Engine:
         every ready batch that has a worker (best first), fail what can never fit, then preload."""
         out: list[Decision] = self._expire(now)
         out += self.residency.idle_unloads(now, self.waiting.protected_models())
-        if self.autoscaler is not None:
-            out += self._autoscale(now)
+        if self.scaling is not None:
+            decisions, retired = self.scaling.tick(now, self.waiting, self.fleet, self.work, self.failures.killing)
+            for worker_id in retired:
+                self.fleet.remove(worker_id)
+                self.failures.retired(worker_id)
+            out += decisions
         out += self.residency.fill_warm_pools(now, self.waiting.protected_models(), self.failures.killing)
-        out += self._dispatch_ready(now)
+        out += self.dispatcher.dispatch_ready(now)
         for key, need, biggest in self.residency.unplaceable(self.waiting.keys()):
             for job in list(self.waiting.jobs(key)):
                 self._take_waiting(job.id)
@@ -249,110 +241,12 @@ class Engine:
         """When ``step`` could next decide something without a new event (None: only events matter)."""
         times = self.waiting.next_times(self._deadline_pending) + self.failures.next_times(self.fleet.running.values())
         times += self.residency.next_times(now, self.waiting.protected_models())
-        if self.fleet.has_idle(self.failures.killing):
-            avoid = self.failures.any_avoid
-            idle = self.fleet.idle(self.failures.killing) if avoid else []
-            for key in self.waiting.keys():
-                if avoid and not self._allowed(self.waiting.ordered(key, now)[0], idle):
-                    continue  # waits for a worker it has not failed on: an event, not a time
-                t = self.waiting.ready_at(key)
-                if t is not None and t > now:
-                    times.append(t)
-            if self._waiting_on_warm:
-                times.append(now + RECHECK_S)  # utilization of the busy warm workers keeps rising
-        if self.autoscaler is not None:
-            times.append(max(now, self._next_scale_at if self._next_scale_at is not None else now))
+        times += self.dispatcher.next_times(now)
+        if self.scaling is not None:
+            times.append(self.scaling.next_time(now))
         return max(min(times), now) if times else None
 
-    def _dispatch_ready(self, now: float) -> list[Decision]:
-        out: list[Decision] = []
-        self._waiting_on_warm = False
-        blocked: set[BatchKey] = set()
-        while self.fleet.has_idle(self.failures.killing):
-            ready = [k for k in self.waiting.keys() if k not in blocked and self.waiting.ready(k, now)]
-            if not ready:
-                break
-            key = min(ready, key=lambda k: self.waiting.head_order(k, now))
-            decisions = self._place(key, now)
-            if decisions is None:
-                blocked.add(key)
-            else:
-                out += decisions
-        if blocked and not any(isinstance(d, RunBatch) for d in out) and self._quiescent():
-            # Every worker is idle with nothing in flight, yet nothing fits because every resident
-            # model has queued work. No event will ever change that: let the best batch evict them.
-            key = min(blocked, key=lambda k: self.waiting.head_order(k, now))
-            out += self._place(key, now, protect_queued=False) or []
-        return out
-
-    def _place(self, key: BatchKey, now: float, *, protect_queued: bool = True) -> list[Decision] | None:
-        """Choose a worker for ``key``'s batch (placement policy), size the batch to what fits,
-        and plan evictions, the load if needed, and the run. None: not now."""
-        limits = self.models[key.model]
-        ordered = self.waiting.ordered(key, now)
-        killing = self.failures.killing
-        # Only workers the head job has not failed on (while one is up), and none being killed.
-        candidates = self._allowed(ordered[0], [w for w in self.fleet.workers.values() if w.id not in killing])
-        if not candidates:
-            return None
-        protected = self.waiting.protected_models() if protect_queued else set()
-        backlog = math.ceil(self.waiting.depth(key.model) / limits.max_batch_size)
-        worker = self.placement.choose(key.model, candidates, lambda w: self.residency.fit(w, key, 1, protected),
-                                       lambda w: w.busy.utilization(now), backlog,
-                                       lambda w: self.work.time_left(self.fleet.running.get(w.batch_id or ""), now),
-                                       self.work.load_seconds(key.model))
-        if worker is None:
-            if any(key.model in w.resident and not w.idle for w in self.fleet.workers.values()):
-                self._waiting_on_warm = True
-            return None
-        size = self.failures.batch_cap(key, worker.id, limits.max_batch_size)
-        jobs = [j for j in ordered if self._allowed(j, [worker])][:size]
-        # The largest prefix of the batch that fits; shrinking beats an OOM.
-        n = len(jobs)
-        while n > 1 and self.residency.fit(worker, key, n, protected) is None:
-            n -= 1
-        evict = self.residency.fit(worker, key, n, protected)
-        assert evict is not None
-        out = self.residency.evict(worker, evict)
-        needs_load = key.model not in worker.resident
-        if needs_load:
-            out += self.residency.load(worker, key.model, now, "batch", protected)
-        chosen = jobs[:n]
-        for job in chosen:
-            self.waiting.take(job.id)
-        if not self.waiting.depth(key.model):
-            self.residency.invalidate()  # copies elsewhere lost their protection
-        batch = self.fleet.start(key, chosen, worker, now)
-        self.failures.watch(batch.id, now)
-        resident = worker.resident[key.model]
-        resident.last_used = now
-        out.append(RunBatch(batch.id, worker.id, key, tuple(j.id for j in chosen), needs_load, resident.loading))
-        return out
-
     # ---- internals -------------------------------------------------------------------------------
-
-    def _autoscale(self, now: float) -> list[Decision]:
-        assert self.autoscaler is not None
-        if self._next_scale_at is not None and now < self._next_scale_at:
-            return []
-        self._next_scale_at = now + self.autoscaler.limits.interval_s
-        snap = self.fleet_snapshot(now)
-        want, self.scale = self.autoscaler.decide(snap, self.scale)
-        out: list[Decision] = []
-        if want != self.target_devices:
-            out.append(ScaleTo(want, f"{self.autoscaler.policy.name}: queued {snap.queued_work_s:.1f} s of work, "
-                                     f"arriving {snap.arrival_work_rate:.2f} dev-s/s, {snap.busy}/{snap.up} busy"))
-            self.target_devices = want
-        surplus = len(self.fleet.workers) - want
-        if surplus > 0:
-            # Retire idle workers, the ones holding the least (no warm-pool copies) first.
-            idle = [w for w in self.fleet.idle(self.failures.killing)
-                    if not w.loading and not any(r.pinned for r in w.resident.values())]
-            for w in sorted(idle, key=lambda w: (w.used, w.busy.utilization(now), w.id))[:surplus]:
-                self.fleet.remove(w.id)
-                self.failures.retired(w.id)
-                out.append(RetireWorker(w.id, "scale down"))
-        return out
 
     def _expire(self, now: float) -> list[Decision]:
         """Everything time-driven: retries whose backoff is over rejoin their queue; jobs past their
@@ -398,13 +292,7 @@ class Engine:
         self.residency.invalidate()  # the model may have lost its last queued job
         return self.waiting.take(job_id)
 
-    def _allowed(self, job: QueuedJob, workers: list[WorkerState]) -> list[WorkerState]:
-        return self.failures.allowed(job, workers, self.fleet.workers)
-
     def _deadline_pending(self, job_id: str) -> bool:
         return job_id in self.waiting or (self.fleet.batch_of(job_id) is not None
                                           and not self.failures.cancel_sent(job_id))
 
-    def _quiescent(self) -> bool:
-        return (bool(self.fleet.workers) and not self.failures.killing
-                and all(w.idle and not w.loading for w in self.fleet.workers.values()))

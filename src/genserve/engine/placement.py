@@ -2,11 +2,20 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Protocol
 
 from .types import WorkerState
 
 Evictions = Callable[[WorkerState], "list[str] | None"]  # what hosting needs evicted; None = cannot
 Utilization = Callable[[WorkerState], float]
+
+
+class PlacementPolicy(Protocol):
+    name: str
+
+    def choose(self, model: str, workers: Sequence[WorkerState], evictions: Evictions, utilization: Utilization,
+               backlog_batches: int = 1, wait_s: Callable[[WorkerState], float] = ...,
+               load_s: float = ...) -> WorkerState | None: ...
 
 
 class WarmFirst:

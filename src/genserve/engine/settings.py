@@ -4,7 +4,7 @@ and checks, so a scenario can set everything the server can."""
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from .autoscale import Autoscaler

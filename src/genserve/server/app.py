@@ -72,7 +72,7 @@ def create_app(config: Config, runtime: Runtime | None = None) -> FastAPI:
     rt = runtime or Runtime(config)
     # The routes see the system through these read models and the runtime's control surface only.
     control: Control = rt
-    fleet: FleetView = rt
+    fleet: FleetView = rt.fleet
     jobs: JobReader = rt.store
     results, events = rt.results, rt.events
 

@@ -1,0 +1,117 @@
+"""Dispatch: turning ready queues into batches on workers. The placement policy picks a worker;
+the residency manager says what must be evicted (or that nothing fits); the failure tracker caps a
+batch that ran out of memory and keeps jobs off workers they failed on; the work model says how
+long a busy warm worker will take. The only concern that reads every component, so it lives apart
+from them and from the facade's event routing."""
+from __future__ import annotations
+
+import math
+
+from .failures import FailureTracker
+from .fleet import Fleet
+from .placement import PlacementPolicy
+from .residency_manager import ResidencyManager
+from .types import BatchKey, Decision, QueuedJob, RunBatch, WorkerState
+from .waiting import Waiting
+from .work import WorkModel
+
+RECHECK_S = 1.0  # how soon to look again while a batch waits for a busy warm worker
+
+
+class Dispatcher:
+    def __init__(self, placement: PlacementPolicy, waiting: Waiting, fleet: Fleet, residency: ResidencyManager,
+                 failures: FailureTracker, work: WorkModel) -> None:
+        self.placement = placement
+        self.waiting, self.fleet, self.residency, self.failures, self.work = waiting, fleet, residency, failures, work
+        self._waiting_on_warm = False  # a ready batch is holding out for a busy warm worker
+
+    def dispatch_ready(self, now: float) -> list[Decision]:
+        """Every ready batch that has a worker, best head job first."""
+        out: list[Decision] = []
+        self._waiting_on_warm = False
+        blocked: set[BatchKey] = set()
+        waiting = self.waiting
+        while self.fleet.has_idle(self.failures.killing):
+            ready = [k for k in waiting.keys() if k not in blocked and waiting.ready(k, now)]
+            if not ready:
+                break
+            key = min(ready, key=lambda k: waiting.head_order(k, now))
+            decisions = self.place(key, now)
+            if decisions is None:
+                blocked.add(key)
+            else:
+                out += decisions
+        if blocked and not any(isinstance(d, RunBatch) for d in out) and self._quiescent():
+            # Every worker is idle with nothing in flight, yet nothing fits because every resident
+            # model has queued work. No event will ever change that: let the best batch evict them.
+            key = min(blocked, key=lambda k: waiting.head_order(k, now))
+            out += self.place(key, now, protect_queued=False) or []
+        return out
+
+    def place(self, key: BatchKey, now: float, *, protect_queued: bool = True) -> list[Decision] | None:
+        """Choose a worker for ``key``'s batch, size the batch to what fits, and plan evictions,
+        the load if needed, and the run. None: not now."""
+        limits = self.waiting.models[key.model]
+        ordered = self.waiting.ordered(key, now)
+        killing = self.failures.killing
+        # Only workers the head job has not failed on (while one is up), and none being killed.
+        candidates = self._allowed(ordered[0], [w for w in self.fleet.workers.values() if w.id not in killing])
+        if not candidates:
+            return None
+        protected = self.waiting.protected_models() if protect_queued else set()
+        backlog = math.ceil(self.waiting.depth(key.model) / limits.max_batch_size)
+        worker = self.placement.choose(key.model, candidates, lambda w: self.residency.fit(w, key, 1, protected),
+                                       lambda w: w.busy.utilization(now), backlog,
+                                       lambda w: self.work.time_left(self.fleet.running.get(w.batch_id or ""), now),
+                                       self.work.load_seconds(key.model))
+        if worker is None:
+            if any(key.model in w.resident and not w.idle for w in self.fleet.workers.values()):
+                self._waiting_on_warm = True
+            return None
+        size = self.failures.batch_cap(key, worker.id, limits.max_batch_size)
+        jobs = [j for j in ordered if self._allowed(j, [worker])][:size]
+        # The largest prefix of the batch that fits; shrinking beats an OOM.
+        n = len(jobs)
+        while n > 1 and self.residency.fit(worker, key, n, protected) is None:
+            n -= 1
+        evict = self.residency.fit(worker, key, n, protected)
+        assert evict is not None
+        out = self.residency.evict(worker, evict)
+        needs_load = key.model not in worker.resident
+        if needs_load:
+            out += self.residency.load(worker, key.model, now, "batch", protected)
+        chosen = jobs[:n]
+        for job in chosen:
+            self.waiting.take(job.id)
+        if not self.waiting.depth(key.model):
+            self.residency.invalidate()  # copies elsewhere lost their protection
+        batch = self.fleet.start(key, chosen, worker, now)
+        self.failures.watch(batch.id, now)
+        resident = worker.resident[key.model]
+        resident.last_used = now
+        out.append(RunBatch(batch.id, worker.id, key, tuple(j.id for j in chosen), needs_load, resident.loading))
+        return out
+
+    def next_times(self, now: float) -> list[float]:
+        """When a batching window closes (while a worker is free to take the batch)."""
+        if not self.fleet.has_idle(self.failures.killing):
+            return []
+        times: list[float] = []
+        avoid = self.failures.any_avoid
+        idle = self.fleet.idle(self.failures.killing) if avoid else []
+        for key in self.waiting.keys():
+            if avoid and not self._allowed(self.waiting.ordered(key, now)[0], idle):
+                continue  # waits for a worker it has not failed on: an event, not a time
+            t = self.waiting.ready_at(key)
+            if t is not None and t > now:
+                times.append(t)
+        if self._waiting_on_warm:
+            times.append(now + RECHECK_S)  # utilization of the busy warm workers keeps rising
+        return times
+
+    def _allowed(self, job: QueuedJob, workers: list[WorkerState]) -> list[WorkerState]:
+        return self.failures.allowed(job, workers, self.fleet.workers)
+
+    def _quiescent(self) -> bool:
+        return (bool(self.fleet.workers) and not self.failures.killing
+                and all(w.idle and not w.loading for w in self.fleet.workers.values()))

@@ -1,0 +1,57 @@
+"""The engine's side of autoscaling: when to ask the policy (every ``interval_s``), what was last
+asked of the provider, and which idle workers to retire. The policy itself is pure
+(``Autoscaler.decide(snapshot, state)``); this keeps its state between decisions."""
+from __future__ import annotations
+
+from .autoscale import Autoscaler, FleetSnapshot
+from .fleet import Fleet
+from .types import Decision, RetireWorker, ScaleTo
+from .waiting import Waiting
+from .work import WorkModel
+
+
+class Scaling:
+    def __init__(self, autoscaler: Autoscaler) -> None:
+        self.autoscaler = autoscaler
+        self.state = autoscaler.initial_state()
+        self.target_devices: int | None = None  # the last ScaleTo sent (None: ask the provider again)
+        self._next_at: float | None = None
+
+    def device_lost(self) -> None:
+        """A device was lost: the next tick asks the provider again, even for the same count."""
+        self.target_devices = None
+
+    def snapshot(self, now: float, waiting: Waiting, fleet: Fleet, work: WorkModel) -> FleetSnapshot:
+        """The fleet as the policy sees it; demand in expected device-seconds."""
+        queued = sum(work.job_work(k) * sum(1 for _ in waiting.jobs(k)) for k in waiting.keys())
+        up = len(fleet.workers)
+        return FleetSnapshot(now, up, max(0, (self.target_devices or 0) - up),
+                             sum(1 for x in fleet.workers.values() if not x.idle), queued,
+                             work.running_work(fleet.running.values(), now), work.arrival_rate(now),
+                             max((m.min_warm for m in waiting.models.values()), default=0))
+
+    def tick(self, now: float, waiting: Waiting, fleet: Fleet, work: WorkModel,
+             excluded: dict | set) -> tuple[list[Decision], list[str]]:
+        """Decisions, and the workers retired (the caller forgets them)."""
+        if self._next_at is not None and now < self._next_at:
+            return [], []
+        self._next_at = now + self.autoscaler.limits.interval_s
+        snap = self.snapshot(now, waiting, fleet, work)
+        want, self.state = self.autoscaler.decide(snap, self.state)
+        out: list[Decision] = []
+        if want != self.target_devices:
+            out.append(ScaleTo(want, f"{self.autoscaler.policy.name}: queued {snap.queued_work_s:.1f} s of work, "
+                                     f"arriving {snap.arrival_work_rate:.2f} dev-s/s, {snap.busy}/{snap.up} busy"))
+            self.target_devices = want
+        surplus = len(fleet.workers) - want
+        retired: list[str] = []
+        if surplus > 0:
+            # Retire idle workers, the ones holding the least (no warm-pool copies) first.
+            idle = [w for w in fleet.idle(excluded) if not w.loading and not any(r.pinned for r in w.resident.values())]
+            for w in sorted(idle, key=lambda w: (w.used, w.busy.utilization(now), w.id))[:surplus]:
+                retired.append(w.id)
+                out.append(RetireWorker(w.id, "scale down"))
+        return out, retired
+
+    def next_time(self, now: float) -> float:
+        return max(now, self._next_at if self._next_at is not None else now)
