@@ -70,14 +70,13 @@ def warm_all(eng, *models):
 def test_different_shapes_never_share_a_batch():
     eng = make(max_batch=8, wait_s=0.0, workers=3)
     warm_all(eng, "img", "vid")
-    eng.submit("small1", IMG, Priority.STANDARD, 0.0)
-    eng.submit("big", IMG_BIG, Priority.STANDARD, 0.0)
-    eng.submit("small2", IMG, Priority.STANDARD, 0.0)
-    eng.submit("video", VID, Priority.STANDARD, 0.0)
+    submitted = {"small1": IMG, "big": IMG_BIG, "small2": IMG, "video": VID}
+    for job_id, key in submitted.items():
+        eng.submit(job_id, key, Priority.STANDARD, 0.0)
     batches = runs(eng.step(0.0))
     assert len(batches) == 3
     for b in batches:
-        assert len({b.key}) == 1
+        assert {submitted[j] for j in b.job_ids} == {b.key}  # every job in a batch has the batch's key
     by_key = {b.key: set(b.job_ids) for b in batches}
     assert by_key == {IMG: {"small1", "small2"}, IMG_BIG: {"big"}, VID: {"video"}}
 

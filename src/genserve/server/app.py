@@ -213,12 +213,15 @@ def create_app(config: Config, runtime: Runtime | None = None) -> FastAPI:
         last_id = int(request.headers.get("last-event-id", "0") or 0)
 
         async def stream():
+            offset = 0  # added to the hub's ids when they follow rebuilt milestones
             if not events.known(job_id):
-                # History is gone (restart, or an old job): rebuild the milestones from the record.
+                # History is gone (restart, or an old job): rebuild the milestones from the record;
+                # live events continue their numbering, so Last-Event-ID stays meaningful.
                 history, q = _synthesized(job), None
                 if not is_terminal(job["status"]):
+                    offset = len(history)
                     hist2, q = events.subscribe(job_id)
-                    history += [dict(e, id=len(history) + e["id"]) for e in hist2]
+                    history += [dict(e, id=offset + e["id"]) for e in hist2]
             else:
                 history, q = events.subscribe(job_id)
             try:
@@ -235,7 +238,10 @@ def create_app(config: Config, runtime: Runtime | None = None) -> FastAPI:
                     except asyncio.TimeoutError:
                         yield ": keep-alive\n\n"
                         continue
-                    yield _sse(ev)
+                    if offset:
+                        ev = dict(ev, id=offset + ev["id"])
+                    if ev["id"] > last_id:
+                        yield _sse(ev)
                     if is_terminal(ev["event"]):
                         return
             finally:

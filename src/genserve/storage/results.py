@@ -17,8 +17,8 @@ def output_name(kind: str) -> str:
     return "output.png" if kind == "image" else "output.mp4"
 
 
-_JOB_ID = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
-_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+_JOB_ID = re.compile(r"[A-Za-z0-9_-]{1,128}")
+_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 
 
 @dataclass(frozen=True)
@@ -46,7 +46,7 @@ class LocalResultStore:
         self.root.mkdir(parents=True, exist_ok=True)
 
     def _path(self, job_id: str, name: str) -> Path:
-        if not _JOB_ID.match(job_id) or not _NAME.match(name) or name.startswith("."):
+        if not _JOB_ID.fullmatch(job_id) or not _NAME.fullmatch(name) or name.startswith("."):
             raise ValueError(f"invalid result key {job_id!r}/{name!r}")
         return self.root / job_id / name
 

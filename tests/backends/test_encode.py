@@ -1,0 +1,92 @@
+"""Output encoders: what they write decodes back to the right size, frames and (roughly) content."""
+import io
+
+import av
+import numpy as np
+import pytest
+from PIL import Image
+
+from genserve.backends.encode import encode_mp4, encode_png, to_uint8_frames
+
+
+def decode_mp4(data: bytes):
+    with av.open(io.BytesIO(data)) as c:
+        stream = c.streams.video[0]
+        frames = [f.to_ndarray(format="rgb24") for f in c.decode(stream)]
+        return stream, frames
+
+
+# ---- to_uint8_frames --------------------------------------------------------------------------------
+
+
+def test_float_frames_are_clipped_and_rounded():
+    arr = np.array([[-0.5, 0.0, 0.2, 0.5, 1.0, 1.7]], dtype=np.float32).reshape(1, 1, 2, 3)
+    out = to_uint8_frames(arr)
+    assert out.dtype == np.uint8
+    assert out.reshape(-1).tolist() == [0, 0, 51, 128, 255, 255]
+
+
+def test_uint8_frames_pass_through_unchanged():
+    rng = np.random.default_rng(0)
+    arr = rng.integers(0, 256, size=(2, 4, 6, 3), dtype=np.uint8)
+    out = to_uint8_frames(arr)
+    assert out.dtype == np.uint8 and np.array_equal(out, arr)  # not rescaled as if it were [0,1] floats
+
+
+def test_list_of_pil_images_is_stacked():
+    imgs = [Image.new("RGB", (6, 4), (i * 40, 0, 255 - i * 40)) for i in range(3)]
+    out = to_uint8_frames(imgs)
+    assert out.shape == (3, 4, 6, 3) and out.dtype == np.uint8
+    assert out[2, 0, 0].tolist() == [80, 0, 175]
+
+
+# ---- PNG --------------------------------------------------------------------------------------------
+
+
+def test_png_round_trips_exactly():
+    rng = np.random.default_rng(1)
+    pixels = rng.integers(0, 256, size=(24, 40, 3), dtype=np.uint8)  # H=24, W=40: not square on purpose
+    data = encode_png(Image.fromarray(pixels))
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    img = Image.open(io.BytesIO(data))
+    assert img.format == "PNG" and img.size == (40, 24) and img.mode == "RGB"
+    assert np.array_equal(np.asarray(img), pixels)  # lossless
+
+
+def test_png_of_different_images_differs():
+    a = encode_png(Image.new("RGB", (8, 8), (0, 0, 0)))
+    b = encode_png(Image.new("RGB", (8, 8), (255, 0, 0)))
+    assert a != b
+
+
+# ---- MP4 --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("n,h,w,fps", [(5, 32, 48, 8), (1, 16, 16, 24), (9, 64, 32, 16)])
+def test_mp4_has_every_frame_at_the_right_size(n, h, w, fps):
+    rng = np.random.default_rng(n)
+    frames = rng.random((n, h, w, 3), dtype=np.float32)  # float [0,1], like a pipeline's "np" output
+    data = encode_mp4(frames, fps)
+    stream, decoded = decode_mp4(data)
+    assert stream.codec_context.name == "h264"
+    assert (stream.codec_context.width, stream.codec_context.height) == (w, h)
+    assert len(decoded) == n
+    assert all(f.shape == (h, w, 3) for f in decoded)
+    assert stream.average_rate == fps or stream.guessed_rate == fps
+
+
+def test_mp4_keeps_the_picture():
+    # Three flat frames of different colours: lossy, but each must come back close to its colour.
+    colours = [(200, 40, 40), (40, 200, 40), (40, 40, 200)]
+    frames = np.stack([np.full((32, 32, 3), c, dtype=np.uint8) for c in colours])
+    _, decoded = decode_mp4(encode_mp4(frames, 8))
+    assert len(decoded) == 3
+    for got, want in zip(decoded, colours):
+        mean = got.reshape(-1, 3).mean(axis=0)
+        assert np.all(np.abs(mean - np.array(want)) < 12), (mean, want)
+
+
+def test_mp4_from_pil_frames():
+    imgs = [Image.new("RGB", (32, 16), (i * 60, 100, 100)) for i in range(4)]
+    stream, decoded = decode_mp4(encode_mp4(imgs, 10))
+    assert len(decoded) == 4 and decoded[0].shape == (16, 32, 3)
