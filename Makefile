@@ -2,8 +2,8 @@
 # runs the whole suite. Both create the virtual environment on first use.
 VENV ?= .venv
 PY := $(VENV)/bin/python
-# Installed before the package so pip keeps it: on this CPU-only machine torch==2.13.0 resolves to
-# a local CPU wheel; a GPU machine gets its CUDA build from the same pin.
+# Installed before the package so pip keeps it. Which build the pin resolves to depends on the
+# machine's package index (a CPU-only wheel, or PyPI's CUDA build); override TORCH_SPEC to choose.
 TORCH_SPEC ?= torch==2.13.0
 ARGS ?=
 
