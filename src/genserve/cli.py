@@ -46,6 +46,8 @@ def cmd_submit(a: argparse.Namespace) -> int:
     import httpx
     from tqdm import tqdm
 
+    from .status import JobStatus, is_terminal
+
     body = {k: v for k, v in {
         "model": a.model, "prompt": a.prompt, "negative_prompt": a.negative_prompt, "steps": a.steps,
         "num_frames": a.frames, "guidance": a.guidance, "seed": a.seed, "priority": a.priority, "id": a.id,
@@ -74,12 +76,12 @@ def cmd_submit(a: argparse.Namespace) -> int:
                         bar.refresh()
                     elif event == "started":
                         bar.set_description(f"batch of {data.get('batch_size')} on {data.get('worker')}")
-                    elif event in ("succeeded", "failed", "canceled"):
+                    elif is_terminal(event):
                         final = event
                         break
         bar.close()
         job = client.get(f"/v1/jobs/{job['id']}").json()
-        if final != "succeeded":
+        if final != JobStatus.SUCCEEDED:
             err = job.get("error") or {}
             print(f"job {job['id']} {job['status']}: {err.get('code')} {err.get('message') or ''}", file=sys.stderr)
             return 1

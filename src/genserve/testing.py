@@ -11,6 +11,8 @@ from pathlib import Path
 
 import httpx
 
+from .status import TERMINAL
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -102,7 +104,7 @@ def post_concurrently(url: str, bodies: list[dict], path: str = "/v1/jobs") -> l
     return out
 
 
-def wait_for(client: httpx.Client, job_id: str, timeout: float = 120.0, statuses=("succeeded", "failed", "canceled")) -> dict:
+def wait_for(client: httpx.Client, job_id: str, timeout: float = 120.0, statuses=tuple(TERMINAL)) -> dict:
     deadline = time.time() + timeout
     while time.time() < deadline:
         job = client.get(f"/v1/jobs/{job_id}").json()

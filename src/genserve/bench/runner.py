@@ -15,11 +15,11 @@ from typing import Any
 
 import httpx
 
+from ..status import JobStatus, is_terminal
 from .report import summarize_run
 from .workload import Workload, arrival_offsets, draw
 
 APIS = ("genserve", "openai")
-TERMINAL = ("succeeded", "failed", "canceled")
 
 
 def _size(body: dict[str, Any]) -> dict[str, Any]:
@@ -41,13 +41,13 @@ async def _genserve_one(client: httpx.AsyncClient, body: dict[str, Any], timeout
         async for line in s.aiter_lines():
             if line.startswith("event:"):
                 event = line[6:].strip()
-            elif line.startswith("data:") and event in TERMINAL:
+            elif line.startswith("data:") and is_terminal(event):
                 final = event
                 err = (json.loads(line[5:]).get("error") or {}).get("code")
                 break
     if final is None:
         return {"ok": False, "error": "stream_ended", "job_id": job_id}
-    return {"ok": final == "succeeded", "error": None if final == "succeeded" else (err or final), "job_id": job_id,
+    return {"ok": final == JobStatus.SUCCEEDED, "error": None if final == JobStatus.SUCCEEDED else (err or final), "job_id": job_id,
             "status_code": 202}
 
 

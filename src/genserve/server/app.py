@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..config import Config, parse_size
-from ..engine import is_retryable
+from ..engine import ErrorCode, is_retryable
 from ..requests import MAX_SEED, RequestError, validate
 from ..status import JobStatus, is_terminal
 from .jobstore import STAGES
@@ -110,7 +110,7 @@ def create_app(config: Config, runtime: Runtime | None = None) -> FastAPI:
 
     @app.exception_handler(Exception)
     async def _internal(_req: Request, exc: Exception):
-        return error(500, None, f"internal error: {type(exc).__name__}", code="internal")
+        return error(500, None, f"internal error: {type(exc).__name__}", code=ErrorCode.INTERNAL)
 
     @app.exception_handler(QueueFull)
     async def _queue_full(_req: Request, exc: QueueFull):

@@ -10,7 +10,8 @@ import sqlite3
 from pathlib import Path
 from typing import Any
 
-TERMINAL = ("succeeded", "failed", "canceled")
+from ..engine.errors import ErrorCode
+from ..status import JobStatus
 STAGES = (
     "received", "queued", "dispatched", "load_start", "load_end",
     "inference_start", "inference_end", "output_written", "finished",
@@ -101,8 +102,8 @@ class JobStore:
     def insert(self, job_id: str, client_id: str | None, params: dict[str, Any], now: float) -> None:
         self.db.execute(
             "INSERT INTO jobs (id, client_id, model, params, priority, status, t_received, t_queued)"
-            " VALUES (?, ?, ?, ?, ?, 'queued', ?, ?)",
-            (job_id, client_id, params["model"], json.dumps(params), params["priority"], now, now),
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            (job_id, client_id, params["model"], json.dumps(params), params["priority"], JobStatus.QUEUED, now, now),
         )
 
     def get(self, job_id: str) -> dict[str, Any] | None:
@@ -115,7 +116,7 @@ class JobStore:
 
     def unfinished(self) -> list[dict[str, Any]]:
         rows = self.db.execute(
-            "SELECT * FROM jobs WHERE status IN ('queued', 'running') ORDER BY t_queued, id"
+            "SELECT * FROM jobs WHERE status IN (?, ?) ORDER BY t_queued, id", (JobStatus.QUEUED, JobStatus.RUNNING)
         ).fetchall()
         return [_decode(r) for r in rows]
 
@@ -148,12 +149,12 @@ class JobStore:
         with self.db:
             self.db.execute("BEGIN")
             self.db.execute(
-                "UPDATE attempts SET code = 'worker_crashed', message = 'the server stopped during the attempt',"
-                " ended = ? WHERE ended IS NULL", (now,))
+                "UPDATE attempts SET code = ?, message = 'the server stopped during the attempt',"
+                " ended = ? WHERE ended IS NULL", (ErrorCode.WORKER_CRASHED, now))
             self.db.execute(
-                "UPDATE jobs SET status = 'queued', batch_id = NULL, batch_size = NULL, worker = NULL,"
+                "UPDATE jobs SET status = ?, batch_id = NULL, batch_size = NULL, worker = NULL,"
                 " t_dispatched = NULL, t_load_start = NULL, t_load_end = NULL, load_tier = NULL, t_inference_start = NULL,"
-                " t_inference_end = NULL, attempts = attempts + 1 WHERE status = 'running'"
+                " t_inference_end = NULL, attempts = attempts + 1 WHERE status = ?", (JobStatus.QUEUED, JobStatus.RUNNING)
             )
         return self.unfinished()
 

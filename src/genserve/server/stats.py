@@ -10,6 +10,7 @@ import math
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
+from ..status import JobStatus
 from .cost import cost_usd
 from .usage import WindowUsage
 
@@ -64,7 +65,7 @@ def _batches(jobs: Iterable[Record]) -> dict[str, Record]:
 
 def model_stats(jobs: Sequence[Record], window_s: float, n_workers: int) -> dict[str, Any]:
     """Stats of the terminal jobs of one model (already filtered to the window)."""
-    ok = [j for j in jobs if j["status"] == "succeeded"]
+    ok = [j for j in jobs if j["status"] == JobStatus.SUCCEEDED]
     failed = [j for j in jobs if j["status"] == "failed"]
     ran = [j for j in jobs if j.get("batch_id")]
     stages = {s: summarize([b[s] for b in map(breakdown, ok) if b[s] is not None]) for s in STAGE_SPANS}
@@ -76,7 +77,7 @@ def model_stats(jobs: Sequence[Record], window_s: float, n_workers: int) -> dict
     cost = sum(j.get("cost_usd") or 0.0 for j in jobs)
     return {
         "count": len(jobs),
-        "by_status": {s: sum(1 for j in jobs if j["status"] == s) for s in ("succeeded", "failed", "canceled")},
+        "by_status": {s: sum(1 for j in jobs if j["status"] == s) for s in (JobStatus.SUCCEEDED.value, JobStatus.FAILED.value, JobStatus.CANCELED.value)},
         "throughput_per_s": len(ok) / window_s if window_s > 0 else None,
         "latency_s": stages.pop("total"),
         "stages_s": stages,
@@ -149,7 +150,7 @@ def timeseries(records: Sequence[Record], since: float, now: float, step: float,
     for i in range(n):
         lo, hi = since + i * step, min(now, since + (i + 1) * step)
         done = _finished_in(records, lo, hi if i < n - 1 else hi + 1e-9)
-        ok = [r for r in done if r["status"] == "succeeded"]
+        ok = [r for r in done if r["status"] == JobStatus.SUCCEEDED]
         lat = [r["t_finished"] - r["t_received"] for r in ok]
         failed = sum(1 for r in done if r["status"] == "failed")
         cold = {r["batch_id"] for r in records if r.get("batch_id") and r.get("t_load_start") is not None
