@@ -1,0 +1,48 @@
+"""The SSE route over a runtime on the fake pool (in-process ASGI, no sockets, no processes)."""
+from __future__ import annotations
+
+import asyncio
+
+import httpx
+
+from genserve.server.app import create_app
+
+from .test_runtime import World
+
+
+def _ids_and_events(text: str) -> list[tuple[int, str]]:
+    out, eid = [], None
+    for line in text.splitlines():
+        if line.startswith("id:"):
+            eid = int(line[3:])
+        elif line.startswith("event:"):
+            out.append((eid, line[6:].strip()))
+    return out
+
+
+def test_live_events_after_rebuilt_milestones_keep_counting_up(tmp_path):
+    """A running job whose in-memory history was dropped: the stream rebuilds its milestones from
+    the record, then live events must continue the numbering (Last-Event-ID relies on it)."""
+
+    async def go():
+        w = await World(tmp_path).start()
+        w.rt.events.max_jobs = 1
+        [jid] = w.submit()
+        w.load()
+        msg = w.run_msg()
+        w.submit()  # a second job's events push the first one's history out
+        assert not w.rt.events.known(jid)
+        app = create_app(w.cfg, w.rt)
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as client:
+            request = asyncio.ensure_future(client.get(f"/v1/jobs/{jid}/events"))
+            while not w.rt.events.subscribers.get(jid):  # the stream has subscribed
+                await asyncio.sleep(0)
+            w.pool.say("w0", "progress", batch_id=msg["batch_id"], step=1, total=2)
+            w.done("w0", msg["batch_id"], jid)
+            resp = await asyncio.wait_for(request, 10)
+        got = _ids_and_events(resp.text)
+        assert [e for _, e in got] == ["queued", "started", "progress", "succeeded"]
+        assert [i for i, _ in got] == [1, 2, 3, 4]
+        await w.rt.close()
+
+    asyncio.run(go())
