@@ -35,8 +35,11 @@ def test_live_events_after_rebuilt_milestones_keep_counting_up(tmp_path):
         app = create_app(w.cfg, w.rt)
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as client:
             request = asyncio.ensure_future(client.get(f"/v1/jobs/{jid}/events"))
-            while not w.rt.events.subscribers.get(jid):  # the stream has subscribed
+            for _ in range(100_000):  # yield to the app until its stream has subscribed
+                if w.rt.events.subscribers.get(jid):
+                    break
                 await asyncio.sleep(0)
+            assert w.rt.events.subscribers.get(jid), "the SSE stream never subscribed"
             w.pool.say("w0", "progress", batch_id=msg["batch_id"], step=1, total=2)
             w.done("w0", msg["batch_id"], jid)
             resp = await asyncio.wait_for(request, 10)
