@@ -13,13 +13,18 @@ from .work import WorkModel
 class Scaling:
     def __init__(self, autoscaler: Autoscaler) -> None:
         self.autoscaler = autoscaler
-        self.state = autoscaler.initial_state()
-        self.target_devices: int | None = None  # the last ScaleTo sent (None: ask the provider again)
+        self.state = autoscaler.initial_state()  # its target is what the provider was last asked for
+        self._ask_again = False  # a device was lost: repeat the ScaleTo even for the same count
         self._next_at: float | None = None
+
+    @property
+    def target_devices(self) -> int | None:
+        """The device count last asked of the provider (None: not asked yet, or to be asked again)."""
+        return None if self._ask_again else self.state.target
 
     def device_lost(self) -> None:
         """A device was lost: the next tick asks the provider again, even for the same count."""
-        self.target_devices = None
+        self._ask_again = True
 
     def snapshot(self, now: float, waiting: Waiting, fleet: Fleet, work: WorkModel) -> FleetSnapshot:
         """The fleet as the policy sees it; demand in expected device-seconds."""
@@ -37,12 +42,13 @@ class Scaling:
             return [], []
         self._next_at = now + self.autoscaler.limits.interval_s
         snap = self.snapshot(now, waiting, fleet, work)
+        asked = self.target_devices
         want, self.state = self.autoscaler.decide(snap, self.state)
+        self._ask_again = False
         out: list[Decision] = []
-        if want != self.target_devices:
+        if want != asked:
             out.append(ScaleTo(want, f"{self.autoscaler.policy.name}: queued {snap.queued_work_s:.1f} s of work, "
                                      f"arriving {snap.arrival_work_rate:.2f} dev-s/s, {snap.busy}/{snap.up} busy"))
-            self.target_devices = want
         surplus = len(fleet.workers) - want
         retired: list[str] = []
         if surplus > 0:
