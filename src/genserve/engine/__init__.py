@@ -3,6 +3,7 @@ from .engine import Engine
 from .errors import ErrorCode, is_retryable
 from .liveness import Liveness, RestartPolicy
 from .retry import Backoff, RetryPolicy
+from .settings import EngineSettings, engine_settings
 from .types import (
     Admission,
     BatchKey,
@@ -22,7 +23,8 @@ from .types import (
 )
 
 __all__ = [
-    "Admission", "Backoff", "BatchKey", "CancelRunning", "Decision", "Engine", "ErrorCode", "FailJob", "JobDequeued",
+    "Admission", "Backoff", "BatchKey", "CancelRunning", "Decision", "Engine", "EngineSettings", "ErrorCode",
+    "FailJob", "JobDequeued",
     "KillWorker", "Liveness", "LoadModel", "ModelLimits", "Priority", "RestartPolicy", "RetireWorker", "RetryJob",
-    "RetryPolicy", "RunBatch", "ScaleTo", "UnloadModel", "is_retryable",
+    "RetryPolicy", "RunBatch", "ScaleTo", "UnloadModel", "engine_settings", "is_retryable",
 ]
