@@ -110,7 +110,7 @@ class Dispatcher:
         return times
 
     def _allowed(self, job: QueuedJob, workers: list[WorkerState]) -> list[WorkerState]:
-        return self.failures.allowed(job, workers, self.fleet.workers)
+        return self.failures.allowed(job, workers, self.fleet.workers, self.residency.could_host)
 
     def _quiescent(self) -> bool:
         return (bool(self.fleet.workers) and not self.failures.killing

@@ -228,11 +228,11 @@ class Engine:
             out += decisions
         out += self.residency.fill_warm_pools(now, self.waiting.protected_models(), self.failures.killing)
         out += self.dispatcher.dispatch_ready(now)
-        for key, need, biggest in self.residency.unplaceable(self.waiting.keys()):
+        growing = self.scaling is not None and self.scaling.can_grow(len(self.fleet.workers))
+        for key, why in self.residency.unplaceable(self.waiting.keys(), new_workers_possible=growing):
             for job in list(self.waiting.jobs(key)):
                 self._take_waiting(job.id)
-                out.append(FailJob(job.id, ErrorCode.OUT_OF_MEMORY, f"{key.model} at {key.width}x{key.height} needs "
-                                   f"~{need} bytes; the largest worker has {biggest}"))
+                out.append(FailJob(job.id, ErrorCode.OUT_OF_MEMORY, why))
         out += self.residency.preload(now, self.fleet.idle(self.failures.killing), self.waiting.protected_models(),
                                       self.work.last_key)
         return out

@@ -4,7 +4,7 @@ liveness.py): each running batch's pulse, when each worker was last heard from, 
 we asked to be killed."""
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Mapping
 
 from .errors import ErrorCode
 from .liveness import BatchWatch, Liveness
@@ -118,10 +118,13 @@ class FailureTracker:
             out.append(RetryJob(job.id, code, message, job.attempts, retry.at, retry.model))
         return out, again
 
-    def allowed(self, job: QueuedJob, workers: list[WorkerState], up: Iterable[str]) -> list[WorkerState]:
+    def allowed(self, job: QueuedJob, workers: list[WorkerState], up: Mapping[str, WorkerState],
+                could_host: Callable[[WorkerState, BatchKey], bool]) -> list[WorkerState]:
         """The workers ``job`` may run on: those it has not failed on, as long as one of those is up
-        (otherwise any: a one-worker deployment still retries)."""
-        if not job.avoid or not any(w not in job.avoid for w in up if w not in self.killing):
+        and could ever host it (otherwise any: a one-worker deployment still retries, and a job is
+        not stranded next to workers too small for it)."""
+        if not job.avoid or not any(w.id not in job.avoid and w.id not in self.killing and could_host(w, job.key)
+                                    for w in up.values()):
             return list(workers)
         return [w for w in workers if w.id not in job.avoid]
 

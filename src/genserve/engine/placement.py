@@ -44,9 +44,12 @@ class WarmFirst:
         free_warm = [w for w in warm if w.idle and evictions(w) is not None]
         if free_warm:
             return min(free_warm, key=least_loaded)
-        saturated = (backlog_batches > len(warm) or all(utilization(w) >= self.saturation for w in warm)
-                     or min((wait_s(w) for w in warm), default=0.0) > load_s)
-        if warm and not saturated:
+        # Only busy warm workers are worth waiting for: an idle one without room for the batch (its
+        # memory held by warm-pool copies or models with queued work) may never have room.
+        busy_warm = [w for w in warm if not w.idle]
+        saturated = (backlog_batches > len(busy_warm) or all(utilization(w) >= self.saturation for w in busy_warm)
+                     or min((wait_s(w) for w in busy_warm), default=0.0) > load_s)
+        if busy_warm and not saturated:
             return None  # a warm worker will be free soon enough: no cold start
         cold = {w.id: ev for w in workers if w.idle and model not in w.resident and (ev := evictions(w)) is not None}
         if not cold:

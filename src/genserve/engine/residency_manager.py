@@ -31,6 +31,7 @@ class ResidencyManager:
         self.last_arrival = last_arrival  # read-only: the work model's
         self.memory = MemoryModel({m: lim.memory_bytes for m, lim in models.items() if lim.memory_bytes})
         self.predictor = TransitionPredictor() if preload else None
+        self._warm_pools = any(lim.min_warm > 0 for lim in models.values())  # pinned copies can exist
         self.preload_min_probability = preload_min_probability
         self._load_backoff: dict[tuple[str, str], tuple[int, float]] = {}  # (worker, model) -> (failures, retry at)
         # Idle unloads are checked only when one can be due: the earliest future due time seen by
@@ -56,8 +57,8 @@ class ResidencyManager:
             known_weights = resident or bool(mem.known_weights(key.model))
             if not mem.working_is_known(key, n):
                 working = min(working, max(0, w.capacity - (weights if known_weights else 0)))
-            if not known_weights:
-                weights = min(weights, max(0, w.capacity - working))
+            if not known_weights:  # nor beside the warm-pool copies that can never be evicted
+                weights = min(weights, max(0, w.capacity - working - self._pinned_besides(w, key.model)))
         return weights + working
 
     def room_for(self, w: WorkerState, need: int, protected: set[str]) -> list[str] | None:
@@ -82,19 +83,40 @@ class ResidencyManager:
             del w.resident[m]
         return [UnloadModel(w.id, m, reason) for m in models]
 
-    def unplaceable(self, keys: list[BatchKey]) -> list[tuple[BatchKey, int, int]]:
-        """Keys whose model plus one job's working memory exceed every worker's whole capacity:
-        (key, bytes needed, largest capacity). Measured or hinted figures only: a guess never
-        fails a job."""
-        caps = [w.capacity for w in self.fleet.workers.values()]
+    def _pinned_besides(self, w: WorkerState, model: str) -> int:
+        """Bytes of warm-pool copies of other models on ``w``: memory a batch of ``model`` never gets."""
+        if not self._warm_pools:
+            return 0
+        return sum(r.bytes for m, r in w.resident.items() if r.pinned and m != model)
+
+    def could_host(self, w: WorkerState, key: BatchKey) -> bool:
+        """Could ``w`` ever run one job of ``key`` — in its whole capacity, less warm-pool copies of
+        other models? Measured or hinted figures only: a guess never rules a worker out."""
+        if w.capacity is None:
+            return True
+        need = self.memory.known_weights(key.model) + self.memory.working(key, 1, known_only=True)
+        return need <= w.capacity - self._pinned_besides(w, key.model)
+
+    def unplaceable(self, keys: list[BatchKey], *, new_workers_possible: bool) -> list[tuple[BatchKey, str]]:
+        """Keys no worker can ever run, with why: the model plus one job's working memory exceed
+        every worker's capacity (less warm-pool copies of other models, unless autoscaling may still
+        bring an empty worker). Measured or hinted figures only: a guess never fails a job."""
+        workers = list(self.fleet.workers.values())
+        caps = [w.capacity for w in workers]
         if not keys or not caps or None in caps:
             return []
         biggest = max(caps)  # type: ignore[type-var]
+        pins = self._warm_pools and not new_workers_possible
         out = []
         for key in keys:
             need = self.memory.known_weights(key.model) + self.memory.working(key, 1, known_only=True)
             if need > biggest:
-                out.append((key, need, biggest))
+                out.append((key, f"{key.model} at {key.width}x{key.height} needs ~{need} bytes; "
+                                 f"the largest worker has {biggest}"))
+            elif pins and not any(self.could_host(w, key) for w in workers):
+                room = max(w.capacity - self._pinned_besides(w, key.model) for w in workers)  # type: ignore[operator]
+                out.append((key, f"{key.model} at {key.width}x{key.height} needs ~{need} bytes; the most any worker "
+                                 f"has beside warm-pool copies (min_warm) of other models is {room}"))
         return out
 
     # ---- loads and unloads --------------------------------------------------------------------------
@@ -107,9 +129,18 @@ class ResidencyManager:
             out += self.evict(w, self.room_for(w, self.memory.weights(model), protected | {model}) or [])
         min_warm = self.models[model].min_warm
         pinned = pin or (min_warm > 0 and self._warm_count(model) < min_warm)
-        w.resident[model] = Resident(self.memory.weights(model), now, pinned=pinned, loading=True, load_started=now)
+        w.resident[model] = Resident(self._planned_bytes(w, model), now, pinned=pinned, loading=True, load_started=now)
         out.append(LoadModel(w.id, model, reason))
         return out
+
+    def _planned_bytes(self, w: WorkerState, model: str) -> int:
+        """What a copy being loaded is planned to hold until the worker measures it: the known
+        size, or a guess capped at the room there is (``need`` plans guesses the same way), so the
+        plan never exceeds the worker's capacity."""
+        weights = self.memory.weights(model)
+        if w.capacity is None or self.memory.known_weights(model):
+            return weights
+        return min(weights, max(0, w.capacity - w.used))
 
     def loaded(self, worker_id: str, model: str, nbytes: int, now: float) -> float | None:
         """A worker finished loading ``model`` (``nbytes`` measured). Returns how long the load
@@ -148,7 +179,8 @@ class ResidencyManager:
         candidates = [workers[worker_id]] if worker_id in workers else ([] if worker_id else list(workers.values()))
         candidates = [w for w in candidates if model not in w.resident and w.id not in excluded
                       and (not pin or self._may_load(w, model, now))]
-        fits = [w for w in candidates if self.room_for(w, self.memory.weights(model), set()) is not None]
+        keep = protected | {model}  # what load() will refuse to evict: the fit must hold without it
+        fits = [w for w in candidates if self.room_for(w, self.memory.weights(model), keep) is not None]
         if not fits:
             return []
         w = min(fits, key=lambda w: (not w.idle, len(w.resident), w.busy.utilization(now), w.id))
@@ -252,7 +284,7 @@ class ResidencyManager:
             w = min((w for w in hosts_idle if w.id in hosts),
                     key=lambda w: (len(hosts[w.id]), w.busy.utilization(now), w.id))
             out += self.evict(w, hosts[w.id])
-            w.resident[model] = Resident(self.memory.weights(model), now, loading=True, load_started=now)
+            w.resident[model] = Resident(self._planned_bytes(w, model), now, loading=True, load_started=now)
             out.append(LoadModel(w.id, model, "preload"))
         return out
 
