@@ -14,7 +14,8 @@ def test_draw_follows_weights_and_is_deterministic():
     share_a = sum(r["model"] == "a" for r in reqs) / 400
     assert 0.68 < share_a < 0.82
     assert len({r["prompt"] for r in reqs}) == 400 and all("weight" not in r for r in reqs)
-    assert reqs[0]["size"] == "64x64" if reqs[0]["model"] == "a" else "size" not in reqs[0]
+    # Each request carries its own kind's keys: a's size, nothing for b (which names no size).
+    assert all(r["size"] == "64x64" if r["model"] == "a" else "size" not in r for r in reqs)
 
 
 def test_arrival_patterns():

@@ -3,6 +3,7 @@ import os
 
 import httpx
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from genserve.testing import LiveServer, wait_for, wait_until
 
@@ -57,8 +58,10 @@ default_guidance = 1.0
         gone = [pid for wid, pid in pids.items() if wid != one[0]["id"]]
         assert len(gone) == 1
         wait_until(lambda: not _alive(gone[0]), 20, "the retired process to exit")
-        metrics = c.get("/metrics").text
-        assert "genserve_workers" in metrics
+        # The workers gauge (always exposed, so its presence proves nothing) counts the one left.
+        states = {s.labels["state"]: s.value for fam in text_string_to_metric_families(c.get("/metrics").text)
+                  if fam.name == "genserve_workers" for s in fam.samples}
+        assert sum(states.values()) == 1, states
 
 
 def _alive(pid: int) -> bool:

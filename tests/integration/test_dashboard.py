@@ -3,12 +3,11 @@ points, the job table lists those jobs. The screenshot lands in test-artifacts/d
 import os
 import shutil
 import tempfile
-import time
 from pathlib import Path
 
 import pytest
 
-from genserve.testing import wait_for
+from genserve.testing import wait_for, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -47,17 +46,23 @@ def test_dashboard_shows_live_data_in_chromium(browser, obs_client):
     ran.append(obs_client.post("/v1/jobs", json={"model": "demo-video", "prompt": "dash video", "steps": 2}).json()["id"])
     done = [wait_for(obs_client, j) for j in ran]
     assert all(j["status"] == "succeeded" for j in done)
+    # A job is charged when its batch ends, just after it succeeds: wait for the charges, so the
+    # dashboard's first refresh already sees the cost.
+    for j in ran:
+        wait_until(lambda: obs_client.get(f"/v1/jobs/{j}").json()["cost"]["device_seconds"] is not None, 30,
+                   what=f"job {j} to be charged")
     base = str(obs_client.base_url).rstrip("/")
     browser.get(base + "/dashboard")
 
     def page(script):
         return browser.execute_script(script)
 
-    deadline = time.time() + 30
-    # Two refreshes: the second one also sees the cost the batches were charged when they ended.
-    while time.time() < deadline and int(page("return document.body.dataset.refreshed || 0")) < 2:
-        time.sleep(0.2)
-    assert int(page("return document.body.dataset.refreshed || 0")) >= 2, page("return document.getElementById('status').textContent")
+    try:
+        wait_until(lambda: int(page("return document.body.dataset.refreshed || 0")) >= 1, 60,
+                   what="a successful dashboard refresh", every=0.2)
+    except AssertionError as e:
+        status = page("return document.getElementById('status').textContent")
+        raise AssertionError(f"{e}; dashboard status: {status}") from None
     charts = page("""return Array.from(document.querySelectorAll('.chart svg')).map(
         s => [s.parentElement.id, Number(s.dataset.points), Number(s.dataset.max), s.querySelectorAll('circle.pt').length])""")
     by_id = {c[0]: c[1:] for c in charts}
