@@ -69,7 +69,7 @@ class Dispatcher:
                 self._waiting_on_warm = True
             return None
         size = self.failures.batch_cap(key, worker.id, limits.max_batch_size)
-        jobs = [j for j in ordered if self._allowed(j, [worker])][:size]
+        jobs = [j for j in ordered if self._allowed(j, [worker])][:size] if self.failures.any_avoid else ordered[:size]
         # The largest prefix of the batch that fits; shrinking beats an OOM.
         n = len(jobs)
         while n > 1 and self.residency.fit(worker, key, n, protected) is None:
@@ -79,7 +79,7 @@ class Dispatcher:
         out = self.residency.evict(worker, evict)
         needs_load = key.model not in worker.resident
         if needs_load:
-            out += self.residency.load(worker, key.model, now, "batch", protected)
+            out += self.residency.load(worker, key.model, now, "batch")
         chosen = jobs[:n]
         for job in chosen:
             self.waiting.take(job.id)

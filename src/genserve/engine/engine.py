@@ -53,7 +53,8 @@ class Engine:
         self.fleet = Fleet(s.batch_id_prefix)
         self.work = WorkModel(self.models)
         self.residency = ResidencyManager(self.models, self.fleet, RESIDENCY[s.residency](), self.work.last_arrival,
-                                          preload=s.preload, preload_min_probability=s.preload_min_probability)
+                                          self.waiting.protected_models, preload=s.preload,
+                                          preload_min_probability=s.preload_min_probability)
         self.failures = FailureTracker(s.retry, s.liveness)
         self.autoscaler = s.autoscaler
         self.scaling = Scaling(s.autoscaler) if s.autoscaler is not None else None
@@ -204,8 +205,7 @@ class Engine:
 
     def request_load(self, model: str, now: float, worker_id: str | None = None, *, pin: bool = False) -> list[Decision]:
         """Operator (or warm pool) asks for ``model`` to be loaded. Returns [] when no worker can."""
-        return self.residency.request_load(model, now, self.waiting.protected_models(), self.failures.killing,
-                                           worker_id, pin=pin)
+        return self.residency.request_load(model, now, self.failures.killing, worker_id, pin=pin)
 
     def request_unload(self, model: str, now: float, worker_id: str | None = None) -> list[Decision]:
         return self.residency.request_unload(model, worker_id)
@@ -219,28 +219,27 @@ class Engine:
         """Expire what is due, unload what has idled out, autoscale, fill warm pools, dispatch
         every ready batch that has a worker (best first), fail what can never fit, then preload."""
         out: list[Decision] = self._expire(now)
-        out += self.residency.idle_unloads(now, self.waiting.protected_models())
+        out += self.residency.idle_unloads(now)
         if self.scaling is not None:
             decisions, retired = self.scaling.tick(now, self.waiting, self.fleet, self.work, self.failures.killing)
             for worker_id in retired:
                 self.fleet.remove(worker_id)
                 self.failures.retired(worker_id)
             out += decisions
-        out += self.residency.fill_warm_pools(now, self.waiting.protected_models(), self.failures.killing)
+        out += self.residency.fill_warm_pools(now, self.failures.killing)
         out += self.dispatcher.dispatch_ready(now)
-        growing = self.scaling is not None and self.scaling.can_grow(len(self.fleet.workers))
-        for key, why in self.residency.unplaceable(self.waiting.keys(), new_workers_possible=growing):
-            for job in list(self.waiting.jobs(key)):
-                self._take_waiting(job.id)
-                out.append(FailJob(job.id, ErrorCode.OUT_OF_MEMORY, why))
-        out += self.residency.preload(now, self.fleet.idle(self.failures.killing), self.waiting.protected_models(),
-                                      self.work.last_key)
+        if self.waiting.queues:
+            for key, why in self.residency.unplaceable(self.waiting.keys(), self._can_grow):
+                for job in list(self.waiting.jobs(key)):
+                    self._take_waiting(job.id)
+                    out.append(FailJob(job.id, ErrorCode.OUT_OF_MEMORY, why))
+        out += self.residency.preload(now, self.failures.killing, self.work.last_key)
         return out
 
     def next_deadline(self, now: float) -> float | None:
         """When ``step`` could next decide something without a new event (None: only events matter)."""
         times = self.waiting.next_times(self._deadline_pending) + self.failures.next_times(self.fleet.running.values())
-        times += self.residency.next_times(now, self.waiting.protected_models())
+        times += self.residency.next_times(now)
         times += self.dispatcher.next_times(now)
         if self.scaling is not None:
             times.append(self.scaling.next_time(now))
@@ -291,6 +290,9 @@ class Engine:
     def _take_waiting(self, job_id: str) -> QueuedJob:
         self.residency.invalidate()  # the model may have lost its last queued job
         return self.waiting.take(job_id)
+
+    def _can_grow(self) -> bool:
+        return self.scaling is not None and self.scaling.can_grow(len(self.fleet.workers))
 
     def _deadline_pending(self, job_id: str) -> bool:
         return job_id in self.waiting or (self.fleet.batch_of(job_id) is not None

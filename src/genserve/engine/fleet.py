@@ -12,13 +12,23 @@ class Fleet:
         self._batch_of: dict[str, str] = {}  # running job id -> batch id
         self._seq = 0
         self._prefix = batch_id_prefix
+        self._largest: tuple[int | None] | None = None  # cache of largest_capacity(); None = recompute
 
     def up(self, worker_id: str, capacity: int | None) -> WorkerState:
         w = self.workers[worker_id] = WorkerState(worker_id, capacity)
+        self._largest = None
         return w
 
     def remove(self, worker_id: str) -> None:
         self.workers.pop(worker_id, None)
+        self._largest = None
+
+    def largest_capacity(self) -> int | None:
+        """The largest worker's capacity; None when there is no worker or one is unlimited."""
+        if self._largest is None:
+            caps = [w.capacity for w in self.workers.values()]
+            self._largest = (None if not caps or None in caps else max(caps),)  # type: ignore[type-var]
+        return self._largest[0]
 
     def start(self, key: BatchKey, jobs: list[QueuedJob], worker: WorkerState, now: float) -> RunningBatch:
         self._seq += 1

@@ -8,7 +8,7 @@ model, and the idle-unload due time, invalidated in one place (``invalidate``).
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 from .fleet import Fleet
 from .memory import MemoryModel
@@ -23,12 +23,14 @@ LOAD_RETRY_S = (5.0, 300.0)
 
 class ResidencyManager:
     def __init__(self, models: Mapping[str, ModelLimits], fleet: Fleet, policy: ResidencyPolicy,
-                 last_arrival: Mapping[str, float], *, preload: bool = False,
+                 last_arrival: Mapping[str, float], protected: Callable[[], set[str]], *, preload: bool = False,
                  preload_min_probability: float = 0.2) -> None:
         self.models = models
         self.fleet = fleet
         self.policy = policy
         self.last_arrival = last_arrival  # read-only: the work model's
+        # Models with queued work, never evicted or idle-unloaded (asked only when needed: it is a scan).
+        self.protected = protected
         self.memory = MemoryModel({m: lim.memory_bytes for m, lim in models.items() if lim.memory_bytes})
         self.predictor = TransitionPredictor() if preload else None
         self._warm_pools = any(lim.min_warm > 0 for lim in models.values())  # pinned copies can exist
@@ -66,6 +68,8 @@ class ResidencyManager:
         if w.capacity is None:
             return []
         free = w.capacity - w.used
+        if free >= need:
+            return []  # the common case, without ordering the candidates
         evict: list[str] = []
         for m in self.policy.eviction_order(w, protected | {self.fleet.running_model(w)} - {None}):
             if free >= need:
@@ -97,16 +101,15 @@ class ResidencyManager:
         need = self.memory.known_weights(key.model) + self.memory.working(key, 1, known_only=True)
         return need <= w.capacity - self._pinned_besides(w, key.model)
 
-    def unplaceable(self, keys: list[BatchKey], *, new_workers_possible: bool) -> list[tuple[BatchKey, str]]:
+    def unplaceable(self, keys: list[BatchKey], new_workers_possible: Callable[[], bool]) -> list[tuple[BatchKey, str]]:
         """Keys no worker can ever run, with why: the model plus one job's working memory exceed
         every worker's capacity (less warm-pool copies of other models, unless autoscaling may still
         bring an empty worker). Measured or hinted figures only: a guess never fails a job."""
-        workers = list(self.fleet.workers.values())
-        caps = [w.capacity for w in workers]
-        if not keys or not caps or None in caps:
+        biggest = self.fleet.largest_capacity()
+        if not keys or biggest is None:
             return []
-        biggest = max(caps)  # type: ignore[type-var]
-        pins = self._warm_pools and not new_workers_possible
+        workers = list(self.fleet.workers.values())
+        pins = self._warm_pools and not new_workers_possible()
         out = []
         for key in keys:
             need = self.memory.known_weights(key.model) + self.memory.working(key, 1, known_only=True)
@@ -121,12 +124,11 @@ class ResidencyManager:
 
     # ---- loads and unloads --------------------------------------------------------------------------
 
-    def load(self, w: WorkerState, model: str, now: float, reason: str, protected: set[str], *,
-             pin: bool = False) -> list[Decision]:
+    def load(self, w: WorkerState, model: str, now: float, reason: str, *, pin: bool = False) -> list[Decision]:
         """Plan a load of ``model`` on ``w``. For a batch, the caller has made room already."""
         out: list[Decision] = []
         if reason != "batch":
-            out += self.evict(w, self.room_for(w, self.memory.weights(model), protected | {model}) or [])
+            out += self.evict(w, self.room_for(w, self.memory.weights(model), self.protected() | {model}) or [])
         min_warm = self.models[model].min_warm
         pinned = pin or (min_warm > 0 and self._warm_count(model) < min_warm)
         w.resident[model] = Resident(self._planned_bytes(w, model), now, pinned=pinned, loading=True, load_started=now)
@@ -172,19 +174,19 @@ class ResidencyManager:
         entry = self._load_backoff.get((w.id, model))
         return entry is None or now >= entry[1]
 
-    def request_load(self, model: str, now: float, protected: set[str], excluded: Mapping[str, object],
-                     worker_id: str | None = None, *, pin: bool = False) -> list[Decision]:
+    def request_load(self, model: str, now: float, excluded: Mapping[str, object], worker_id: str | None = None,
+                     *, pin: bool = False) -> list[Decision]:
         """Operator (or warm pool) asks for ``model`` to be loaded. Returns [] when no worker can."""
         workers = self.fleet.workers
         candidates = [workers[worker_id]] if worker_id in workers else ([] if worker_id else list(workers.values()))
         candidates = [w for w in candidates if model not in w.resident and w.id not in excluded
                       and (not pin or self._may_load(w, model, now))]
-        keep = protected | {model}  # what load() will refuse to evict: the fit must hold without it
+        keep = self.protected() | {model}  # what load() will refuse to evict: the fit must hold without it
         fits = [w for w in candidates if self.room_for(w, self.memory.weights(model), keep) is not None]
         if not fits:
             return []
         w = min(fits, key=lambda w: (not w.idle, len(w.resident), w.busy.utilization(now), w.id))
-        return self.load(w, model, now, "warm_pool" if pin else "operator", protected, pin=pin)
+        return self.load(w, model, now, "warm_pool" if pin else "operator", pin=pin)
 
     def request_unload(self, model: str, worker_id: str | None = None) -> list[Decision]:
         """Operator asks for ``model`` to be unloaded (from one worker or all). Workers running it
@@ -212,8 +214,10 @@ class ResidencyManager:
     def _warm_count(self, model: str) -> int:
         return sum(1 for w in self.fleet.workers.values() if model in w.resident and w.resident[model].pinned)
 
-    def fill_warm_pools(self, now: float, protected: set[str], excluded: Mapping[str, object]) -> list[Decision]:
+    def fill_warm_pools(self, now: float, excluded: Mapping[str, object]) -> list[Decision]:
         out: list[Decision] = []
+        if not self._warm_pools:
+            return out
         for model, limits in self.models.items():
             if limits.min_warm <= 0:
                 continue
@@ -224,32 +228,35 @@ class ResidencyManager:
                 if model in w.resident:
                     w.resident[model].pinned = True
             while self._warm_count(model) < limits.min_warm:
-                got = self.request_load(model, now, protected, excluded, pin=True)
+                got = self.request_load(model, now, excluded, pin=True)
                 if not got:
                     break
                 out += got
         return out
 
-    def idle_unloads(self, now: float, protected: set[str]) -> list[Decision]:
+    def idle_unloads(self, now: float) -> list[Decision]:
         if now < self._unload_next:
             return []
-        due_now, self._unload_next = self._unload_scan(now, protected)
+        due_now, self._unload_next = self._unload_scan(now)
         out: list[Decision] = []
         for w, m in due_now:
             out += self.evict(w, [m], "idle")
         return out
 
-    def _unload_scan(self, now: float, protected: set[str]) -> tuple[list[tuple[WorkerState, str]], float]:
+    def _unload_scan(self, now: float) -> tuple[list[tuple[WorkerState, str]], float]:
         """Resident copies due for an idle unload now, and the earliest due time after ``now``.
         Copies with queued work, running, pinned or loading are never due."""
+        protected = self.protected()
         due_now: list[tuple[WorkerState, str]] = []
         nxt = math.inf
+        unload_at, models, last_arrival, running_model = (self.policy.unload_at, self.models, self.last_arrival,
+                                                          self.fleet.running_model)  # a hot loop at fleet scale
         for w in self.fleet.workers.values():
-            running = self.fleet.running_model(w)
+            running = running_model(w)
             for m in w.resident:
                 if m in protected or m == running:
                     continue
-                due = self.policy.unload_at(m, w, self.models[m], self.last_arrival.get(m))
+                due = unload_at(m, w, models[m], last_arrival.get(m))
                 if due is None:
                     continue
                 if due <= now:
@@ -258,12 +265,12 @@ class ResidencyManager:
                     nxt = min(nxt, due)
         return due_now, nxt
 
-    def preload(self, now: float, idle: list[WorkerState], protected: set[str],
-                last_key: Mapping[str, BatchKey]) -> list[Decision]:
+    def preload(self, now: float, excluded: Mapping[str, object], last_key: Mapping[str, BatchKey]) -> list[Decision]:
         """Load the model most likely to be requested next into an idle worker's free memory,
         evicting only models that are less likely to be needed."""
         if self.predictor is None:
             return []
+        idle = self.fleet.idle(excluded)
         probs = self.predictor.next_probabilities(now)
         everywhere = {m for w in self.fleet.workers.values() for m in w.resident}
         wanted = sorted(((p, m) for m, p in probs.items()
@@ -273,7 +280,7 @@ class ResidencyManager:
         for p, model in wanted:
             hosts_idle = [w for w in idle if w.idle and not w.loading and self._may_load(w, model, now)]
             hotter = {m for w in hosts_idle for m in w.resident if probs.get(m, 0.0) >= p}
-            keep = protected | hotter | {model}
+            keep = self.protected() | hotter | {model}
             # Room for the weights *and* one job of the shape last asked for: a preload that leaves
             # no room to run would only be evicted again by the batch it was meant for.
             key = last_key.get(model)
@@ -288,11 +295,11 @@ class ResidencyManager:
             out.append(LoadModel(w.id, model, "preload"))
         return out
 
-    def next_times(self, now: float, protected: set[str]) -> list[float]:
+    def next_times(self, now: float) -> list[float]:
         """When an idle unload or a load back-off (warm pools may retry then) comes due."""
         times: list[float] = []
         if self._unload_next == -math.inf:
-            due_now, nxt = self._unload_scan(now, protected)
+            due_now, nxt = self._unload_scan(now)
             self._unload_next = now if due_now else nxt  # copies due now go at the next step
         if self._unload_next < math.inf:
             times.append(max(self._unload_next, now))
