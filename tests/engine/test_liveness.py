@@ -72,7 +72,7 @@ def drive(seed: int, *, preload: bool, warm: bool, workers: int, capacity: int, 
             assert deadline >= now
             now = deadline
         else:
-            pytest.fail(f"stuck at t={now:.2f}: {len(eng.queued())} queued, nothing will wake the engine")
+            pytest.fail(f"stuck at t={now:.2f}: {eng.queued()} queued, nothing will wake the engine")
         execute(eng.step(now), now)
         assert now < 10_000, "no progress"
     assert done | failed == {f"j{i}" for i in range(jobs)} and not failed

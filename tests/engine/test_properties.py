@@ -665,7 +665,12 @@ def test_regression_warm_pool_copies_starve_other_models():
     eng.batch_finished(run.batch_id, 2.0, peak_bytes=8)  # a needs 40 + 8 next to b's pinned 60: never again
     eng.submit("j2", K_A, Priority.STANDARD, 3.0)
     got = _outcome_within(eng, "j2", [3.0, 10.0, 3600.0])
-    assert isinstance(got, (RunBatch, FailJob)), f"job j2 never ran nor failed: (t, next_deadline) {got}"
+    # As a last resort the warm-pool copy makes room (a preference yields to an accepted job)...
+    assert isinstance(got, RunBatch), f"job j2 never ran: (t, next_deadline) {got}"
+    assert "b" not in eng.workers["w0"].resident
+    # ...and the warm pool loads it again once the job is done.
+    eng.batch_finished(got.batch_id, 3.5, peak_bytes=8)
+    assert LoadModel("w0", "b", "warm_pool") in eng.step(3.5)
 
 
 def test_regression_unmeasured_model_guessed_too_big_next_to_pinned_copies():
@@ -690,3 +695,30 @@ def test_regression_idle_warm_worker_without_room_blocks_cold_start():
     eng.submit("j2", K_A, Priority.STANDARD, 4.0)
     got = _outcome_within(eng, "j2", [4.0, 10.0, 3600.0])
     assert isinstance(got, RunBatch) and got.worker == "big", f"job j2 never ran: (t, next_deadline) {got}"
+
+
+def test_regression_a_job_beside_warm_pool_copies_waits_for_a_worker_that_is_still_coming_up():
+    # Failing a job because warm-pool copies fill the workers up *so far* would lose jobs that a
+    # worker still starting (or restarting) could run: the job waits, and runs when it comes.
+    eng = Engine({"x": ModelLimits(1, 0.0, memory_bytes=60), "y": ModelLimits(1, 0.0, memory_bytes=50, min_warm=1)},
+                 liveness=Liveness.OFF)
+    eng.submit("j1", BatchKey("x", 2, 2, 0, 4, 1.0), Priority.HIGH, 0.0, force=True)  # re-entered after a restart
+    eng.worker_up("w0", 0.0, 100)
+    assert not [d for d in eng.step(0.0) if isinstance(d, FailJob)]
+    eng.worker_up("w1", 0.5, 100)
+    [run] = [d for d in eng.step(0.5) if isinstance(d, RunBatch)]
+    assert run.job_ids == ("j1",) and run.worker == "w1"
+
+
+def test_regression_a_working_memory_guess_leaves_room_for_warm_pool_copies():
+    eng = _engine({"x": ModelLimits(1, 0.0, memory_bytes=60), "y": ModelLimits(1, 0.0, memory_bytes=25, min_warm=1),
+                   "z": ModelLimits(1, 0.0, memory_bytes=10)}, ("w0", 100))
+    eng.step(0.0)
+    eng.model_loaded("w0", "y", 25, 0.1)
+    eng.submit("jz", BatchKey("z", 2, 2, 0, 4, 1.0), Priority.HIGH, 1.0)
+    [run] = [d for d in eng.step(1.0) if isinstance(d, RunBatch)]
+    eng.model_loaded("w0", "z", 10, 1.1)
+    eng.batch_finished(run.batch_id, 2.0, 40)  # z: 10 bytes per pixel; x's working memory is guessed from it
+    eng.submit("jx", BatchKey("x", 2, 2, 0, 4, 1.0), Priority.HIGH, 3.0)
+    got = _outcome_within(eng, "jx", [3.0, 10.0, 3600.0])
+    assert isinstance(got, RunBatch) and "y" in eng.workers["w0"].resident  # ran beside the warm copy

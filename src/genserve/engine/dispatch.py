@@ -45,10 +45,17 @@ class Dispatcher:
             # Every worker is idle with nothing in flight, yet nothing fits because every resident
             # model has queued work. No event will ever change that: let the best batch evict them.
             key = min(blocked, key=lambda k: waiting.head_order(k, now))
-            out += self.place(key, now, protect_queued=False) or []
+            placed = self.place(key, now, protect_queued=False)
+            if placed is None:
+                # Still nothing: warm-pool copies fill every worker the batch could use. A warm pool
+                # is a preference, an accepted job a commitment: a copy makes room (the warm pool
+                # loads it again once there is room) rather than the job waiting forever.
+                placed = self.place(key, now, protect_queued=False, evict_pinned=True)
+            out += placed or []
         return out
 
-    def place(self, key: BatchKey, now: float, *, protect_queued: bool = True) -> list[Decision] | None:
+    def place(self, key: BatchKey, now: float, *, protect_queued: bool = True,
+              evict_pinned: bool = False) -> list[Decision] | None:
         """Choose a worker for ``key``'s batch, size the batch to what fits, and plan evictions,
         the load if needed, and the run. None: not now."""
         limits = self.waiting.models[key.model]
@@ -60,7 +67,10 @@ class Dispatcher:
             return None
         protected = self.waiting.protected_models() if protect_queued else set()
         backlog = math.ceil(self.waiting.depth(key.model) / limits.max_batch_size)
-        worker = self.placement.choose(key.model, candidates, lambda w: self.residency.fit(w, key, 1, protected),
+        def evictions(w: WorkerState) -> list[str] | None:
+            return self.residency.fit(w, key, 1, protected, evict_pinned=evict_pinned)
+
+        worker = self.placement.choose(key.model, candidates, evictions,
                                        lambda w: w.busy.utilization(now), backlog,
                                        lambda w: self.work.time_left(self.fleet.running.get(w.batch_id or ""), now),
                                        self.work.load_seconds(key.model))
@@ -72,9 +82,9 @@ class Dispatcher:
         jobs = [j for j in ordered if self._allowed(j, [worker])][:size] if self.failures.any_avoid else ordered[:size]
         # The largest prefix of the batch that fits; shrinking beats an OOM.
         n = len(jobs)
-        while n > 1 and self.residency.fit(worker, key, n, protected) is None:
+        while n > 1 and self.residency.fit(worker, key, n, protected, evict_pinned=evict_pinned) is None:
             n -= 1
-        evict = self.residency.fit(worker, key, n, protected)
+        evict = self.residency.fit(worker, key, n, protected, evict_pinned=evict_pinned)
         assert evict is not None
         out = self.residency.evict(worker, evict)
         needs_load = key.model not in worker.resident

@@ -229,7 +229,7 @@ class Engine:
         out += self.residency.fill_warm_pools(now, self.failures.killing)
         out += self.dispatcher.dispatch_ready(now)
         if self.waiting.queues:
-            for key, why in self.residency.unplaceable(self.waiting.keys(), self._can_grow):
+            for key, why in self.residency.unplaceable(self.waiting.keys()):
                 for job in list(self.waiting.jobs(key)):
                     self._take_waiting(job.id)
                     out.append(FailJob(job.id, ErrorCode.OUT_OF_MEMORY, why))
@@ -290,9 +290,6 @@ class Engine:
     def _take_waiting(self, job_id: str) -> QueuedJob:
         self.residency.invalidate()  # the model may have lost its last queued job
         return self.waiting.take(job_id)
-
-    def _can_grow(self) -> bool:
-        return self.scaling is not None and self.scaling.can_grow(len(self.fleet.workers))
 
     def _deadline_pending(self, job_id: str) -> bool:
         return job_id in self.waiting or (self.fleet.batch_of(job_id) is not None

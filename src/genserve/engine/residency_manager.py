@@ -49,38 +49,48 @@ class ResidencyManager:
 
     def need(self, w: WorkerState, key: BatchKey, n: int) -> int:
         """Bytes a batch of ``n`` needs on ``w``: working memory, plus the weights unless resident.
-        Guesses (figures from other models) are capped at what the worker could ever hold, so they
-        cannot block a job forever: at worst the worker is emptied, the batch runs and is measured."""
+        Guesses (figures from other models) are capped at what the worker could ever hold beside its
+        warm-pool copies, so they cannot block a job forever: at worst the worker is emptied, the
+        batch runs and is measured."""
         mem = self.memory
         resident = key.model in w.resident
         weights = 0 if resident else mem.weights(key.model)
         working = mem.working(key, n)
         if w.capacity is not None:
+            room = w.capacity - self._pinned_besides(w, key.model)
             known_weights = resident or bool(mem.known_weights(key.model))
             if not mem.working_is_known(key, n):
-                working = min(working, max(0, w.capacity - (weights if known_weights else 0)))
-            if not known_weights:  # nor beside the warm-pool copies that can never be evicted
-                weights = min(weights, max(0, w.capacity - working - self._pinned_besides(w, key.model)))
+                working = min(working, max(0, room - (weights if known_weights else 0)))
+            if not known_weights:
+                weights = min(weights, max(0, room - working))
         return weights + working
 
-    def room_for(self, w: WorkerState, need: int, protected: set[str]) -> list[str] | None:
-        """Models to evict from ``w`` so ``need`` more bytes fit ([] = fits as is; None = cannot)."""
+    def room_for(self, w: WorkerState, need: int, protected: set[str], *,
+                 evict_pinned: bool = False) -> list[str] | None:
+        """Models to evict from ``w`` so ``need`` more bytes fit ([] = fits as is; None = cannot).
+        Warm-pool copies go only with ``evict_pinned``, and last."""
         if w.capacity is None:
             return []
         free = w.capacity - w.used
         if free >= need:
             return []  # the common case, without ordering the candidates
         evict: list[str] = []
-        for m in self.policy.eviction_order(w, protected | {self.fleet.running_model(w)} - {None}):
+        keep = protected | {self.fleet.running_model(w)} - {None}
+        order = self.policy.eviction_order(w, keep)
+        if evict_pinned:
+            order += sorted((m for m, r in w.resident.items() if r.pinned and not r.loading and m not in keep),
+                            key=lambda m: (w.resident[m].last_used, m))
+        for m in order:
             if free >= need:
                 break
             free += w.resident[m].bytes
             evict.append(m)
         return evict if free >= need else None
 
-    def fit(self, w: WorkerState, key: BatchKey, n: int, protected: set[str]) -> list[str] | None:
+    def fit(self, w: WorkerState, key: BatchKey, n: int, protected: set[str], *,
+            evict_pinned: bool = False) -> list[str] | None:
         """Evictions that make room on ``w`` for a batch of ``n`` jobs of ``key``, or None."""
-        return self.room_for(w, self.need(w, key, n), protected | {key.model})
+        return self.room_for(w, self.need(w, key, n), protected | {key.model}, evict_pinned=evict_pinned)
 
     def evict(self, w: WorkerState, models: list[str], reason: str = "lru") -> list[Decision]:
         for m in models:
@@ -93,33 +103,28 @@ class ResidencyManager:
             return 0
         return sum(r.bytes for m, r in w.resident.items() if r.pinned and m != model)
 
-    def could_host(self, w: WorkerState, key: BatchKey) -> bool:
-        """Could ``w`` ever run one job of ``key`` — in its whole capacity, less warm-pool copies of
-        other models? Measured or hinted figures only: a guess never rules a worker out."""
-        if w.capacity is None:
-            return True
-        need = self.memory.known_weights(key.model) + self.memory.working(key, 1, known_only=True)
-        return need <= w.capacity - self._pinned_besides(w, key.model)
+    def _known_need(self, key: BatchKey) -> int:
+        """One job of ``key`` on an empty worker, from measured or hinted figures only."""
+        return self.memory.known_weights(key.model) + self.memory.working(key, 1, known_only=True)
 
-    def unplaceable(self, keys: list[BatchKey], new_workers_possible: Callable[[], bool]) -> list[tuple[BatchKey, str]]:
+    def could_host(self, w: WorkerState, key: BatchKey) -> bool:
+        """Could ``w`` run one job of ``key`` without evicting warm-pool copies of other models?
+        Measured or hinted figures only: a guess never rules a worker out."""
+        return w.capacity is None or self._known_need(key) <= w.capacity - self._pinned_besides(w, key.model)
+
+    def unplaceable(self, keys: list[BatchKey]) -> list[tuple[BatchKey, str]]:
         """Keys no worker can ever run, with why: the model plus one job's working memory exceed
-        every worker's capacity (less warm-pool copies of other models, unless autoscaling may still
-        bring an empty worker). Measured or hinted figures only: a guess never fails a job."""
+        every worker's whole capacity. Measured or hinted figures only: a guess never fails a job.
+        (Warm-pool copies do not count: a job that fits nowhere beside them may evict one, last.)"""
         biggest = self.fleet.largest_capacity()
         if not keys or biggest is None:
             return []
-        workers = list(self.fleet.workers.values())
-        pins = self._warm_pools and not new_workers_possible()
         out = []
         for key in keys:
-            need = self.memory.known_weights(key.model) + self.memory.working(key, 1, known_only=True)
+            need = self._known_need(key)
             if need > biggest:
                 out.append((key, f"{key.model} at {key.width}x{key.height} needs ~{need} bytes; "
                                  f"the largest worker has {biggest}"))
-            elif pins and not any(self.could_host(w, key) for w in workers):
-                room = max(w.capacity - self._pinned_besides(w, key.model) for w in workers)  # type: ignore[operator]
-                out.append((key, f"{key.model} at {key.width}x{key.height} needs ~{need} bytes; the most any worker "
-                                 f"has beside warm-pool copies (min_warm) of other models is {room}"))
         return out
 
     # ---- loads and unloads --------------------------------------------------------------------------
@@ -137,8 +142,8 @@ class ResidencyManager:
 
     def _planned_bytes(self, w: WorkerState, model: str) -> int:
         """What a copy being loaded is planned to hold until the worker measures it: the known
-        size, or a guess capped at the room there is (``need`` plans guesses the same way), so the
-        plan never exceeds the worker's capacity."""
+        size, or a guess capped at the free memory left, so the plan never exceeds the worker's
+        capacity (the caller has already made room for what it needs)."""
         weights = self.memory.weights(model)
         if w.capacity is None or self.memory.known_weights(model):
             return weights

@@ -3,7 +3,7 @@ asked of the provider, and which idle workers to retire. The policy itself is pu
 (``Autoscaler.decide(snapshot, state)``); this keeps its state between decisions."""
 from __future__ import annotations
 
-from .autoscale import Autoscaler, FleetSnapshot, budget_cap
+from .autoscale import Autoscaler, FleetSnapshot
 from .fleet import Fleet
 from .types import Decision, RetireWorker, ScaleTo
 from .waiting import Waiting
@@ -21,11 +21,6 @@ class Scaling:
     def target_devices(self) -> int | None:
         """The device count last asked of the provider (None: not asked yet, or to be asked again)."""
         return None if self._ask_again else self.state.target
-
-    def can_grow(self, up: int) -> bool:
-        """Could the policy still add a device (an empty one) to the ``up`` there are?"""
-        lim = self.autoscaler.limits
-        return up < min(lim.max_devices, budget_cap(lim))
 
     def device_lost(self) -> None:
         """A device was lost: the next tick asks the provider again, even for the same count."""

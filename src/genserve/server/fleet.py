@@ -67,6 +67,14 @@ class FleetState:
         h = self.pool.workers.get(worker_id)
         return device_type(h.device, h.info.get("device_name"), self.prices) if h is not None else "cpu"
 
+    def up_workers(self) -> list[tuple[str, str, bool, frozenset[str]]]:
+        out = []
+        for wid, h in self.pool.workers.items():
+            st = self.engine.workers.get(wid)
+            if st is not None and h.ready:
+                out.append((wid, self.device_type(wid), not st.idle, frozenset(st.resident)))
+        return out
+
     def worker_views(self, now: float) -> list[WorkerView]:
         out = []
         for wid, h in self.pool.workers.items():

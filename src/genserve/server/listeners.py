@@ -1,6 +1,7 @@
 """One stream of events out of the runtime, and the listeners that consume it (the SSE hub, the
 webhook sender, the observer). The runtime publishes; listeners only read what an event carries —
-none of them writes the job store, which the runtime owns."""
+none of them writes job records, which the runtime owns (the webhook sender keeps its own
+deliveries table)."""
 from __future__ import annotations
 
 from collections.abc import Mapping
@@ -10,9 +11,8 @@ from typing import Any, Protocol
 # Events about one job, in the order a job can see them; the last three are terminal. These are
 # also the SSE event names.
 JOB_EVENTS = ("queued", "started", "progress", "retrying", "succeeded", "failed", "canceled")
-# Events about the fleet (no job id): a batch dispatched or ended (with each job's charge), a model
-# loaded, and "synced" after every engine step (the fleet's state may have changed).
-FLEET_EVENTS = ("batch_dispatched", "batch_ended", "model_loaded", "synced")
+# Events about the fleet have no job id: "batch_dispatched", "batch_ended" (with each job's charge),
+# "model_loaded", and "synced" after every engine step (the fleet's state may have changed).
 
 
 @dataclass(frozen=True)

@@ -102,14 +102,14 @@ class Observer:
     def _synced(self, ev: Event) -> None:
         """Bring the usage ledger in line with the fleet (up, busy, resident). Runs after every
         engine step, so transitions are recorded within the same event-loop turn."""
-        up = {v.id: v for v in self.fleet.worker_views(ev.now) if v.up}
-        for wid, v in up.items():
+        up = self.fleet.up_workers()
+        for wid, dtype, busy, resident in up:
             if wid not in self._up:
-                self.usage.worker_up(wid, v.device_type, ev.now)
+                self.usage.worker_up(wid, dtype, ev.now)
                 self._up.add(wid)
-            self.usage.resident(wid, {r.model for r in v.resident}, ev.now)
-            (self.usage.busy if v.busy else self.usage.idle)(wid, ev.now)
-        for wid in list(self._up - set(up)):
+            self.usage.resident(wid, resident, ev.now)
+            (self.usage.busy if busy else self.usage.idle)(wid, ev.now)
+        for wid in list(self._up - {w[0] for w in up}):
             self.usage.worker_down(wid, ev.now)
             self._up.discard(wid)
 

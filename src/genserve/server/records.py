@@ -1,10 +1,12 @@
-"""Job records: the one writer of the job store. Each transition of a job (queued, dispatched,
-started, progress, retrying, terminal) is written here and published as one event to the runtime's
-listeners, so the record and what listeners see never disagree.
+"""Job records: the one writer of the job store's job rows. Each transition of a job (queued,
+dispatched, started, retrying, terminal) is written here and published as one event to the
+runtime's listeners, so the record and what listeners see never disagree; step progress is kept in
+memory only (it changes every step) and published as events.
 
-Invariants kept here: a terminal job never changes again (``finish`` is the only way in and
-ignores a second call); every hand-over to a worker opens an attempt and every outcome closes it;
-an output already in the result store is adopted instead of produced again.
+Invariants kept here: a job's outcome never changes once terminal (``finish`` is the only way in
+and ignores a second call; only the batch's cost share is added when the batch ends); every
+hand-over to a worker opens an attempt and every outcome closes it; an output already in the result
+store is adopted instead of produced again.
 """
 from __future__ import annotations
 
@@ -20,10 +22,9 @@ from ..storage import OUTPUT_TYPES, LocalResultStore, ResultRef, output_name
 from .cost import apportion, cost_usd, job_weight
 from .jobstore import JobStore
 from .listeners import Event
+from .views import Record
 
 log = logging.getLogger("genserve.runtime")
-
-Record = dict[str, Any]
 
 
 class JobRecords:
@@ -34,9 +35,6 @@ class JobRecords:
         self.models = models
         self.publish = publish
         self._progress: dict[str, tuple[int, int]] = {}  # running job -> (step, total); memory only
-
-    def get(self, job_id: str) -> Record | None:
-        return self.store.get(job_id)
 
     def progress_of(self, job_id: str) -> tuple[int, int] | None:
         return self._progress.get(job_id)

@@ -4,9 +4,10 @@ No polling loop: it runs on API calls and worker messages, plus one timer armed 
 ``engine.next_deadline()`` (batching windows, retry backoffs, deadlines, hang checks). The clock is
 injected and read once per event, so everything one event causes happens at one ``now``.
 
-It owns the job store: every write to a job record happens here. Everything else learns what
-happened from one stream of events (``listeners.Event``): the SSE hub, the webhook sender and the
-observer (metrics, usage, logs). Failure handling (docs/failure-handling.md) is the engine's
+It owns the job store, through ``JobRecords`` (records.py), the only writer of job records; the
+fleet's read model is ``FleetState`` (fleet.py). Everything else learns what happened from one
+stream of events (``listeners.Event``): the SSE hub, the webhook sender and the observer (metrics,
+usage, logs). Failure handling (docs/failure-handling.md) is the engine's
 decisions carried out here: every attempt is recorded, a job is finished at most once, and an
 output already written by a dead worker (or before a server crash) is adopted, never redone.
 """
@@ -174,8 +175,8 @@ class Runtime:
             raise QueueFull(params.model, adm.retry_after_s)
         job_id = uuid.uuid4().hex
         now = self.clock()
-        self._watch_hooks(job_id, params)
         job = self.records.queued(job_id, client_id, params.to_dict(), now)
+        self._watch_hooks(job_id, params)
         self.engine.submit(job_id, params.key, Priority.parse(params.priority), now,
                            deadline=self._deadline(params, now))
         return job, True

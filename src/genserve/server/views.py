@@ -1,6 +1,6 @@
 """Read models: the small interfaces through which the HTTP app and the observer see the system,
-instead of reaching into the runtime's attributes. The runtime implements ``Control`` and
-``FleetView``; the job store implements ``JobReader``."""
+instead of reaching into the runtime's attributes. The runtime implements ``Control``,
+``FleetState`` (fleet.py) ``FleetView``, and the job store ``JobReader``."""
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
@@ -58,6 +58,10 @@ class WorkerView:
 
 class FleetView(Protocol):
     def worker_views(self, now: float) -> list[WorkerView]: ...
+    def up_workers(self) -> list[tuple[str, str, bool, frozenset[str]]]:
+        """(id, device type, busy, resident models) of the workers the engine schedules on: the
+        cheap subset of ``worker_views`` the observer needs after every engine step."""
+        ...
     def queue_depth(self, model: str) -> int: ...
     def jobs_waiting_for_loads(self) -> list[tuple[str, str, int]]:
         """(model, worker, jobs) of dispatched batches still waiting for their model to load."""
