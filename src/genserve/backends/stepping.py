@@ -1,0 +1,274 @@
+"""Step-level batching: requests join and leave a running set at denoising-step boundaries.
+
+A ``RunningSet`` drives one loaded pipeline one denoising step at a time. Each request (a
+``Slot``) keeps everything that makes its result its own: its latents, its own copy of the
+pipeline's scheduler (diffusers schedulers are stateful — step index, sigma schedule, multistep
+history — so one shared scheduler cannot serve requests at different steps), its step count,
+guidance, prompt embeddings and random generator. One step runs ONE denoiser call over every row
+of the set with per-row timesteps, then applies classifier-free guidance and the scheduler update
+per request. A request whose last step is done leaves the set (the caller decodes and writes it)
+while the others go on; a request can be dropped (cancel) or taken out with its latents
+(pause) and put back later, continuing where it stopped.
+
+How a family's pipeline is driven lives in a ``StepFamily``: the SD-family UNet pipelines
+(``UNetFamily``: StableDiffusionPipeline and look-alikes) and the Wan flow-matching transformer
+(``WanFamily``). ``step_family(pipe)`` picks one, or returns None for a pipeline that keeps
+request-level batching.
+
+Equivalence: a request's output equals its standalone ``pipe(...)`` output with the same seed up
+to floating-point reassociation in batched kernels (tests/backends/test_stepping.py states the
+tolerance), whatever joins or leaves around it, because every operation is per row except the
+denoiser call itself, and the denoiser treats rows independently.
+"""
+from __future__ import annotations
+
+import copy
+import inspect
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+
+@dataclass
+class StepJob:
+    """What one request brings to the set. ``negative_prompt`` None means none (the family's own
+    default applies, as in a standalone call)."""
+
+    id: str
+    prompt: str
+    seed: int
+    steps: int
+    guidance: float
+    negative_prompt: str | None = None
+
+
+@dataclass
+class Slot:
+    """One request in (or paused out of) a running set."""
+
+    job: StepJob
+    latents: Any
+    scheduler: Any
+    timesteps: Any
+    cond: Any  # prompt embeddings, one row
+    uncond: Any | None  # negative embeddings when classifier-free guidance applies, else None
+    generator: Any
+    step_kwargs: dict[str, Any] = field(default_factory=dict)
+    done: int = 0  # denoising steps completed
+    joined_at: int = 0  # the set's step counter when this request joined
+
+    @property
+    def finished(self) -> bool:
+        return self.done >= len(self.timesteps)
+
+    @property
+    def rows(self) -> int:
+        return 2 if self.uncond is not None else 1
+
+
+class StepFamily(Protocol):
+    def prepare(self, pipe, job: StepJob, shape: dict[str, int]) -> Slot: ...
+    def denoise(self, pipe, slots: list[Slot]) -> list[Any]: ...
+    def decode(self, pipe, slot: Slot) -> Any: ...
+
+
+def _own_scheduler(pipe, steps: int, device) -> tuple[Any, Any]:
+    sched = copy.deepcopy(pipe.scheduler)
+    sched.set_timesteps(steps, device=device)
+    return sched, sched.timesteps
+
+
+def _step_kwargs(sched, generator) -> dict[str, Any]:
+    # As the pipelines' prepare_extra_step_kwargs: pass the request's own generator (eta stays 0).
+    params = inspect.signature(sched.step).parameters
+    return {"generator": generator} if "generator" in params else {}
+
+
+def _generator(seed: int):
+    import torch
+
+    return torch.Generator(device="cpu").manual_seed(seed)
+
+
+def _guided(pred, slots: list[Slot]) -> list[Any]:
+    """Split the denoiser's rows back per request and apply each one's guidance. Rows are laid out
+    slot by slot: [cond] or [cond, uncond]."""
+    out, r = [], 0
+    for s in slots:
+        cond = pred[r:r + 1]
+        if s.uncond is not None:
+            uncond = pred[r + 1:r + 2]
+            cond = uncond + s.job.guidance * (cond - uncond)
+        out.append(cond)
+        r += s.rows
+    return out
+
+
+class UNetFamily:
+    """StableDiffusionPipeline-style: CLIP text encoder, UNet2DConditionModel, AutoencoderKL, a
+    scheduler with ``scale_model_input`` (guidance as CFG when > 1)."""
+
+    def prepare(self, pipe, job: StepJob, shape: dict[str, int]) -> Slot:
+        import torch
+
+        device = pipe._execution_device
+        cfg = job.guidance > 1.0
+        with torch.inference_mode():
+            cond, uncond = pipe.encode_prompt(job.prompt, device, 1, cfg, job.negative_prompt)
+            gen = _generator(job.seed)
+            latents = pipe.prepare_latents(1, pipe.unet.config.in_channels, shape["height"], shape["width"],
+                                           cond.dtype, device, [gen], None)
+        sched, timesteps = _own_scheduler(pipe, job.steps, device)
+        if getattr(pipe.unet.config, "time_cond_proj_dim", None) is not None:
+            raise ValueError("guidance-embedded UNets (LCM-style) are not step-batched yet")
+        return Slot(job, latents, sched, timesteps, cond, uncond if cfg else None, gen, _step_kwargs(sched, [gen]))
+
+    def denoise(self, pipe, slots: list[Slot]) -> list[Any]:
+        import torch
+
+        xs, ts, embs = [], [], []
+        for s in slots:
+            t = s.timesteps[s.done]
+            x = s.latents
+            if hasattr(s.scheduler, "scale_model_input"):
+                x = s.scheduler.scale_model_input(torch.cat([x] * s.rows), t)
+            else:
+                x = torch.cat([x] * s.rows)
+            xs.append(x)
+            ts.extend([t] * s.rows)
+            embs.append(s.cond)
+            if s.uncond is not None:
+                embs.append(s.uncond)
+        pred = pipe.unet(torch.cat(xs), torch.stack([torch.as_tensor(t) for t in ts]).to(xs[0].device),
+                         encoder_hidden_states=torch.cat(embs), return_dict=False)[0]
+        return _guided(pred, slots)
+
+    def decode(self, pipe, slot: Slot) -> Any:
+        image = pipe.vae.decode(slot.latents / pipe.vae.config.scaling_factor, return_dict=False,
+                                generator=slot.generator)[0]
+        return pipe.image_processor.postprocess(image, output_type="pil", do_denormalize=[True])[0]
+
+
+class WanFamily:
+    """WanPipeline (text-to-video): UMT5 text encoder, WanTransformer3DModel over patched latents,
+    flow-matching scheduler, AutoencoderKLWan decoding frames causally."""
+
+    def prepare(self, pipe, job: StepJob, shape: dict[str, int]) -> Slot:
+        import torch
+
+        device = pipe._execution_device
+        cfg = job.guidance > 1.0
+        dtype = pipe.transformer.dtype
+        with torch.inference_mode():
+            cond, uncond = pipe.encode_prompt(job.prompt, job.negative_prompt, cfg, 1, device=device,
+                                              max_sequence_length=shape.get("max_sequence_length", 512))
+            gen = _generator(job.seed)
+            latents = pipe.prepare_latents(1, pipe.transformer.config.in_channels, shape["height"], shape["width"],
+                                           shape["num_frames"], torch.float32, device, [gen], None)
+        sched, timesteps = _own_scheduler(pipe, job.steps, device)
+        return Slot(job, latents, sched, timesteps, cond.to(dtype), uncond.to(dtype) if cfg else None, gen,
+                    _step_kwargs(sched, [gen]))
+
+    def denoise(self, pipe, slots: list[Slot]) -> list[Any]:
+        import torch
+
+        dtype = pipe.transformer.dtype
+        xs, ts, embs = [], [], []
+        for s in slots:
+            t = s.timesteps[s.done]
+            xs.append(torch.cat([s.latents.to(dtype)] * s.rows))
+            ts.extend([t] * s.rows)
+            embs.append(s.cond)
+            if s.uncond is not None:
+                embs.append(s.uncond)
+        pred = pipe.transformer(hidden_states=torch.cat(xs), timestep=torch.stack(ts).to(xs[0].device),
+                                encoder_hidden_states=torch.cat(embs), return_dict=False)[0]
+        return _guided(pred, slots)
+
+    def decode(self, pipe, slot: Slot) -> Any:
+        import torch
+
+        vae = pipe.vae
+        latents = slot.latents.to(vae.device, dtype=vae.dtype)
+        mean = torch.tensor(vae.config.latents_mean).view(1, vae.config.z_dim, 1, 1, 1).to(latents)
+        inv_std = 1.0 / torch.tensor(vae.config.latents_std).view(1, vae.config.z_dim, 1, 1, 1).to(latents)
+        video = vae.decode(latents / inv_std + mean, return_dict=False)[0]
+        return pipe.video_processor.postprocess_video(video, output_type="np")[0]
+
+
+def step_family(pipe) -> StepFamily | None:
+    """The step driver for ``pipe``, or None when it keeps request-level batching."""
+    name = type(pipe).__name__
+    if name == "StableDiffusionPipeline":
+        return UNetFamily()
+    if name == "WanPipeline" and not getattr(pipe.config, "expand_timesteps", False) \
+            and getattr(pipe, "transformer_2", None) is None:
+        return WanFamily()
+    return None
+
+
+class RunningSet:
+    """The requests of one batch key (model, size, frames) on one worker, stepped together."""
+
+    def __init__(self, pipe, family: StepFamily, shape: dict[str, int], max_size: int) -> None:
+        self.pipe = pipe
+        self.family = family
+        self.shape = shape
+        self.max_size = max_size
+        self.slots: dict[str, Slot] = {}
+        self.steps_run = 0  # denoiser calls so far
+        self.shared: dict[str, set[str]] = {}  # job id -> ids of the jobs it shared a step with
+
+    def __len__(self) -> int:
+        return len(self.slots)
+
+    @property
+    def full(self) -> bool:
+        return len(self.slots) >= self.max_size
+
+    def admit(self, job: StepJob) -> Slot:
+        """Encode the prompt and set up the latents (between steps). The caller checks ``full``."""
+        if job.id in self.slots:
+            raise ValueError(f"job {job.id} is already in the set")
+        slot = self.family.prepare(self.pipe, job, self.shape)
+        return self.resume(slot)
+
+    def resume(self, slot: Slot) -> Slot:
+        """Put a paused slot (or a freshly prepared one) into the set; it continues at its own step."""
+        slot.joined_at = self.steps_run if slot.done == 0 else slot.joined_at
+        self.slots[slot.job.id] = slot
+        self.shared.setdefault(slot.job.id, set())
+        return slot
+
+    def drop(self, job_id: str) -> Slot | None:
+        """Take a request out (cancel, or pause: the returned slot keeps its latents and step)."""
+        return self.slots.pop(job_id, None)
+
+    def step(self) -> list[Slot]:
+        """One denoising step for every request in the set. Returns those that finished; they
+        have left the set and are ready to decode."""
+        import torch
+
+        if not self.slots:
+            return []
+        slots = list(self.slots.values())
+        with torch.inference_mode():
+            preds = self.family.denoise(self.pipe, slots)
+            for s, pred in zip(slots, preds):
+                t = s.timesteps[s.done]
+                s.latents = s.scheduler.step(pred, t, s.latents, **s.step_kwargs, return_dict=False)[0]
+                s.done += 1
+        if len(slots) > 1:
+            ids = {s.job.id for s in slots}
+            for s in slots:
+                self.shared[s.job.id] |= ids - {s.job.id}
+        self.steps_run += 1
+        finished = [s for s in slots if s.finished]
+        for s in finished:
+            del self.slots[s.job.id]
+        return finished
+
+    def decode(self, slot: Slot) -> Any:
+        import torch
+
+        with torch.inference_mode():
+            return self.family.decode(self.pipe, slot)
