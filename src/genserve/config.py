@@ -24,6 +24,7 @@ from .engine.types import ModelLimits
 
 KINDS = ("image", "video")
 DTYPES = ("auto", "float32", "float16", "bfloat16")
+BATCHING_MODES = ("request", "step")
 GIB = 1 << 30
 FAULTS_ENV = "GENSERVE_ENABLE_FAULTS"  # fault injection is refused unless this is "1"
 
@@ -61,12 +62,16 @@ class ModelConfig:
     idle_unload_s: float | None = None  # None: the server's default; "never" in TOML disables
     fallback: str | None = None  # retried on this model after repeated failures
     timeout_s: float = 600.0  # a job's deadline: the default, and the most a request may ask for
+    batching: str = "request"  # "step": requests join and leave a running set at step boundaries
 
     def limits(self, server: "ServerConfig") -> ModelLimits:
         idle = self.idle_unload_s if self.idle_unload_s is not None else server.idle_unload_s
-        return ModelLimits(self.max_batch_size, self.max_wait_ms / 1000.0, self.max_queue,
+        step = self.batching == "step"
+        # Step mode needs no batching window: a job starts at once and later arrivals join it.
+        return ModelLimits(self.max_batch_size, 0.0 if step else self.max_wait_ms / 1000.0, self.max_queue,
                            memory_bytes=int(self.memory_gb * GIB), min_warm=self.min_warm,
-                           keep_warm_s=self.keep_warm_s, idle_unload_s=None if idle < 0 else idle)
+                           keep_warm_s=self.keep_warm_s, idle_unload_s=None if idle < 0 else idle,
+                           step_batching=step)
 
     def size_allowed(self, w: int, h: int) -> bool:
         return (w, h) in self.sizes if self.sizes else w * h <= self.max_pixels
@@ -84,7 +89,7 @@ class ModelConfig:
             "max_queue": self.max_queue, "max_prompt_chars": self.max_prompt_chars,
             "memory_gb": self.memory_gb or None, "min_warm": self.min_warm, "keep_warm_s": self.keep_warm_s,
             "idle_unload_s": self.idle_unload_s,
-            "fallback": self.fallback, "timeout_s": self.timeout_s,
+            "fallback": self.fallback, "timeout_s": self.timeout_s, "batching": self.batching,
         }
 
 
@@ -269,6 +274,10 @@ def _parse_model(name: str, raw: Any) -> ModelConfig:
         kw["timeout_s"] = _float(f"{p}.timeout_s", raw["timeout_s"], 0.1)
     if "fallback" in raw:
         kw["fallback"] = _type(f"{p}.fallback", raw["fallback"], str, "a model name")
+    if "batching" in raw:
+        kw["batching"] = _type(f"{p}.batching", raw["batching"], str, "a string")
+        if kw["batching"] not in BATCHING_MODES:
+            raise ConfigError(f"{p}.batching", f"must be one of {', '.join(BATCHING_MODES)}")
     if "sizes" in raw:
         _type(f"{p}.sizes", raw["sizes"], list, "a list of sizes")
         kw["sizes"] = tuple(_size(f"{p}.sizes[{i}]", s) for i, s in enumerate(raw["sizes"]))

@@ -30,8 +30,8 @@ def of(kind, decisions):
 
 def test_taxonomy_classifies_retryable_codes():
     assert {c.value for c in ErrorCode} == {"out_of_memory", "timeout", "worker_crashed", "model_load_failed",
-                                            "storage_error", "invalid_request", "canceled", "internal"}
-    assert is_retryable("out_of_memory") and is_retryable("worker_crashed") and is_retryable("timeout")
+                                            "storage_error", "invalid_request", "canceled", "internal", "preempted"}
+    assert is_retryable("preempted") and is_retryable("out_of_memory") and is_retryable("worker_crashed") and is_retryable("timeout")
     assert not is_retryable("invalid_request") and not is_retryable("canceled") and not is_retryable("internal")
 
 

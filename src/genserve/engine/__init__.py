@@ -11,6 +11,7 @@ from .types import (
     Decision,
     FailJob,
     JobDequeued,
+    JoinBatch,
     KillWorker,
     LoadModel,
     ModelLimits,
@@ -24,7 +25,7 @@ from .types import (
 
 __all__ = [
     "Admission", "Backoff", "BatchKey", "CancelRunning", "Decision", "Engine", "EngineSettings", "ErrorCode",
-    "FailJob", "JobDequeued",
+    "FailJob", "JobDequeued", "JoinBatch",
     "KillWorker", "Liveness", "LoadModel", "ModelLimits", "Priority", "RestartPolicy", "RetireWorker", "RetryJob",
     "RetryPolicy", "RunBatch", "ScaleTo", "UnloadModel", "engine_settings", "is_retryable",
 ]

@@ -11,7 +11,7 @@ from .failures import FailureTracker
 from .fleet import Fleet
 from .placement import PlacementPolicy
 from .residency_manager import ResidencyManager
-from .types import BatchKey, Decision, QueuedJob, RunBatch, WorkerState
+from .types import BatchKey, Decision, JoinBatch, QueuedJob, RunBatch, WorkerState
 from .waiting import Waiting
 from .work import WorkModel
 
@@ -53,6 +53,48 @@ class Dispatcher:
                 placed = self.place(key, now, protect_queued=False, evict_pinned=True)
             out += placed or []
         return out
+
+    def join_running(self, now: float) -> list[Decision]:
+        """Step-level batching: waiting jobs join a running set of their key at its next step,
+        best first, while the set has room and its working memory fits without evicting anything.
+        Not while an idle worker holds the model loaded: a set of its own there runs in parallel
+        (``dispatch_ready`` places it). Each key's queue is looked at on its own, so a job that
+        cannot join never holds back another key's."""
+        out: list[Decision] = []
+        killing = self.failures.killing
+        protected: set[str] | None = None
+        for batch in list(self.fleet.running.values()):
+            key = batch.key
+            limits = self.waiting.models[key.model]
+            room = limits.max_batch_size - len(batch.jobs)
+            if not limits.step_batching or room <= 0 or batch.worker in killing or not self.waiting.queues.size(key):
+                continue
+            worker = self.fleet.workers.get(batch.worker)
+            if worker is None or self._idle_warm(key.model, killing):
+                continue
+            ordered = self.waiting.ordered(key, now)
+            jobs = [j for j in ordered if self._allowed(j, [worker])] if self.failures.any_avoid else ordered
+            jobs = jobs[:room]
+            if protected is None:
+                protected = self.waiting.protected_models()
+            n = len(jobs)
+            while n and self.residency.fit(worker, key, len(batch.jobs) + n, protected) != []:
+                n -= 1
+            if not n:
+                continue
+            chosen = jobs[:n]
+            for job in chosen:
+                self.waiting.take(job.id)
+            if not self.waiting.depth(key.model):
+                self.residency.invalidate()
+            self.fleet.join(batch, chosen)
+            worker.resident[key.model].last_used = now
+            out.append(JoinBatch(batch.id, worker.id, key, tuple(j.id for j in chosen)))
+        return out
+
+    def _idle_warm(self, model: str, killing) -> bool:
+        return any(w.idle and w.id not in killing and (r := w.resident.get(model)) is not None and not r.loading
+                   for w in self.fleet.workers.values())
 
     def place(self, key: BatchKey, now: float, *, protect_queued: bool = True,
               evict_pinned: bool = False) -> list[Decision] | None:

@@ -91,6 +91,7 @@ class Engine:
         adm = self.admit(key.model)
         if not adm.accepted and not (force and adm.reason == "queue_full"):
             return adm
+        key = self.models[key.model].queue_key(key)
         if job_id in self.waiting or self.fleet.batch_of(job_id) is not None:
             return Admission(True)  # idempotent
         self.waiting.enter(QueuedJob(job_id, key, priority, now, attempts=attempts, deadline=deadline))
@@ -164,13 +165,24 @@ class Engine:
         if self.fleet.job_left(job_id) is not None:
             self.failures.job_ended(job_id)
 
-    def batch_finished(self, batch_id: str, now: float, peak_bytes: int = 0) -> None:
+    def batch_finished(self, batch_id: str, now: float, peak_bytes: int = 0) -> list[Decision]:
         """The worker finished a batch (whatever each job's outcome) and is idle again.
-        ``peak_bytes``: the working memory the worker measured for it (0 = not measured)."""
+        ``peak_bytes``: the working memory the worker measured for it (0 = not measured).
+        A job that joined but was never reported never ran: the running set ended before the join
+        reached the worker. It goes back to its queue, without using up an attempt."""
         batch = self._release(batch_id, now)
-        if batch is not None:
-            self.residency.memory.observe_batch(batch.key, batch.size, peak_bytes)
-            self.work.batch_done(batch.key, batch.size, max(0.0, now - batch.started_at))
+        if batch is None:
+            return []
+        self.residency.memory.observe_batch(batch.key, batch.most_at_once or batch.size, peak_bytes)
+        missed = batch.missed_joins() if batch.joined else []
+        self.work.batch_done(batch.key, batch.size - len(missed), max(0.0, now - batch.started_at))
+        out: list[Decision] = []
+        for job in missed:
+            if not self.failures.canceled(job.id, out):
+                self.waiting.requeue(job, now, now)
+                out.append(RetryJob(job.id, ErrorCode.PREEMPTED, "the running set ended before the job joined it",
+                                    job.attempts, now, job.key.model, counted=False))
+        return out
 
     def batch_failed(self, batch_id: str, code: str, message: str, now: float) -> list[Decision]:
         """The worker reported the whole batch failed (and is idle again). Out of memory with more
@@ -227,6 +239,7 @@ class Engine:
                 self.failures.retired(worker_id)
             out += decisions
         out += self.residency.fill_warm_pools(now, self.failures.killing)
+        out += self.dispatcher.join_running(now)
         out += self.dispatcher.dispatch_ready(now)
         if self.waiting.queues:
             for key, why in self.residency.unplaceable(self.waiting.keys()):

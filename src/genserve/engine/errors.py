@@ -13,6 +13,7 @@ class ErrorCode(StrEnum):
     STORAGE_ERROR = "storage_error"  # writing the output failed
     INVALID_REQUEST = "invalid_request"
     CANCELED = "canceled"
+    PREEMPTED = "preempted"  # taken out of a running set before it ran (requeued, no attempt used)
     INTERNAL = "internal"  # anything else: a bug, most likely deterministic for this input
 
 
@@ -21,7 +22,7 @@ class ErrorCode(StrEnum):
 # fail the same way again, so it is not retried.
 RETRYABLE = frozenset({
     ErrorCode.OUT_OF_MEMORY, ErrorCode.TIMEOUT, ErrorCode.WORKER_CRASHED, ErrorCode.MODEL_LOAD_FAILED,
-    ErrorCode.STORAGE_ERROR,
+    ErrorCode.STORAGE_ERROR, ErrorCode.PREEMPTED,
 })
 
 

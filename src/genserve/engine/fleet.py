@@ -33,7 +33,7 @@ class Fleet:
     def start(self, key: BatchKey, jobs: list[QueuedJob], worker: WorkerState, now: float) -> RunningBatch:
         self._seq += 1
         batch = RunningBatch(f"{self._prefix}-{self._seq:06d}", worker.id, key, {j.id: j for j in jobs}, now, len(jobs),
-                             tuple(j.id for j in jobs))
+                             tuple(j.id for j in jobs), len(jobs))
         self.running[batch.id] = batch
         for job in jobs:
             self._batch_of[job.id] = batch.id
@@ -41,6 +41,16 @@ class Fleet:
         worker.batches_run += 1
         worker.busy.start(now)
         return batch
+
+    def join(self, batch: RunningBatch, jobs: list[QueuedJob]) -> None:
+        """Step-level batching: jobs join a running set."""
+        for job in jobs:
+            batch.jobs[job.id] = job
+            self._batch_of[job.id] = batch.id
+        batch.job_ids += tuple(j.id for j in jobs)
+        batch.size += len(jobs)
+        batch.joined += len(jobs)
+        batch.most_at_once = max(batch.most_at_once, len(batch.jobs))
 
     def release(self, batch_id: str, now: float) -> tuple[RunningBatch, WorkerState | None] | None:
         """Take a batch off the running set; its jobs are the caller's. Also returns its worker

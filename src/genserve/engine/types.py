@@ -48,6 +48,12 @@ class ModelLimits:
     idle_unload_s: float | None = 120.0  # unload after this long unused (None: never)
     est_job_seconds: float = 1.0  # expected device-seconds per job until batches have been timed
     est_load_seconds: float = 10.0  # expected cold start until a load has been timed
+    step_batching: bool = False  # jobs join and leave a running set at denoising-step boundaries
+
+    def queue_key(self, key: "BatchKey") -> "BatchKey":
+        """The key a job waits under. Step-level batching shares a running set across step counts
+        and guidance (each request keeps its own), so only the shape must match."""
+        return key._replace(steps=0, guidance=0.0) if self.step_batching else key
 
 
 @dataclass
@@ -106,6 +112,18 @@ class RunBatch:
 
 
 @dataclass(frozen=True)
+class JoinBatch:
+    """Step-level batching: add these jobs to the running set ``batch_id`` on ``worker``; they
+    start at its next step boundary. A join the worker sees only after the set ended is dropped
+    there, and the engine requeues the jobs when the batch's end is reported."""
+
+    batch_id: str
+    worker: str
+    key: BatchKey
+    job_ids: tuple[str, ...]
+
+
+@dataclass(frozen=True)
 class CancelRunning:
     """Stop these jobs of a running batch at the next step boundary."""
 
@@ -154,7 +172,7 @@ class KillWorker:
     message: str
 
 
-Decision = (LoadModel | UnloadModel | RunBatch | CancelRunning | JobDequeued | FailJob | RetryJob | KillWorker
+Decision = (LoadModel | UnloadModel | RunBatch | JoinBatch | CancelRunning | JobDequeued | FailJob | RetryJob | KillWorker
             | ScaleTo | RetireWorker)
 
 
@@ -242,3 +260,10 @@ class RunningBatch:
     started_at: float
     size: int = 0  # jobs dispatched: what the batch's time and memory were spent on
     job_ids: tuple[str, ...] = ()  # every job dispatched in it, in order (``jobs`` loses those that ended)
+    most_at_once: int = 0  # step-level batching: the largest running set it reached (memory is sized by it)
+    joined: int = 0  # step-level batching: how many of ``job_ids`` (the last ones) joined after the start
+
+    def missed_joins(self) -> list[QueuedJob]:
+        """Jobs that joined but were never reported by the worker: the set ended before the join
+        reached it. (Jobs of the start are always reported, done or canceled.)"""
+        return [self.jobs[j] for j in self.job_ids[len(self.job_ids) - self.joined:] if j in self.jobs]

@@ -142,7 +142,12 @@ def create_app(config: Config, runtime: Runtime | None = None) -> FastAPI:
                          for a in jobs.attempts(jid)],
             "webhook": {"url": job["params"]["webhook"], "events": job["params"]["webhook_events"],
                         "deliveries": jobs.deliveries(jid)} if job["params"].get("webhook") else None,
-            "batch": {"id": job["batch_id"], "size": job["batch_size"], "worker": job["worker"]} if job["batch_id"] else None,
+            "batch": {"id": job["batch_id"], "size": job["batch_size"], "worker": job["worker"],
+                      "mode": "step" if job["step_batching"] is not None or getattr(
+                          config.models.get(job["model"]), "batching", "") == "step" else "request",
+                      # step mode: the running set's step count when it joined, and who shared its steps
+                      "joined_at_step": (job["step_batching"] or {}).get("joined_step"),
+                      "shared_steps_with": (job["step_batching"] or {}).get("shared_with")} if job["batch_id"] else None,
             "timestamps": ts,
             "cold_start": {"waited": job["t_load_start"] is not None, "worker": job["worker"] if job["t_load_start"] else None,
                            "tier": job["load_tier"],

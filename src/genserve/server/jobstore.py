@@ -75,7 +75,9 @@ _ADDED_COLUMNS = {"jobs": {
     "cost_usd": "REAL",  # device_seconds × the device type's price
     "device_type": "TEXT",  # price-table key of the worker that ran it (H100, cpu, …)
     "load_tier": "TEXT",  # where the model load this job waited for came from (disk, page_cache, host)
+    "step_batching": "TEXT",  # step mode: JSON {joined_step, shared_with} (NULL: request-level batch)
 }}
+_JSON_COLUMNS = {"results", "step_batching"}
 
 
 class JobStore:
@@ -138,7 +140,7 @@ class JobStore:
         vals: list[Any] = []
         for k, v in fields.items():
             cols.append(f"{k} = ?")
-            vals.append(json.dumps(v) if k == "results" else v)
+            vals.append(json.dumps(v) if k in _JSON_COLUMNS and v is not None else v)
         marks = ",".join("?" * len(job_ids))
         self.db.execute(f"UPDATE jobs SET {', '.join(cols)} WHERE id IN ({marks})", (*vals, *job_ids))
 
@@ -201,5 +203,7 @@ def _decode(row: sqlite3.Row) -> dict[str, Any]:
     d = dict(row)
     d["params"] = json.loads(d["params"])
     d["results"] = json.loads(d["results"])
+    if d.get("step_batching") is not None:
+        d["step_batching"] = json.loads(d["step_batching"])
     d["cancel_requested"] = bool(d["cancel_requested"])
     return d

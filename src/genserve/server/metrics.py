@@ -64,6 +64,7 @@ class Snapshot:
     busy_fraction: dict[tuple[str, str], float] = field(default_factory=dict)  # over the last minute
     idle_cost: dict[tuple[str, str], float] = field(default_factory=dict)  # (device type, warm|empty) -> US$
     gpu: dict[str, dict[str, float]] = field(default_factory=dict)  # worker -> {utilization, memory_used, memory_total}
+    running_jobs: dict[tuple[str, str], int] = field(default_factory=dict)  # (worker, model) -> jobs in its batch
 
 
 class StateCollector(Collector):
@@ -76,6 +77,8 @@ class StateCollector(Collector):
                      "for a model load", ["model", "device_type"], s.queue_depth)
         yield _gauge("genserve_models_resident", "Workers holding each model", ["model", "device_type"], s.models_resident)
         yield _gauge("genserve_workers", "Worker processes by state", ["state"], {(k,): v for k, v in s.workers.items()})
+        yield _gauge("genserve_running_jobs", "Jobs in the batch running on each worker (step-level batching: the "
+                     "running set's size, which grows and shrinks at step boundaries)", ["worker", "model"], s.running_jobs)
         busy = CounterMetricFamily("genserve_device_busy_seconds", "Time a batch held the device", labels=["worker", "device_type"])
         for k, v in sorted(s.busy_s.items()):
             busy.add_metric(list(k), v)

@@ -128,6 +128,8 @@ class Observer:
         s.workers = {"starting": 0, "idle": 0, "busy": 0}
         for v in views:
             s.workers["starting" if not v.up else ("busy" if v.busy else "idle")] += 1
+            if v.running_model is not None:
+                s.running_jobs[(v.id, v.running_model)] = v.running_jobs
             for r in v.resident:
                 k = (r.model, v.device_type)
                 s.models_resident[k] = s.models_resident.get(k, 0) + 1

@@ -15,7 +15,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from ..config import ModelConfig
-from ..engine import ErrorCode, RetryJob, RunBatch
+from ..engine import ErrorCode, JoinBatch, RetryJob, RunBatch
 from ..engine.types import RunningBatch
 from ..status import JobStatus, is_terminal
 from ..storage import OUTPUT_TYPES, LocalResultStore, ResultRef, output_name
@@ -51,18 +51,22 @@ class JobRecords:
         self.publish(Event("queued", now, job["id"], {"model": job["model"], "priority": job["priority"],
                                                       "restored": True}))
 
-    def dispatched(self, d: RunBatch, now: float) -> list[Record]:
-        """The jobs of ``d`` are handed to its worker: running, one attempt opened each."""
+    def dispatched(self, d: RunBatch | JoinBatch, now: float) -> list[Record]:
+        """The jobs of ``d`` are handed to its worker (a new batch, or joining a running set in
+        step mode): running, one attempt opened each."""
+        joined = isinstance(d, JoinBatch)
+        cold = False if joined else d.needs_load
+        waits = False if joined else d.waits_for_load
         self.store.update(d.job_ids, status=JobStatus.RUNNING, batch_id=d.batch_id, batch_size=len(d.job_ids),
                           worker=d.worker, t_dispatched=now, served_model=d.key.model)
         self.store.start_attempts(d.job_ids, d.worker, d.key.model, d.batch_id, now)
         self.publish(Event("batch_dispatched", now, data={"batch_id": d.batch_id, "worker": d.worker,
                                                          "model": d.key.model, "job_ids": d.job_ids,
-                                                         "cold": d.needs_load}))
+                                                         "cold": cold, "joined": joined}))
         for j in d.job_ids:
             self.publish(Event("started", now, j, {"batch_id": d.batch_id, "batch_size": len(d.job_ids),
                                                    "worker": d.worker, "model": d.key.model,
-                                                   "cold_start": d.waits_for_load}))
+                                                   "cold_start": waits, "joined": joined}))
         return [self.store.get(j) for j in d.job_ids]  # type: ignore[misc]
 
     def model_loaded(self, job_ids: tuple[str, ...], msg: Mapping[str, Any]) -> None:
@@ -83,7 +87,8 @@ class JobRecords:
         job = self.store.get(job_id)
         if job is not None and not is_terminal(job["status"]):
             self.store.update([job_id], results=[msg["result"]], t_inference_start=msg["inference_start"],
-                              t_inference_end=msg["inference_end"], t_output_written=msg["output_written"])
+                              t_inference_end=msg["inference_end"], t_output_written=msg["output_written"],
+                              step_batching=msg.get("step"))
             self.finish(job_id, JobStatus.SUCCEEDED, now)
 
     def retry(self, d: RetryJob, now: float) -> None:

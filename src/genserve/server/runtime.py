@@ -35,6 +35,7 @@ from ..engine import (
     Priority,
     RestartPolicy,
     RetireWorker,
+    JoinBatch,
     RetryJob,
     RunBatch,
     ScaleTo,
@@ -266,6 +267,9 @@ class Runtime:
                 self.pool.send(d.worker, {"op": P.UNLOAD, "model": d.model})
             case RunBatch():
                 self._run_batch(d, now)
+            case JoinBatch():
+                jobs = self.records.dispatched(d, now)
+                self.pool.send(d.worker, {"op": P.JOIN, "batch_id": d.batch_id, "jobs": self._payload(jobs)})
             case CancelRunning():
                 self.pool.send(d.worker, {"op": P.CANCEL, "batch_id": d.batch_id, "job_ids": list(d.job_ids)})
             case JobDequeued():
@@ -307,10 +311,16 @@ class Runtime:
         jobs = self.records.dispatched(d, now)
         params = {"width": d.key.width, "height": d.key.height, "num_frames": d.key.num_frames,
                   "steps": d.key.steps, "guidance": d.key.guidance, "fps": m.fps}
-        payload = [{"id": j["id"], "prompt": j["params"]["prompt"], "negative_prompt": j["params"]["negative_prompt"],
-                    "seed": j["params"]["seed"]} for j in jobs]
-        self.pool.send(d.worker, {"op": P.RUN, "batch_id": d.batch_id, "model": d.key.model, "kind": m.kind,
-                                  "params": params, "jobs": payload})
+        msg = {"op": P.RUN, "batch_id": d.batch_id, "model": d.key.model, "kind": m.kind, "params": params,
+               "jobs": self._payload(jobs)}
+        if m.batching == "step":  # a running set: each job brings its own steps and guidance
+            msg.update(mode="step", max_size=m.max_batch_size)
+        self.pool.send(d.worker, msg)
+
+    @staticmethod
+    def _payload(jobs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        return [{"id": j["id"], **{k: j["params"][k] for k in ("prompt", "negative_prompt", "seed", "steps", "guidance")}}
+                for j in jobs]
 
     def _deadline(self, params: JobParams, received: float) -> float:
         return received + (params.timeout_s or self.config.models[params.model].timeout_s)
@@ -343,9 +353,13 @@ class Runtime:
             self.engine.model_load_failed(worker_id, msg["model"], now)
             log.error("worker %s failed to load %s: %s", worker_id, msg["model"], msg["message"])
         elif ev == "started" and batch:
+            if self.engine.models[batch.key.model].step_batching:
+                return self._pump(now)  # each job reports its own start (job_started)
             self.records.inference_started(list(batch.jobs), msg["t"])
+        elif ev == "job_started":
+            self.records.inference_started([msg["job_id"]], msg["t"])
         elif ev == "progress" and batch:
-            self.records.step(list(batch.jobs), msg["step"], msg["total"], now)
+            self.records.step([msg["job_id"]] if "job_id" in msg else list(batch.jobs), msg["step"], msg["total"], now)
         elif ev == "job_canceled":
             self.engine.job_ended(msg["job_id"], now)
             self.records.canceled(msg["job_id"], msg["t"])
@@ -354,7 +368,7 @@ class Runtime:
             self.records.output_written(msg["job_id"], msg, now)
         elif ev == "batch_done" and batch:
             self.fleet.batch_over(batch.id)
-            self.engine.batch_finished(batch.id, now, msg.get("peak_bytes", 0))
+            self._execute(self.engine.batch_finished(batch.id, now, msg.get("peak_bytes", 0)), now)
             dtype = self.fleet.device_type(batch.worker)
             self.records.charge(batch, dtype, self.config.prices.get(dtype, 0.0), now)
         elif ev == "batch_failed" and batch:

@@ -40,6 +40,8 @@ class WorkerView:
     utilization: float = 0.0
     batch_id: str | None = None
     resident: tuple[ResidentView, ...] = ()
+    running_jobs: int = 0  # jobs in its running batch (step-level batching: the running set's size now)
+    running_model: str | None = None
 
     @property
     def busy(self) -> bool:

@@ -33,6 +33,7 @@ def worker_main(conn: Connection, worker_id: str, device: str, results_dir: str,
     dlogging.disable_progress_bar()
     logging.getLogger("transformers").setLevel(logging.ERROR)
     from ..backends.runner import BatchAborted, PipelineRunner
+    from ..backends.step_runner import can_step, run_grouped, run_steps
     from ..storage import LocalResultStore
 
     send_lock = threading.Lock()
@@ -42,6 +43,7 @@ def worker_main(conn: Connection, worker_id: str, device: str, results_dir: str,
             conn.send(msg)
 
     inbox: queue.Queue = queue.Queue()
+    joins: queue.Queue = queue.Queue()  # step-level batching: read between steps of a running set
     canceled: set[str] = set()
 
     def reader() -> None:
@@ -53,6 +55,8 @@ def worker_main(conn: Connection, worker_id: str, device: str, results_dir: str,
                 os._exit(0)  # the server is gone: never outlive it
             if msg["op"] == P.CANCEL:
                 canceled.update(msg["job_ids"])
+            elif msg["op"] == P.JOIN:
+                joins.put(msg)
             else:
                 inbox.put(msg)
 
@@ -94,11 +98,17 @@ def worker_main(conn: Connection, worker_id: str, device: str, results_dir: str,
             emit({"ev": "unloaded", **runner.unload(msg["model"])})
         elif op == P.RUN:
             batch_id = msg["batch_id"]
+            seen = {j["id"] for j in msg["jobs"]}  # step mode adds the jobs that join
             try:
                 if msg["model"] not in runner.pipes:
                     raise RuntimeError(failed_loads.get(msg["model"], f"model {msg['model']} is not loaded"))
                 injector.on_batch(len(msg["jobs"]))
-                peak = runner.run(msg, emit, canceled, on_step=injector.on_step)
+                if msg.get("mode") != "step":
+                    peak = runner.run(msg, emit, canceled, on_step=injector.on_step)
+                elif can_step(runner.pipes[msg["model"]]):
+                    peak = run_steps(runner, msg, emit, canceled, joins, seen, injector.on_step, msg["max_size"])
+                else:
+                    peak = run_grouped(runner, msg, emit, canceled, injector.on_step)
                 emit({"ev": "batch_done", "batch_id": batch_id, "t": time.time(), "peak_bytes": peak})
             except BatchAborted:
                 emit({"ev": "batch_done", "batch_id": batch_id, "t": time.time()})
@@ -107,5 +117,5 @@ def worker_main(conn: Connection, worker_id: str, device: str, results_dir: str,
                 traceback.print_exc()
                 emit({"ev": "batch_failed", "batch_id": batch_id, "code": code.value, "message": f"{type(e).__name__}: {e}"})
             finally:
-                canceled.difference_update(j["id"] for j in msg["jobs"])
+                canceled.difference_update(seen)
 

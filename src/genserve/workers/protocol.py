@@ -5,6 +5,10 @@ server -> worker (``op``):
   unload   {model}                        (GPU: kept in the host-RAM tier when it fits)
   run      {batch_id, model, kind, params: {width, height, num_frames, steps, guidance, fps},
             jobs: [{id, prompt, negative_prompt, seed}]}
+  run (step mode) adds {mode: "step", max_size} and per job {steps, guidance}: a running set that
+           later ``join`` messages add to (step-level batching, backends/step_runner.py)
+  join     {batch_id, jobs: [...]}        (enter the running set at its next step; dropped when
+                                           that set already ended — the engine requeues them)
   cancel   {batch_id, job_ids}            (honoured at the next step boundary)
   shutdown {}
 worker -> server (``ev``):
@@ -14,16 +18,15 @@ worker -> server (``ev``):
   unloaded     {model, freed_bytes, kept_in, used_bytes, resident}
   load_failed  {model, code, message}
   started      {batch_id, t}
-  progress     {batch_id, step, total}
+  progress     {batch_id, step, total}            (step mode: also job_id; each job counts its own)
+  job_started  {batch_id, job_id, t, joined_step} (step mode: the job entered the running set)
   job_canceled {batch_id, job_id, t}
   job_done     {batch_id, job_id, result: {key, content_type, bytes}, inference_start, inference_end,
-                output_written}
+                output_written, step?: {joined_step, shared_with}}
   batch_done   {batch_id, t, peak_bytes}
   batch_failed {batch_id, code, message}
 
-Room to grow (DESIGN §7): a later ``join`` op can add jobs to a running batch at a step boundary;
-nothing here assumes a batch is fixed beyond what ``run`` says.
 """
 from __future__ import annotations
 
-LOAD, UNLOAD, RUN, CANCEL, SHUTDOWN = "load", "unload", "run", "cancel", "shutdown"
+LOAD, UNLOAD, RUN, JOIN, CANCEL, SHUTDOWN = "load", "unload", "run", "join", "cancel", "shutdown"

@@ -1,0 +1,114 @@
+"""The worker's step-level batch loop: a ``run`` in step mode opens a running set; jobs that the
+engine joins to it arrive as ``join`` messages and enter between steps; each finished job is
+decoded, encoded and written while the others go on; a canceled job frees its slot at the next
+step boundary. The batch ends when the set is empty and no join is waiting.
+
+Events (see workers/protocol.py): ``started`` once, then per job ``job_started`` (with the set's
+step count when it joined), ``progress`` (with ``job_id``: each job counts its own steps),
+``job_done`` (with ``step``: joined_step, shared_with) or ``job_canceled``.
+"""
+from __future__ import annotations
+
+import queue
+import time
+from collections.abc import Callable
+from typing import Any
+
+from ..storage import OUTPUT_TYPES, output_name
+from .encode import encode_mp4, encode_png
+from .runner import BatchAborted
+from .stepping import RunningSet, StepJob, step_family
+
+Emit = Callable[[dict[str, Any]], None]
+
+
+def step_job(j: dict[str, Any]) -> StepJob:
+    return StepJob(j["id"], j["prompt"], int(j["seed"]), int(j["steps"]), float(j["guidance"]), j.get("negative_prompt"))
+
+
+def can_step(pipe) -> bool:
+    return step_family(pipe) is not None
+
+
+def run_grouped(runner, msg: dict[str, Any], emit: Emit, canceled: set[str],
+                on_step: Callable[[int], None] = lambda step: None) -> int:
+    """A step-mode batch on a pipeline the step loop cannot drive: request-level calls, one per
+    (steps, guidance) group. Joins sent to it are dropped (the engine requeues them)."""
+    groups: dict[tuple[int, float], list[dict[str, Any]]] = {}
+    for j in msg["jobs"]:
+        groups.setdefault((int(j["steps"]), float(j["guidance"])), []).append(j)
+    peak = 0
+    for (steps, guidance), jobs in groups.items():
+        sub = {**msg, "params": {**msg["params"], "steps": steps, "guidance": guidance}, "jobs": jobs}
+        try:
+            peak = max(peak, runner.run(sub, emit, canceled, on_step=on_step))
+        except BatchAborted:  # this group's jobs were all canceled (and reported); the others still run
+            continue
+    return peak
+
+
+def run_steps(runner, msg: dict[str, Any], emit: Emit, canceled: set[str], joins: queue.Queue, seen: set[str],
+              on_step: Callable[[int], None] = lambda step: None, max_size: int = 64) -> int:
+    """Run the step-mode batch ``msg`` until its set is empty. ``joins`` holds ``join`` messages
+    (for this batch, or stale ones for earlier batches, which are dropped); every job id that
+    joins is added to ``seen``. Returns the batch's peak working bytes (measured on CUDA; 0 on
+    CPU, where nothing is measured)."""
+    import torch
+
+    pipe = runner.pipes[msg["model"]]
+    family = step_family(pipe)
+    assert family is not None
+    batch_id, kind, p = msg["batch_id"], msg["kind"], msg["params"]
+    shape = {"width": p["width"], "height": p["height"], "num_frames": p.get("num_frames", 0)}
+    rs = RunningSet(pipe, family, shape, max(max_size, len(msg["jobs"])))
+    pending: list[dict[str, Any]] = list(msg["jobs"])
+    started: dict[str, float] = {}
+    if runner.cuda:
+        torch.cuda.reset_peak_memory_stats(runner.device)
+        base = torch.cuda.memory_allocated(runner.device)
+    emit({"ev": "started", "batch_id": batch_id, "t": time.time()})
+
+    def take_joins() -> None:
+        while True:
+            try:
+                m = joins.get_nowait()
+            except queue.Empty:
+                return
+            if m["batch_id"] == batch_id:
+                pending.extend(m["jobs"])
+                seen.update(j["id"] for j in m["jobs"])
+
+    def canceled_now(job_id: str) -> None:
+        emit({"ev": "job_canceled", "batch_id": batch_id, "job_id": job_id, "t": time.time()})
+
+    while True:
+        take_joins()
+        for j in pending:
+            if j["id"] in canceled:
+                canceled_now(j["id"])
+                continue
+            rs.admit(step_job(j))
+            started[j["id"]] = time.time()
+            emit({"ev": "job_started", "batch_id": batch_id, "job_id": j["id"], "t": time.time(),
+                  "joined_step": rs.steps_run})
+        pending.clear()
+        for job_id in [i for i in rs.slots if i in canceled]:
+            rs.drop(job_id)
+            canceled_now(job_id)
+        if not rs.slots:
+            take_joins()
+            if pending:
+                continue
+            break
+        finished = rs.step()
+        on_step(rs.steps_run - 1)
+        for s in [*rs.slots.values(), *finished]:
+            emit({"ev": "progress", "batch_id": batch_id, "job_id": s.job.id, "step": s.done, "total": s.job.steps})
+        for s in finished:
+            out = rs.decode(s)
+            data = encode_png(out) if kind == "image" else encode_mp4(out, p["fps"])
+            ref = runner.store.put(s.job.id, output_name(kind), data, OUTPUT_TYPES[kind])
+            emit({"ev": "job_done", "batch_id": batch_id, "job_id": s.job.id, "result": ref.to_dict(),
+                  "inference_start": started.pop(s.job.id), "inference_end": time.time(), "output_written": time.time(),
+                  "step": {"joined_step": s.joined_at, "shared_with": sorted(rs.shared.pop(s.job.id, set()))}})
+    return int(torch.cuda.max_memory_allocated(runner.device) - base) if runner.cuda else 0
