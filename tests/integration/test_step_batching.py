@@ -68,3 +68,29 @@ def test_jobs_join_a_running_set_and_match_their_standalone_outputs(demo_models,
             alone = c.post("/v1/jobs", json={**body, "model": "img-req"}).json()["id"]
             assert wait_for(c, alone)["status"] == "succeeded"
             assert np.abs(pixels(c, alone) - pixels(c, jid)).max() <= 2
+
+
+def test_a_high_priority_job_pauses_a_low_one_which_resumes_where_it_stopped(demo_models, tmp_path):
+    cfg = (model("img-step", demo_models, "step").replace("max_batch_size = 4", "max_batch_size = 1")
+           + model("img-req", demo_models, "request"))
+    with LiveServer(tmp_path, cfg, workers=1) as srv, httpx.Client(base_url=srv.url, timeout=60) as c:
+        low_body = {"model": "img-step", "prompt": "background work", "steps": 150, "seed": 5, "priority": "low"}
+        low = c.post("/v1/jobs", json=low_body).json()["id"]
+        wait_until(lambda: (c.get(f"/v1/jobs/{low}").json().get("progress") or {}).get("step", 0) >= 2,
+                   timeout=120, what="the low job's second step")
+        high = c.post("/v1/jobs", json={"model": "img-step", "prompt": "urgent", "steps": 3, "seed": 6,
+                                        "priority": "high"}).json()["id"]
+        h = wait_for(c, high)
+        assert h["status"] == "succeeded"
+        assert c.get(f"/v1/jobs/{low}").json()["status"] in ("queued", "running")  # paused, not done
+        lo = wait_for(c, low, timeout=300)
+        assert lo["status"] == "succeeded"
+        codes = [a["code"] for a in lo["attempts"]]
+        assert codes[0] == "preempted" and codes[-1] is None  # paused once, then finished
+        assert lo["progress"] == {"step": 150, "total": 150}
+        [paused_at] = lo["batch"]["paused_at_steps"]
+        assert 2 <= paused_at < 150  # it went on from there, not from step 0
+        # resumed from its latents: the same image as an uninterrupted run
+        alone = c.post("/v1/jobs", json={**low_body, "model": "img-req", "priority": "standard"}).json()["id"]
+        assert wait_for(c, alone, timeout=300)["status"] == "succeeded"
+        assert np.abs(pixels(c, alone) - pixels(c, low)).max() <= 2

@@ -20,6 +20,7 @@ from .runner import BatchAborted
 from .stepping import RunningSet, StepJob, step_family
 
 Emit = Callable[[dict[str, Any]], None]
+MAX_PARKED = 64  # paused jobs a worker keeps the latents of
 
 
 def step_job(j: dict[str, Any]) -> StepJob:
@@ -48,11 +49,17 @@ def run_grouped(runner, msg: dict[str, Any], emit: Emit, canceled: set[str],
 
 
 def run_steps(runner, msg: dict[str, Any], emit: Emit, canceled: set[str], joins: queue.Queue, seen: set[str],
-              on_step: Callable[[int], None] = lambda step: None, max_size: int = 64) -> int:
+              on_step: Callable[[int], None] = lambda step: None, max_size: int = 64,
+              between: Callable[[], None] = lambda: None, pausing: set[str] | None = None,
+              parked: dict[str, tuple[tuple, Any]] | None = None) -> int:
     """Run the step-mode batch ``msg`` until its set is empty. ``joins`` holds ``join`` messages
     (for this batch, or stale ones for earlier batches, which are dropped); every job id that
     joins is added to ``seen``. Returns the batch's peak working bytes (measured on CUDA; 0 on
-    CPU, where nothing is measured)."""
+    CPU, where nothing is measured). ``between`` runs at every step boundary (the worker's unloads).
+    ``pausing``: job ids to take out at the next boundary; their slots go to ``parked`` (the
+    worker's, across batches), and a job that comes back to a set of the same shape resumes."""
+    pausing = set() if pausing is None else pausing
+    parked = {} if parked is None else parked
     import torch
 
     pipe = runner.pipes[msg["model"]]
@@ -61,6 +68,7 @@ def run_steps(runner, msg: dict[str, Any], emit: Emit, canceled: set[str], joins
     batch_id, kind, p = msg["batch_id"], msg["kind"], msg["params"]
     shape = {"width": p["width"], "height": p["height"], "num_frames": p.get("num_frames", 0)}
     rs = RunningSet(pipe, family, shape, max(max_size, len(msg["jobs"])))
+    where = (msg["model"], tuple(sorted(shape.items())))
     pending: list[dict[str, Any]] = list(msg["jobs"])
     started: dict[str, float] = {}
     if runner.cuda:
@@ -82,19 +90,30 @@ def run_steps(runner, msg: dict[str, Any], emit: Emit, canceled: set[str], joins
         emit({"ev": "job_canceled", "batch_id": batch_id, "job_id": job_id, "t": time.time()})
 
     while True:
+        between()
         take_joins()
         for j in pending:
             if j["id"] in canceled:
                 canceled_now(j["id"])
                 continue
-            rs.admit(step_job(j))
-            started[j["id"]] = time.time()
+            back = parked.pop(j["id"], None)
+            resumed = back is not None and back[0] == where
+            slot = rs.resume(back[1]) if resumed else rs.admit(step_job(j))
+            started.setdefault(j["id"], time.time())
             emit({"ev": "job_started", "batch_id": batch_id, "job_id": j["id"], "t": time.time(),
-                  "joined_step": rs.steps_run})
+                  "joined_step": rs.steps_run, **({"resumed_from": slot.done} if resumed else {})})
         pending.clear()
         for job_id in [i for i in rs.slots if i in canceled]:
             rs.drop(job_id)
             canceled_now(job_id)
+        for job_id in [i for i in rs.slots if i in pausing]:
+            pausing.discard(job_id)
+            slot = rs.drop(job_id)
+            slot.paused_at.append(slot.done)
+            parked[job_id] = (where, slot)
+            while len(parked) > MAX_PARKED:
+                parked.pop(next(iter(parked)))  # the oldest: it restarts from step 0 if it comes back
+            emit({"ev": "job_paused", "batch_id": batch_id, "job_id": job_id, "step": slot.done, "t": time.time()})
         if not rs.slots:
             take_joins()
             if pending:
@@ -110,5 +129,6 @@ def run_steps(runner, msg: dict[str, Any], emit: Emit, canceled: set[str], joins
             ref = runner.store.put(s.job.id, output_name(kind), data, OUTPUT_TYPES[kind])
             emit({"ev": "job_done", "batch_id": batch_id, "job_id": s.job.id, "result": ref.to_dict(),
                   "inference_start": started.pop(s.job.id), "inference_end": time.time(), "output_written": time.time(),
-                  "step": {"joined_step": s.joined_at, "shared_with": sorted(rs.shared.pop(s.job.id, set()))}})
+                  "step": {"joined_step": s.joined_at, "shared_with": sorted(rs.shared.pop(s.job.id, set())),
+                           "paused_at": s.paused_at}})
     return int(torch.cuda.max_memory_allocated(runner.device) - base) if runner.cuda else 0

@@ -55,6 +55,7 @@ class Slot:
     step_kwargs: dict[str, Any] = field(default_factory=dict)
     done: int = 0  # denoising steps completed
     joined_at: int = 0  # the set's step counter when this request joined
+    paused_at: list[int] = field(default_factory=list)  # its own step count at each pause (resumed from there)
 
     @property
     def finished(self) -> bool:

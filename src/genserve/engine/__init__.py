@@ -12,6 +12,7 @@ from .types import (
     FailJob,
     JobDequeued,
     JoinBatch,
+    PauseRunning,
     KillWorker,
     LoadModel,
     ModelLimits,
@@ -25,7 +26,7 @@ from .types import (
 
 __all__ = [
     "Admission", "Backoff", "BatchKey", "CancelRunning", "Decision", "Engine", "EngineSettings", "ErrorCode",
-    "FailJob", "JobDequeued", "JoinBatch",
+    "FailJob", "JobDequeued", "JoinBatch", "PauseRunning",
     "KillWorker", "Liveness", "LoadModel", "ModelLimits", "Priority", "RestartPolicy", "RetireWorker", "RetryJob",
     "RetryPolicy", "RunBatch", "ScaleTo", "UnloadModel", "engine_settings", "is_retryable",
 ]

@@ -11,7 +11,8 @@ from .failures import FailureTracker
 from .fleet import Fleet
 from .placement import PlacementPolicy
 from .residency_manager import ResidencyManager
-from .types import BatchKey, Decision, JoinBatch, QueuedJob, RunBatch, WorkerState
+from .preempt import Preemption
+from .types import BatchKey, Decision, JoinBatch, PauseRunning, Priority, QueuedJob, RunBatch, WorkerState
 from .waiting import Waiting
 from .work import WorkModel
 
@@ -20,8 +21,9 @@ RECHECK_S = 1.0  # how soon to look again while a batch waits for a busy warm wo
 
 class Dispatcher:
     def __init__(self, placement: PlacementPolicy, waiting: Waiting, fleet: Fleet, residency: ResidencyManager,
-                 failures: FailureTracker, work: WorkModel) -> None:
+                 failures: FailureTracker, work: WorkModel, preemption: Preemption) -> None:
         self.placement = placement
+        self.preemption = preemption
         self.waiting, self.fleet, self.residency, self.failures, self.work = waiting, fleet, residency, failures, work
         self._waiting_on_warm = False  # a ready batch is holding out for a busy warm worker
 
@@ -56,7 +58,8 @@ class Dispatcher:
 
     def join_running(self, now: float) -> list[Decision]:
         """Step-level batching: waiting jobs join a running set of their key at its next step,
-        best first, while the set has room and its working memory fits without evicting anything.
+        best first, while the set has room and its working memory fits (evicting models idle on
+        that worker, as a new batch would; the worker unloads them between steps).
         Not while an idle worker holds the model loaded: a set of its own there runs in parallel
         (``dispatch_ready`` places it). Each key's queue is looked at on its own, so a job that
         cannot join never holds back another key's."""
@@ -67,21 +70,29 @@ class Dispatcher:
             key = batch.key
             limits = self.waiting.models[key.model]
             room = limits.max_batch_size - len(batch.jobs)
-            if not limits.step_batching or room <= 0 or batch.worker in killing or not self.waiting.queues.size(key):
+            if not limits.step_batching or batch.worker in killing or not self.waiting.queues.size(key):
                 continue
+            if room <= 0:
+                out += self._preempt(batch, now)
+                room = limits.max_batch_size - len(batch.jobs)
+                if room <= 0:
+                    continue
             worker = self.fleet.workers.get(batch.worker)
             if worker is None or self._idle_warm(key.model, killing):
                 continue
+            if protected is None:
+                protected = self.waiting.protected_models()
+            if self.residency.fit(worker, key, len(batch.jobs) + 1, protected) is None:
+                continue  # not even one more fits (checked before ordering a long queue)
             ordered = self.waiting.ordered(key, now)
             jobs = [j for j in ordered if self._allowed(j, [worker])] if self.failures.any_avoid else ordered
             jobs = jobs[:room]
-            if protected is None:
-                protected = self.waiting.protected_models()
             n = len(jobs)
-            while n and self.residency.fit(worker, key, len(batch.jobs) + n, protected) != []:
+            while n and self.residency.fit(worker, key, len(batch.jobs) + n, protected) is None:
                 n -= 1
             if not n:
                 continue
+            out += self.residency.evict(worker, self.residency.fit(worker, key, len(batch.jobs) + n, protected) or [])
             chosen = jobs[:n]
             for job in chosen:
                 self.waiting.take(job.id)
@@ -91,6 +102,18 @@ class Dispatcher:
             worker.resident[key.model].last_used = now
             out.append(JoinBatch(batch.id, worker.id, key, tuple(j.id for j in chosen)))
         return out
+
+    def _preempt(self, batch, now: float) -> list[Decision]:
+        """A full set and a ``high`` job waiting for its shape: pause a ``low`` job of the set."""
+        if not any(j.priority == Priority.LOW for j in batch.jobs.values()):
+            return []  # nothing to displace: no need to look at the queue
+        head = min(self.waiting.jobs(batch.key), key=lambda j: self.waiting.order(j, now))
+        victim = self.preemption.victim(batch, head, self.failures.cancel_sent)
+        if victim is None:
+            return []
+        self.fleet.job_left(victim.id)
+        self.preemption.start(victim, batch)
+        return [PauseRunning(batch.worker, batch.id, (victim.id,))]
 
     def _idle_warm(self, model: str, killing) -> bool:
         return any(w.idle and w.id not in killing and (r := w.resident.get(model)) is not None and not r.loading

@@ -10,7 +10,9 @@ components, each its only owner (DESIGN §5):
   failures   FailureTracker    retries, OOM caps, cancels, liveness watches, kills
   work       WorkModel         device-second estimates, arrival rate
   scaling    Scaling           autoscaling state around the pure ``Autoscaler.decide``
-  dispatcher Dispatcher        placement: ready queues -> batches on workers (reads all of the above)
+  dispatcher Dispatcher        placement: ready queues -> batches on workers, joins to running sets
+                               (step-level batching; reads all of the above)
+  preemption Preemption        step-level batching: low jobs being paused for high ones
 
 The facade routes events to them and runs ``step`` as an ordered pipeline; ``next_deadline`` is
 the earliest time any component could decide something new.
@@ -25,6 +27,7 @@ from .errors import ErrorCode
 from .failures import FailureTracker
 from .fleet import Fleet
 from .placement import PLACEMENT
+from .preempt import Preemption
 from .residency import RESIDENCY
 from .residency_manager import ResidencyManager
 from .retry import RetryPolicy
@@ -58,8 +61,9 @@ class Engine:
         self.failures = FailureTracker(s.retry, s.liveness)
         self.autoscaler = s.autoscaler
         self.scaling = Scaling(s.autoscaler) if s.autoscaler is not None else None
+        self.preemption = Preemption()
         self.dispatcher = Dispatcher(PLACEMENT[s.placement](s.saturation), self.waiting, self.fleet, self.residency,
-                                     self.failures, self.work)
+                                     self.failures, self.work, self.preemption)
 
     @property
     def workers(self) -> Mapping[str, WorkerState]:
@@ -105,6 +109,10 @@ class Engine:
             self._take_waiting(job_id)
             return [JobDequeued(job_id, ErrorCode.CANCELED)]
         batch_id = self.fleet.batch_of(job_id)
+        if job_id in self.preemption and not self.failures.cancel_sent(job_id):
+            batch_id, worker = self.preemption.where(job_id)  # still in the set until the pause lands
+            self.failures.send_cancel(job_id)
+            return [CancelRunning(worker, batch_id, (job_id,))]
         if batch_id is not None and not self.failures.cancel_sent(job_id):
             self.failures.send_cancel(job_id)
             self.failures.stop_requested(batch_id, now)
@@ -150,6 +158,7 @@ class Engine:
         for batch in self.fleet.batches_on(worker_id):
             self._release(batch.id, now)
             out += self._fail_attempts(batch.jobs.values(), worker_id, code, message, now)
+        out += self._unpaused(self.preemption.lost(worker=worker_id), now)
         self.fleet.remove(worker_id)
         return out
 
@@ -162,7 +171,7 @@ class Engine:
     def job_ended(self, job_id: str, now: float) -> None:
         """A job of a running batch reached its outcome (output written, or canceled) before the
         batch ended: whatever happens to the batch later, this job is not run again."""
-        if self.fleet.job_left(job_id) is not None:
+        if self.fleet.job_left(job_id) is not None or self.preemption.done(job_id) is not None:
             self.failures.job_ended(job_id)
 
     def batch_finished(self, batch_id: str, now: float, peak_bytes: int = 0) -> list[Decision]:
@@ -192,18 +201,33 @@ class Engine:
         batch = self._release(batch_id, now)
         if batch is None:
             return []
+        out = self._unpaused(self.preemption.lost(batch_id=batch_id), now)
         if code == ErrorCode.MODEL_LOAD_FAILED:
             self.model_load_failed(batch.worker, batch.key.model, now)
         smaller = self.failures.retry.split(batch.size, code)
         if smaller is None:
-            return self._fail_attempts(batch.jobs.values(), batch.worker, code, message, now)
+            return out + self._fail_attempts(batch.jobs.values(), batch.worker, code, message, now)
         self.failures.out_of_memory(batch.key, batch.worker, smaller)
-        out: list[Decision] = []
         for job in batch.jobs.values():
             if not self.failures.canceled(job.id, out):
                 self.waiting.requeue(job, now, now)
                 out.append(RetryJob(job.id, code, f"{message}; retrying in batches of ≤ {smaller}", job.attempts,
                                     now, job.key.model, counted=False))
+        return out
+
+    def job_paused(self, job_id: str, now: float) -> list[Decision]:
+        """The worker took a job out of its running set for a higher-priority one (its latents stay
+        there): the job waits again, without using up an attempt (or ends, if canceled meanwhile)."""
+        job = self.preemption.done(job_id)
+        return self._unpaused([job], now) if job is not None else []
+
+    def _unpaused(self, jobs: list[QueuedJob], now: float) -> list[Decision]:
+        out: list[Decision] = []
+        for job in jobs:
+            if not self.failures.canceled(job.id, out):
+                self.waiting.requeue(job, now, now)
+                out.append(RetryJob(job.id, ErrorCode.PREEMPTED, "paused at a step boundary for a higher-priority job",
+                                    job.attempts, now, job.key.model, counted=False))
         return out
 
     def model_loaded(self, worker_id: str, model: str, nbytes: int, now: float) -> None:

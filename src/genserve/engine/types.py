@@ -124,6 +124,17 @@ class JoinBatch:
 
 
 @dataclass(frozen=True)
+class PauseRunning:
+    """Step-level batching: take these jobs out of the running set at the next step boundary,
+    keeping their latents on the worker (a higher-priority job needs the slot). The worker answers
+    ``job_paused`` (or the job's outcome, if it finished first)."""
+
+    worker: str
+    batch_id: str
+    job_ids: tuple[str, ...]
+
+
+@dataclass(frozen=True)
 class CancelRunning:
     """Stop these jobs of a running batch at the next step boundary."""
 
@@ -172,7 +183,7 @@ class KillWorker:
     message: str
 
 
-Decision = (LoadModel | UnloadModel | RunBatch | JoinBatch | CancelRunning | JobDequeued | FailJob | RetryJob | KillWorker
+Decision = (LoadModel | UnloadModel | RunBatch | JoinBatch | PauseRunning | CancelRunning | JobDequeued | FailJob | RetryJob | KillWorker
             | ScaleTo | RetireWorker)
 
 

@@ -85,6 +85,9 @@ class Waiting:
     def ordered(self, key: BatchKey, now: float) -> list[QueuedJob]:
         return self.queues.ordered(key, now, self.aging_s)
 
+    def order(self, job: QueuedJob, now: float) -> tuple:
+        return order_key(job, now, self.aging_s)
+
     def head_order(self, key: BatchKey, now: float) -> tuple:
         return min(order_key(j, now, self.aging_s) for j in self.queues.jobs(key))
 

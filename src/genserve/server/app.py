@@ -147,7 +147,9 @@ def create_app(config: Config, runtime: Runtime | None = None) -> FastAPI:
                           config.models.get(job["model"]), "batching", "") == "step" else "request",
                       # step mode: the running set's step count when it joined, and who shared its steps
                       "joined_at_step": (job["step_batching"] or {}).get("joined_step"),
-                      "shared_steps_with": (job["step_batching"] or {}).get("shared_with")} if job["batch_id"] else None,
+                      "shared_steps_with": (job["step_batching"] or {}).get("shared_with"),
+                      # its own step count each time a higher-priority job paused it (resumed from there)
+                      "paused_at_steps": (job["step_batching"] or {}).get("paused_at")} if job["batch_id"] else None,
             "timestamps": ts,
             "cold_start": {"waited": job["t_load_start"] is not None, "worker": job["worker"] if job["t_load_start"] else None,
                            "tier": job["load_tier"],

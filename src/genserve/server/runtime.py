@@ -36,6 +36,7 @@ from ..engine import (
     RestartPolicy,
     RetireWorker,
     JoinBatch,
+    PauseRunning,
     RetryJob,
     RunBatch,
     ScaleTo,
@@ -272,6 +273,8 @@ class Runtime:
                 self.pool.send(d.worker, {"op": P.JOIN, "batch_id": d.batch_id, "jobs": self._payload(jobs)})
             case CancelRunning():
                 self.pool.send(d.worker, {"op": P.CANCEL, "batch_id": d.batch_id, "job_ids": list(d.job_ids)})
+            case PauseRunning():
+                self.pool.send(d.worker, {"op": P.PAUSE, "batch_id": d.batch_id, "job_ids": list(d.job_ids)})
             case JobDequeued():
                 self.records.canceled(d.job_id, now)
             case FailJob():
@@ -358,6 +361,8 @@ class Runtime:
             self.records.inference_started(list(batch.jobs), msg["t"])
         elif ev == "job_started":
             self.records.inference_started([msg["job_id"]], msg["t"])
+        elif ev == "job_paused":
+            self._execute(self.engine.job_paused(msg["job_id"], now), now)
         elif ev == "progress" and batch:
             self.records.step([msg["job_id"]] if "job_id" in msg else list(batch.jobs), msg["step"], msg["total"], now)
         elif ev == "job_canceled":

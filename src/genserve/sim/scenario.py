@@ -30,6 +30,7 @@ class SimModel:
     ref_pixels: int  # width × height × max(frames, 1) × steps of the reference shape
     limits: ModelLimits
     fallback: str | None = None  # retried on this model after repeated failures (as in genserve.toml)
+    ref_steps: int = 20
 
     def f(self, b: int) -> float:
         """The batch curve, linearly interpolated (and extrapolated from the last two points)."""
@@ -181,17 +182,22 @@ def _model(name: str, raw: dict) -> SimModel:
     ref_f = _get(raw, "ref_frames", p, 0, int, 0)
     ref_steps = _get(raw, "ref_steps", p, 20, int, 1)
     idle = raw.get("idle_unload_s", 120.0)
+    batching = _get(raw, "batching", p, "request", str)
+    if batching not in ("request", "step"):
+        raise ConfigError(f"{p}.batching", "must be request or step")
+    step = batching == "step"
     limits = ModelLimits(
-        _get(raw, "max_batch_size", p, 4, int, 1), _get(raw, "max_wait_ms", p, 0, int, 0) / 1000.0,
+        _get(raw, "max_batch_size", p, 4, int, 1), 0.0 if step else _get(raw, "max_wait_ms", p, 0, int, 0) / 1000.0,
         _get(raw, "max_queue", p, 100_000, int, 1), memory_bytes=int(_get(raw, "weights_gb", p, 10.0, float) * GIB),
         min_warm=_get(raw, "min_warm", p, 0, int, 0), keep_warm_s=_get(raw, "keep_warm_s", p, 0.0, float),
         idle_unload_s=None if idle == "never" else _num(f"{p}.idle_unload_s", idle),
         est_job_seconds=_get(raw, "t1_s", p, 1.0, float), est_load_seconds=_get(raw, "load_disk_s", p, 10.0, float),
+        step_batching=step,
     )
     return SimModel(name, _get(raw, "kind", p, "image", str), _get(raw, "weights_gb", p, 10.0, float),
                     _get(raw, "working_gb", p, 1.0, float), _get(raw, "t1_s", p, ..., float), tuple(curve),
                     _get(raw, "load_disk_s", p, 10.0, float), _get(raw, "load_host_s", p, 2.0, float),
-                    ref_w * ref_h * max(ref_f, 1) * ref_steps, limits, raw.get("fallback"))
+                    ref_w * ref_h * max(ref_f, 1) * ref_steps, limits, raw.get("fallback"), ref_steps)
 
 
 def _entry(p: str, raw: dict, models: dict[str, SimModel]) -> MixEntry:

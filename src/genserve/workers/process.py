@@ -45,6 +45,8 @@ def worker_main(conn: Connection, worker_id: str, device: str, results_dir: str,
     inbox: queue.Queue = queue.Queue()
     joins: queue.Queue = queue.Queue()  # step-level batching: read between steps of a running set
     canceled: set[str] = set()
+    pausing: set[str] = set()  # step mode: jobs to take out of the running set at the next boundary
+    parked: dict = {}  # step mode: paused jobs' slots (latents, own scheduler), resumed by a later run/join
 
     def reader() -> None:
         # Cancels must be seen while the main thread is inside a pipeline call, so a thread reads.
@@ -57,6 +59,8 @@ def worker_main(conn: Connection, worker_id: str, device: str, results_dir: str,
                 canceled.update(msg["job_ids"])
             elif msg["op"] == P.JOIN:
                 joins.put(msg)
+            elif msg["op"] == P.PAUSE:
+                pausing.update(msg["job_ids"])
             else:
                 inbox.put(msg)
 
@@ -78,6 +82,17 @@ def worker_main(conn: Connection, worker_id: str, device: str, results_dir: str,
           "capacity_bytes": runner.capacity(memory_budget),
           "device_name": torch.cuda.get_device_name(device) if device.startswith("cuda") else "cpu"})  # prices by GPU type
     failed_loads: dict[str, str] = {}
+
+    def unloads_between_steps() -> None:
+        # The engine may evict an idle model to make room for a growing running set: unloads at the
+        # head of the inbox run between steps (only the head, so they keep their order with loads).
+        while True:
+            with inbox.mutex:
+                if not inbox.queue or inbox.queue[0]["op"] != P.UNLOAD:
+                    return
+                msg = inbox.queue.popleft()
+            emit({"ev": "unloaded", **runner.unload(msg["model"])})
+
     while True:
         msg = inbox.get()
         op = msg["op"]
@@ -106,7 +121,8 @@ def worker_main(conn: Connection, worker_id: str, device: str, results_dir: str,
                 if msg.get("mode") != "step":
                     peak = runner.run(msg, emit, canceled, on_step=injector.on_step)
                 elif can_step(runner.pipes[msg["model"]]):
-                    peak = run_steps(runner, msg, emit, canceled, joins, seen, injector.on_step, msg["max_size"])
+                    peak = run_steps(runner, msg, emit, canceled, joins, seen, injector.on_step, msg["max_size"],
+                                     between=unloads_between_steps, pausing=pausing, parked=parked)
                 else:
                     peak = run_grouped(runner, msg, emit, canceled, injector.on_step)
                 emit({"ev": "batch_done", "batch_id": batch_id, "t": time.time(), "peak_bytes": peak})
@@ -118,4 +134,5 @@ def worker_main(conn: Connection, worker_id: str, device: str, results_dir: str,
                 emit({"ev": "batch_failed", "batch_id": batch_id, "code": code.value, "message": f"{type(e).__name__}: {e}"})
             finally:
                 canceled.difference_update(seen)
+                pausing.difference_update(seen)
 

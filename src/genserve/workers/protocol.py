@@ -9,6 +9,8 @@ server -> worker (``op``):
            later ``join`` messages add to (step-level batching, backends/step_runner.py)
   join     {batch_id, jobs: [...]}        (enter the running set at its next step; dropped when
                                            that set already ended — the engine requeues them)
+  pause    {batch_id, job_ids}            (step mode: out of the set at the next step boundary, latents
+                                           kept on the worker; a later run/join of the job resumes it)
   cancel   {batch_id, job_ids}            (honoured at the next step boundary)
   shutdown {}
 worker -> server (``ev``):
@@ -19,14 +21,15 @@ worker -> server (``ev``):
   load_failed  {model, code, message}
   started      {batch_id, t}
   progress     {batch_id, step, total}            (step mode: also job_id; each job counts its own)
-  job_started  {batch_id, job_id, t, joined_step} (step mode: the job entered the running set)
+  job_started  {batch_id, job_id, t, joined_step, resumed_from?} (step mode: the job entered the set)
+  job_paused   {batch_id, job_id, step}       (step mode: taken out for a higher-priority job)
   job_canceled {batch_id, job_id, t}
   job_done     {batch_id, job_id, result: {key, content_type, bytes}, inference_start, inference_end,
-                output_written, step?: {joined_step, shared_with}}
+                output_written, step?: {joined_step, shared_with, paused_at}}
   batch_done   {batch_id, t, peak_bytes}
   batch_failed {batch_id, code, message}
 
 """
 from __future__ import annotations
 
-LOAD, UNLOAD, RUN, JOIN, CANCEL, SHUTDOWN = "load", "unload", "run", "join", "cancel", "shutdown"
+LOAD, UNLOAD, RUN, JOIN, PAUSE, CANCEL, SHUTDOWN = "load", "unload", "run", "join", "pause", "cancel", "shutdown"
