@@ -13,6 +13,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from . import family_config
+from .backends.families import Traits
 from .demo_catalog import DEMO_SOURCES, DEMO_TOML
 from .engine.autoscale import Autoscaler, ScaleLimits
 from .engine.liveness import Liveness
@@ -61,6 +63,9 @@ class ModelConfig:
     idle_unload_s: float | None = None  # None: the server's default; "never" in TOML disables
     fallback: str | None = None  # retried on this model after repeated failures
     timeout_s: float = 600.0  # a job's deadline: the default, and the most a request may ask for
+    true_cfg_scale: float | None = None  # FLUX-style true CFG (> 1: negative prompts are used)
+    max_sequence_length: int | None = None  # T5 tokens (FLUX, SD3, Wan); None: the pipeline's default
+    traits: Traits | None = None  # the model family's, read from its files (not a config key)
 
     def limits(self, server: "ServerConfig") -> ModelLimits:
         idle = self.idle_unload_s if self.idle_unload_s is not None else server.idle_unload_s
@@ -85,6 +90,8 @@ class ModelConfig:
             "memory_gb": self.memory_gb or None, "min_warm": self.min_warm, "keep_warm_s": self.keep_warm_s,
             "idle_unload_s": self.idle_unload_s,
             "fallback": self.fallback, "timeout_s": self.timeout_s,
+            "true_cfg_scale": self.true_cfg_scale, "max_sequence_length": self.max_sequence_length,
+            "family": self.traits.describe() if self.traits else None,
         }
 
 
@@ -227,7 +234,7 @@ def _size(key: str, v: Any) -> tuple[int, int]:
     return w, h
 
 
-_MODEL_KEYS = {f for f in ModelConfig.__dataclass_fields__ if f != "name"}
+_MODEL_KEYS = {f for f in ModelConfig.__dataclass_fields__ if f not in ("name", "traits")}
 _SERVER_KEYS = set(ServerConfig.__dataclass_fields__)
 
 
@@ -274,7 +281,11 @@ def _parse_model(name: str, raw: Any) -> ModelConfig:
         kw["sizes"] = tuple(_size(f"{p}.sizes[{i}]", s) for i, s in enumerate(raw["sizes"]))
     if "default_size" in raw:
         kw["default_size"] = _size(f"{p}.default_size", raw["default_size"])
-    m = ModelConfig(**kw)
+    try:
+        kw.update(family_config.parse_keys(raw))
+        m = family_config.apply(ModelConfig(**kw), raw)
+    except family_config.FamilyConfigError as e:
+        raise ConfigError(f"{p}.{e.key}", e.message) from None
     for i, (w, h) in enumerate(m.sizes):
         if w % m.size_multiple or h % m.size_multiple:
             raise ConfigError(f"{p}.sizes[{i}]", f"must be a multiple of size_multiple ({m.size_multiple})")

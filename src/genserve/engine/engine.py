@@ -164,12 +164,15 @@ class Engine:
         if self.fleet.job_left(job_id) is not None:
             self.failures.job_ended(job_id)
 
-    def batch_finished(self, batch_id: str, now: float, peak_bytes: int = 0) -> None:
+    def batch_finished(self, batch_id: str, now: float, peak_bytes: int = 0, estimated_bytes: int = 0) -> None:
         """The worker finished a batch (whatever each job's outcome) and is idle again.
-        ``peak_bytes``: the working memory the worker measured for it (0 = not measured)."""
+        ``peak_bytes``: the working memory the worker measured for it (0 = not measured);
+        ``estimated_bytes``: its estimate when it could not measure (a hint, never a measurement)."""
         batch = self._release(batch_id, now)
         if batch is not None:
             self.residency.memory.observe_batch(batch.key, batch.size, peak_bytes)
+            if not peak_bytes:
+                self.residency.memory.observe_estimate(batch.key, batch.size, estimated_bytes)
             self.work.batch_done(batch.key, batch.size, max(0.0, now - batch.started_at))
 
     def batch_failed(self, batch_id: str, code: str, message: str, now: float) -> list[Decision]:

@@ -31,6 +31,7 @@ class JobRequest(BaseModel):
     model: str
     prompt: str
     negative_prompt: str | None = None
+    image: str | None = None  # image-to-video: the conditioning frame, a data:image/png|jpeg;base64 URL
     width: int | None = None
     height: int | None = None
     num_frames: int | None = None

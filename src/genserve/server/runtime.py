@@ -257,7 +257,8 @@ class Runtime:
         match d:
             case LoadModel():
                 m = self.config.models[d.model]
-                spec = {"path": str(self.config.model_dir(d.model)), "kind": m.kind, "dtype": m.dtype}
+                spec = {"path": str(self.config.model_dir(d.model)), "kind": m.kind, "dtype": m.dtype,
+                        "true_cfg_scale": m.true_cfg_scale, "max_sequence_length": m.max_sequence_length}
                 log.info("loading %s on %s (%s)", d.model, d.worker, d.reason)
                 self.pool.send(d.worker, {"op": P.LOAD, "model": d.model, "spec": spec, "reason": d.reason})
             case UnloadModel():
@@ -308,7 +309,7 @@ class Runtime:
         params = {"width": d.key.width, "height": d.key.height, "num_frames": d.key.num_frames,
                   "steps": d.key.steps, "guidance": d.key.guidance, "fps": m.fps}
         payload = [{"id": j["id"], "prompt": j["params"]["prompt"], "negative_prompt": j["params"]["negative_prompt"],
-                    "seed": j["params"]["seed"]} for j in jobs]
+                    "seed": j["params"]["seed"], "image": j["params"].get("image")} for j in jobs]
         self.pool.send(d.worker, {"op": P.RUN, "batch_id": d.batch_id, "model": d.key.model, "kind": m.kind,
                                   "params": params, "jobs": payload})
 
@@ -354,7 +355,7 @@ class Runtime:
             self.records.output_written(msg["job_id"], msg, now)
         elif ev == "batch_done" and batch:
             self.fleet.batch_over(batch.id)
-            self.engine.batch_finished(batch.id, now, msg.get("peak_bytes", 0))
+            self.engine.batch_finished(batch.id, now, msg.get("peak_bytes", 0), msg.get("estimated_bytes", 0))
             dtype = self.fleet.device_type(batch.worker)
             self.records.charge(batch, dtype, self.config.prices.get(dtype, 0.0), now)
         elif ev == "batch_failed" and batch:

@@ -20,7 +20,10 @@ def worker_main(conn: Connection, worker_id: str, device: str, results_dir: str,
                 memory_budget: int = 0, host_cache_bytes: int = 0) -> None:
     import warnings
 
-    warnings.filterwarnings("ignore")
+    # Library deprecation noise is hidden; diffusers' own warnings (a size it will round, an input
+    # it ignores) reach the log: they are how a misconfigured model shows itself.
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     import torch
@@ -29,7 +32,7 @@ def worker_main(conn: Connection, worker_id: str, device: str, results_dir: str,
         torch.set_num_threads(threads)
     from diffusers.utils import logging as dlogging
 
-    dlogging.set_verbosity_error()
+    dlogging.set_verbosity_warning()
     dlogging.disable_progress_bar()
     logging.getLogger("transformers").setLevel(logging.ERROR)
     from ..backends.runner import BatchAborted, PipelineRunner
@@ -98,8 +101,9 @@ def worker_main(conn: Connection, worker_id: str, device: str, results_dir: str,
                 if msg["model"] not in runner.pipes:
                     raise RuntimeError(failed_loads.get(msg["model"], f"model {msg['model']} is not loaded"))
                 injector.on_batch(len(msg["jobs"]))
-                peak = runner.run(msg, emit, canceled, on_step=injector.on_step)
-                emit({"ev": "batch_done", "batch_id": batch_id, "t": time.time(), "peak_bytes": peak})
+                mem = runner.run(msg, emit, canceled, on_step=injector.on_step)
+                emit({"ev": "batch_done", "batch_id": batch_id, "t": time.time(), "peak_bytes": mem.measured,
+                      "estimated_bytes": mem.estimated})
             except BatchAborted:
                 emit({"ev": "batch_done", "batch_id": batch_id, "t": time.time()})
             except Exception as e:

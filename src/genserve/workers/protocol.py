@@ -1,10 +1,10 @@
 """The server <-> worker message protocol. Messages are plain dicts sent over a multiprocessing Pipe.
 
 server -> worker (``op``):
-  load     {model, spec: {path, kind, dtype}, reason}
+  load     {model, spec: {path, kind, dtype, true_cfg_scale?, max_sequence_length?}, reason}
   unload   {model}                        (GPU: kept in the host-RAM tier when it fits)
   run      {batch_id, model, kind, params: {width, height, num_frames, steps, guidance, fps},
-            jobs: [{id, prompt, negative_prompt, seed}]}
+            jobs: [{id, prompt, negative_prompt, seed, image?}]}   (image: a data URL)
   cancel   {batch_id, job_ids}            (honoured at the next step boundary)
   shutdown {}
 worker -> server (``ev``):
@@ -18,7 +18,7 @@ worker -> server (``ev``):
   job_canceled {batch_id, job_id, t}
   job_done     {batch_id, job_id, result: {key, content_type, bytes}, inference_start, inference_end,
                 output_written}
-  batch_done   {batch_id, t, peak_bytes}
+  batch_done   {batch_id, t, peak_bytes, estimated_bytes}  (peak: measured, 0 if not; estimate: a hint)
   batch_failed {batch_id, code, message}
 
 Room to grow (DESIGN §7): a later ``join`` op can add jobs to a running batch at a step boundary;
