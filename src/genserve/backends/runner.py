@@ -27,6 +27,10 @@ def _dtype_kwarg() -> str:
 DTYPE_KWARG = _dtype_kwarg()
 
 
+def encode_output(kind: str, output: Any, fps: int) -> bytes:
+    return encode_png(output) if kind == "image" else encode_mp4(output, fps)
+
+
 class BatchMemory(NamedTuple):
     """A batch's working memory: ``measured`` by the CUDA allocator (0 where nothing measures it)
     and the family adapter's ``estimated`` figure (a hint for shapes not measured yet)."""
@@ -91,8 +95,11 @@ def dtype_bytes_of(pipe) -> int:
 
 
 class PipelineRunner:
-    def __init__(self, device: str, store: LocalResultStore, host_cache_bytes: int = 0) -> None:
+    def __init__(self, device: str, store: LocalResultStore, host_cache_bytes: int = 0,
+                 encode: Callable[[str, Any, int], bytes] | None = None) -> None:
+        """``encode(kind, output, fps)``: output -> stored bytes (default PNG / H.264 MP4)."""
         self.device = device
+        self.encode = encode or encode_output
         self.store = store
         self.pipes: dict[str, Any] = {}
         self.adapters: dict[str, FamilyAdapter] = {}
@@ -240,7 +247,7 @@ class PipelineRunner:
                     reported.add(jid)
                     emit({"ev": "job_canceled", "batch_id": batch_id, "job_id": jid, "t": time.time()})
                 continue
-            data = encode_png(outputs[jid]) if kind == "image" else encode_mp4(outputs[jid], p["fps"])
+            data = self.encode(kind, outputs[jid], p["fps"])
             ref = self.store.put(jid, output_name(kind), data, OUTPUT_TYPES[kind])
             emit({"ev": "job_done", "batch_id": batch_id, "job_id": jid, "result": ref.to_dict(),
                   "inference_start": t_start, "inference_end": t_end, "output_written": time.time()})
