@@ -36,6 +36,6 @@ def diff(a: np.ndarray, b: np.ndarray) -> int:
     return int(np.abs(a.astype(np.int16) - b.astype(np.int16)).max())
 
 
-def test_image() -> str:
+def sample_image() -> str:
     rng = np.random.RandomState(3)
     return data_url(Image.fromarray((rng.rand(40, 56, 3) * 255).astype("uint8")))
