@@ -134,7 +134,14 @@ class FamilyAdapter:
 
     # ---- memory -------------------------------------------------------------------------------------
 
-    def working_bytes(self, n: int, width: int, height: int, frames: int, guidance: float, dtype_bytes: int) -> int:
-        from .memory import generic_working_bytes
+    def working_phases(self, n: int, width: int, height: int, frames: int, guidance: float,
+                       dtype_bytes: int) -> dict[str, int]:
+        """Peak working bytes of each phase: ``denoiser`` (one step), ``vae`` (decode) and the
+        decoded ``output``. The phases run one after another; the output outlives the decode."""
+        from .memory import generic_phases
 
-        return generic_working_bytes(self.configs, n, width, height, frames, guidance, dtype_bytes)
+        return generic_phases(self.configs, n, width, height, frames, guidance, dtype_bytes)
+
+    def working_bytes(self, n: int, width: int, height: int, frames: int, guidance: float, dtype_bytes: int) -> int:
+        ph = self.working_phases(n, width, height, frames, guidance, dtype_bytes)
+        return max(ph["denoiser"], ph["vae"]) + ph["output"]

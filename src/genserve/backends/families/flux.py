@@ -26,11 +26,12 @@ def traits(pipeline: str, configs: Configs) -> Traits:
 class Adapter(FamilyAdapter):
     family = "flux"
 
-    def working_bytes(self, n: int, width: int, height: int, frames: int, guidance: float, dtype_bytes: int) -> int:
+    def working_phases(self, n: int, width: int, height: int, frames: int, guidance: float,
+                       dtype_bytes: int) -> dict[str, int]:
         t = self.configs.get("transformer") or {}
         hidden = int(t.get("num_attention_heads", 24)) * int(t.get("attention_head_dim", 128))
         tokens = (width // self.traits.size_multiple) * (height // self.traits.size_multiple)
         tokens += self.options.max_sequence_length or self.traits.max_sequence_length
         act = dit_bytes(tokens, hidden, 4 * hidden, n, 1, dtype_bytes)  # true CFG runs sequentially
         vae = kl_decode_bytes(self.configs.get("vae") or {}, width, height, n, dtype_bytes)
-        return max(act, vae) + output_bytes(n, width, height, 0)
+        return {"denoiser": act, "vae": vae, "output": output_bytes(n, width, height, 0)}

@@ -72,8 +72,8 @@ def output_bytes(n: int, width: int, height: int, frames: int) -> int:
     return n * width * height * max(1, frames) * 3 * 4
 
 
-def generic_working_bytes(configs: Mapping[str, Cfg], n: int, width: int, height: int, frames: int,
-                          guidance: float, dtype_bytes: int) -> int:
+def generic_phases(configs: Mapping[str, Cfg], n: int, width: int, height: int, frames: int,
+                   guidance: float, dtype_bytes: int) -> dict[str, int]:
     """For pipelines no family knows: the denoiser at latent resolution with CFG copies when
     guidance > 1 (the common convention), and an AutoencoderKL-like decode of every frame."""
     copies = 2 if guidance > 1.0 else 1
@@ -85,4 +85,4 @@ def generic_working_bytes(configs: Mapping[str, Cfg], n: int, width: int, height
         hidden = int(t.get("num_attention_heads") or 8) * int(t.get("attention_head_dim") or 64)
         act = dit_bytes(lat_w * lat_h * max(1, frames), hidden, 4 * hidden, n, copies, dtype_bytes)
     vae = kl_decode_bytes(configs.get("vae") or {}, width, height, n * max(1, frames), dtype_bytes)
-    return max(act, vae) + output_bytes(n, width, height, frames)
+    return {"denoiser": act, "vae": vae, "output": output_bytes(n, width, height, frames)}

@@ -19,9 +19,10 @@ class Adapter(FamilyAdapter):
     def vae_dtype_bytes(self, dtype_bytes: int) -> int:
         return dtype_bytes
 
-    def working_bytes(self, n: int, width: int, height: int, frames: int, guidance: float, dtype_bytes: int) -> int:
+    def working_phases(self, n: int, width: int, height: int, frames: int, guidance: float,
+                       dtype_bytes: int) -> dict[str, int]:
         scale = self.traits.size_multiple
         copies = 2 if guidance > 1.0 else 1  # the pipeline batches [uncond, cond]
         act = unet_bytes(self.configs.get("unet") or {}, width // scale, height // scale, n, copies, dtype_bytes)
         vae = kl_decode_bytes(self.configs.get("vae") or {}, width, height, n, self.vae_dtype_bytes(dtype_bytes))
-        return max(act, vae) + output_bytes(n, width, height, 0)
+        return {"denoiser": act, "vae": vae, "output": output_bytes(n, width, height, 0)}

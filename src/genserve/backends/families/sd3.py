@@ -21,7 +21,8 @@ def traits(pipeline: str, configs: Configs) -> Traits:
 class Adapter(FamilyAdapter):
     family = "sd3"
 
-    def working_bytes(self, n: int, width: int, height: int, frames: int, guidance: float, dtype_bytes: int) -> int:
+    def working_phases(self, n: int, width: int, height: int, frames: int, guidance: float,
+                       dtype_bytes: int) -> dict[str, int]:
         t = self.configs.get("transformer") or {}
         hidden = int(t.get("num_attention_heads", 24)) * int(t.get("attention_head_dim", 64))
         m = self.traits.size_multiple
@@ -30,4 +31,4 @@ class Adapter(FamilyAdapter):
         copies = 2 if guidance > 1.0 else 1
         act = dit_bytes(tokens, hidden, 4 * hidden, n, copies, dtype_bytes)
         vae = kl_decode_bytes(self.configs.get("vae") or {}, width, height, n, dtype_bytes)
-        return max(act, vae) + output_bytes(n, width, height, 0)
+        return {"denoiser": act, "vae": vae, "output": output_bytes(n, width, height, 0)}

@@ -40,7 +40,8 @@ class Adapter(FamilyAdapter):
             kw["image"] = fit_cover(decode_data_url(jobs[0]["image"]), params["width"], params["height"])
         return kw
 
-    def working_bytes(self, n: int, width: int, height: int, frames: int, guidance: float, dtype_bytes: int) -> int:
+    def working_phases(self, n: int, width: int, height: int, frames: int, guidance: float,
+                       dtype_bytes: int) -> dict[str, int]:
         t, vae = self.configs.get("transformer") or {}, self.configs.get("vae") or {}
         patch = t.get("patch_size") or (1, 2, 2)
         scale = int(vae.get("scale_factor_spatial") or 8)
@@ -50,4 +51,4 @@ class Adapter(FamilyAdapter):
         act = dit_bytes(tokens, hidden, int(t.get("ffn_dim") or 4 * hidden), n, 1, dtype_bytes)
         decode = wan_vae_bytes(vae, width, height, frames, n, dtype_bytes)
         # Image-to-video also *encodes* the conditioning video (same causal chunking): no larger.
-        return max(act, decode) + output_bytes(n, width, height, frames)
+        return {"denoiser": act, "vae": decode, "output": output_bytes(n, width, height, frames)}
