@@ -17,6 +17,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..config import Config, parse_size
 from ..engine import ErrorCode, is_retryable
+from ..backends.families.base import image_digest
 from ..requests import MAX_SEED, RequestError, validate
 from ..status import JobStatus, is_terminal
 from .jobstore import STAGES
@@ -24,6 +25,13 @@ from .observability_api import observability_router
 from .runtime import QueueFull, Runtime
 from .stats import breakdown
 from .views import Control, FleetView, JobReader
+
+
+def _shown_params(params: dict[str, Any]) -> dict[str, Any]:
+    """A job's params as shown: a conditioning image (a data URL, up to MBs) by its digest."""
+    if params.get("image"):
+        return {**params, "image": "sha256:" + image_digest(params["image"])}
+    return params
 
 
 class JobRequest(BaseModel):
@@ -130,7 +138,7 @@ def create_app(config: Config, runtime: Runtime | None = None) -> FastAPI:
         stages = breakdown(job)
         return {
             "id": jid, "object": "job", "client_id": job["client_id"], "model": job["model"],
-            "status": job["status"], "priority": job["priority"], "params": job["params"],
+            "status": job["status"], "priority": job["priority"], "params": _shown_params(job["params"]),
             "queue_position": control.queue_position(jid) if job["status"] == JobStatus.QUEUED else None,
             "progress": {"step": step[0], "total": step[1]} if step else None,
             "cancel_requested": job["cancel_requested"],
