@@ -63,6 +63,12 @@ def module_bytes(pipe) -> int:
     return total
 
 
+class IgnoredInput(ValueError):
+    """A job carries an input the pipeline would silently ignore."""
+
+    genserve_code = "invalid_request"
+
+
 class OutputMismatch(RuntimeError):
     """The pipeline returned an output of another size or frame count than asked for."""
 
@@ -205,6 +211,11 @@ class PipelineRunner:
                 raise BatchAborted()
 
         adapter = self.adapters[msg["model"]]
+        for j in jobs:
+            ignored = adapter.ignored_inputs(j, p)
+            if ignored:
+                raise IgnoredInput(f"job {j['id']}: {msg['model']} ({adapter.traits.family}) would ignore "
+                                   f"{', '.join(ignored)}")
         groups: dict[str, list[dict[str, Any]]] = {}
         for j in jobs:  # one pipeline call per group: jobs in a call must not change each other's output
             groups.setdefault(adapter.group_key(j), []).append(j)

@@ -132,6 +132,16 @@ class FamilyAdapter:
             kw["num_frames"] = params["num_frames"]
         return kw
 
+    def ignored_inputs(self, job: Mapping[str, Any], params: Mapping[str, Any]) -> list[str]:
+        """Fields of ``job`` this pipeline would silently ignore. The server refuses them at submit
+        when it knows the family; for a model it could not read there, the worker refuses them."""
+        t, out = self.traits, []
+        if job.get("image") and not t.image_input:
+            out.append("image")
+        if job.get("negative_prompt") is not None and not t.negative_honoured(params["guidance"], self.options.true_cfg_scale):
+            out.append("negative_prompt")
+        return out
+
     # ---- memory -------------------------------------------------------------------------------------
 
     def working_phases(self, n: int, width: int, height: int, frames: int, guidance: float,
