@@ -61,7 +61,8 @@ def build_sdxl(out: Path, force_zeros: bool = True) -> None:
     )
     tok = _tokenizer(out)
     pipe = StableDiffusionXLPipeline(
-        vae=_kl_vae(4, force_upcast=True), text_encoder=_clip(CLIPTextModel), text_encoder_2=_clip(CLIPTextModelWithProjection),
+        vae=_kl_vae(4, force_upcast=True), text_encoder=_clip(CLIPTextModel),
+        text_encoder_2=_clip(CLIPTextModelWithProjection),
         tokenizer=tok, tokenizer_2=tok, unet=unet,
         scheduler=EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                                          steps_offset=1, timestep_spacing="leading"),
@@ -122,13 +123,15 @@ def build_wan_i2v(out: Path) -> None:
         text_dim=32, freq_dim=32, ffn_dim=32, num_layers=2, cross_attn_norm=True, qk_norm="rms_norm_across_heads",
         rope_max_seq_len=32, image_dim=32, added_kv_proj_dim=24,
     )
-    text_encoder = UMT5EncoderModel(UMT5Config(vocab_size=V, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
-                                               relative_attention_num_buckets=8, pad_token_id=V - 1, eos_token_id=V - 1))
+    text_encoder = UMT5EncoderModel(UMT5Config(
+        vocab_size=V, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4, relative_attention_num_buckets=8,
+        pad_token_id=V - 1, eos_token_id=V - 1))
     image_encoder = CLIPVisionModel(CLIPVisionConfig(hidden_size=32, projection_dim=32, num_hidden_layers=2,
                                                      num_attention_heads=4, image_size=32, intermediate_size=64,
                                                      patch_size=8))
     pipe = WanImageToVideoPipeline(
-        tokenizer=_tokenizer(out), text_encoder=text_encoder, vae=vae, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+        tokenizer=_tokenizer(out), text_encoder=text_encoder, vae=vae,
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
         image_processor=CLIPImageProcessor(crop_size=32, size=32), image_encoder=image_encoder, transformer=transformer,
     )
     pipe.save_pretrained(out)

@@ -78,7 +78,7 @@ def test_size_multiple_is_taken_from_the_model_or_checked_against_it(dirs):
 
 
 def test_family_keys_are_validated(dirs):
-    assert models(dirs, "flux-dev", true_cfg_scale=4.0, max_sequence_length=256)["m"].true_cfg_scale == 4.0
+    assert models(dirs, "flux-dev", true_cfg_scale=4.0, max_sequence_length=256)["m"].family.true_cfg_scale == 4.0
     config_error(dirs, "sdxl", "true_cfg_scale", true_cfg_scale=4.0)
     config_error(dirs, "sdxl", "max_sequence_length", max_sequence_length=77)
     config_error(dirs, "flux-dev", "max_sequence_length", max_sequence_length=1000)
@@ -141,8 +141,8 @@ def test_image_to_video_needs_a_valid_image_and_batches_per_image(dirs):
 
 def test_demo_catalog_and_unreadable_sources_are_unchanged(tmp_path):
     demo = load_config(None).models
-    assert demo["demo-image"].size_multiple == 8 and demo["demo-image"].traits.family == "sd"
-    assert demo["demo-video"].traits.family == "wan" and demo["demo-video"].frame_stride == 4
+    assert demo["demo-image"].size_multiple == 8 and demo["demo-image"].family.traits.family == "sd"
+    assert demo["demo-video"].family.traits.family == "wan" and demo["demo-video"].frame_stride == 4
     ms = parse_config({"models": {"m": {"kind": "image", "source": str(tmp_path / "not-there-yet")}}}).models
-    assert ms["m"].traits is None and ms["m"].size_multiple == 8  # checked when a worker loads it
+    assert ms["m"].family.traits is None and ms["m"].size_multiple == 8  # checked when a worker loads it
     assert req(ms, negative_prompt="x", guidance=1.0).key.variant == "neg"  # unknown: kept apart

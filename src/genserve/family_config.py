@@ -8,13 +8,36 @@ A model directory genserve cannot read yet (not there at start-up) is checked wh
 """
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from .backends.families import DEMO_TRAITS, MAX_SEQUENCE_LENGTH, Traits, inspect_model_dir
 
 KEYS = ("true_cfg_scale", "max_sequence_length")
+
+
+@dataclass(frozen=True)
+class ModelFamily:
+    """A model's family: its traits (None: not readable when the config was loaded; the worker
+    checks at load) and the family keys of its table."""
+
+    traits: Traits | None = None
+    true_cfg_scale: float | None = None  # FLUX-style true CFG (> 1: negative prompts are used)
+    max_sequence_length: int | None = None  # T5 tokens (FLUX, SD3, Wan); None: the pipeline's default
+
+    def public(self) -> dict[str, Any]:
+        return {"family": self.traits.describe() if self.traits else None, "true_cfg_scale": self.true_cfg_scale,
+                "max_sequence_length": self.max_sequence_length}
+
+
+def build(cls: Any, kw: dict[str, Any], raw: dict[str, Any], error: Any) -> Any:
+    """``cls(**kw)`` (a ModelConfig) with its family keys parsed, checked against and completed
+    from its family's traits; ``error(key, message)`` makes the config error to raise."""
+    try:
+        return apply(cls(**kw, family=ModelFamily(None, **parse_keys(raw))), raw)
+    except FamilyConfigError as e:
+        raise error(e.key, e.message) from None
 
 
 class FamilyConfigError(ValueError):
@@ -55,7 +78,7 @@ def apply(m: Any, raw: dict[str, Any]) -> Any:
     fam = f"{t.family} ({t.pipeline})"
     if t.kind != m.kind:
         raise FamilyConfigError("kind", f"{fam} makes {t.kind}s, not {m.kind}s")
-    kw: dict[str, Any] = {"traits": t}
+    kw: dict[str, Any] = {"family": replace(m.family, traits=t)}
     if "size_multiple" in raw:
         if m.size_multiple % t.size_multiple:
             raise FamilyConfigError("size_multiple", f"{fam} needs sizes that are multiples of {t.size_multiple} "
@@ -75,8 +98,8 @@ def apply(m: Any, raw: dict[str, Any]) -> Any:
                 raise FamilyConfigError(f"sizes[{i}]", f"{fam} covers sides up to {t.max_side} pixels")
         if max(m.default_size) > t.max_side and "default_size" in raw:
             raise FamilyConfigError("default_size", f"{fam} covers sides up to {t.max_side} pixels")
-    if m.true_cfg_scale is not None and not t.true_cfg:
+    if m.family.true_cfg_scale is not None and not t.true_cfg:
         raise FamilyConfigError("true_cfg_scale", f"{fam} has no true CFG (only FLUX-style pipelines take it)")
-    if m.max_sequence_length is not None and not t.max_sequence_length:
+    if m.family.max_sequence_length is not None and not t.max_sequence_length:
         raise FamilyConfigError("max_sequence_length", f"{fam} has no T5-style text encoder length to set")
     return replace(m, **kw)

@@ -71,7 +71,7 @@ def validate(body: dict[str, Any], models: dict[str, ModelConfig], *, random_see
         raise RequestError("negative_prompt", f"is {len(neg)} characters; the limit is {m.max_prompt_chars}")
     width = body.get("width") or m.default_size[0]
     height = body.get("height") or m.default_size[1]
-    traits = m.traits
+    traits = m.family.traits
     for fname, v in (("width", width), ("height", height)):
         if v <= 0:
             raise RequestError(fname, "must be positive")
@@ -108,7 +108,7 @@ def validate(body: dict[str, Any], models: dict[str, ModelConfig], *, random_see
     guidance = m.default_guidance if guidance is None else float(guidance)
     if not 0.0 <= guidance <= 50.0:
         raise RequestError("guidance", "must be between 0 and 50")
-    if neg is not None and traits and not traits.negative_honoured(guidance, m.true_cfg_scale):
+    if neg is not None and traits and not traits.negative_honoured(guidance, m.family.true_cfg_scale):
         raise RequestError("negative_prompt", _negative_ignored(name, traits, guidance))
     image = _image(body.get("image"), name, traits)
     seed = body.get("seed")

@@ -83,8 +83,8 @@ def levels(a, b) -> int:
 def test_single_job_and_batch_of_4_have_the_requested_size(runner, name):
     kind, im = kind_of(runner, name), img_for(runner, name)
     frames = 9 if kind == "video" else 0
-    events, mem = run_batch(runner, name, kind, [job(f"{name}-one", 1, image=im)], width=48, height=32,
-                            num_frames=frames)
+    events, peak = run_batch(runner, name, kind, [job(f"{name}-one", 1, image=im)], width=48, height=32,
+                             num_frames=frames)
     batch = [job(f"{name}-four{i}", 10 + i, image=im) for i in range(4)]
     events += run_batch(runner, name, kind, batch, width=48, height=32, num_frames=frames)[0]
     done = [e["job_id"] for e in events if e["ev"] == "job_done"]
@@ -92,14 +92,17 @@ def test_single_job_and_batch_of_4_have_the_requested_size(runner, name):
     want = (frames, 32, 48, 3) if kind == "video" else (32, 48, 3)
     for jid in done:
         assert out(runner, jid).shape == want
-    assert mem.measured == 0 and mem.estimated > 0  # CPU: an estimate, nothing measured
+    assert peak == 0  # CPU: nothing measured
+    msg = {"model": name, "params": {"width": 48, "height": 32, "num_frames": frames, "guidance": 3.0}, "jobs": batch}
+    assert runner.estimated_bytes(msg) > 0  # the family's estimate, sent as a hint
 
 
 @pytest.mark.parametrize("name", list(SERVED))
 def test_output_alone_equals_output_batched_with_other_negative_prompts(runner, name):
     kind, im = kind_of(runner, name), img_for(runner, name)
     honours = name in NEGATIVE_HONOURED
-    mates = [job(f"{name}-m1", 1, "blurry" if honours else None, image=im), job(f"{name}-m2", 2, "" if honours else None, image=im),
+    mates = [job(f"{name}-m1", 1, "blurry" if honours else None, image=im),
+             job(f"{name}-m2", 2, "" if honours else None, image=im),
              job(f"{name}-m3", 3, prompt="a blue bird", image=im)]
     run_batch(runner, name, kind, [job(f"{name}-alone", 5, image=im)])
     run_batch(runner, name, kind, [mates[0], job(f"{name}-in", 5, image=im), *mates[1:]])
@@ -209,7 +212,8 @@ def test_generic_fallback_from_the_call_signature(runner):
     assert (t.family, t.size_multiple, t.negative, t.guidance, t.true_cfg, t.image_input) == (
         "generic", 8, "cfg", "cfg", False, False)
     assert a.group_key({"negative_prompt": None}) != a.group_key({"negative_prompt": ""})  # unknown: kept apart
-    kw = a.call_kwargs([{"prompt": "x", "negative_prompt": "y"}], {"width": 32, "height": 32, "steps": 2, "guidance": 3.0})
+    params = {"width": 32, "height": 32, "steps": 2, "guidance": 3.0}
+    kw = a.call_kwargs([{"prompt": "x", "negative_prompt": "y"}], params)
     assert kw == {"prompt": ["x"], "width": 32, "height": 32, "num_inference_steps": 2, "guidance_scale": 3.0,
                   "negative_prompt": ["y"]}
 

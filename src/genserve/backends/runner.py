@@ -5,7 +5,7 @@ import gc
 import time
 from collections import OrderedDict
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import Any
 
 from ..storage import OUTPUT_TYPES, LocalResultStore, output_name
 from .encode import encode_mp4, encode_png
@@ -29,14 +29,6 @@ DTYPE_KWARG = _dtype_kwarg()
 
 def encode_output(kind: str, output: Any, fps: int) -> bytes:
     return encode_png(output) if kind == "image" else encode_mp4(output, fps)
-
-
-class BatchMemory(NamedTuple):
-    """A batch's working memory: ``measured`` by the CUDA allocator (0 where nothing measures it)
-    and the family adapter's ``estimated`` figure (a hint for shapes not measured yet)."""
-
-    measured: int
-    estimated: int
 
 
 class BatchAborted(Exception):
@@ -153,10 +145,12 @@ class PipelineRunner:
             tier = "page_cache" if (model in self.loaded_before and not self.cuda) else "disk"
         try:
             adapter = adapter_for(pipe, spec)
-        except UnsupportedPipeline:
-            del pipe
+        except UnsupportedPipeline as e:
+            pipe = None  # free the weights before reporting (the traceback would keep them alive)
             gc.collect()
-            raise
+            if self.cuda:
+                torch.cuda.empty_cache()
+            raise UnsupportedPipeline(str(e)) from None
         if self.cuda:
             torch.cuda.synchronize(self.device)
             nbytes = int(torch.cuda.memory_allocated(self.device) - before)
@@ -189,11 +183,13 @@ class PipelineRunner:
                 "resident": sorted(self.pipes)}
 
     def run(self, msg: dict[str, Any], emit: Emit, canceled: set[str],
-            on_step: Callable[[int], None] = lambda step: None) -> BatchMemory:
+            on_step: Callable[[int], None] = lambda step: None) -> int:
         """Run one batch as one pipeline call; report progress, per-job outputs and timings.
         ``on_step(i)`` runs at the end of each step (fault injection hooks in there).
         A batch whose jobs could change each other's outputs in one call (``adapter.group_key``)
-        runs as one call per group, one after another. Returns its working memory."""
+        runs as one call per group, one after another. Returns the batch's peak working bytes as
+        measured by the CUDA allocator; 0 on CPU, where nothing measures it (``estimated_bytes``
+        gives the family's estimate instead: a hint, never a measurement)."""
         import torch
 
         batch_id, kind, p = msg["batch_id"], msg["kind"], msg["params"]
@@ -250,8 +246,6 @@ class PipelineRunner:
             done_steps += steps
         t_end = time.time()
         peak = int(torch.cuda.max_memory_allocated(self.device) - base) if self.cuda else 0
-        estimate = max(adapter.working_bytes(len(g), p["width"], p["height"], p.get("num_frames", 0),
-                                                       p["guidance"], dtype_bytes_of(pipe)) for g in groups.values())
         for jid in ids:
             if jid in canceled:
                 if jid not in reported:
@@ -262,4 +256,16 @@ class PipelineRunner:
             ref = self.store.put(jid, output_name(kind), data, OUTPUT_TYPES[kind])
             emit({"ev": "job_done", "batch_id": batch_id, "job_id": jid, "result": ref.to_dict(),
                   "inference_start": t_start, "inference_end": t_end, "output_written": time.time()})
-        return BatchMemory(peak, estimate)
+        return peak
+
+    def estimated_bytes(self, msg: dict[str, Any]) -> int:
+        """The family adapter's estimate of the working memory of the batch ``msg`` (its largest
+        pipeline call: groups run one after another)."""
+        model, p = msg["model"], msg["params"]
+        adapter, pipe = self.adapters[model], self.pipes[model]
+        sizes: dict[str, int] = {}
+        for j in msg["jobs"]:
+            key = adapter.group_key(j)
+            sizes[key] = sizes.get(key, 0) + 1
+        return max((adapter.working_bytes(n, p["width"], p["height"], p.get("num_frames", 0), p["guidance"],
+                                          dtype_bytes_of(pipe)) for n in sizes.values()), default=0)

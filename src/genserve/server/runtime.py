@@ -258,7 +258,8 @@ class Runtime:
             case LoadModel():
                 m = self.config.models[d.model]
                 spec = {"path": str(self.config.model_dir(d.model)), "kind": m.kind, "dtype": m.dtype,
-                        "true_cfg_scale": m.true_cfg_scale, "max_sequence_length": m.max_sequence_length}
+                        "true_cfg_scale": m.family.true_cfg_scale,
+                        "max_sequence_length": m.family.max_sequence_length}
                 log.info("loading %s on %s (%s)", d.model, d.worker, d.reason)
                 self.pool.send(d.worker, {"op": P.LOAD, "model": d.model, "spec": spec, "reason": d.reason})
             case UnloadModel():

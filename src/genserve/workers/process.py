@@ -101,9 +101,10 @@ def worker_main(conn: Connection, worker_id: str, device: str, results_dir: str,
                 if msg["model"] not in runner.pipes:
                     raise RuntimeError(failed_loads.get(msg["model"], f"model {msg['model']} is not loaded"))
                 injector.on_batch(len(msg["jobs"]))
-                mem = runner.run(msg, emit, canceled, on_step=injector.on_step)
-                emit({"ev": "batch_done", "batch_id": batch_id, "t": time.time(), "peak_bytes": mem.measured,
-                      "estimated_bytes": mem.estimated})
+                peak = runner.run(msg, emit, canceled, on_step=injector.on_step)
+                # Unmeasured (CPU): the family's estimate goes as a hint, never as a measurement.
+                emit({"ev": "batch_done", "batch_id": batch_id, "t": time.time(), "peak_bytes": peak,
+                      "estimated_bytes": 0 if peak else runner.estimated_bytes(msg)})
             except BatchAborted:
                 emit({"ev": "batch_done", "batch_id": batch_id, "t": time.time()})
             except Exception as e:

@@ -18,7 +18,7 @@ worker -> server (``ev``):
   job_canceled {batch_id, job_id, t}
   job_done     {batch_id, job_id, result: {key, content_type, bytes}, inference_start, inference_end,
                 output_written}
-  batch_done   {batch_id, t, peak_bytes, estimated_bytes}  (peak: measured, 0 if not; estimate: a hint)
+  batch_done   {batch_id, t, peak_bytes, estimated_bytes}  (peak: measured on CUDA, else 0; estimate: a hint)
   batch_failed {batch_id, code, message}
 
 Room to grow (DESIGN §7): a later ``join`` op can add jobs to a running batch at a step boundary;

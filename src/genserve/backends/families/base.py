@@ -138,7 +138,8 @@ class FamilyAdapter:
         t, out = self.traits, []
         if job.get("image") and not t.image_input:
             out.append("image")
-        if job.get("negative_prompt") is not None and not t.negative_honoured(params["guidance"], self.options.true_cfg_scale):
+        honoured = t.negative_honoured(params["guidance"], self.options.true_cfg_scale)
+        if job.get("negative_prompt") is not None and not honoured:
             out.append("negative_prompt")
         return out
 

@@ -46,7 +46,8 @@ class Adapter(FamilyAdapter):
         patch = t.get("patch_size") or (1, 2, 2)
         scale = int(vae.get("scale_factor_spatial") or 8)
         latent_frames = (max(1, frames) - 1) // self.traits.frame_multiple + 1
-        tokens = (latent_frames // int(patch[0])) * (height // (scale * int(patch[1]))) * (width // (scale * int(patch[2])))
+        pt, ph, pw = (int(x) for x in patch)
+        tokens = (latent_frames // pt) * (height // (scale * ph)) * (width // (scale * pw))
         hidden = int(t.get("num_attention_heads", 40)) * int(t.get("attention_head_dim", 128))
         act = dit_bytes(tokens, hidden, int(t.get("ffn_dim") or 4 * hidden), n, 1, dtype_bytes)
         decode = wan_vae_bytes(vae, width, height, frames, n, dtype_bytes)
