@@ -227,3 +227,14 @@ def test_the_worker_refuses_inputs_the_pipeline_would_ignore(runner):
     with pytest.raises(IgnoredInput, match="would ignore image"):
         run_batch(runner, "sd3", "image", [job("ig-b", 1, image=sample_image())])
     assert not runner.store.exists("ig-a/output.png")
+
+
+def test_sdxl_turbo_style_no_cfg_one_step(runner):
+    """Turbo-style serving of an SDXL checkpoint: guidance 0, one step, no negative prompts."""
+    batch = [job(f"tb{i}", 20 + i, prompt=f"prompt {i}") for i in range(4)]
+    events, _ = run_batch(runner, "sdxl", "image", batch, guidance=0.0, steps=1, width=64, height=48)
+    assert [e["total"] for e in events if e["ev"] == "progress"] == [1]  # one call, one step
+    run_batch(runner, "sdxl", "image", [job("tb-alone", 22, prompt="prompt 2")], guidance=0.0, steps=1,
+              width=64, height=48)
+    assert out(runner, "tb2").shape == (48, 64, 3)
+    assert levels(out(runner, "tb-alone"), out(runner, "tb2")) <= TOLERANCE
