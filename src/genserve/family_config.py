@@ -8,6 +8,7 @@ A model directory genserve cannot read yet (not there at start-up) is checked wh
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,7 @@ from typing import Any
 from .backends.families import DEMO_TRAITS, MAX_SEQUENCE_LENGTH, Traits, inspect_model_dir
 
 KEYS = ("true_cfg_scale", "max_sequence_length")
+DEFAULT_SIZE_MULTIPLE = 8
 
 
 @dataclass(frozen=True)
@@ -83,8 +85,8 @@ def apply(m: Any, raw: dict[str, Any]) -> Any:
         if m.size_multiple % t.size_multiple:
             raise FamilyConfigError("size_multiple", f"{fam} needs sizes that are multiples of {t.size_multiple} "
                                                      f"(VAE scale × patch size / packing)")
-    else:
-        kw["size_multiple"] = t.size_multiple
+    else:  # the model's, and never below the old default of 8 (tiny test models have smaller VAEs)
+        kw["size_multiple"] = math.lcm(DEFAULT_SIZE_MULTIPLE, t.size_multiple)
     if t.kind == "video" and t.frame_multiple:
         if "frame_stride" in raw:
             if m.frame_stride % t.frame_multiple:
