@@ -218,15 +218,24 @@ def test_generic_fallback_from_the_call_signature(runner):
                   "negative_prompt": ["y"]}
 
 
-def test_the_worker_refuses_inputs_the_pipeline_would_ignore(runner):
-    """For models the server could not read at start-up, the worker is the last check."""
+def test_the_worker_refuses_inputs_a_generic_pipeline_would_ignore(runner):
+    """For pipelines no family knows, the server could not check requests: the worker does."""
+    from diffusers import StableDiffusion3Pipeline
+
     from genserve.backends.runner import IgnoredInput
 
+    class MySD3(StableDiffusion3Pipeline):
+        pass
+
+    runner.pipes["my-sd3"] = MySD3(**runner.pipes["sd3"].components)
+    runner.adapters["my-sd3"] = adapter_for(runner.pipes["my-sd3"], {"kind": "image", "max_sequence_length": 16})
     with pytest.raises(IgnoredInput, match="would ignore negative_prompt"):
-        run_batch(runner, "flux-dev-plain", "image", [job("ig-a", 1, "blurry")])
+        run_batch(runner, "my-sd3", "image", [job("ig-a", 1, "blurry")], guidance=1.0)
     with pytest.raises(IgnoredInput, match="would ignore image"):
-        run_batch(runner, "sd3", "image", [job("ig-b", 1, image=sample_image())])
+        run_batch(runner, "my-sd3", "image", [job("ig-b", 1, image=sample_image())])
     assert not runner.store.exists("ig-a/output.png")
+    run_batch(runner, "my-sd3", "image", [job("ig-c", 1, "blurry")], guidance=3.0)  # honoured: runs
+    assert out(runner, "ig-c").shape == (32, 32, 3)
 
 
 def test_sdxl_turbo_style_no_cfg_one_step(runner):
@@ -238,3 +247,16 @@ def test_sdxl_turbo_style_no_cfg_one_step(runner):
               width=64, height=48)
     assert out(runner, "tb2").shape == (48, 64, 3)
     assert levels(out(runner, "tb-alone"), out(runner, "tb2")) <= TOLERANCE
+
+
+def test_a_call_group_canceled_before_it_starts_is_skipped(runner):
+    p = {"width": 32, "height": 32, "num_frames": 0, "steps": 2, "guidance": 3.0, "fps": 8}
+    msg = {"batch_id": "cg", "model": "sdxl", "kind": "image", "params": p,
+           "jobs": [job("cg-a", 1), job("cg-b", 2, "blurry")]}
+    events: list[dict] = []
+    runner.run(msg, events.append, {"cg-b"})
+    kinds = [(e["ev"], e.get("job_id") or e.get("step")) for e in events]
+    # cg-b's call never runs: only cg-a's two steps are reported (of the batch's four)
+    assert kinds == [("job_canceled", "cg-b"), ("started", None), ("progress", 1), ("progress", 2),
+                     ("job_done", "cg-a")]
+    assert not runner.store.exists("cg-b/output.png")

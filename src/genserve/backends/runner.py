@@ -207,7 +207,7 @@ class PipelineRunner:
                 raise BatchAborted()
 
         adapter = self.adapters[msg["model"]]
-        for j in jobs:
+        for j in jobs if adapter.checks_inputs else ():
             ignored = adapter.ignored_inputs(j, p)
             if ignored:
                 raise IgnoredInput(f"job {j['id']}: {msg['model']} ({adapter.traits.family}) would ignore "
@@ -233,6 +233,9 @@ class PipelineRunner:
         emit({"ev": "started", "batch_id": batch_id, "t": t_start})
         outputs: dict[str, Any] = {}
         for group in groups.values():
+            if all(j["id"] in canceled for j in group):
+                done_steps += steps  # nobody left to run it for (reported below)
+                continue
             call = adapter.call_kwargs(group, p)
             call["generator"] = [torch.Generator(device="cpu").manual_seed(j["seed"]) for j in group]
             call["callback_on_step_end"] = on_step_end

@@ -106,6 +106,10 @@ class FamilyAdapter:
 
     family = "generic"
     inputs_supplied = frozenset({"prompt"})
+    # Whether the worker must refuse inputs this pipeline would ignore: only where the server could
+    # not (a family it does not know). A known family's requests were checked at submit; a job
+    # retried on a fallback model of another family gets what that model honours.
+    checks_inputs = False
 
     def __init__(self, traits: Traits, configs: Configs, options: Options) -> None:
         self.traits, self.configs, self.options = traits, configs, options

@@ -39,6 +39,7 @@ def traits_from_signature(pipe: Any, kind: str) -> Traits:
 
 class Adapter(FamilyAdapter):
     family = "generic"
+    checks_inputs = True
 
     def bind(self, pipe: Any) -> "Adapter":
         self.params = set(call_parameters(pipe))
