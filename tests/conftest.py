@@ -2,7 +2,17 @@
 (``CI`` set, as .ci/run is) they replay a fixed sequence, so a landing never depends on luck."""
 import os
 
+import pytest
 from hypothesis import settings
 
 settings.register_profile("ci", derandomize=True, database=None, print_blob=True)
 settings.load_profile("ci" if os.environ.get("CI") else "default")
+
+
+@pytest.fixture(scope="session")
+def family_models(tmp_path_factory):
+    """Tiny random-weight checkpoints of every supported family (tests/family_models.py), built
+    once per test session: {name: model directory}."""
+    from tests.family_models import build_all
+
+    return build_all(tmp_path_factory.mktemp("family-models"))

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from . import family_config
 from .demo_catalog import DEMO_SOURCES, DEMO_TOML
 from .engine.autoscale import Autoscaler, ScaleLimits
 from .engine.liveness import Liveness
@@ -63,6 +64,8 @@ class ModelConfig:
     fallback: str | None = None  # retried on this model after repeated failures
     timeout_s: float = 600.0  # a job's deadline: the default, and the most a request may ask for
     batching: str = "request"  # "step": requests join and leave a running set at step boundaries
+    # The model family's traits (read from its files) and keys (true_cfg_scale, max_sequence_length).
+    family: family_config.ModelFamily = family_config.ModelFamily()
 
     def limits(self, server: "ServerConfig") -> ModelLimits:
         idle = self.idle_unload_s if self.idle_unload_s is not None else server.idle_unload_s
@@ -89,7 +92,7 @@ class ModelConfig:
             "max_queue": self.max_queue, "max_prompt_chars": self.max_prompt_chars,
             "memory_gb": self.memory_gb or None, "min_warm": self.min_warm, "keep_warm_s": self.keep_warm_s,
             "idle_unload_s": self.idle_unload_s,
-            "fallback": self.fallback, "timeout_s": self.timeout_s, "batching": self.batching,
+            "fallback": self.fallback, "timeout_s": self.timeout_s, "batching": self.batching, **self.family.public(),
         }
 
 
@@ -232,7 +235,7 @@ def _size(key: str, v: Any) -> tuple[int, int]:
     return w, h
 
 
-_MODEL_KEYS = {f for f in ModelConfig.__dataclass_fields__ if f != "name"}
+_MODEL_KEYS = {f for f in ModelConfig.__dataclass_fields__ if f not in ("name", "family")} | set(family_config.KEYS)
 _SERVER_KEYS = set(ServerConfig.__dataclass_fields__)
 
 
@@ -257,17 +260,13 @@ def _parse_model(name: str, raw: Any) -> ModelConfig:
             raise ConfigError(f"{p}.dtype", f"must be one of {', '.join(DTYPES)}")
     ints = {"max_batch_size": 1, "max_wait_ms": 0, "max_pixels": 64, "size_multiple": 1, "default_steps": 1,
             "max_steps": 1, "default_frames": 0, "max_frames": 0, "frame_stride": 1, "fps": 1, "max_queue": 1,
-            "max_prompt_chars": 1}
+            "max_prompt_chars": 1, "min_warm": 0}
     for k, lo in ints.items():
         if k in raw:
             kw[k] = _int(f"{p}.{k}", raw[k], lo)
-    if "default_guidance" in raw:
-        kw["default_guidance"] = _float(f"{p}.default_guidance", raw["default_guidance"], 0.0)
-    for k in ("memory_gb", "keep_warm_s"):
+    for k in ("default_guidance", "memory_gb", "keep_warm_s"):
         if k in raw:
             kw[k] = _float(f"{p}.{k}", raw[k], 0.0)
-    if "min_warm" in raw:
-        kw["min_warm"] = _int(f"{p}.min_warm", raw["min_warm"], 0)
     if "idle_unload_s" in raw:
         kw["idle_unload_s"] = _seconds_or_never(f"{p}.idle_unload_s", raw["idle_unload_s"])
     if "timeout_s" in raw:
@@ -283,7 +282,7 @@ def _parse_model(name: str, raw: Any) -> ModelConfig:
         kw["sizes"] = tuple(_size(f"{p}.sizes[{i}]", s) for i, s in enumerate(raw["sizes"]))
     if "default_size" in raw:
         kw["default_size"] = _size(f"{p}.default_size", raw["default_size"])
-    m = ModelConfig(**kw)
+    m = family_config.build(ModelConfig, kw, raw, lambda k, msg: ConfigError(f"{p}.{k}", msg))
     for i, (w, h) in enumerate(m.sizes):
         if w % m.size_multiple or h % m.size_multiple:
             raise ConfigError(f"{p}.sizes[{i}]", f"must be a multiple of size_multiple ({m.size_multiple})")

@@ -11,6 +11,7 @@ dtype = "float32"
 max_batch_size = 8
 max_wait_ms = 50
 sizes = ["64x64", "128x128", "64x128", "128x64"]
+size_multiple = 8
 default_size = "64x64"
 default_steps = 8
 max_steps = 100

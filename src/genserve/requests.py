@@ -5,8 +5,10 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
+from .backends.families import Traits, call_variant
 from .config import ModelConfig
 from .engine.types import BatchKey, Priority
+from .image_input import ImageInputError, decode_data_url
 
 PRIORITIES = tuple(p.name.lower() for p in Priority)
 WEBHOOK_EVENTS = ("started", "progress", "completed")
@@ -37,10 +39,12 @@ class JobParams:
     timeout_s: float | None = None  # None: the model's
     webhook: str | None = None
     webhook_events: tuple[str, ...] = ("completed",)
+    image: str | None = None  # the conditioning image (a data URL), for image-to-video models
+    variant: str = ""  # the batch key's variant (backends/families/base.py: call_variant)
 
     @property
     def key(self) -> BatchKey:
-        return BatchKey(self.model, self.width, self.height, self.num_frames, self.steps, self.guidance)
+        return BatchKey(self.model, self.width, self.height, self.num_frames, self.steps, self.guidance, self.variant)
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__, webhook_events=list(self.webhook_events))
@@ -67,11 +71,16 @@ def validate(body: dict[str, Any], models: dict[str, ModelConfig], *, random_see
         raise RequestError("negative_prompt", f"is {len(neg)} characters; the limit is {m.max_prompt_chars}")
     width = body.get("width") or m.default_size[0]
     height = body.get("height") or m.default_size[1]
+    traits = m.family.traits
     for fname, v in (("width", width), ("height", height)):
         if v <= 0:
             raise RequestError(fname, "must be positive")
         if v % m.size_multiple:
-            raise RequestError(fname, f"{v} is not a multiple of {m.size_multiple}")
+            why = f" ({traits.family} models need it)" if traits and traits.size_multiple == m.size_multiple else ""
+            raise RequestError(fname, f"{v} is not a multiple of {m.size_multiple}{why}")
+        if traits and traits.max_side and v > traits.max_side:
+            raise RequestError(fname, f"{v} exceeds {traits.max_side}, the largest side {name}'s positional "
+                                      "embedding covers")
     if not m.size_allowed(width, height):
         if m.sizes:
             allowed = ", ".join(f"{w}x{h}" for w, h in m.sizes)
@@ -93,9 +102,15 @@ def validate(body: dict[str, Any], models: dict[str, ModelConfig], *, random_see
     if not 1 <= steps <= m.max_steps:
         raise RequestError("steps", f"must be between 1 and {m.max_steps}")
     guidance = body.get("guidance")
+    if guidance is not None and traits and traits.guidance == "none":
+        raise RequestError("guidance", f"{name} ({traits.family}, {traits.pipeline}) has no guidance input; "
+                                       "it would be ignored")
     guidance = m.default_guidance if guidance is None else float(guidance)
     if not 0.0 <= guidance <= 50.0:
         raise RequestError("guidance", "must be between 0 and 50")
+    if neg is not None and traits and not traits.negative_honoured(guidance, m.family.true_cfg_scale):
+        raise RequestError("negative_prompt", _negative_ignored(name, traits, guidance))
+    image = _image(body.get("image"), name, traits)
     seed = body.get("seed")
     seed = random_seed if seed is None else seed
     if not 0 <= seed <= MAX_SEED:
@@ -119,4 +134,29 @@ def validate(body: dict[str, Any], models: dict[str, ModelConfig], *, random_see
     if bad or not events:
         raise RequestError("webhook_events", f"must be a non-empty list of {', '.join(WEBHOOK_EVENTS)}")
     return JobParams(name, prompt, neg, width, height, frames, steps, guidance, seed, priority, timeout_s, webhook,
-                     events)
+                     events, image, call_variant(traits, neg, image))
+
+
+def _negative_ignored(name: str, traits: Traits, guidance: float) -> str:
+    if traits.negative == "cfg":
+        return (f"{name} uses a negative prompt only with classifier-free guidance (guidance > 1); "
+                f"this request has guidance {guidance:g}, so it would be ignored")
+    if traits.negative == "true_cfg":
+        return (f"{name} ({traits.family}) ignores negative prompts unless the model is configured with "
+                "true_cfg_scale > 1")
+    return f"{name} ({traits.family}) does not take a negative prompt"
+
+
+def _image(value: Any, name: str, traits: Traits | None) -> str | None:
+    """The conditioning image: required by image-to-video families, refused by the others."""
+    if value is None:
+        if traits and traits.image_input:
+            raise RequestError("image", f"is required: {name} ({traits.family}) generates from a conditioning image")
+        return None
+    if traits and not traits.image_input:
+        raise RequestError("image", f"{name} ({traits.family}) does not take a conditioning image")
+    try:
+        decode_data_url(value)
+    except ImageInputError as e:
+        raise RequestError("image", str(e)) from None
+    return value

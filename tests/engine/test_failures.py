@@ -1,6 +1,7 @@
 """Failure handling on a fake timeline: retries, backoff, OOM splits, fallbacks, deadlines and
 liveness, as events and times in, decisions out. No torch, no event loop."""
 import pytest
+from genserve.engine.errors import classify_exception
 
 from genserve.engine import (
     Backoff, BatchKey, CancelRunning, Engine, ErrorCode, FailJob, JobDequeued, KillWorker, Liveness, ModelLimits,
@@ -30,9 +31,17 @@ def of(kind, decisions):
 
 def test_taxonomy_classifies_retryable_codes():
     assert {c.value for c in ErrorCode} == {"out_of_memory", "timeout", "worker_crashed", "model_load_failed",
-                                            "storage_error", "invalid_request", "canceled", "internal", "preempted"}
-    assert is_retryable("preempted") and is_retryable("out_of_memory") and is_retryable("worker_crashed") and is_retryable("timeout")
+                                            "storage_error", "invalid_request", "canceled", "internal", "preempted",
+                                            "output_mismatch"}
+    assert is_retryable("preempted") and is_retryable("out_of_memory") and is_retryable("worker_crashed")
+    assert is_retryable("timeout")
     assert not is_retryable("invalid_request") and not is_retryable("canceled") and not is_retryable("internal")
+    assert not is_retryable("output_mismatch")  # the same pipeline returns the same wrong size again
+
+    class Mismatch(RuntimeError):
+        genserve_code = "output_mismatch"
+
+    assert classify_exception(Mismatch("64x64")) == ErrorCode.OUTPUT_MISMATCH
 
 
 def test_backoff_is_immediate_then_exponential_with_bounded_deterministic_jitter():

@@ -176,3 +176,15 @@ def test_estimates_never_undercut_what_was_measured(obs, key, n):
         assert est == int(ratio * batch_units(key, n))
         assert mem.working(key, n, known_only=True) == (est if same_model else 0)
     assert mem.working_is_known(key, n) == bool(exact or any(k.model == key.model and p > 0 for k, _, p in obs))
+
+
+def test_an_estimate_is_a_hint_never_a_known_figure():
+    mem = MemoryModel()
+    mem.observe_estimate(A, 2, 4000)
+    assert mem.working(A, 2) == 4000  # stands in for the shape
+    assert mem.working(A_BIG, 1) == 4000  # scaled per unit: 0.2 bytes per unit
+    assert not mem.working_is_known(A, 2)
+    assert mem.working(A, 2, known_only=True) == 0  # nothing may refuse a shape on it
+    mem.observe_batch(A, 2, 1000)  # a measurement replaces it
+    assert mem.working(A, 2) == 1000 and mem.working_is_known(A, 2)
+    assert mem.working(A_BIG, 1) == 1000  # measured ratio 0.05 per unit wins over the estimate's

@@ -279,3 +279,44 @@ def test_a_warm_pool_load_that_fails_is_retried_with_backoff_not_in_a_loop():
     assert again == load
     eng.model_load_failed("w0", "A", 5.2)
     assert eng.step(14.0) == [] and len(eng.step(15.2)) == 1  # 10 s the second time
+
+
+# ---- estimates are hints, measurements decide (issue 12, item 4) -------------------------------------
+
+
+def _finish_one(eng, model, t, **finished):
+    eng.submit(f"{model}@{t}", key(model), Priority.STANDARD, t)
+    decisions = eng.step(t)
+    for d in decisions:
+        if isinstance(d, LoadModel):
+            eng.model_loaded(d.worker, d.model, 4 * MB, t)
+    [run] = [d for d in decisions if isinstance(d, RunBatch)]
+    eng.batch_finished(run.batch_id, t + 1.0, **finished)
+
+
+def test_an_estimate_never_fails_a_job_that_was_never_tried():
+    eng = engine(models=("A",), capacity=10 * MB)
+    # A CPU worker ran A and could only *estimate* its working memory: far more than any worker has.
+    _finish_one(eng, "A", 0.0, estimated_bytes=100 * MB)
+    assert not eng.residency.memory.working_is_known(key("A"), 1)
+    eng.submit("next", key("A"), Priority.STANDARD, 5.0)
+    decisions = eng.step(5.0)
+    assert not [d for d in decisions if isinstance(d, FailJob)]
+    assert [tuple(d.job_ids) for d in decisions if isinstance(d, RunBatch)] == [("next",)]
+
+
+def test_an_estimate_may_shrink_a_batch():
+    eng = engine(models=("A",), capacity=10 * MB)
+    _finish_one(eng, "A", 0.0, estimated_bytes=2 * MB)  # 2 MB per job, guessed: 4 MB weights + 3 jobs fit
+    for i in range(4):
+        eng.submit(f"j{i}", key("A"), Priority.STANDARD, 5.0)
+    runs = [d for d in eng.step(5.0) if isinstance(d, RunBatch)]
+    assert [len(r.job_ids) for r in runs] == [3]
+
+
+def test_a_measured_peak_too_large_for_every_worker_fails_the_shape():
+    eng = engine(models=("A",), capacity=10 * MB)
+    _finish_one(eng, "A", 0.0, peak_bytes=100 * MB)  # a CUDA worker measured it
+    eng.submit("next", key("A"), Priority.STANDARD, 5.0)
+    fails = [d for d in eng.step(5.0) if isinstance(d, FailJob)]
+    assert [(f.job_id, f.code) for f in fails] == [("next", "out_of_memory")]

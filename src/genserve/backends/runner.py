@@ -9,6 +9,7 @@ from typing import Any
 
 from ..storage import OUTPUT_TYPES, LocalResultStore, output_name
 from .encode import encode_mp4, encode_png
+from .families import FamilyAdapter, UnsupportedPipeline, adapter_for
 
 Emit = Callable[[dict[str, Any]], None]
 
@@ -24,6 +25,10 @@ def _dtype_kwarg() -> str:
 
 
 DTYPE_KWARG = _dtype_kwarg()
+
+
+def encode_output(kind: str, output: Any, fps: int) -> bytes:
+    return encode_png(output) if kind == "image" else encode_mp4(output, fps)
 
 
 class BatchAborted(Exception):
@@ -50,61 +55,52 @@ def module_bytes(pipe) -> int:
     return total
 
 
-def _widest(module, *attrs: str) -> int:
-    cfg = getattr(module, "config", None)
-    best = 0
-    for a in attrs:
-        v = getattr(cfg, a, None) if cfg is not None else None
-        if isinstance(v, (list, tuple)) and v:
-            best = max(best, max(int(x) for x in v))
-        elif isinstance(v, int):
-            best = max(best, v)
-    return best
+class IgnoredInput(ValueError):
+    """A job carries an input the pipeline would silently ignore."""
+
+    genserve_code = "invalid_request"
 
 
-def _vae_width(vae) -> int:
-    """Widest channel count of the VAE decoder (SD-style ``block_out_channels``, or Wan-style
-    ``base_dim × max(dim_mult)``); 128 when the config says neither."""
-    width = _widest(vae, "block_out_channels")
-    if width:
-        return width
-    cfg = getattr(vae, "config", None)
-    base, mult = getattr(cfg, "base_dim", None), getattr(cfg, "dim_mult", None)
-    if base and mult:
-        return int(base) * max(int(m) for m in mult)
-    return 128
+class OutputMismatch(RuntimeError):
+    """The pipeline returned an output of another size or frame count than asked for."""
+
+    genserve_code = "output_mismatch"
 
 
-def estimate_working_bytes(pipe, n: int, width: int, height: int, frames: int, guidance: float, dtype_bytes: int) -> int:
-    """CPU estimate of a batch's peak working memory, from latent and activation sizes.
+def check_output(kind: str, output: Any, width: int, height: int, frames: int) -> None:
+    """Each output must be exactly what was asked for: a pipeline that resizes or rounds silently
+    (a warning at most) would otherwise hand the user something else, marked succeeded."""
+    import numpy as np
 
-    Denoiser: (batch × CFG copies) × latent positions × its widest channel count × a depth factor
-    for the activations alive at once. VAE decode: output pixels × its widest channel count × 3
-    live buffers. Plus the decoded float output. (On CUDA the allocator's peak is measured instead.)
-    """
-    scale = int(getattr(pipe, "vae_scale_factor", 0) or getattr(pipe, "vae_scale_factor_spatial", 0) or 8)
-    t_scale = int(getattr(pipe, "vae_scale_factor_temporal", 0) or 1)
-    latent_frames = max(1, (frames - 1) // t_scale + 1) if frames else 1
-    denoiser = getattr(pipe, "unet", None) or getattr(pipe, "transformer", None)
-    width_ch = _widest(denoiser, "block_out_channels")
-    if not width_ch and denoiser is not None:
-        heads, head_dim = getattr(denoiser.config, "num_attention_heads", 0), getattr(denoiser.config, "attention_head_dim", 0)
-        width_ch = int(heads or 0) * int(head_dim or 0)
-    width_ch = width_ch or 320
-    cfg_copies = 2 if guidance > 1.0 else 1
-    positions = (height // scale) * (width // scale) * latent_frames
-    act = n * cfg_copies * positions * width_ch * dtype_bytes * 16
-    vae_ch = _vae_width(getattr(pipe, "vae", None))
-    pixels = n * width * height * max(1, frames)
-    vae = pixels * vae_ch * dtype_bytes * 3
-    return act + vae + pixels * 3 * 4
+    if kind == "image":
+        got = tuple(output.size)
+        if got != (width, height):
+            raise OutputMismatch(f"asked for {width}x{height}, the pipeline returned {got[0]}x{got[1]}")
+        return
+    arr = np.asarray(output)
+    if arr.ndim != 4 or arr.shape[0] != frames or arr.shape[1:3] != (height, width):
+        raise OutputMismatch(f"asked for {frames} frames of {width}x{height}, the pipeline returned an array "
+                             f"of shape {tuple(arr.shape)} (frames, height, width, channels)")
+
+
+def dtype_bytes_of(pipe) -> int:
+    for name in ("transformer", "unet", "vae"):
+        comp = pipe.components.get(name)
+        if comp is not None and hasattr(comp, "parameters"):
+            for p in comp.parameters():
+                return p.element_size()
+    return 4
 
 
 class PipelineRunner:
-    def __init__(self, device: str, store: LocalResultStore, host_cache_bytes: int = 0) -> None:
+    def __init__(self, device: str, store: LocalResultStore, host_cache_bytes: int = 0,
+                 encode: Callable[[str, Any, int], bytes] | None = None) -> None:
+        """``encode(kind, output, fps)``: output -> stored bytes (default PNG / H.264 MP4)."""
         self.device = device
+        self.encode = encode or encode_output
         self.store = store
         self.pipes: dict[str, Any] = {}
+        self.adapters: dict[str, FamilyAdapter] = {}
         self.bytes: dict[str, int] = {}
         self.host_cache: OrderedDict[str, Any] = OrderedDict()  # GPU workers: unloaded models in host RAM
         self.host_cache_bytes = host_cache_bytes if device.startswith("cuda") else 0
@@ -147,12 +143,21 @@ class PipelineRunner:
             pipe.set_progress_bar_config(disable=True)
             # On CPU a reload reads files the OS most likely still caches; we cannot see which.
             tier = "page_cache" if (model in self.loaded_before and not self.cuda) else "disk"
+        try:
+            adapter = adapter_for(pipe, spec)
+        except UnsupportedPipeline as e:
+            pipe = None  # free the weights before reporting (the traceback would keep them alive)
+            gc.collect()
+            if self.cuda:
+                torch.cuda.empty_cache()
+            raise UnsupportedPipeline(str(e)) from None
         if self.cuda:
             torch.cuda.synchronize(self.device)
             nbytes = int(torch.cuda.memory_allocated(self.device) - before)
         else:
             nbytes = module_bytes(pipe)
         self.pipes[model] = pipe
+        self.adapters[model] = adapter
         self.bytes[model] = nbytes
         self.loaded_before.add(model)
         return {"model": model, "cached": False, "load_start": t0, "load_end": time.time(), "bytes": nbytes,
@@ -160,6 +165,7 @@ class PipelineRunner:
 
     def unload(self, model: str) -> dict[str, Any]:
         pipe = self.pipes.pop(model, None)
+        self.adapters.pop(model, None)
         freed = self.bytes.pop(model, 0)
         kept = None
         if pipe is not None and self.host_cache_bytes and module_bytes(pipe) <= self.host_cache_bytes:
@@ -180,7 +186,10 @@ class PipelineRunner:
             on_step: Callable[[int], None] = lambda step: None) -> int:
         """Run one batch as one pipeline call; report progress, per-job outputs and timings.
         ``on_step(i)`` runs at the end of each step (fault injection hooks in there).
-        Returns the batch's peak working bytes (measured on CUDA, estimated on CPU)."""
+        A batch whose jobs could change each other's outputs in one call (``adapter.group_key``)
+        runs as one call per group, one after another. Returns the batch's peak working bytes as
+        measured by the CUDA allocator; 0 on CPU, where nothing measures it (``estimated_bytes``
+        gives the family's estimate instead: a hint, never a measurement)."""
         import torch
 
         batch_id, kind, p = msg["batch_id"], msg["kind"], msg["params"]
@@ -197,51 +206,69 @@ class PipelineRunner:
             if len(reported) == len(ids):
                 raise BatchAborted()
 
-        total = p["steps"]
+        adapter = self.adapters[msg["model"]]
+        for j in jobs if adapter.checks_inputs else ():
+            ignored = adapter.ignored_inputs(j, p)
+            if ignored:
+                raise IgnoredInput(f"job {j['id']}: {msg['model']} ({adapter.traits.family}) would ignore "
+                                   f"{', '.join(ignored)}")
+        groups: dict[str, list[dict[str, Any]]] = {}
+        for j in jobs:  # one pipeline call per group: jobs in a call must not change each other's output
+            groups.setdefault(adapter.group_key(j), []).append(j)
+        steps = p["steps"]
+        total = steps * len(groups)
+        done_steps = 0
 
         def on_step_end(_pipe, i, _t, kwargs):
-            on_step(i)
-            emit({"ev": "progress", "batch_id": batch_id, "step": i + 1, "total": total})
+            on_step(done_steps + i)
+            emit({"ev": "progress", "batch_id": batch_id, "step": done_steps + i + 1, "total": total})
             report_cancels()
             return kwargs
 
         report_cancels()
-        negs = [j.get("negative_prompt") for j in jobs]
-        call: dict[str, Any] = dict(
-            prompt=[j["prompt"] for j in jobs],
-            negative_prompt=[n or "" for n in negs] if any(negs) else None,
-            width=p["width"], height=p["height"], num_inference_steps=total, guidance_scale=p["guidance"],
-            generator=[torch.Generator(device="cpu").manual_seed(j["seed"]) for j in jobs],
-            callback_on_step_end=on_step_end,
-        )
-        if kind == "video":
-            call["num_frames"] = p["num_frames"]
-            call["output_type"] = "np"
-        else:
-            call["output_type"] = "pil"
         if self.cuda:
             torch.cuda.reset_peak_memory_stats(self.device)
             base = torch.cuda.memory_allocated(self.device)
         t_start = time.time()
         emit({"ev": "started", "batch_id": batch_id, "t": t_start})
-        with torch.inference_mode():
-            out = pipe(**call)
+        outputs: dict[str, Any] = {}
+        for group in groups.values():
+            if all(j["id"] in canceled for j in group):
+                done_steps += steps  # nobody left to run it for (reported below)
+                continue
+            call = adapter.call_kwargs(group, p)
+            call["generator"] = [torch.Generator(device="cpu").manual_seed(j["seed"]) for j in group]
+            call["callback_on_step_end"] = on_step_end
+            call["output_type"] = "np" if kind == "video" else "pil"
+            with torch.inference_mode():
+                out = pipe(**call)
+            got = out.images if kind == "image" else out.frames
+            for j, o in zip(group, got):
+                check_output(kind, o, p["width"], p["height"], p.get("num_frames", 0))
+                outputs[j["id"]] = o
+            done_steps += steps
         t_end = time.time()
-        if self.cuda:
-            peak = int(torch.cuda.max_memory_allocated(self.device) - base)
-        else:
-            dtype_bytes = next(iter(pipe.components["vae"].parameters())).element_size() if "vae" in pipe.components else 4
-            peak = estimate_working_bytes(pipe, len(jobs), p["width"], p["height"], p.get("num_frames", 0),
-                                          p["guidance"], dtype_bytes)
-        outputs = out.images if kind == "image" else out.frames
-        for idx, jid in enumerate(ids):
+        peak = int(torch.cuda.max_memory_allocated(self.device) - base) if self.cuda else 0
+        for jid in ids:
             if jid in canceled:
                 if jid not in reported:
                     reported.add(jid)
                     emit({"ev": "job_canceled", "batch_id": batch_id, "job_id": jid, "t": time.time()})
                 continue
-            data = encode_png(outputs[idx]) if kind == "image" else encode_mp4(outputs[idx], p["fps"])
+            data = self.encode(kind, outputs[jid], p["fps"])
             ref = self.store.put(jid, output_name(kind), data, OUTPUT_TYPES[kind])
             emit({"ev": "job_done", "batch_id": batch_id, "job_id": jid, "result": ref.to_dict(),
                   "inference_start": t_start, "inference_end": t_end, "output_written": time.time()})
         return peak
+
+    def estimated_bytes(self, msg: dict[str, Any]) -> int:
+        """The family adapter's estimate of the working memory of the batch ``msg`` (its largest
+        pipeline call: groups run one after another)."""
+        model, p = msg["model"], msg["params"]
+        adapter, pipe = self.adapters[model], self.pipes[model]
+        sizes: dict[str, int] = {}
+        for j in msg["jobs"]:
+            key = adapter.group_key(j)
+            sizes[key] = sizes.get(key, 0) + 1
+        return max((adapter.working_bytes(n, p["width"], p["height"], p.get("num_frames", 0), p["guidance"],
+                                          dtype_bytes_of(pipe)) for n in sizes.values()), default=0)

@@ -174,15 +174,20 @@ class Engine:
         if self.fleet.job_left(job_id) is not None or self.preemption.done(job_id) is not None:
             self.failures.job_ended(job_id)
 
-    def batch_finished(self, batch_id: str, now: float, peak_bytes: int = 0) -> list[Decision]:
+    def batch_finished(self, batch_id: str, now: float, peak_bytes: int = 0,
+                       estimated_bytes: int = 0) -> list[Decision]:
         """The worker finished a batch (whatever each job's outcome) and is idle again.
-        ``peak_bytes``: the working memory the worker measured for it (0 = not measured).
+        ``peak_bytes``: the working memory the worker measured for it (0 = not measured);
+        ``estimated_bytes``: its estimate when it could not measure (a hint, never a measurement).
         A job that joined but was never reported never ran: the running set ended before the join
         reached the worker. It goes back to its queue, without using up an attempt."""
         batch = self._release(batch_id, now)
         if batch is None:
             return []
-        self.residency.memory.observe_batch(batch.key, batch.most_at_once or batch.size, peak_bytes)
+        n = batch.most_at_once or batch.size
+        self.residency.memory.observe_batch(batch.key, n, peak_bytes)
+        if not peak_bytes:
+            self.residency.memory.observe_estimate(batch.key, n, estimated_bytes)
         missed = batch.missed_joins() if batch.joined else []
         self.work.batch_done(batch.key, batch.size - len(missed), max(0.0, now - batch.started_at))
         out: list[Decision] = []

@@ -12,6 +12,7 @@ class ErrorCode(StrEnum):
     MODEL_LOAD_FAILED = "model_load_failed"
     STORAGE_ERROR = "storage_error"  # writing the output failed
     INVALID_REQUEST = "invalid_request"
+    OUTPUT_MISMATCH = "output_mismatch"  # the pipeline returned another size / frame count than asked for
     CANCELED = "canceled"
     PREEMPTED = "preempted"  # taken out of a running set before it ran (requeued, no attempt used)
     INTERNAL = "internal"  # anything else: a bug, most likely deterministic for this input
@@ -33,7 +34,11 @@ def is_retryable(code: str) -> bool:
 def classify_exception(exc: BaseException) -> ErrorCode:
     """The code for an exception raised while running a batch. By name, so no torch import here:
     ``torch.OutOfMemoryError`` / ``torch.cuda.OutOfMemoryError`` and CUDA's "out of memory"
-    RuntimeErrors are OOM; OS errors happen writing outputs."""
+    RuntimeErrors are OOM; OS errors happen writing outputs. An exception may name its code in a
+    ``genserve_code`` attribute (the runner's output checks do)."""
+    own = getattr(exc, "genserve_code", None)
+    if own in ErrorCode.__members__.values():
+        return ErrorCode(own)
     if "OutOfMemory" in type(exc).__name__ or "out of memory" in str(exc).lower():
         return ErrorCode.OUT_OF_MEMORY
     if isinstance(exc, OSError):

@@ -6,6 +6,11 @@ Working memory: a worker reports a batch's peak working bytes; the engine keeps 
 (model, shape, batch size) and, for shapes it has not seen, scales the largest observed
 bytes-per-unit (unit = one job's pixels × frames) for that model. A model that has not run yet is
 assumed to be as hungry per unit as the hungriest model seen so far (0 on a fresh start).
+
+Estimates (a CPU worker computes one from the model's architecture; nothing is measured there) are
+hints: they stand in for a shape until it is measured, so they may order work or shrink a batch,
+but they never count as *known* — only a measured peak can make the engine refuse a shape as too
+large (``working_is_known`` and ``known_only`` see measurements alone).
 """
 from __future__ import annotations
 
@@ -22,6 +27,8 @@ class MemoryModel:
         self.weights_measured: dict[str, int] = {}
         self.working_exact: dict[tuple[BatchKey, int], int] = {}
         self.per_unit: dict[str, float] = {}
+        self.estimated_exact: dict[tuple[BatchKey, int], int] = {}  # hints: never "known"
+        self.estimated_per_unit: dict[str, float] = {}
 
     def known_weights(self, model: str) -> int:
         return self.weights_measured.get(model, self.hints.get(model, 0))
@@ -35,8 +42,15 @@ class MemoryModel:
         if exact is not None:
             return exact
         ratio = self.per_unit.get(key.model)
+        if ratio is None and known_only:
+            return 0
         if ratio is None:
-            ratio = 0.0 if known_only else max(self.per_unit.values(), default=0.0)
+            hinted = self.estimated_exact.get((key, n))
+            if hinted is not None:
+                return hinted
+            ratio = self.estimated_per_unit.get(key.model)
+        if ratio is None:
+            ratio = max(self.per_unit.values(), default=0.0)
         return int(ratio * batch_units(key, n))
 
     def working_is_known(self, key: BatchKey, n: int) -> bool:
@@ -53,3 +67,11 @@ class MemoryModel:
         ratio = peak_bytes / batch_units(key, n)
         # The largest ratio seen: over-estimating costs a smaller batch, under-estimating an OOM.
         self.per_unit[key.model] = max(ratio, self.per_unit.get(key.model, 0.0))
+
+    def observe_estimate(self, key: BatchKey, n: int, estimated_bytes: int) -> None:
+        """A worker's estimate for a batch it ran without measuring: a hint for this shape."""
+        if estimated_bytes <= 0 or n <= 0:
+            return
+        self.estimated_exact[(key, n)] = estimated_bytes
+        ratio = estimated_bytes / batch_units(key, n)
+        self.estimated_per_unit[key.model] = max(ratio, self.estimated_per_unit.get(key.model, 0.0))

@@ -49,9 +49,9 @@ class ResidencyManager:
 
     def need(self, w: WorkerState, key: BatchKey, n: int) -> int:
         """Bytes a batch of ``n`` needs on ``w``: working memory, plus the weights unless resident.
-        Guesses (figures from other models) are capped at what the worker could ever hold beside its
-        warm-pool copies, so they cannot block a job forever: at worst the worker is emptied, the
-        batch runs and is measured."""
+        Guesses (figures from other models, CPU estimates) for one job are capped at what the
+        worker could ever hold beside its warm-pool copies, so they cannot block a job forever: at
+        worst the worker is emptied, the job runs and is measured."""
         mem = self.memory
         resident = key.model in w.resident
         weights = 0 if resident else mem.weights(key.model)
@@ -59,8 +59,11 @@ class ResidencyManager:
         if w.capacity is not None:
             room = w.capacity - self._pinned_besides(w, key.model)
             known_weights = resident or bool(mem.known_weights(key.model))
-            if not mem.working_is_known(key, n):
-                working = min(working, max(0, room - (weights if known_weights else 0)))
+            if n == 1 and not mem.working_is_known(key, n):
+                # Estimates and guesses may shrink a batch (larger n are not capped) but never keep
+                # one job from running on an emptied worker. A resident copy occupies its bytes too.
+                own = w.resident[key.model].bytes if resident else (weights if known_weights else 0)
+                working = min(working, max(0, room - own))
             if not known_weights:
                 weights = min(weights, max(0, room - working))
         return weights + working

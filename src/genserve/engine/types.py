@@ -29,10 +29,14 @@ class BatchKey(NamedTuple):
     num_frames: int = 0  # 0 for image models
     steps: int = 1
     guidance: float = 1.0
+    # What else must be equal inside one call, per the model's family (e.g. "neg" when jobs with
+    # and without a negative prompt would change each other's output; a conditioning image digest).
+    variant: str = ""
 
     def label(self) -> str:
         frames = f"x{self.num_frames}f" if self.num_frames else ""
-        return f"{self.model}:{self.width}x{self.height}{frames}:{self.steps}st:g{self.guidance:g}"
+        variant = f":{self.variant}" if self.variant else ""
+        return f"{self.model}:{self.width}x{self.height}{frames}:{self.steps}st:g{self.guidance:g}{variant}"
 
 
 @dataclass(frozen=True)

@@ -17,6 +17,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..config import Config, parse_size
 from ..engine import ErrorCode, is_retryable
+from ..backends.families.base import image_digest
 from ..requests import MAX_SEED, RequestError, validate
 from ..status import JobStatus, is_terminal
 from .jobstore import STAGES
@@ -26,11 +27,19 @@ from .stats import breakdown
 from .views import Control, FleetView, JobReader
 
 
+def _shown_params(params: dict[str, Any]) -> dict[str, Any]:
+    """A job's params as shown: a conditioning image (a data URL, up to MBs) by its digest."""
+    if params.get("image"):
+        return {**params, "image": "sha256:" + image_digest(params["image"])}
+    return params
+
+
 class JobRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     model: str
     prompt: str
     negative_prompt: str | None = None
+    image: str | None = None  # image-to-video: the conditioning frame, a data:image/png|jpeg;base64 URL
     width: int | None = None
     height: int | None = None
     num_frames: int | None = None
@@ -129,7 +138,7 @@ def create_app(config: Config, runtime: Runtime | None = None) -> FastAPI:
         stages = breakdown(job)
         return {
             "id": jid, "object": "job", "client_id": job["client_id"], "model": job["model"],
-            "status": job["status"], "priority": job["priority"], "params": job["params"],
+            "status": job["status"], "priority": job["priority"], "params": _shown_params(job["params"]),
             "queue_position": control.queue_position(jid) if job["status"] == JobStatus.QUEUED else None,
             "progress": {"step": step[0], "total": step[1]} if step else None,
             "cancel_requested": job["cancel_requested"],

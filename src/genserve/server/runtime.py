@@ -259,7 +259,9 @@ class Runtime:
         match d:
             case LoadModel():
                 m = self.config.models[d.model]
-                spec = {"path": str(self.config.model_dir(d.model)), "kind": m.kind, "dtype": m.dtype}
+                spec = {"path": str(self.config.model_dir(d.model)), "kind": m.kind, "dtype": m.dtype,
+                        "true_cfg_scale": m.family.true_cfg_scale,
+                        "max_sequence_length": m.family.max_sequence_length}
                 log.info("loading %s on %s (%s)", d.model, d.worker, d.reason)
                 self.pool.send(d.worker, {"op": P.LOAD, "model": d.model, "spec": spec, "reason": d.reason})
             case UnloadModel():
@@ -322,8 +324,8 @@ class Runtime:
 
     @staticmethod
     def _payload(jobs: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        return [{"id": j["id"], **{k: j["params"][k] for k in ("prompt", "negative_prompt", "seed", "steps", "guidance")}}
-                for j in jobs]
+        keys = ("prompt", "negative_prompt", "seed", "steps", "guidance")
+        return [{"id": j["id"], **{k: j["params"][k] for k in keys}, "image": j["params"].get("image")} for j in jobs]
 
     def _deadline(self, params: JobParams, received: float) -> float:
         return received + (params.timeout_s or self.config.models[params.model].timeout_s)
@@ -373,7 +375,8 @@ class Runtime:
             self.records.output_written(msg["job_id"], msg, now)
         elif ev == "batch_done" and batch:
             self.fleet.batch_over(batch.id)
-            self._execute(self.engine.batch_finished(batch.id, now, msg.get("peak_bytes", 0)), now)
+            self._execute(self.engine.batch_finished(batch.id, now, msg.get("peak_bytes", 0),
+                                                     msg.get("estimated_bytes", 0)), now)
             dtype = self.fleet.device_type(batch.worker)
             self.records.charge(batch, dtype, self.config.prices.get(dtype, 0.0), now)
         elif ev == "batch_failed" and batch:

@@ -20,7 +20,10 @@ def worker_main(conn: Connection, worker_id: str, device: str, results_dir: str,
                 memory_budget: int = 0, host_cache_bytes: int = 0) -> None:
     import warnings
 
-    warnings.filterwarnings("ignore")
+    # Library deprecation noise is hidden; diffusers' own warnings (a size it will round, an input
+    # it ignores) reach the log: they are how a misconfigured model shows itself.
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     import torch
@@ -29,7 +32,7 @@ def worker_main(conn: Connection, worker_id: str, device: str, results_dir: str,
         torch.set_num_threads(threads)
     from diffusers.utils import logging as dlogging
 
-    dlogging.set_verbosity_error()
+    dlogging.set_verbosity_warning()
     dlogging.disable_progress_bar()
     logging.getLogger("transformers").setLevel(logging.ERROR)
     from ..backends.runner import BatchAborted, PipelineRunner
@@ -125,7 +128,10 @@ def worker_main(conn: Connection, worker_id: str, device: str, results_dir: str,
                                      between=unloads_between_steps, pausing=pausing, parked=parked)
                 else:
                     peak = run_grouped(runner, msg, emit, canceled, injector.on_step)
-                emit({"ev": "batch_done", "batch_id": batch_id, "t": time.time(), "peak_bytes": peak})
+                # Unmeasured (CPU): the family's estimate goes as a hint, never as a measurement.
+                estimate = 0 if peak or msg.get("mode") == "step" else runner.estimated_bytes(msg)
+                emit({"ev": "batch_done", "batch_id": batch_id, "t": time.time(), "peak_bytes": peak,
+                      "estimated_bytes": estimate})
             except BatchAborted:
                 emit({"ev": "batch_done", "batch_id": batch_id, "t": time.time()})
             except Exception as e:

@@ -1,10 +1,10 @@
 """The server <-> worker message protocol. Messages are plain dicts sent over a multiprocessing Pipe.
 
 server -> worker (``op``):
-  load     {model, spec: {path, kind, dtype}, reason}
+  load     {model, spec: {path, kind, dtype, true_cfg_scale?, max_sequence_length?}, reason}
   unload   {model}                        (GPU: kept in the host-RAM tier when it fits)
   run      {batch_id, model, kind, params: {width, height, num_frames, steps, guidance, fps},
-            jobs: [{id, prompt, negative_prompt, seed}]}
+            jobs: [{id, prompt, negative_prompt, seed, image?}]}   (image: a data URL)
   run (step mode) adds {mode: "step", max_size} and per job {steps, guidance}: a running set that
            later ``join`` messages add to (step-level batching, backends/step_runner.py)
   join     {batch_id, jobs: [...]}        (enter the running set at its next step; dropped when
@@ -26,7 +26,7 @@ worker -> server (``ev``):
   job_canceled {batch_id, job_id, t}
   job_done     {batch_id, job_id, result: {key, content_type, bytes}, inference_start, inference_end,
                 output_written, step?: {joined_step, shared_with, paused_at}}
-  batch_done   {batch_id, t, peak_bytes}
+  batch_done   {batch_id, t, peak_bytes, estimated_bytes}  (peak: measured on CUDA, else 0; estimate: a hint)
   batch_failed {batch_id, code, message}
 
 """

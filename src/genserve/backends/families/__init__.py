@@ -1,0 +1,96 @@
+"""Model families: which pipeline class is which family, what each honours, how it is driven.
+
+``traits_for`` / ``inspect_model_dir`` are pure (config files only) and used by the server to
+validate configs and requests; ``adapter_for`` is used by the worker on a loaded pipeline. One
+module per family (sd, sdxl, flux, sd3, wan) and a generic fallback from the call signature.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from . import flux, generic, sd, sd3, sdxl, wan
+from .base import MAX_SEQUENCE_LENGTH, Configs, FamilyAdapter, Options, Traits, UnsupportedPipeline, call_variant
+
+__all__ = ["MAX_SEQUENCE_LENGTH", "DEMO_TRAITS", "FamilyAdapter", "Options", "Traits", "UnsupportedPipeline",
+           "adapter_for", "call_variant", "inspect_model_dir", "traits_for"]
+
+FAMILIES = {cls: mod for mod in (sd, sdxl, flux, sd3, wan) for cls in mod.CLASSES}
+
+
+def traits_for(pipeline: str, configs: Configs) -> Traits | None:
+    """A known family's traits from the pipeline class name and component configs (None: unknown)."""
+    mod = FAMILIES.get(pipeline)
+    return mod.traits(pipeline, configs) if mod else None
+
+
+def read_configs(path: str | Path) -> tuple[str, dict[str, Any]] | None:
+    """(pipeline class, configs) of a diffusers model directory, or None if it has no model_index.json."""
+    path = Path(path)
+    try:
+        index = json.loads((path / "model_index.json").read_text())
+    except (OSError, ValueError):
+        return None
+    configs: dict[str, Any] = {"_pipeline": index}
+    for name, value in index.items():
+        if name.startswith("_") or not isinstance(value, list):
+            continue
+        for fname in ("config.json", "scheduler_config.json"):
+            try:
+                configs[name] = json.loads((path / name / fname).read_text())
+                break
+            except (OSError, ValueError):
+                continue
+    return str(index.get("_class_name", "")), configs
+
+
+def inspect_model_dir(path: str | Path) -> Traits | None:
+    got = read_configs(path)
+    return traits_for(*got) if got else None
+
+
+# The demo catalog's models (built at first start, so their files are not there when the config
+# is read): the same configs as backends/demo.py builds.
+DEMO_TRAITS = {
+    "demo:image": sd.traits("StableDiffusionPipeline", {"vae": {"block_out_channels": [16, 32]}}),
+    "demo:video": wan.traits("WanPipeline", {"vae": {}, "transformer": {"patch_size": [1, 2, 2]}}),
+}
+
+
+def pipe_configs(pipe: Any) -> dict[str, Any]:
+    configs: dict[str, Any] = {"_pipeline": dict(getattr(pipe, "config", {}) or {})}
+    for name, comp in pipe.components.items():
+        cfg = getattr(comp, "config", None)
+        if cfg is not None:
+            try:
+                configs[name] = dict(cfg)
+            except (TypeError, ValueError):
+                continue
+    return configs
+
+
+def adapter_for(pipe: Any, spec: dict[str, Any]) -> FamilyAdapter:
+    """The adapter for a loaded pipeline; raises UnsupportedPipeline if genserve cannot serve it
+    as configured (kind mismatch, required inputs it cannot supply, knobs the family lacks)."""
+    name = type(pipe).__name__
+    configs = pipe_configs(pipe)
+    options = Options.from_spec(spec)
+    mod = FAMILIES.get(name)
+    kind = spec.get("kind", "image")
+    if mod is not None:
+        traits = mod.traits(name, configs)
+        adapter: FamilyAdapter = mod.Adapter(traits, configs, options)
+    else:
+        traits = generic.traits_from_signature(pipe, kind)
+        adapter = generic.Adapter(traits, configs, options).bind(pipe)
+    if traits.kind != kind:
+        raise UnsupportedPipeline(f"{name} makes {traits.kind}s but the model is configured with kind = {kind!r}")
+    missing = sorted(generic.required_inputs(pipe) - adapter.inputs_supplied)
+    if missing:
+        raise UnsupportedPipeline(f"{name} requires inputs genserve cannot supply: {', '.join(missing)}")
+    if options.true_cfg_scale is not None and not traits.true_cfg:
+        raise UnsupportedPipeline(f"{name} ({traits.family}) does not take true_cfg_scale")
+    if options.max_sequence_length is not None and not traits.max_sequence_length:
+        raise UnsupportedPipeline(f"{name} ({traits.family}) does not take max_sequence_length")
+    return adapter
