@@ -7,7 +7,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
-from ..storage import OUTPUT_TYPES, LocalResultStore, output_name
+from ..storage import OUTPUT_TYPES, ResultStore, output_name
 from .encode import encode_mp4, encode_png
 
 Emit = Callable[[dict[str, Any]], None]
@@ -101,7 +101,7 @@ def estimate_working_bytes(pipe, n: int, width: int, height: int, frames: int, g
 
 
 class PipelineRunner:
-    def __init__(self, device: str, store: LocalResultStore, host_cache_bytes: int = 0) -> None:
+    def __init__(self, device: str, store: ResultStore, host_cache_bytes: int = 0) -> None:
         self.device = device
         self.store = store
         self.pipes: dict[str, Any] = {}

@@ -7,6 +7,7 @@ server -> worker (``op``):
             jobs: [{id, prompt, negative_prompt, seed}]}
   cancel   {batch_id, job_ids}            (honoured at the next step boundary)
   shutdown {}
+  hello    {}                             (a restarted server re-attached: unload all, say ready again)
 worker -> server (``ev``):
   ready        {worker, device, device_name, pid, threads, capacity_bytes}
   heartbeat    {t}                    (every heartbeat_s, from its own thread)
@@ -26,4 +27,4 @@ nothing here assumes a batch is fixed beyond what ``run`` says.
 """
 from __future__ import annotations
 
-LOAD, UNLOAD, RUN, CANCEL, SHUTDOWN = "load", "unload", "run", "cancel", "shutdown"
+LOAD, UNLOAD, RUN, CANCEL, SHUTDOWN, HELLO = "load", "unload", "run", "cancel", "shutdown", "hello"
