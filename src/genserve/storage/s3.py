@@ -13,7 +13,7 @@ from typing import Any
 from .results import ObjectInfo, ResultRef, check_key
 
 MULTIPART_THRESHOLD = 8 << 20  # larger outputs (videos) go up in parts, several at once
-MULTIPART_CHUNK = 8 << 20
+MULTIPART_CHUNK = 8 << 20  # S3's smallest part is 5 MiB
 
 
 class S3ResultStore:
@@ -21,11 +21,11 @@ class S3ResultStore:
 
     def __init__(self, bucket: str, prefix: str = "", *, endpoint_url: str | None = None, region: str | None = None,
                  serve: str = "redirect", presign_expiry_s: int = 3600,
-                 multipart_threshold: int = MULTIPART_THRESHOLD) -> None:
+                 multipart_threshold: int = MULTIPART_THRESHOLD, part_bytes: int = MULTIPART_CHUNK) -> None:
         self.bucket, self.prefix = bucket, prefix
         self.endpoint_url, self.region = endpoint_url, region
         self.serve, self.presign_expiry_s = serve, presign_expiry_s
-        self.multipart_threshold = multipart_threshold
+        self.multipart_threshold, self.part_bytes = multipart_threshold, part_bytes
         self._client: Any = None
 
     @property
@@ -49,7 +49,7 @@ class S3ResultStore:
         from boto3.s3.transfer import TransferConfig
 
         key = f"{job_id}/{name}"
-        cfg = TransferConfig(multipart_threshold=self.multipart_threshold, multipart_chunksize=MULTIPART_CHUNK,
+        cfg = TransferConfig(multipart_threshold=self.multipart_threshold, multipart_chunksize=self.part_bytes,
                              max_concurrency=4)
         # One PUT below the threshold; a multipart upload above it (an object appears whole or not at all).
         self.client.upload_fileobj(io.BytesIO(data), self.bucket, self._object(key),
