@@ -23,9 +23,19 @@ import ray
 _END = None  # on a stream's queue: the stream is over (worker shut down, or a newer attachment)
 
 
+def _memory_share(node_id: str, device_resource: str) -> int:
+    """A CPU worker's budget when none is configured: its node's memory over the device units there."""
+    units = next((n["Resources"].get(device_resource, 1) for n in ray.nodes() if n["NodeID"] == node_id), 1)
+    try:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError):
+        total = 16 << 30
+    return int(total // max(1, units))
+
+
 class WorkerActor:
     def __init__(self, worker_id: str, results: dict[str, Any], threads: int, heartbeat_s: float,
-                 memory_budget: int, host_cache_bytes: int, model_cache: str) -> None:
+                 memory_budget: int, host_cache_bytes: int, model_cache: str, device_resource: str) -> None:
         self.lock = threading.Lock()
         self.gen = 0
         self.outbox: queue.Queue = queue.Queue()
@@ -39,6 +49,8 @@ class WorkerActor:
         device = "cuda:0" if gpus else "cpu"
         self.where = {"node": ctx.get_node_id(), "node_ip": ray.util.get_node_ip_address(), "device": device}
         os.environ["GENSERVE_MODEL_CACHE"] = model_cache
+        if not memory_budget and not gpus:
+            memory_budget = _memory_share(ctx.get_node_id(), device_resource)
         args = (worker_id, device, results, threads, heartbeat_s, None, memory_budget, host_cache_bytes,
                 {"node": self.where["node"], "node_ip": self.where["node_ip"]})
         threading.Thread(target=self._main, args=args, daemon=True, name="genserve-worker").start()

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+import signal
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -85,8 +86,10 @@ class RayPool:
 
         self.loop = asyncio.get_running_loop()
         if not ray.is_initialized():
+            term = signal.getsignal(signal.SIGTERM)
             ray.init(address=self.s.address, namespace=self.s.namespace, log_to_driver=False,
                      configure_logging=False)
+            signal.signal(signal.SIGTERM, term)  # ray.init takes SIGTERM over; the server's shutdown keeps it
         self._actor_cls = ray.remote(WorkerActor)
         pattern = re.compile(re.escape(self.s.name) + r"-(w\d+)")
         survivors = sorted(m.group(1) for n in ray.util.list_named_actors() if (m := pattern.fullmatch(n)))
@@ -113,7 +116,7 @@ class RayPool:
             num_cpus=self.s.cpus_per_worker, num_gpus=1 if self.s.device_resource == "GPU" else 0,
             resources=resources, max_restarts=0, max_task_retries=0, max_concurrency=4,
         ).remote(w.id, self.results, threads, self.s.heartbeat_s, self.s.memory_budget, self.s.host_cache_bytes,
-                 self.s.model_cache)
+                 self.s.model_cache, self.s.device_resource)
         self._attach(w, actor, hello=False)
 
     def _attach(self, w: RayWorkerHandle, actor: Any, hello: bool) -> None:
