@@ -142,3 +142,82 @@ def test_jobs_run_on_both_nodes_and_outputs_are_objects_in_the_bucket(demo_model
                                                   "response_format": "b64_json"})
         assert r.status_code == 200, r.text
         assert base64.b64decode(r.json()["data"][0]["b64_json"]).startswith(b"\x89PNG")
+
+
+def _running_on(c: httpx.Client, job_id: str) -> dict | None:
+    job = c.get(f"/v1/jobs/{job_id}").json()
+    return job if job["status"] == "running" and job.get("progress") else None
+
+
+def test_a_lost_node_s_batch_runs_again_elsewhere_and_every_job_succeeds_once(demo_models, cluster, s3, tmp_path):
+    with LiveServer(tmp_path / "b", cluster_toml(demo_models, cluster, s3, name="b")) as srv, \
+            httpx.Client(base_url=srv.url, timeout=60) as c:
+        wait_until(lambda: up_workers(c, 2), 120, "two workers up")
+        long = c.post("/v1/jobs", json={"model": "demo-image", "prompt": "on the doomed node", "steps": 150}).json()
+        others = [c.post("/v1/jobs", json={"model": "demo-image", "prompt": f"o{i}", "steps": 4}).json()["id"]
+                  for i in range(3)]
+        job = wait_until(lambda: _running_on(c, long["id"]), 120, "the long batch running")
+        worker = job["batch"]["worker"]
+        node = next(w["node"] for w in workers_of(c) if w["id"] == worker)
+        cluster.remove(node)
+        # The lost worker's replacement cannot be placed (no free device): it is provisioning.
+        wait_until(lambda: any(w["state"] == "provisioning" for w in workers_of(c)), 60, "a provisioning worker")
+        done = [wait_for(c, j, 240) for j in [long["id"], *others]]
+        assert [j["status"] for j in done] == ["succeeded"] * 4
+        first = done[0]
+        assert [a["code"] for a in first["attempts"]][:1] == ["worker_crashed"]  # its first attempt died with the node
+        assert first["batch"]["worker"] != worker and len(first["attempts"]) == 2
+        assert all(len(j["results"]) == 1 for j in done)
+        assert bucket_keys(s3, "b/") == {f"b/{j['id']}/output.png" for j in done}
+        # A new node: Ray places the waiting worker there, and it serves.
+        cluster.nodes = [n for n in cluster.nodes if n.node_id != node] + [cluster.add_node()]
+        ws = wait_until(lambda: up_workers(c, 2), 120, "the replacement worker up on the new node")
+        assert cluster.nodes[-1].node_id in {w["node"] for w in ws}
+
+
+def test_server_kill_9_reattaches_to_its_workers_and_finishes_queued_jobs(demo_models, cluster, s3, tmp_path):
+    cfg = cluster_toml(demo_models, cluster, s3, name="c", serve="proxy")
+    srv = LiveServer(tmp_path / "c", cfg).start()
+    try:
+        with httpx.Client(base_url=srv.url, timeout=60) as c:
+            before = {w["id"]: w["pid"] for w in wait_until(lambda: up_workers(c, 2), 120, "two workers up")}
+            ids = [c.post("/v1/jobs", json={"model": "demo-image", "prompt": f"k{i}", "steps": 30}).json()["id"]
+                   for i in range(8)]
+            wait_until(lambda: any(_running_on(c, j) for j in ids), 120, "a batch running")
+        srv.stop(kill=True)
+        srv = LiveServer(tmp_path / "c", cfg).start()
+        with httpx.Client(base_url=srv.url, timeout=60) as c:
+            jobs = [wait_for(c, j, 300) for j in ids]
+            assert [j["status"] for j in jobs] == ["succeeded"] * 8
+            # The same worker processes, found again by name: not new ones.
+            after = {w["id"]: w["pid"] for w in wait_until(lambda: up_workers(c, 2), 60, "two workers up")}
+            assert after == before
+            r = c.get(f"/v1/jobs/{ids[0]}/result")  # serve = "proxy": the server streams the object
+            assert r.status_code == 200 and r.content.startswith(b"\x89PNG")
+            assert bucket_keys(s3, "c/") == {f"c/{j}/output.png" for j in ids}
+    finally:
+        srv.stop()
+
+
+def test_autoscaling_adds_an_actor_under_load_and_retires_it_after(demo_models, cluster, s3, tmp_path):
+    autoscale = """
+[autoscale]
+policy = "queue_depth"
+min_devices = 1
+max_devices = 2
+target_queue_s = 1.0
+interval_s = 0.5
+scale_down_delay_s = 3.0
+"""
+    cfg = cluster_toml(demo_models, cluster, s3, name="d", workers=1, extra=autoscale)
+    with LiveServer(tmp_path / "d", cfg) as srv, httpx.Client(base_url=srv.url, timeout=60) as c:
+        wait_until(lambda: up_workers(c, 1), 120, "one worker up")
+        wait_for(c, c.post("/v1/jobs", json={"model": "demo-image", "prompt": "warm", "steps": 10}).json()["id"], 120)
+        ids = [c.post("/v1/jobs", json={"model": "demo-image", "prompt": f"l{i}", "steps": 10}).json()["id"]
+               for i in range(16)]
+        two = wait_until(lambda: up_workers(c, 2), 120, "a second actor up")
+        assert len({w["node"] for w in two}) == 2
+        jobs = [wait_for(c, j, 300) for j in ids]
+        assert all(j["status"] == "succeeded" for j in jobs)
+        assert len({j["batch"]["worker"] for j in jobs}) == 2
+        wait_until(lambda: up_workers(c, 1), 90, "scaled back to one actor")

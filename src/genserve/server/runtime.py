@@ -278,7 +278,8 @@ class Runtime:
                 m = self.config.models[d.model]
                 spec = {"path": str(self.config.model_dir(d.model)), "kind": m.kind, "dtype": m.dtype}
                 if m.source.startswith("s3://"):  # each node downloads it once into its cache
-                    spec["source"] = m.source
+                    spec.update(source=m.source, endpoint_url=self.config.results.endpoint_url,
+                                region=self.config.results.region)
                 log.info("loading %s on %s (%s)", d.model, d.worker, d.reason)
                 self.pool.send(d.worker, {"op": P.LOAD, "model": d.model, "spec": spec, "reason": d.reason})
             case UnloadModel():

@@ -106,7 +106,7 @@ def run_worker(recv: Callable[[], dict[str, Any]], emit: Callable[[dict[str, Any
             model = msg["model"]
             try:
                 injector.on_load(model)
-                info = runner.load(model, msg["spec"])
+                info = _load(runner, model, msg["spec"])
                 failed_loads.pop(model, None)
                 emit({"ev": "loaded", **info})
             except Exception as e:  # any load error is reported, never fatal to the worker
@@ -132,3 +132,18 @@ def run_worker(recv: Callable[[], dict[str, Any]], emit: Callable[[dict[str, Any
             finally:
                 canceled.difference_update(j["id"] for j in msg["jobs"])
 
+
+
+def _load(runner: Any, model: str, spec: dict[str, Any]) -> dict[str, Any]:
+    """Load ``model``; an ``s3://`` source is first fetched into this node's cache (load tier
+    ``remote`` for the load that downloaded it, timed from the start of the download)."""
+    if "source" not in spec or model in runner.pipes:
+        return runner.load(model, spec)
+    from ..storage.model_cache import fetch_model
+
+    t0 = time.time()
+    path, downloaded = fetch_model(spec["source"], endpoint_url=spec.get("endpoint_url"), region=spec.get("region"))
+    info = runner.load(model, {**spec, "path": str(path)})
+    if downloaded and not info.get("cached"):
+        info.update(tier="remote", load_start=t0)
+    return info
