@@ -14,6 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from . import family_config
+from .cluster.config import ClusterConfig, ResultsConfig, parse_cluster, parse_results
+from .config_error import ConfigError
 from .demo_catalog import DEMO_SOURCES, DEMO_TOML
 from .engine.autoscale import Autoscaler, ScaleLimits
 from .engine.liveness import Liveness
@@ -28,12 +30,6 @@ DTYPES = ("auto", "float32", "float16", "bfloat16")
 BATCHING_MODES = ("request", "step")
 GIB = 1 << 30
 FAULTS_ENV = "GENSERVE_ENABLE_FAULTS"  # fault injection is refused unless this is "1"
-
-
-class ConfigError(ValueError):
-    def __init__(self, key: str, message: str) -> None:
-        super().__init__(f"{key}: {message}")
-        self.key = key
 
 
 @dataclass(frozen=True)
@@ -179,6 +175,8 @@ class Config:
     prices: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_PRICES))
     faults: FaultConfig | None = None
     autoscale: AutoscaleConfig | None = None
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    results: ResultsConfig = field(default_factory=ResultsConfig)
 
     def with_overrides(self, **kw: Any) -> "Config":
         kw = {k: v for k, v in kw.items() if v is not None}
@@ -411,9 +409,10 @@ def _parse_prices(raw: Any) -> dict[str, float]:
 
 
 def parse_config(data: dict[str, Any]) -> Config:
-    unknown = sorted(set(data) - {"server", "models", "prices", "faults", "autoscale"})
+    unknown = sorted(set(data) - {"server", "models", "prices", "faults", "autoscale", "cluster", "results"})
     if unknown:
-        raise ConfigError(unknown[0], "unknown section (expected [server], [prices], [autoscale], [models.NAME], [faults])")
+        raise ConfigError(unknown[0], "unknown section (expected [server], [prices], [autoscale], [models.NAME], "
+                                      "[faults], [cluster], [results])")
     server = _parse_server(data.get("server", {}))
     models_raw = data.get("models", {})
     _type("models", models_raw, dict, "a table of models")
@@ -432,7 +431,8 @@ def parse_config(data: dict[str, Any]) -> Config:
             raise ConfigError(key, f"{m.fallback} is a {models[m.fallback].kind} model; {name} is {m.kind}")
     faults = _parse_faults(data["faults"], models) if "faults" in data else None
     autoscale = _parse_autoscale(data["autoscale"]) if "autoscale" in data else None
-    return Config(server, models, _parse_prices(data.get("prices", {})), faults, autoscale)
+    return Config(server, models, _parse_prices(data.get("prices", {})), faults, autoscale,
+                  parse_cluster(data.get("cluster", {})), parse_results(data.get("results", {})))
 
 
 def _parse_autoscale(raw: Any) -> AutoscaleConfig:

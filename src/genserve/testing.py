@@ -140,3 +140,33 @@ def wait_until(pred, timeout: float = 60.0, what: str = "condition", every: floa
             return got
         time.sleep(every)
     raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+class s3_server:
+    """A real S3 API over HTTP on loopback (moto's server), with ``buckets`` created; the AWS
+    credentials it needs are dummies set in the environment (which workers and servers inherit).
+    Use as a context manager: yields the endpoint URL."""
+
+    def __init__(self, *buckets: str) -> None:
+        self.buckets = buckets
+        self.server = None
+
+    def __enter__(self) -> str:
+        import boto3
+        from moto.server import ThreadedMotoServer
+
+        for k, v in (("AWS_ACCESS_KEY_ID", "testing"), ("AWS_SECRET_ACCESS_KEY", "testing"),
+                     ("AWS_DEFAULT_REGION", "us-east-1")):
+            os.environ.setdefault(k, v)
+        port = free_port()
+        self.server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
+        self.server.start()
+        url = f"http://127.0.0.1:{port}"
+        s3 = boto3.client("s3", endpoint_url=url, region_name="us-east-1")
+        for b in self.buckets:
+            s3.create_bucket(Bucket=b)
+        return url
+
+    def __exit__(self, *exc) -> None:
+        if self.server is not None:
+            self.server.stop()

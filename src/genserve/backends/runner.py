@@ -7,7 +7,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
-from ..storage import OUTPUT_TYPES, LocalResultStore, output_name
+from ..storage import OUTPUT_TYPES, ResultStore, output_name
 from .encode import encode_mp4, encode_png
 from .families import FamilyAdapter, UnsupportedPipeline, adapter_for
 
@@ -93,7 +93,7 @@ def dtype_bytes_of(pipe) -> int:
 
 
 class PipelineRunner:
-    def __init__(self, device: str, store: LocalResultStore, host_cache_bytes: int = 0,
+    def __init__(self, device: str, store: ResultStore, host_cache_bytes: int = 0,
                  encode: Callable[[str, Any, int], bytes] | None = None) -> None:
         """``encode(kind, output, fps)``: output -> stored bytes (default PNG / H.264 MP4)."""
         self.device = device

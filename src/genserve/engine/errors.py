@@ -41,6 +41,6 @@ def classify_exception(exc: BaseException) -> ErrorCode:
         return ErrorCode(own)
     if "OutOfMemory" in type(exc).__name__ or "out of memory" in str(exc).lower():
         return ErrorCode.OUT_OF_MEMORY
-    if isinstance(exc, OSError):
-        return ErrorCode.STORAGE_ERROR
+    if isinstance(exc, OSError) or type(exc).__module__.split(".")[0] in ("botocore", "boto3", "s3transfer"):
+        return ErrorCode.STORAGE_ERROR  # writing the output (to disk or to an object store) failed
     return ErrorCode.INTERNAL

@@ -5,9 +5,29 @@ from __future__ import annotations
 
 from .autoscale import Autoscaler, FleetSnapshot
 from .fleet import Fleet
-from .types import Decision, RetireWorker, ScaleTo
+from .types import Decision, RetireWorker, ScaleTo, WorkerState
 from .waiting import Waiting
 from .work import WorkModel
+
+
+def choose_retirees(workers: list[WorkerState], idle: list[WorkerState], queued_models: set[str], surplus: int,
+                    now: float) -> list[str]:
+    """Up to ``surplus`` idle workers to retire, the cheapest to lose first (holding the least, then
+    the least used). Never one that is loading, holds a warm-pool copy, or is the last worker holding
+    a model that has queued work (losing it would turn that work into a cold start)."""
+    holders = {m: {w.id for w in workers if m in w.resident} for m in queued_models}
+    chosen: list[str] = []
+    for w in sorted(idle, key=lambda w: (w.used, w.busy.utilization(now), w.id)):
+        if len(chosen) == surplus:
+            break
+        if w.loading or any(r.pinned for r in w.resident.values()):
+            continue
+        if any(m in holders and holders[m] <= {w.id} for m in w.resident):
+            continue  # the last holder of a model with queued work
+        chosen.append(w.id)
+        for ids in holders.values():
+            ids.discard(w.id)
+    return chosen
 
 
 class Scaling:
@@ -52,11 +72,9 @@ class Scaling:
         surplus = len(fleet.workers) - want
         retired: list[str] = []
         if surplus > 0:
-            # Retire idle workers, the ones holding the least (no warm-pool copies) first.
-            idle = [w for w in fleet.idle(excluded) if not w.loading and not any(r.pinned for r in w.resident.values())]
-            for w in sorted(idle, key=lambda w: (w.used, w.busy.utilization(now), w.id))[:surplus]:
-                retired.append(w.id)
-                out.append(RetireWorker(w.id, "scale down"))
+            queued = {k.model for k in waiting.keys() if any(True for _ in waiting.jobs(k))}
+            retired = choose_retirees(list(fleet.workers.values()), fleet.idle(excluded), queued, surplus, now)
+            out += [RetireWorker(w, "scale down") for w in retired]
         return out, retired
 
     def next_time(self, now: float) -> float:

@@ -11,7 +11,7 @@ from typing import Any, Literal
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
+from fastapi.responses import FileResponse, JSONResponse, RedirectResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -20,6 +20,7 @@ from ..engine import ErrorCode, is_retryable
 from ..backends.families.base import image_digest
 from ..requests import MAX_SEED, RequestError, validate
 from ..status import JobStatus, is_terminal
+from ..storage import LocalResultStore
 from .jobstore import STAGES
 from .observability_api import observability_router
 from .runtime import QueueFull, Runtime
@@ -220,8 +221,15 @@ def create_app(config: Config, runtime: Runtime | None = None) -> FastAPI:
         if not 0 <= index < len(job["results"]):
             raise RequestError("index", f"must be between 0 and {len(job['results']) - 1}", status=404, code="not_found")
         ref = job["results"][index]
-        path = results.local_path(ref["key"])
-        return FileResponse(path, media_type=ref["content_type"], filename=f"{job_id}-{path.name}")
+        filename = f"{job_id}-{ref['key'].rpartition('/')[2]}"
+        url = results.presigned_url(ref["key"], filename)
+        if url is not None:  # the object store serves the bytes; the server only points at them
+            return RedirectResponse(url, status_code=307)
+        if isinstance(results, LocalResultStore):
+            return FileResponse(results.local_path(ref["key"]), media_type=ref["content_type"], filename=filename)
+        data = await asyncio.get_running_loop().run_in_executor(None, results.read, ref["key"])
+        return Response(data, media_type=ref["content_type"],
+                        headers={"content-disposition": f'inline; filename="{filename}"'})
 
     @app.get("/v1/jobs/{job_id}/events", tags=["jobs"])
     async def job_events(job_id: str, request: Request):
@@ -294,7 +302,7 @@ def create_app(config: Config, runtime: Runtime | None = None) -> FastAPI:
         data = []
         for j in finals:
             if body.response_format == "b64_json":
-                raw = results.local_path(j["results"][0]["key"]).read_bytes()
+                raw = await asyncio.get_running_loop().run_in_executor(None, results.read, j["results"][0]["key"])
                 data.append({"b64_json": base64.b64encode(raw).decode(), "revised_prompt": None})
             else:
                 data.append({"url": f"{request.base_url}v1/jobs/{j['id']}/result", "revised_prompt": None})

@@ -80,8 +80,10 @@ class FleetState:
         for wid, h in self.pool.workers.items():
             st = self.engine.workers.get(wid)
             dtype = self.device_type(wid)
+            node, name = h.info.get("node"), h.info.get("device_name")
             if st is None or not h.ready:
-                out.append(WorkerView(wid, h.device, dtype, h.state, False, h.quarantined, h.restarts, len(h.exits)))
+                out.append(WorkerView(wid, h.device, dtype, h.state, False, h.quarantined, h.restarts, len(h.exits),
+                                      node=node, device_name=name))
                 continue
             batch = self.engine.running_batch(st.batch_id) if st.batch_id is not None else None
             out.append(WorkerView(
@@ -89,7 +91,8 @@ class FleetState:
                 h.quarantined, h.restarts, len(h.exits), h.info.get("pid"), st.capacity, st.used,
                 self._reported.get(wid, {}).get("used_bytes"), round(st.busy.utilization(now), 4), st.batch_id,
                 tuple(ResidentView(m, r.bytes, r.last_used, r.pinned, r.loading) for m, r in sorted(st.resident.items())),
-                len(batch.jobs) if batch is not None else 0, batch.key.model if batch is not None else None))
+                node, name, len(batch.jobs) if batch is not None else 0,
+                batch.key.model if batch is not None else None))
         return out
 
     def queue_depth(self, model: str) -> int:

@@ -18,7 +18,7 @@ from ..config import ModelConfig
 from ..engine import ErrorCode, JoinBatch, RetryJob, RunBatch
 from ..engine.types import RunningBatch
 from ..status import JobStatus, is_terminal
-from ..storage import OUTPUT_TYPES, LocalResultStore, ResultRef, output_name
+from ..storage import OUTPUT_TYPES, ResultRef, ResultStore, output_name
 from .cost import apportion, cost_usd, job_weight
 from .jobstore import JobStore
 from .listeners import Event
@@ -28,7 +28,7 @@ log = logging.getLogger("genserve.runtime")
 
 
 class JobRecords:
-    def __init__(self, store: JobStore, results: LocalResultStore, models: Mapping[str, ModelConfig],
+    def __init__(self, store: JobStore, results: ResultStore, models: Mapping[str, ModelConfig],
                  publish: Callable[[Event], None]) -> None:
         self.store = store
         self.results = results
@@ -131,12 +131,12 @@ class JobRecords:
             return False
         kind = self.models[job["served_model"] or job["model"]].kind
         key = f"{job_id}/{output_name(kind)}"
-        if not self.results.exists(key):
+        info = self.results.head(key)
+        if info is None:
             return False
-        stat = self.results.local_path(key).stat()
         log.info("job %s: output %s", job_id, how)
-        self.store.update([job_id], results=[ResultRef(key, OUTPUT_TYPES[kind], stat.st_size).to_dict()],
-                          t_output_written=stat.st_mtime)
+        self.store.update([job_id], results=[ResultRef(key, OUTPUT_TYPES[kind], info.bytes).to_dict()],
+                          t_output_written=info.mtime)
         self.finish(job_id, JobStatus.SUCCEEDED, now)
         return True
 

@@ -44,10 +44,11 @@ from ..engine import (
 )
 from ..requests import JobParams
 from ..status import JobStatus, is_terminal
-from ..storage import LocalResultStore
+from ..storage.open import open_store
 from ..workers import protocol as P
 from ..workers.base import OnExit, OnMessage, Pool, PoolFactory
 from ..workers.pool import LocalPool, detect_devices
+from ..workers.ray_pool import RayPool, RaySettings
 from .events import EventHub
 from .fleet import FleetState
 from .jobstore import JobStore
@@ -78,15 +79,27 @@ def initial_devices(config: Config, detected: list[str]) -> list[str]:
     return ["cpu"] * max(a.min_devices, min(config.server.workers, a.max_devices))
 
 
-def local_pool(config: Config, results_root: str) -> PoolFactory:
+def local_pool(config: Config, results: dict[str, Any]) -> PoolFactory:
     """The default pool: worker processes on this machine."""
     s, faults = config.server, config.faults
 
     def make(devices: list[str], on_message: OnMessage, on_exit: OnExit) -> Pool:
-        return LocalPool(devices, results_root, on_message, on_exit, heartbeat_s=s.heartbeat_s,
+        return LocalPool(devices, results, on_message, on_exit, heartbeat_s=s.heartbeat_s,
                          restart=RestartPolicy(quarantine_after=s.quarantine_after, window_s=s.quarantine_window_s),
                          faults=faults.for_worker if faults else None, cpu_memory_bytes=int(s.worker_memory_gb * GIB),
                          host_cache_bytes=int(s.host_cache_gb * GIB))
+    return make
+
+
+def ray_pool(config: Config, results: dict[str, Any]) -> PoolFactory:
+    """``[cluster] provider = "ray"``: one Ray actor per worker, placed by Ray on any node."""
+    s, c = config.server, config.cluster
+    settings = RaySettings(c.address, c.namespace, c.name, c.device_resource, c.cpus_per_worker, c.model_cache,
+                           s.heartbeat_s, int(s.worker_memory_gb * GIB), int(s.host_cache_gb * GIB))
+
+    def make(devices: list[str], on_message: OnMessage, on_exit: OnExit) -> Pool:
+        return RayPool(len(devices), results, on_message, on_exit, settings,
+                       RestartPolicy(quarantine_after=s.quarantine_after, window_s=s.quarantine_window_s))
     return make
 
 
@@ -98,17 +111,23 @@ class Runtime:
         s = config.server
         s.data_dir.mkdir(parents=True, exist_ok=True)
         self.store = JobStore(s.data_dir / "jobs.db")
-        self.results = LocalResultStore(s.data_dir / "results")
+        results_spec = config.results.spec(s.data_dir)
+        self.results = open_store(results_spec)
         # The batch-id prefix is unique per start: restarts share one database.
         self.engine = Engine(engine_settings(config, batch_id_prefix=f"b{secrets.token_hex(3)}"))
         self.events = EventHub()
         self.webhooks = WebhookSender(self.store, s.webhook_secret, max_attempts=s.webhook_max_attempts,
                                       backoff_s=s.webhook_backoff_s)
-        detected = devices if devices is not None else detect_devices(s.workers)
+        ray = config.cluster.provider == "ray"
+        if ray:  # Ray finds the devices: here, only how many workers to ask for
+            n = config.cluster.workers if config.cluster.workers is not None else s.workers
+            detected = devices if devices is not None else ["ray"] * n
+        else:
+            detected = devices if devices is not None else detect_devices(s.workers)
         self.gpus = [d for d in detected if d.startswith("cuda")]
         self.devices = initial_devices(config, detected)
-        self.pool: Pool = (pool or local_pool(config, str(self.results.root)))(self.devices, self._on_message,
-                                                                                self._on_exit)
+        pool = pool or (ray_pool if ray else local_pool)(config, results_spec)
+        self.pool: Pool = pool(self.devices, self._on_message, self._on_exit)
         self.fleet = FleetState(self.engine, self.pool, config.prices)
         self.observer = Observer(config.prices, config.models, self.fleet, self.store, clock)
         self.listeners: list[Listener] = [self.events, self.webhooks, self.observer]
@@ -262,6 +281,9 @@ class Runtime:
                 spec = {"path": str(self.config.model_dir(d.model)), "kind": m.kind, "dtype": m.dtype,
                         "true_cfg_scale": m.family.true_cfg_scale,
                         "max_sequence_length": m.family.max_sequence_length}
+                if m.source.startswith("s3://"):  # each node downloads it once into its cache
+                    spec.update(source=m.source, endpoint_url=self.config.results.endpoint_url,
+                                region=self.config.results.region)
                 log.info("loading %s on %s (%s)", d.model, d.worker, d.reason)
                 self.pool.send(d.worker, {"op": P.LOAD, "model": d.model, "spec": spec, "reason": d.reason})
             case UnloadModel():

@@ -40,6 +40,8 @@ class WorkerView:
     utilization: float = 0.0
     batch_id: str | None = None
     resident: tuple[ResidentView, ...] = ()
+    node: str | None = None  # where it runs: the Ray node id on a cluster, None on this machine
+    device_name: str | None = None  # what the device says it is (GPU model, or "cpu")
     running_jobs: int = 0  # jobs in its running batch (step-level batching: the running set's size now)
     running_model: str | None = None
 
@@ -50,9 +52,10 @@ class WorkerView:
     def to_dict(self) -> dict[str, Any]:
         if not self.up:  # starting, restarting or quarantined
             return {"id": self.id, "device": self.device, "state": self.state, "quarantined": self.quarantined,
-                    "restarts": self.restarts, "exits": self.exits, "resident_models": []}
+                    "restarts": self.restarts, "exits": self.exits, "resident_models": [], "node": self.node,
+                    "device_name": self.device_name, "device_type": self.device_type}
         d = asdict(self)
-        d.pop("up"), d.pop("device_type")
+        d.pop("up")
         d["resident_models"] = d.pop("resident")
         d["free_bytes"] = None if self.capacity_bytes is None else self.capacity_bytes - self.used_bytes
         return d

@@ -21,6 +21,12 @@ _JOB_ID = re.compile(r"[A-Za-z0-9_-]{1,128}")
 _NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 
 
+def check_key(job_id: str, name: str) -> None:
+    """Raise ValueError unless ``<job_id>/<name>`` is a key a store may hold (no traversal)."""
+    if not _JOB_ID.fullmatch(job_id) or not _NAME.fullmatch(name) or name.startswith("."):
+        raise ValueError(f"invalid result key {job_id!r}/{name!r}")
+
+
 @dataclass(frozen=True)
 class ResultRef:
     key: str  # store-relative: "<job_id>/<name>"
@@ -31,10 +37,26 @@ class ResultRef:
         return asdict(self)
 
 
+@dataclass(frozen=True)
+class ObjectInfo:
+    bytes: int
+    mtime: float  # when it was written (epoch seconds)
+
+
 class ResultStore(Protocol):
+    """Keys are store-relative, ``<job_id>/<name>``: deterministic, so a job run again overwrites
+    its output and a restarted server can find an output by the job id alone."""
+
     def put(self, job_id: str, name: str, data: bytes, content_type: str) -> ResultRef: ...
-    def local_path(self, key: str) -> Path: ...
     def exists(self, key: str) -> bool: ...
+    def head(self, key: str) -> ObjectInfo | None: ...
+    def read(self, key: str) -> bytes: ...
+    def presigned_url(self, key: str, filename: str) -> str | None:
+        """A URL a client can fetch the object from directly, or None: the server streams it."""
+        ...
+    def delete(self, key: str) -> int:
+        """Remove the object; the bytes freed (0 when it was not there: idempotent)."""
+        ...
 
 
 class LocalResultStore:
@@ -46,8 +68,7 @@ class LocalResultStore:
         self.root.mkdir(parents=True, exist_ok=True)
 
     def _path(self, job_id: str, name: str) -> Path:
-        if not _JOB_ID.fullmatch(job_id) or not _NAME.fullmatch(name) or name.startswith("."):
-            raise ValueError(f"invalid result key {job_id!r}/{name!r}")
+        check_key(job_id, name)
         return self.root / job_id / name
 
     def put(self, job_id: str, name: str, data: bytes, content_type: str) -> ResultRef:
@@ -72,3 +93,29 @@ class LocalResultStore:
             return self.local_path(key).is_file()
         except ValueError:
             return False
+
+    def head(self, key: str) -> ObjectInfo | None:
+        try:
+            st = self.local_path(key).stat()
+        except (ValueError, OSError):
+            return None
+        return ObjectInfo(st.st_size, st.st_mtime)
+
+    def read(self, key: str) -> bytes:
+        return self.local_path(key).read_bytes()
+
+    def presigned_url(self, key: str, filename: str) -> str | None:
+        return None  # served from the directory by the server itself
+
+    def delete(self, key: str) -> int:
+        try:
+            path = self.local_path(key)
+            size = path.stat().st_size
+            path.unlink()
+        except (ValueError, FileNotFoundError):
+            return 0
+        try:
+            path.parent.rmdir()  # the job's directory, once empty
+        except OSError:
+            pass
+        return size

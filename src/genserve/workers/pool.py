@@ -46,12 +46,12 @@ def _physical_memory() -> int:
 class LocalPool:
     """Worker processes on this machine (implements ``base.Pool``)."""
 
-    def __init__(self, devices: list[str], results_dir: str, on_message: OnMessage, on_exit: OnExit, *,
+    def __init__(self, devices: list[str], results: dict[str, Any] | str, on_message: OnMessage, on_exit: OnExit, *,
                  heartbeat_s: float = 2.0, restart: RestartPolicy | None = None,
                  faults: Callable[[str, int], dict[str, Any] | None] | None = None,
                  cpu_memory_bytes: int = 0, host_cache_bytes: int = 0) -> None:
         self.ctx = mp.get_context("spawn")
-        self.results_dir = results_dir
+        self.results = results  # a result-store spec: each worker opens the store
         self.on_message = on_message
         self.on_exit = on_exit
         cpu_count = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
@@ -78,7 +78,7 @@ class LocalPool:
         parent, child = self.ctx.Pipe(duplex=True)
         threads = self.threads if w.device == "cpu" else 0
         proc = self.ctx.Process(target=worker_main, name=f"genserve-worker-{w.id}", daemon=True,
-                                args=(child, w.id, w.device, self.results_dir, threads, self.heartbeat_s,
+                                args=(child, w.id, w.device, self.results, threads, self.heartbeat_s,
                                       self.faults(w.id, w.restarts), self.cpu_memory, self.host_cache_bytes))
         proc.start()
         child.close()

@@ -7,6 +7,7 @@ import queue
 import threading
 import time
 import traceback
+from collections.abc import Callable
 from multiprocessing.connection import Connection
 from typing import Any
 
@@ -15,9 +16,27 @@ from . import protocol as P
 from .faults import FaultInjector
 
 
-def worker_main(conn: Connection, worker_id: str, device: str, results_dir: str, threads: int,
+def worker_main(conn: Connection, worker_id: str, device: str, results: dict[str, Any] | str, threads: int,
                 heartbeat_s: float = 2.0, faults: dict[str, Any] | None = None,
                 memory_budget: int = 0, host_cache_bytes: int = 0) -> None:
+    """A local worker process: messages over a multiprocessing pipe."""
+    send_lock = threading.Lock()
+
+    def emit(msg: dict[str, Any]) -> None:
+        with send_lock:
+            conn.send(msg)
+
+    run_worker(conn.recv, emit, worker_id, device, results, threads, heartbeat_s, faults, memory_budget,
+               host_cache_bytes)
+
+
+def run_worker(recv: Callable[[], dict[str, Any]], emit: Callable[[dict[str, Any]], None], worker_id: str,
+               device: str, results: dict[str, Any] | str, threads: int, heartbeat_s: float = 2.0,
+               faults: dict[str, Any] | None = None, memory_budget: int = 0, host_cache_bytes: int = 0,
+               ready_info: dict[str, Any] | None = None) -> None:
+    """The worker, whatever carries its messages (a pipe, a Ray actor): ``recv()`` blocks for the
+    next op and raises EOFError when the server is gone; ``emit`` is thread-safe. Returns on
+    shutdown. ``results`` is a result-store spec (``open_store``): outputs go straight there."""
     import warnings
 
     # Library deprecation noise is hidden; diffusers' own warnings (a size it will round, an input
@@ -37,13 +56,7 @@ def worker_main(conn: Connection, worker_id: str, device: str, results_dir: str,
     logging.getLogger("transformers").setLevel(logging.ERROR)
     from ..backends.runner import BatchAborted, PipelineRunner
     from ..backends.step_runner import can_step, run_grouped, run_steps
-    from ..storage import LocalResultStore
-
-    send_lock = threading.Lock()
-
-    def emit(msg: dict[str, Any]) -> None:
-        with send_lock:
-            conn.send(msg)
+    from ..storage.open import open_store
 
     inbox: queue.Queue = queue.Queue()
     joins: queue.Queue = queue.Queue()  # step-level batching: read between steps of a running set
@@ -55,7 +68,7 @@ def worker_main(conn: Connection, worker_id: str, device: str, results_dir: str,
         # Cancels must be seen while the main thread is inside a pipeline call, so a thread reads.
         while True:
             try:
-                msg = conn.recv()
+                msg = recv()
             except (EOFError, OSError):
                 os._exit(0)  # the server is gone: never outlive it
             if msg["op"] == P.CANCEL:
@@ -80,10 +93,15 @@ def worker_main(conn: Connection, worker_id: str, device: str, results_dir: str,
     threading.Thread(target=reader, daemon=True, name="genserve-reader").start()
     threading.Thread(target=heartbeat, daemon=True, name="genserve-heartbeat").start()
     injector = FaultInjector(faults)
-    runner = PipelineRunner(device, LocalResultStore(results_dir), host_cache_bytes)
-    emit({"ev": "ready", "worker": worker_id, "device": device, "pid": os.getpid(), "threads": torch.get_num_threads(),
-          "capacity_bytes": runner.capacity(memory_budget),
-          "device_name": torch.cuda.get_device_name(device) if device.startswith("cuda") else "cpu"})  # prices by GPU type
+    runner = PipelineRunner(device, open_store(results), host_cache_bytes)
+
+    def ready() -> None:
+        emit({"ev": "ready", "worker": worker_id, "device": device, "pid": os.getpid(),
+              "threads": torch.get_num_threads(), "capacity_bytes": runner.capacity(memory_budget),
+              "device_name": torch.cuda.get_device_name(device) if device.startswith("cuda") else "cpu",  # prices
+              **(ready_info or {})})
+
+    ready()
     failed_loads: dict[str, str] = {}
 
     def unloads_between_steps() -> None:
@@ -101,11 +119,16 @@ def worker_main(conn: Connection, worker_id: str, device: str, results_dir: str,
         op = msg["op"]
         if op == P.SHUTDOWN:
             return
+        if op == P.HELLO:  # a new server attached: it knows nothing of us, so start from a clean slate
+            for model in list(runner.pipes):
+                runner.unload(model)
+            ready()
+            continue
         if op == P.LOAD:
             model = msg["model"]
             try:
                 injector.on_load(model)
-                info = runner.load(model, msg["spec"])
+                info = _load(runner, model, msg["spec"])
                 failed_loads.pop(model, None)
                 emit({"ev": "loaded", **info})
             except Exception as e:  # any load error is reported, never fatal to the worker
@@ -142,3 +165,18 @@ def worker_main(conn: Connection, worker_id: str, device: str, results_dir: str,
                 canceled.difference_update(seen)
                 pausing.difference_update(seen)
 
+
+
+def _load(runner: Any, model: str, spec: dict[str, Any]) -> dict[str, Any]:
+    """Load ``model``; an ``s3://`` source is first fetched into this node's cache (load tier
+    ``remote`` for the load that downloaded it, timed from the start of the download)."""
+    if "source" not in spec or model in runner.pipes:
+        return runner.load(model, spec)
+    from ..storage.model_cache import fetch_model
+
+    t0 = time.time()
+    path, downloaded = fetch_model(spec["source"], endpoint_url=spec.get("endpoint_url"), region=spec.get("region"))
+    info = runner.load(model, {**spec, "path": str(path)})
+    if downloaded and not info.get("cached"):
+        info.update(tier="remote", load_start=t0)
+    return info

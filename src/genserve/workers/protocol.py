@@ -13,6 +13,7 @@ server -> worker (``op``):
                                            kept on the worker; a later run/join of the job resumes it)
   cancel   {batch_id, job_ids}            (honoured at the next step boundary)
   shutdown {}
+  hello    {}                             (a restarted server re-attached: unload all, say ready again)
 worker -> server (``ev``):
   ready        {worker, device, device_name, pid, threads, capacity_bytes}
   heartbeat    {t}                    (every heartbeat_s, from its own thread)
@@ -32,4 +33,5 @@ worker -> server (``ev``):
 """
 from __future__ import annotations
 
-LOAD, UNLOAD, RUN, JOIN, PAUSE, CANCEL, SHUTDOWN = "load", "unload", "run", "join", "pause", "cancel", "shutdown"
+LOAD, UNLOAD, RUN, JOIN, PAUSE, CANCEL, SHUTDOWN, HELLO = (
+    "load", "unload", "run", "join", "pause", "cancel", "shutdown", "hello")

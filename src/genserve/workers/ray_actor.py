@@ -1,0 +1,110 @@
+"""The worker as a Ray actor: the same worker code as a local process (``process.run_worker``),
+with its messages carried by actor calls instead of a pipe.
+
+Server -> worker: ``send(gen, seq, msg)``. A threaded actor may start calls out of order, so each
+message carries a sequence number and the actor hands them to the worker strictly in order.
+Worker -> server: ``stream(gen)``, a streaming generator: every message is yielded the moment the
+worker emits it, so progress, results and heartbeats reach the server's event loop as they happen.
+
+``gen`` is the attachment: a restarted server attaches to a surviving (named, detached) actor with
+a higher one. The actor then forgets the old server's stream and its batches (their messages
+would describe batches the new server never dispatched), and the new server says ``hello`` so the
+worker starts clean and announces itself again.
+"""
+from __future__ import annotations
+
+import os
+import queue
+import threading
+from typing import Any
+
+import ray
+
+_END = None  # on a stream's queue: the stream is over (worker shut down, or a newer attachment)
+
+
+def _memory_share(node_id: str, device_resource: str) -> int:
+    """A CPU worker's budget when none is configured: its node's memory over the device units there."""
+    units = next((n["Resources"].get(device_resource, 1) for n in ray.nodes() if n["NodeID"] == node_id), 1)
+    try:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError):
+        total = 16 << 30
+    return int(total // max(1, units))
+
+
+class WorkerActor:
+    def __init__(self, worker_id: str, results: dict[str, Any], threads: int, heartbeat_s: float,
+                 memory_budget: int, host_cache_bytes: int, model_cache: str, device_resource: str) -> None:
+        self.lock = threading.Lock()
+        self.gen = 0
+        self.outbox: queue.Queue = queue.Queue()
+        self.inbox: queue.Queue = queue.Queue()
+        self.next_seq = 0
+        self.held: dict[int, dict[str, Any]] = {}  # arrived early: waits for the ones before it
+        self.batches: set[str] = set()  # dispatched by the current attachment
+        ctx = ray.get_runtime_context()
+        gpus = ray.get_gpu_ids()
+        # Ray sets CUDA_VISIBLE_DEVICES to this actor's GPU, so it is always cuda:0 from in here.
+        device = "cuda:0" if gpus else "cpu"
+        self.where = {"node": ctx.get_node_id(), "node_ip": ray.util.get_node_ip_address(), "device": device}
+        os.environ["GENSERVE_MODEL_CACHE"] = model_cache
+        if not memory_budget and not gpus:
+            memory_budget = _memory_share(ctx.get_node_id(), device_resource)
+        args = (worker_id, device, results, threads, heartbeat_s, None, memory_budget, host_cache_bytes,
+                {"node": self.where["node"], "node_ip": self.where["node_ip"]})
+        threading.Thread(target=self._main, args=args, daemon=True, name="genserve-worker").start()
+
+    def _main(self, *args: Any) -> None:
+        from .process import run_worker
+
+        try:
+            run_worker(self.inbox.get, self._emit, *args)
+        finally:
+            with self.lock:
+                self.outbox.put(_END)
+
+    def _emit(self, msg: dict[str, Any]) -> None:
+        with self.lock:
+            bid = msg.get("batch_id")
+            if bid is not None and bid not in self.batches:
+                return  # a batch of a server that is gone: the new one re-queued its jobs
+            self.outbox.put(msg)
+
+    def _attach(self, gen: int) -> None:
+        """Called with the lock held: a newer server takes over."""
+        if gen <= self.gen:
+            return
+        self.gen = gen
+        self.outbox.put(_END)  # ends the old stream, if one is still open
+        self.outbox = queue.Queue()
+        self.next_seq, self.held, self.batches = 0, {}, set()
+
+    def send(self, gen: int, seq: int, msg: dict[str, Any]) -> None:
+        from . import protocol as P
+
+        with self.lock:
+            self._attach(gen)
+            if gen < self.gen:
+                return
+            self.held[seq] = msg
+            while self.next_seq in self.held:
+                m = self.held.pop(self.next_seq)
+                self.next_seq += 1
+                if m["op"] == P.RUN:
+                    self.batches.add(m["batch_id"])
+                self.inbox.put(m)
+
+    @ray.method(num_returns="streaming")
+    def stream(self, gen: int):
+        with self.lock:
+            self._attach(gen)
+            q = self.outbox if gen == self.gen else None
+        if q is None:
+            return
+        yield {"ev": "placed", **self.where}
+        while True:
+            msg = q.get()
+            if msg is _END:
+                return
+            yield msg

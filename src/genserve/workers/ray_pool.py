@@ -1,0 +1,235 @@
+"""The Ray pool: each worker is a Ray actor holding one unit of a device resource, placed by Ray on
+any node of the cluster (implements ``base.Pool``).
+
+Ray only places and runs the workers; the engine stays the only scheduler. Ray's own retries are
+off (``max_restarts=0``, ``max_task_retries=0``): an actor or node that dies is a dead worker for
+the engine, which retries its batch on another one. Each actor's messages arrive on the event loop
+through one asyncio task per actor that iterates the actor's streaming generator — no polling, no
+threads in the server. Actors are named and detached, so a server restarted after a crash finds
+the workers that survived and attaches to them instead of starting new ones.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import signal
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from ..engine.liveness import RestartPolicy
+from .base import OnExit, OnMessage, WorkerHandle
+from . import protocol as P
+
+log = logging.getLogger("genserve.ray_pool")
+
+
+@dataclass
+class RayWorkerHandle(WorkerHandle):
+    actor: Any = None
+    gen: int = 0  # this server's attachment number to the actor
+    seq: int = 0  # next message number
+    placed: bool = False  # Ray found it a node (until then it is "provisioning")
+    running: bool = False  # its actor exists (created or attached, not lost)
+    task: asyncio.Task | None = None
+
+    @property
+    def alive(self) -> bool:
+        return self.running
+
+    @property
+    def state(self) -> str:
+        if self.quarantined:
+            return "quarantined"
+        if self.ready:
+            return "ready"
+        if not self.running:
+            return "restarting"
+        return "starting" if self.placed else "provisioning"
+
+
+@dataclass(frozen=True)
+class RaySettings:
+    address: str = "auto"
+    namespace: str = "genserve"
+    name: str = "genserve"
+    device_resource: str = "GPU"
+    cpus_per_worker: float = 1.0
+    model_cache: str = "/tmp/genserve-model-cache"
+    heartbeat_s: float = 2.0
+    memory_budget: int = 0
+    host_cache_bytes: int = 0
+
+
+class RayPool:
+    def __init__(self, count: int, results: dict[str, Any], on_message: OnMessage, on_exit: OnExit,
+                 settings: RaySettings, restart: RestartPolicy | None = None) -> None:
+        self.count = count
+        self.results = results
+        self.on_message, self.on_exit = on_message, on_exit
+        self.s = settings
+        self.restart = restart or RestartPolicy()
+        self.workers: dict[str, RayWorkerHandle] = {}
+        self._next_id = 0
+        self._started_once = False
+        self.closing = False
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self._actor_cls: Any = None
+
+    # ---- lifecycle ----------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        import ray
+
+        from .ray_actor import WorkerActor
+
+        self.loop = asyncio.get_running_loop()
+        if not ray.is_initialized():
+            term = signal.getsignal(signal.SIGTERM)
+            ray.init(address=self.s.address, namespace=self.s.namespace, log_to_driver=False,
+                     configure_logging=False)
+            signal.signal(signal.SIGTERM, term)  # ray.init takes SIGTERM over; the server's shutdown keeps it
+        self._actor_cls = ray.remote(WorkerActor)
+        pattern = re.compile(re.escape(self.s.name) + r"-(w\d+)")
+        survivors = sorted(m.group(1) for n in ray.util.list_named_actors() if (m := pattern.fullmatch(n)))
+        for wid in survivors:  # a restarted server: attach to the workers that outlived it
+            try:
+                actor = ray.get_actor(self._actor_name(wid))
+            except ValueError:
+                continue
+            log.info("attaching to surviving worker %s", wid)
+            w = self.workers[wid] = RayWorkerHandle(wid, "ray")
+            self._attach(w, actor, hello=True)
+        self._next_id = 1 + max((int(wid[1:]) for wid in self.workers), default=-1)
+        for _ in range(self.count - len(self.workers)):
+            self.add_worker("ray")
+
+    def _actor_name(self, wid: str) -> str:
+        return f"{self.s.name}-{wid}"
+
+    def _create(self, w: RayWorkerHandle) -> None:
+        resources = {} if self.s.device_resource == "GPU" else {self.s.device_resource: 1}
+        threads = max(1, int(self.s.cpus_per_worker))
+        actor = self._actor_cls.options(
+            name=self._actor_name(w.id), namespace=self.s.namespace, lifetime="detached", get_if_exists=False,
+            num_cpus=self.s.cpus_per_worker, num_gpus=1 if self.s.device_resource == "GPU" else 0,
+            resources=resources, max_restarts=0, max_task_retries=0, max_concurrency=4,
+        ).remote(w.id, self.results, threads, self.s.heartbeat_s, self.s.memory_budget, self.s.host_cache_bytes,
+                 self.s.model_cache, self.s.device_resource)
+        self._attach(w, actor, hello=False)
+
+    def _attach(self, w: RayWorkerHandle, actor: Any, hello: bool) -> None:
+        # A fresh attachment number: newer than any earlier server's (the clock is only a tie-breaker
+        # across processes, never a schedule).
+        w.actor, w.gen, w.seq = actor, time.time_ns(), 0
+        w.running, w.placed, w.ready = True, False, False
+        if hello:
+            self.send(w.id, {"op": P.HELLO})
+        assert self.loop is not None
+        w.task = self.loop.create_task(self._consume(w, actor))
+
+    async def _consume(self, w: RayWorkerHandle, actor: Any) -> None:
+        """Deliver the actor's messages as they are yielded; its death ends the loop."""
+        try:
+            async for ref in actor.stream.remote(w.gen):
+                msg = await ref
+                if w.actor is not actor:
+                    return  # replaced meanwhile
+                ev = msg.get("ev")
+                if ev == "placed":
+                    w.placed, w.device = True, msg["device"]
+                    w.info.update(node=msg["node"], node_ip=msg["node_ip"])
+                    continue
+                if ev == "ready":
+                    w.ready = True
+                    w.info.update(msg)
+                self.on_message(w.id, msg)
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:  # RayActorError, ActorDiedError, node death, …
+            if w.actor is actor and not self.closing:
+                log.warning("worker %s: actor lost: %s", w.id, type(e).__name__)
+        if w.actor is actor and not self.closing:
+            self._lost(w)
+
+    def _lost(self, w: RayWorkerHandle) -> None:
+        import ray
+
+        actor, w.actor, w.running, w.ready, w.placed = w.actor, None, False, False, False
+        try:
+            ray.kill(actor)  # a retired worker's actor outlives its worker thread; never leave one behind
+        except Exception:
+            pass
+        if w.retiring:
+            self.workers.pop(w.id, None)
+            log.info("worker %s retired", w.id)
+            return
+        self.on_exit(w.id, None)
+        now = time.time()
+        w.exits.append(now)
+        delay = self.restart.after_exit(w.exits, now)
+        if delay is None:
+            w.quarantined = True
+            log.error("worker %s lost %d times in %gs: quarantined", w.id, len(w.exits), self.restart.window_s)
+            return
+        w.restarts += 1
+        assert self.loop is not None
+        self.loop.call_later(delay, lambda: None if self.closing or w.running else self._create(w))
+
+    async def close(self) -> None:
+        import ray
+
+        self.closing = True
+        for w in self.workers.values():
+            if w.task is not None:
+                w.task.cancel()
+            if w.actor is not None:
+                try:
+                    ray.kill(w.actor)  # a clean stop frees the cluster's devices; only a crash leaves them
+                except Exception:
+                    pass
+
+    # ---- the protocol -------------------------------------------------------------------------------
+
+    def send(self, worker_id: str, msg: dict[str, Any]) -> None:
+        w = self.workers.get(worker_id)
+        if w is None or w.actor is None:
+            return
+        w.actor.send.remote(w.gen, w.seq, msg)
+        w.seq += 1
+
+    def kill(self, worker_id: str) -> None:
+        import ray
+
+        w = self.workers.get(worker_id)
+        if w is not None and w.actor is not None:
+            ray.kill(w.actor)  # its stream fails: reported as lost, like any crash
+
+    def retire(self, worker_id: str) -> None:
+        w = self.workers.get(worker_id)
+        if w is None:
+            return
+        w.retiring = True
+        if w.actor is None:
+            self.workers.pop(worker_id, None)
+            return
+        self.send(worker_id, {"op": P.SHUTDOWN})  # after the batch it runs, if any: ops run in order
+
+    def add_worker(self, device: str) -> str:
+        wid = f"w{self._next_id}"
+        self._next_id += 1
+        w = self.workers[wid] = RayWorkerHandle(wid, "ray")
+        self._create(w)
+        log.info("worker %s requested from Ray (%s)", wid, self.s.device_resource)
+        return wid
+
+    def active(self) -> list[WorkerHandle]:
+        return [w for w in self.workers.values() if not w.retiring and not w.quarantined]
+
+    def all_ready(self) -> bool:
+        """Ready once every initial worker has been up (or when none could be placed yet, once
+        Ray has been asked: the server accepts and queues while nodes come up)."""
+        if not self._started_once:
+            self._started_once = all(w.ready or w.quarantined for w in self.workers.values())
+        return self._started_once
