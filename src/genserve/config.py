@@ -118,6 +118,7 @@ class ServerConfig:
     webhook_secret: str | None = None  # "whsec_<base64>"; required for jobs with a webhook
     webhook_max_attempts: int = 8
     webhook_backoff_s: float = 1.0  # first redelivery after this, doubling (≤ 5 min)
+    drain_s: float = 25.0  # on SIGTERM: how long running batches may finish before they are requeued
 
 
 # US$ per device-hour, by device type: public on-demand list prices (rounded) for the GPUs, and a
@@ -321,7 +322,7 @@ def _parse_server(raw: Any) -> ServerConfig:
         kw["workers"] = _int("server.workers", raw["workers"], 0)
     floats = {"aging_s": 0.0, "retry_backoff_s": 0.0, "retry_backoff_max_s": 0.0, "hang_timeout_s": 0.1,
               "stop_grace_s": 0.1, "heartbeat_s": 0.05, "heartbeat_timeout_s": 0.1, "quarantine_window_s": 0.0,
-              "webhook_backoff_s": 0.0}
+              "webhook_backoff_s": 0.0, "drain_s": 0.0}
     for k, lo in floats.items():
         if k in raw:
             kw[k] = _float(f"server.{k}", raw[k], lo)

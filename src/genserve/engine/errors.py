@@ -13,6 +13,7 @@ class ErrorCode(StrEnum):
     STORAGE_ERROR = "storage_error"  # writing the output failed
     INVALID_REQUEST = "invalid_request"
     CANCELED = "canceled"
+    INTERRUPTED = "interrupted"  # the server shut down during the attempt: requeued, not counted
     INTERNAL = "internal"  # anything else: a bug, most likely deterministic for this input
 
 

@@ -19,6 +19,7 @@ from ..config import Config, parse_size
 from ..engine import ErrorCode, is_retryable
 from ..requests import MAX_SEED, RequestError, validate
 from ..status import JobStatus, is_terminal
+from .events import RECONNECT
 from .jobstore import STAGES
 from .observability_api import observability_router
 from .runtime import QueueFull, Runtime
@@ -209,23 +210,30 @@ def create_app(config: Config, runtime: Runtime | None = None) -> FastAPI:
 
     @app.get("/v1/jobs/{job_id}/events", tags=["jobs"])
     async def job_events(job_id: str, request: Request):
-        job = get_job_or_404(job_id)
+        get_job_or_404(job_id)
         last_id = int(request.headers.get("last-event-id", "0") or 0)
 
         async def stream():
+            # Read here, not in the handler: the job may have moved on before the stream started.
+            job = jobs.get(job_id) or {}
             offset = 0  # added to the hub's ids when they follow rebuilt milestones
             if not events.known(job_id):
-                # History is gone (restart, or an old job): rebuild the milestones from the record;
-                # live events continue their numbering, so Last-Event-ID stays meaningful.
-                history, q = _synthesized(job), None
+                # History is gone (the job ended, a restart, or an old job): rebuild the milestones
+                # from the record; live events continue their numbering, so Last-Event-ID stays meaningful.
+                history, q = _synthesized(job, last_id), None
                 if not is_terminal(job["status"]):
                     offset = len(history)
                     hist2, q = events.subscribe(job_id)
                     history += [dict(e, id=offset + e["id"]) for e in hist2]
+                elif events.closed:
+                    history.append(events.reconnect_event())
             else:
                 history, q = events.subscribe(job_id)
             try:
                 for ev in history:
+                    if ev["event"] == RECONNECT:
+                        yield _sse(ev)
+                        return
                     if ev["id"] > last_id:
                         yield _sse(ev)
                     if is_terminal(ev["event"]):
@@ -238,6 +246,9 @@ def create_app(config: Config, runtime: Runtime | None = None) -> FastAPI:
                     except asyncio.TimeoutError:
                         yield ": keep-alive\n\n"
                         continue
+                    if ev["event"] == RECONNECT:  # the server is shutting down; the job is durable
+                        yield _sse(ev)
+                        return
                     if offset:
                         ev = dict(ev, id=offset + ev["id"])
                     if ev["id"] > last_id:
@@ -259,6 +270,8 @@ def create_app(config: Config, runtime: Runtime | None = None) -> FastAPI:
             raise RequestError("model", f"{model} is a {config.models[model].kind} model, not an image model")
         if not 1 <= body.n <= 10:
             raise RequestError("n", "must be between 1 and 10")
+        if control.draining:
+            return _draining()
         size = {}
         if body.size is not None:
             try:
@@ -269,7 +282,14 @@ def create_app(config: Config, runtime: Runtime | None = None) -> FastAPI:
                            random_seed=random.randint(0, MAX_SEED)) for _ in range(body.n)]
         submitted = control.submit_many(params)
         control.kick()
-        finals = [await _wait_terminal(j["id"]) for j in submitted]
+        try:
+            finals = [await _wait_terminal(j["id"]) for j in submitted]
+        except _Reconnect:
+            # The server is shutting down before the images were made. Nobody could fetch them
+            # later (the caller has no job ids), so they are canceled rather than run after the restart.
+            for j in submitted:
+                control.cancel(j["id"])
+            return _draining()
         failed = [j for j in finals if j["status"] != JobStatus.SUCCEEDED]
         if failed:
             j = failed[0]
@@ -287,9 +307,14 @@ def create_app(config: Config, runtime: Runtime | None = None) -> FastAPI:
     async def _wait_terminal(job_id: str) -> dict[str, Any]:
         history, q = events.subscribe(job_id)
         try:
-            if not any(is_terminal(e["event"]) for e in history):
-                while not is_terminal((await q.get())["event"]):
-                    pass
+            job = jobs.get(job_id)
+            if not is_terminal(job["status"]) and not any(is_terminal(e["event"]) for e in history):
+                while True:
+                    ev = (await q.get())["event"]
+                    if ev == RECONNECT:
+                        raise _Reconnect
+                    if is_terminal(ev):
+                        break
         finally:
             events.unsubscribe(job_id, q)
         return jobs.get(job_id)
@@ -348,18 +373,32 @@ def create_app(config: Config, runtime: Runtime | None = None) -> FastAPI:
 
     @app.get("/readyz", tags=["health"])
     async def readyz():
-        ok = control.ready
-        return JSONResponse({"ready": ok, "workers": {v.id: v.up for v in fleet.worker_views(time.time())}},
+        ok = control.ready  # false from the first moment of a drain: load balancers stop sending
+        return JSONResponse({"ready": ok, "draining": control.draining,
+                             "workers": {v.id: v.up for v in fleet.worker_views(time.time())}},
                             status_code=200 if ok else 503)
 
     return app
 
 
+class _Reconnect(Exception):
+    """The event hub closed the streams: the server is shutting down."""
+
+
+def _draining() -> JSONResponse:
+    return error(503, None, "the server is shutting down; retry shortly (another replica, or this one after its "
+                 "restart)", code="shutting_down", headers={"Retry-After": "5"})
+
+
 def _sse(ev: dict[str, Any]) -> str:
+    if ev["event"] == RECONNECT:  # no id: Last-Event-ID stays at the last job event
+        return f"retry: {ev['data']['retry_ms']}\nevent: {RECONNECT}\ndata: {json.dumps(ev['data'])}\n\n"
     return f"id: {ev['id']}\nevent: {ev['event']}\ndata: {json.dumps(ev['data'])}\n\n"
 
 
-def _synthesized(job: dict[str, Any]) -> list[dict[str, Any]]:
+def _synthesized(job: dict[str, Any], last_id: int = 0) -> list[dict[str, Any]]:
+    """A job's milestones rebuilt from its record. A terminal event is always numbered after
+    ``last_id``: a client reconnecting with a Last-Event-ID from the live stream learns the outcome."""
     evs: list[tuple[str, dict[str, Any]]] = [("queued", {"model": job["model"], "priority": job["priority"]})]
     if job["t_dispatched"] is not None:
         evs.append(("started", {"batch_id": job["batch_id"], "batch_size": job["batch_size"], "worker": job["worker"]}))
@@ -368,4 +407,7 @@ def _synthesized(job: dict[str, Any]) -> list[dict[str, Any]]:
         if job["error_code"]:
             data["error"] = {"code": job["error_code"], "message": job["error_message"]}
         evs.append((job["status"], data))
-    return [{"id": i + 1, "event": e, "data": d} for i, (e, d) in enumerate(evs)]
+    out = [{"id": i + 1, "event": e, "data": d} for i, (e, d) in enumerate(evs)]
+    if is_terminal(job["status"]):
+        out[-1]["id"] = max(out[-1]["id"], last_id + 1)
+    return out
