@@ -30,8 +30,10 @@ def of(kind, decisions):
 
 def test_taxonomy_classifies_retryable_codes():
     assert {c.value for c in ErrorCode} == {"out_of_memory", "timeout", "worker_crashed", "model_load_failed",
-                                            "storage_error", "invalid_request", "canceled", "internal"}
+                                            "storage_error", "invalid_request", "canceled", "internal",
+                                            "interrupted"}
     assert is_retryable("out_of_memory") and is_retryable("worker_crashed") and is_retryable("timeout")
+    assert is_retryable("interrupted")
     assert not is_retryable("invalid_request") and not is_retryable("canceled") and not is_retryable("internal")
 
 

@@ -22,7 +22,7 @@ class ErrorCode(StrEnum):
 # fail the same way again, so it is not retried.
 RETRYABLE = frozenset({
     ErrorCode.OUT_OF_MEMORY, ErrorCode.TIMEOUT, ErrorCode.WORKER_CRASHED, ErrorCode.MODEL_LOAD_FAILED,
-    ErrorCode.STORAGE_ERROR,
+    ErrorCode.STORAGE_ERROR, ErrorCode.INTERRUPTED,
 })
 
 
