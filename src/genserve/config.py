@@ -21,6 +21,7 @@ from .engine.residency import RESIDENCY
 from .engine.settings import ENGINE_KEYS, EngineSettings
 from .engine.settings import engine_settings as build_engine_settings
 from .engine.types import ModelLimits
+from .retention import RetentionConfig, RetentionError, parse_retention
 
 KINDS = ("image", "video")
 DTYPES = ("auto", "float32", "float16", "bfloat16")
@@ -172,6 +173,7 @@ class Config:
     prices: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_PRICES))
     faults: FaultConfig | None = None
     autoscale: AutoscaleConfig | None = None
+    retention: RetentionConfig = field(default_factory=RetentionConfig)
 
     def with_overrides(self, **kw: Any) -> "Config":
         kw = {k: v for k, v in kw.items() if v is not None}
@@ -404,9 +406,9 @@ def _parse_prices(raw: Any) -> dict[str, float]:
 
 
 def parse_config(data: dict[str, Any]) -> Config:
-    unknown = sorted(set(data) - {"server", "models", "prices", "faults", "autoscale"})
+    unknown = sorted(set(data) - {"server", "models", "prices", "faults", "autoscale", "retention"})
     if unknown:
-        raise ConfigError(unknown[0], "unknown section (expected [server], [prices], [autoscale], [models.NAME], [faults])")
+        raise ConfigError(unknown[0], "unknown section (expected [server], [prices], [autoscale], [models.NAME], [faults], [retention])")
     server = _parse_server(data.get("server", {}))
     models_raw = data.get("models", {})
     _type("models", models_raw, dict, "a table of models")
@@ -425,7 +427,11 @@ def parse_config(data: dict[str, Any]) -> Config:
             raise ConfigError(key, f"{m.fallback} is a {models[m.fallback].kind} model; {name} is {m.kind}")
     faults = _parse_faults(data["faults"], models) if "faults" in data else None
     autoscale = _parse_autoscale(data["autoscale"]) if "autoscale" in data else None
-    return Config(server, models, _parse_prices(data.get("prices", {})), faults, autoscale)
+    try:
+        retention = parse_retention(data.get("retention", {}))
+    except RetentionError as e:
+        raise ConfigError(e.key, e.message) from None
+    return Config(server, models, _parse_prices(data.get("prices", {})), faults, autoscale, retention)
 
 
 def _parse_autoscale(raw: Any) -> AutoscaleConfig:

@@ -225,6 +225,9 @@ class Engine:
     def has_running(self) -> bool:
         return bool(self.fleet.running)
 
+    def busy_workers(self) -> list[str]:
+        return sorted({b.worker for b in self.fleet.running.values()})
+
     def interrupt_running(self, now: float) -> list[Decision]:
         """The drain's time is up: every running batch is given up (its worker is about to be
         stopped). Each job still in one goes back to its queue with the same attempts (an

@@ -11,7 +11,7 @@ from typing import Any, Literal
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
+from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -76,6 +76,7 @@ def create_app(config: Config, runtime: Runtime | None = None) -> FastAPI:
     fleet: FleetView = rt.fleet
     jobs: JobReader = rt.store
     results, events = rt.results, rt.events
+    retention = config.retention
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -153,6 +154,10 @@ def create_app(config: Config, runtime: Runtime | None = None) -> FastAPI:
             "cost": {"device_seconds": job["device_seconds"], "usd": job["cost_usd"], "device_type": job["device_type"]},
             "results": [{"url": urls["result"] + (f"?index={i}" if i else ""), "content_type": r["content_type"],
                          "bytes": r["bytes"]} for i, r in enumerate(job["results"])],
+            # [retention]: when the record (and, at the latest, the results) will be deleted; null: kept
+            "expires_at": retention.record_expires_at(job["t_finished"]),
+            "results_expire_at": retention.results_expire_at(job["t_finished"]) if job["results"] else None,
+            "results_deleted_at": job.get("t_results_deleted"),
             "urls": urls,
         }
 
@@ -196,12 +201,29 @@ def create_app(config: Config, runtime: Runtime | None = None) -> FastAPI:
         control.kick()
         return job_view(job, str(request.base_url))
 
+    @app.delete("/v1/jobs/{job_id}", tags=["jobs"], status_code=204,
+                responses={404: {"description": "no such job (or already deleted)"},
+                           409: {"description": "the job has not finished: cancel it first"}})
+    async def delete_job(job_id: str):
+        """Delete a finished job: its result files and its record. 204 once deleted; a repeated
+        delete finds nothing and answers 404 (the outcome is the same). A queued or running job is
+        not deleted (409): cancel it, then delete it once it is canceled."""
+        job = get_job_or_404(job_id)
+        if not is_terminal(job["status"]):
+            raise RequestError("id", f"job is {job['status']}; cancel it first (POST {job_id}/cancel), then delete "
+                               "it once canceled", status=409, code="conflict")
+        control.delete_job(job_id)
+        return Response(status_code=204)
+
     @app.get("/v1/jobs/{job_id}/result", tags=["jobs"])
     async def get_result(job_id: str, index: int = 0):
         job = get_job_or_404(job_id)
         if job["status"] != JobStatus.SUCCEEDED:
             raise RequestError("id", f"job is {job['status']}; no result yet" if not is_terminal(job["status"])
                                else f"job {job['status']}; it has no result", status=409, code="not_ready")
+        if job.get("t_results_deleted") is not None:
+            raise RequestError("id", "the job's results were deleted (retention or a delete request)", status=410,
+                               code="gone")
         if not 0 <= index < len(job["results"]):
             raise RequestError("index", f"must be between 0 and {len(job['results']) - 1}", status=404, code="not_found")
         ref = job["results"][index]

@@ -52,6 +52,7 @@ from .jobstore import JobStore
 from .listeners import Event, Listener
 from .observe import Observer
 from .records import JobRecords
+from .retention import Retention
 from .webhooks import WebhookSender
 
 log = logging.getLogger("genserve.runtime")
@@ -86,6 +87,15 @@ def local_pool(config: Config, results_root: str) -> PoolFactory:
                          faults=faults.for_worker if faults else None, cpu_memory_bytes=int(s.worker_memory_gb * GIB),
                          host_cache_bytes=int(s.host_cache_gb * GIB))
     return make
+
+
+def run_message(d: RunBatch, kind: str, fps: int, jobs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The worker's ``run`` message for batch ``d`` of these job records."""
+    params = {"width": d.key.width, "height": d.key.height, "num_frames": d.key.num_frames,
+              "steps": d.key.steps, "guidance": d.key.guidance, "fps": fps}
+    payload = [{"id": j["id"], "prompt": j["params"]["prompt"], "negative_prompt": j["params"]["negative_prompt"],
+                "seed": j["params"]["seed"]} for j in jobs]
+    return {"op": P.RUN, "batch_id": d.batch_id, "model": d.key.model, "kind": kind, "params": params, "jobs": payload}
 
 
 def scale_local(pool: Pool, gpus: list[str], d: ScaleTo) -> None:
@@ -142,6 +152,8 @@ class Runtime:
         self.observer = Observer(config.prices, config.models, self.fleet, self.store, clock)
         self.listeners: list[Listener] = [self.events, self.webhooks, self.observer]
         self.records = JobRecords(self.store, self.results, config.models, self._publish)
+        self.retention = Retention(config.retention, self.store, self.results, self.observer.metrics.registry, clock)
+        self.listeners.append(self.retention)
         self.models_ready = False
         self.draining = False
         self._drained: asyncio.Event | None = None  # set when a drain has no batch left running
@@ -168,6 +180,7 @@ class Runtime:
                                attempts=job["attempts"])
             self.records.restored(job, now)
         self.webhooks.start()
+        self.retention.start()
         self.pool.start()
         self._pump(now)
 
@@ -179,7 +192,7 @@ class Runtime:
         now = self.clock()
         self.draining = True
         self.engine.drain(now)
-        log.warning("draining: no new batches; %d running get up to %gs", len(self._running_workers()), drain_s)
+        log.warning("draining: no new batches; %d running get up to %gs", len(self.engine.busy_workers()), drain_s)
         self._pump(now)
         if self.engine.has_running() and self._loop is not None:
             self._drained = asyncio.Event()
@@ -189,7 +202,7 @@ class Runtime:
                 pass
         if self.engine.has_running():
             now = self.clock()
-            busy = self._running_workers()
+            busy = self.engine.busy_workers()
             log.warning("drain: %gs are up; requeueing the jobs of %d running batch(es)", drain_s, len(busy))
             self._execute(self.engine.interrupt_running(now), now)
             for w in busy:
@@ -197,12 +210,10 @@ class Runtime:
             await self.pool.close()  # closes at once: the killed workers are neither reported nor restarted
         self.events.close_streams()
 
-    def _running_workers(self) -> list[str]:
-        return sorted({b.worker for w in self.engine.workers for b in self.engine.batches_on(w)})
-
     async def close(self) -> None:
         if self._timer:
             self._timer.cancel()
+        self.retention.close()
         await self.pool.close()
         await self.webhooks.close()
         self.store.close()
@@ -246,6 +257,11 @@ class Runtime:
         self.records.cancel_requested(job_id)
         self._execute(self.engine.cancel(job_id, now), now)
         return self.store.get(job_id)
+
+    def delete_job(self, job_id: str) -> bool:
+        """Delete a finished job's results and record (retention.py). False: no such finished job."""
+        job = self.store.get(job_id)
+        return job is not None and is_terminal(job["status"]) and self.retention.delete_job(job)
 
     def kick(self) -> None:
         """Let the engine decide now (called after API events)."""
@@ -340,13 +356,7 @@ class Runtime:
         m = self.config.models[d.key.model]
         if d.waits_for_load:
             self.fleet.await_load(d.batch_id, d.worker, d.key.model, d.job_ids)
-        jobs = self.records.dispatched(d, now)
-        params = {"width": d.key.width, "height": d.key.height, "num_frames": d.key.num_frames,
-                  "steps": d.key.steps, "guidance": d.key.guidance, "fps": m.fps}
-        payload = [{"id": j["id"], "prompt": j["params"]["prompt"], "negative_prompt": j["params"]["negative_prompt"],
-                    "seed": j["params"]["seed"]} for j in jobs]
-        self.pool.send(d.worker, {"op": P.RUN, "batch_id": d.batch_id, "model": d.key.model, "kind": m.kind,
-                                  "params": params, "jobs": payload})
+        self.pool.send(d.worker, run_message(d, m.kind, m.fps, self.records.dispatched(d, now)))
 
     def _deadline(self, params: JobParams, received: float) -> float:
         return received + (params.timeout_s or self.config.models[params.model].timeout_s)

@@ -35,6 +35,9 @@ class ResultStore(Protocol):
     def put(self, job_id: str, name: str, data: bytes, content_type: str) -> ResultRef: ...
     def local_path(self, key: str) -> Path: ...
     def exists(self, key: str) -> bool: ...
+    def delete(self, key: str) -> int:
+        """Remove one result; returns the bytes freed (0 if it was not there). Idempotent."""
+        ...
 
 
 class LocalResultStore:
@@ -72,3 +75,18 @@ class LocalResultStore:
             return self.local_path(key).is_file()
         except ValueError:
             return False
+
+    def delete(self, key: str) -> int:
+        """Remove the result at ``key`` (and its job's directory once empty). Returns the bytes
+        freed, 0 if it was already gone: deleting twice is harmless."""
+        path = self.local_path(key)
+        try:
+            size = path.stat().st_size
+            path.unlink()
+        except FileNotFoundError:
+            return 0
+        try:
+            path.parent.rmdir()  # only when empty: another output of the job may remain
+        except OSError:
+            pass
+        return size
