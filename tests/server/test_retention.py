@@ -174,3 +174,33 @@ def test_delete_route_and_expires_at(tmp_path):
         await w.rt.close()
 
     asyncio.run(go())
+
+
+def test_the_runtime_sweeps_on_its_own_timer(tmp_path):
+    """Wiring: with [retention] the runtime sweeps at start and every sweep_interval_s."""
+
+    async def go():
+        from genserve.server.runtime import Runtime
+        from genserve.workers.fake import FakePool
+
+        w = World(tmp_path)
+        w.cfg = parse_config(tomllib.loads(
+            f'[server]\ndata_dir = "{tmp_path}"\n[retention]\nmax_data_bytes = 0\nsweep_interval_s = 0.05\n'
+            f'[models.img]\nkind = "image"\nsource = "{tmp_path}/x"\ndefault_size = "64x64"\ndefault_steps = 2\n'))
+        w.rt = Runtime(w.cfg, devices=["cpu"], clock=w.clock, pool=FakePool)
+        w.pool = w.rt.pool
+        await w.start()
+        [jid] = w.submit()
+        w.load()
+        msg = w.run_msg()
+        w.done("w0", msg["batch_id"], jid)
+        assert (w.rt.results.root / jid).exists()
+        for _ in range(200):  # the next sweep is at most 0.05 s away
+            if w.job(jid)["results"] == []:
+                break
+            await asyncio.sleep(0.01)
+        assert w.job(jid)["results"] == [] and not (w.rt.results.root / jid).exists()
+        assert w.job(jid)["status"] == "succeeded"  # the record stays
+        await w.rt.close()
+
+    asyncio.run(go())
