@@ -89,15 +89,6 @@ def local_pool(config: Config, results_root: str) -> PoolFactory:
     return make
 
 
-def run_message(d: RunBatch, kind: str, fps: int, jobs: list[dict[str, Any]]) -> dict[str, Any]:
-    """The worker's ``run`` message for batch ``d`` of these job records."""
-    params = {"width": d.key.width, "height": d.key.height, "num_frames": d.key.num_frames,
-              "steps": d.key.steps, "guidance": d.key.guidance, "fps": fps}
-    payload = [{"id": j["id"], "prompt": j["params"]["prompt"], "negative_prompt": j["params"]["negative_prompt"],
-                "seed": j["params"]["seed"]} for j in jobs]
-    return {"op": P.RUN, "batch_id": d.batch_id, "model": d.key.model, "kind": kind, "params": params, "jobs": payload}
-
-
 def scale_local(pool: Pool, gpus: list[str], d: ScaleTo) -> None:
     """The local provider: start workers until ``d.devices`` are up or starting (GPU workers
     only on GPUs not already in use). Surplus ones are retired by the engine, one by one."""
@@ -356,7 +347,13 @@ class Runtime:
         m = self.config.models[d.key.model]
         if d.waits_for_load:
             self.fleet.await_load(d.batch_id, d.worker, d.key.model, d.job_ids)
-        self.pool.send(d.worker, run_message(d, m.kind, m.fps, self.records.dispatched(d, now)))
+        jobs = self.records.dispatched(d, now)
+        params = {"width": d.key.width, "height": d.key.height, "num_frames": d.key.num_frames,
+                  "steps": d.key.steps, "guidance": d.key.guidance, "fps": m.fps}
+        payload = [{"id": j["id"], "prompt": j["params"]["prompt"], "negative_prompt": j["params"]["negative_prompt"],
+                    "seed": j["params"]["seed"]} for j in jobs]
+        self.pool.send(d.worker, {"op": P.RUN, "batch_id": d.batch_id, "model": d.key.model, "kind": m.kind,
+                                  "params": params, "jobs": payload})
 
     def _deadline(self, params: JobParams, received: float) -> float:
         return received + (params.timeout_s or self.config.models[params.model].timeout_s)

@@ -18,8 +18,14 @@ from .faults import FaultInjector
 def worker_main(conn: Connection, worker_id: str, device: str, results_dir: str, threads: int,
                 heartbeat_s: float = 2.0, faults: dict[str, Any] | None = None,
                 memory_budget: int = 0, host_cache_bytes: int = 0) -> None:
+    import signal
     import warnings
 
+    # SIGINT / SIGTERM sent to the whole process group (Ctrl+C in a terminal, systemd's default
+    # KillMode) are the server's to handle: it drains, then asks workers to exit. A worker ends on
+    # "shutdown", when its pipe closes (the server is gone), or when killed.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     warnings.filterwarnings("ignore")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
