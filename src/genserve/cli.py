@@ -11,10 +11,9 @@ DEFAULT_URL = os.environ.get("GENSERVE_URL", "http://127.0.0.1:8000")
 
 
 def cmd_serve(a: argparse.Namespace) -> int:
-    import uvicorn
-
     from .config import ConfigError, load_config
     from .server.app import create_app
+    from .server.serve import serve
 
     try:
         config = load_config(a.config or os.environ.get("GENSERVE_CONFIG")).with_overrides(
@@ -28,8 +27,8 @@ def cmd_serve(a: argparse.Namespace) -> int:
     s = config.server
     print(f"genserve: serving {', '.join(config.models)} on http://{s.host}:{s.port} (data in {s.data_dir})", flush=True)
     # log_config=None: uvicorn's loggers go through the root handler, so --log-format applies to them too.
-    uvicorn.run(create_app(config), host=s.host, port=s.port, log_level="warning", log_config=None,
-                timeout_graceful_shutdown=5)
+    # SIGTERM / SIGINT drain first (server.drain_s), then exit 0: docs/operations.md.
+    serve(create_app(config), host=s.host, port=s.port, drain_s=s.drain_s, log_level="warning", log_config=None)
     return 0
 
 

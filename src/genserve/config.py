@@ -24,6 +24,7 @@ from .engine.residency import RESIDENCY
 from .engine.settings import ENGINE_KEYS, EngineSettings
 from .engine.settings import engine_settings as build_engine_settings
 from .engine.types import ModelLimits
+from .retention import RetentionConfig, RetentionError, parse_retention
 
 KINDS = ("image", "video")
 DTYPES = ("auto", "float32", "float16", "bfloat16")
@@ -122,6 +123,7 @@ class ServerConfig:
     webhook_secret: str | None = None  # "whsec_<base64>"; required for jobs with a webhook
     webhook_max_attempts: int = 8
     webhook_backoff_s: float = 1.0  # first redelivery after this, doubling (≤ 5 min)
+    drain_s: float = 25.0  # on SIGTERM: how long running batches may finish before they are requeued
 
 
 # US$ per device-hour, by device type: public on-demand list prices (rounded) for the GPUs, and a
@@ -177,6 +179,7 @@ class Config:
     autoscale: AutoscaleConfig | None = None
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     results: ResultsConfig = field(default_factory=ResultsConfig)
+    retention: RetentionConfig = field(default_factory=RetentionConfig)
 
     def with_overrides(self, **kw: Any) -> "Config":
         kw = {k: v for k, v in kw.items() if v is not None}
@@ -327,7 +330,7 @@ def _parse_server(raw: Any) -> ServerConfig:
         kw["workers"] = _int("server.workers", raw["workers"], 0)
     floats = {"aging_s": 0.0, "retry_backoff_s": 0.0, "retry_backoff_max_s": 0.0, "hang_timeout_s": 0.1,
               "stop_grace_s": 0.1, "heartbeat_s": 0.05, "heartbeat_timeout_s": 0.1, "quarantine_window_s": 0.0,
-              "webhook_backoff_s": 0.0}
+              "webhook_backoff_s": 0.0, "drain_s": 0.0}
     for k, lo in floats.items():
         if k in raw:
             kw[k] = _float(f"server.{k}", raw[k], lo)
@@ -409,10 +412,11 @@ def _parse_prices(raw: Any) -> dict[str, float]:
 
 
 def parse_config(data: dict[str, Any]) -> Config:
-    unknown = sorted(set(data) - {"server", "models", "prices", "faults", "autoscale", "cluster", "results"})
+    known = {"server", "models", "prices", "faults", "autoscale", "cluster", "results", "retention"}
+    unknown = sorted(set(data) - known)
     if unknown:
         raise ConfigError(unknown[0], "unknown section (expected [server], [prices], [autoscale], [models.NAME], "
-                                      "[faults], [cluster], [results])")
+                                      "[faults], [cluster], [results], [retention])")
     server = _parse_server(data.get("server", {}))
     models_raw = data.get("models", {})
     _type("models", models_raw, dict, "a table of models")
@@ -431,8 +435,12 @@ def parse_config(data: dict[str, Any]) -> Config:
             raise ConfigError(key, f"{m.fallback} is a {models[m.fallback].kind} model; {name} is {m.kind}")
     faults = _parse_faults(data["faults"], models) if "faults" in data else None
     autoscale = _parse_autoscale(data["autoscale"]) if "autoscale" in data else None
+    try:
+        retention = parse_retention(data.get("retention", {}))
+    except RetentionError as e:
+        raise ConfigError(e.key, e.message) from None
     return Config(server, models, _parse_prices(data.get("prices", {})), faults, autoscale,
-                  parse_cluster(data.get("cluster", {})), parse_results(data.get("results", {})))
+                  parse_cluster(data.get("cluster", {})), parse_results(data.get("results", {})), retention)
 
 
 def _parse_autoscale(raw: Any) -> AutoscaleConfig:

@@ -32,9 +32,9 @@ def of(kind, decisions):
 def test_taxonomy_classifies_retryable_codes():
     assert {c.value for c in ErrorCode} == {"out_of_memory", "timeout", "worker_crashed", "model_load_failed",
                                             "storage_error", "invalid_request", "canceled", "internal", "preempted",
-                                            "output_mismatch"}
+                                            "output_mismatch", "interrupted"}
     assert is_retryable("preempted") and is_retryable("out_of_memory") and is_retryable("worker_crashed")
-    assert is_retryable("timeout")
+    assert is_retryable("timeout") and is_retryable("interrupted")
     assert not is_retryable("invalid_request") and not is_retryable("canceled") and not is_retryable("internal")
     assert not is_retryable("output_mismatch")  # the same pipeline returns the same wrong size again
 

@@ -83,7 +83,7 @@ def test_every_subscriber_gets_each_event_and_unsubscribe_stops_delivery():
         assert "j" not in hub.subscribers  # the last one leaving removes the entry
         hub.unsubscribe("j", q2)  # twice, or for an unknown job: harmless
         hub.unsubscribe("nope", q2)
-        hub.emit("j", "succeeded", {})
+        hub.emit("j", "progress", {})
         assert q2.empty()
         assert [e["id"] for e in hub.history["j"]] == [1, 2, 3]  # history keeps everything regardless
 
@@ -103,8 +103,8 @@ def test_history_is_bounded_by_max_jobs_oldest_dropped():
     assert list(hub.history) == ["c", "d", "e"]
     assert len(hub.history) == 3
     # an evicted job that emits again starts a fresh history
-    hub.emit("a", "succeeded", {})
-    assert [(e["id"], e["event"]) for e in hub.history["a"]] == [(1, "succeeded")]
+    hub.emit("a", "progress", {})
+    assert [(e["id"], e["event"]) for e in hub.history["a"]] == [(1, "progress")]
     assert list(hub.history) == ["d", "e", "a"]
 
 
@@ -128,7 +128,43 @@ def test_the_hub_listens_to_job_events_only():
     hub.on_event(Event("queued", 1.0, "j1", {"model": "m"}))
     hub.on_event(Event("batch_dispatched", 1.0, data={"batch_id": "b"}))  # a fleet event: not for SSE
     hub.on_event(Event("synced", 1.0))
-    hub.on_event(Event("succeeded", 2.0, "j1", {"status": "succeeded"}))
+    hub.on_event(Event("started", 2.0, "j1", {"worker": "w0"}))
     history, _ = hub.subscribe("j1")
-    assert [(e["id"], e["event"]) for e in history] == [(1, "queued"), (2, "succeeded")]
+    assert [(e["id"], e["event"]) for e in history] == [(1, "queued"), (2, "started")]
     assert not hub.known("b") and len(hub.history) == 1
+
+
+def test_a_terminal_event_reaches_subscribers_then_the_history_is_released():
+    async def main():
+        hub = EventHub()
+        _, q = hub.subscribe("j")
+        for event in ("queued", "started", "progress", "succeeded"):
+            hub.emit("j", event, {})
+        assert [q.get_nowait()["event"] for _ in range(4)] == ["queued", "started", "progress", "succeeded"]
+        assert not hub.known("j") and hub.history == {}
+        hub.unsubscribe("j", q)
+        assert hub.subscribers == {}
+
+    asyncio.run(main())
+
+
+def test_many_jobs_leave_nothing_behind():
+    hub = EventHub()
+    for i in range(2000):
+        for event in ("queued", "started", "progress", "progress", ("succeeded", "failed", "canceled")[i % 3]):
+            hub.emit(f"j{i}", event, {"step": 1})
+    assert hub.history == {} and hub.subscribers == {}
+
+
+def test_close_streams_sends_reconnect_to_open_and_later_subscribers():
+    async def main():
+        hub = EventHub(retry_ms=1500)
+        hub.emit("j", "queued", {})
+        _, q = hub.subscribe("j")
+        assert hub.close_streams() == 1
+        ev = q.get_nowait()
+        assert ev["event"] == "reconnect" and ev["id"] is None and ev["data"]["retry_ms"] == 1500
+        _, later = hub.subscribe("k")
+        assert later.get_nowait()["event"] == "reconnect"
+
+    asyncio.run(main())

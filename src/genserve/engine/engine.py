@@ -64,6 +64,7 @@ class Engine:
         self.preemption = Preemption()
         self.dispatcher = Dispatcher(PLACEMENT[s.placement](s.saturation), self.waiting, self.fleet, self.residency,
                                      self.failures, self.work, self.preemption)
+        self.draining = False  # shutting down: no new batches, loads or scaling; running ones finish
 
     @property
     def workers(self) -> Mapping[str, WorkerState]:
@@ -254,12 +255,44 @@ class Engine:
     def job_work(self, key: BatchKey) -> float:
         return self.work.job_work(key)
 
+    # ---- shutting down ---------------------------------------------------------------------------
+
+    def drain(self, now: float) -> None:
+        """The server is shutting down: from now on ``step`` starts nothing (no batch, load,
+        preload or scaling); running batches go on, deadlines and liveness still apply. Queued
+        jobs stay queued (they are durable and run after the restart)."""
+        self.draining = True
+
+    def has_running(self) -> bool:
+        return bool(self.fleet.running)
+
+    def busy_workers(self) -> list[str]:
+        return sorted({b.worker for b in self.fleet.running.values()})
+
+    def interrupt_running(self, now: float) -> list[Decision]:
+        """The drain's time is up: every running batch is given up (its worker is about to be
+        stopped). Each job still in one goes back to its queue with the same attempts (an
+        interruption is not the job's failure: ``RetryJob(counted=False)``), or ends canceled
+        when a cancel was on its way."""
+        out: list[Decision] = []
+        for batch in list(self.fleet.running.values()):
+            self._release(batch.id, now)
+            for job in batch.jobs.values():
+                if not self.failures.canceled(job.id, out):
+                    self.waiting.requeue(job, now, now)
+                    out.append(RetryJob(job.id, ErrorCode.INTERRUPTED, "the server shut down during the attempt",
+                                        job.attempts, now, job.key.model, counted=False))
+        return out
+
     # ---- the decision ----------------------------------------------------------------------------
 
     def step(self, now: float) -> list[Decision]:
         """Expire what is due, unload what has idled out, autoscale, fill warm pools, dispatch
-        every ready batch that has a worker (best first), fail what can never fit, then preload."""
+        every ready batch that has a worker (best first), fail what can never fit, then preload.
+        While draining, only the first (deadlines and liveness)."""
         out: list[Decision] = self._expire(now)
+        if self.draining:
+            return out
         out += self.residency.idle_unloads(now)
         if self.scaling is not None:
             decisions, retired = self.scaling.tick(now, self.waiting, self.fleet, self.work, self.failures.killing)
@@ -280,7 +313,10 @@ class Engine:
 
     def next_deadline(self, now: float) -> float | None:
         """When ``step`` could next decide something without a new event (None: only events matter)."""
-        times = self.waiting.next_times(self._deadline_pending) + self.failures.next_times(self.fleet.running.values())
+        live = len(self.waiting.queues) + self.fleet.running_jobs()
+        times = self.waiting.next_times(self._deadline_pending, live) + self.failures.next_times(self.fleet.running.values())
+        if self.draining:  # nothing else would be acted on: a past batching window must not spin the timer
+            return max(min(times), now) if times else None
         times += self.residency.next_times(now)
         times += self.dispatcher.next_times(now)
         if self.scaling is not None:

@@ -15,6 +15,7 @@ class ErrorCode(StrEnum):
     OUTPUT_MISMATCH = "output_mismatch"  # the pipeline returned another size / frame count than asked for
     CANCELED = "canceled"
     PREEMPTED = "preempted"  # taken out of a running set before it ran (requeued, no attempt used)
+    INTERRUPTED = "interrupted"  # the server shut down during the attempt: requeued, not counted
     INTERNAL = "internal"  # anything else: a bug, most likely deterministic for this input
 
 
@@ -23,7 +24,7 @@ class ErrorCode(StrEnum):
 # fail the same way again, so it is not retried.
 RETRYABLE = frozenset({
     ErrorCode.OUT_OF_MEMORY, ErrorCode.TIMEOUT, ErrorCode.WORKER_CRASHED, ErrorCode.MODEL_LOAD_FAILED,
-    ErrorCode.STORAGE_ERROR, ErrorCode.PREEMPTED,
+    ErrorCode.STORAGE_ERROR, ErrorCode.PREEMPTED, ErrorCode.INTERRUPTED,
 })
 
 

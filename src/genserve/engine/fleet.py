@@ -76,6 +76,9 @@ class Fleet:
         batch.jobs.pop(job_id, None)
         return batch
 
+    def running_jobs(self) -> int:
+        return len(self._batch_of)
+
     def batch_of(self, job_id: str) -> str | None:
         return self._batch_of.get(job_id)
 

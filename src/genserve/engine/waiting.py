@@ -61,9 +61,15 @@ class Waiting:
             due.append(heapq.heappop(self._deadlines)[1])
         return due
 
-    def next_times(self, pending: Callable[[str], bool]) -> list[float]:
-        """Parked jobs' wake-up times and the earliest deadline still ``pending``."""
+    def next_times(self, pending: Callable[[str], bool], live: int = 0) -> list[float]:
+        """Parked jobs' wake-up times and the earliest deadline still ``pending``. ``live``: how
+        many jobs could still have one (queued or running, parked ones are added here)."""
         times = [at for at, _ in self._parked.values()]
+        if len(self._deadlines) > 64 and len(self._deadlines) > 2 * (live + len(self._parked)):
+            # Jobs that finished long before their deadline leave stale entries: drop them once the
+            # heap is twice what is live (amortized O(1)), so memory follows the live jobs only.
+            self._deadlines = [e for e in self._deadlines if pending(e[1])]
+            heapq.heapify(self._deadlines)
         heap = self._deadlines
         while heap and not pending(heap[0][1]):
             heapq.heappop(heap)  # the job finished or left: its deadline no longer matters

@@ -21,6 +21,7 @@ from ..backends.families.base import image_digest
 from ..requests import MAX_SEED, RequestError, validate
 from ..status import JobStatus, is_terminal
 from ..storage import LocalResultStore
+from .events import RECONNECT
 from .jobstore import STAGES
 from .observability_api import observability_router
 from .runtime import QueueFull, Runtime
@@ -85,6 +86,7 @@ def create_app(config: Config, runtime: Runtime | None = None) -> FastAPI:
     fleet: FleetView = rt.fleet
     jobs: JobReader = rt.store
     results, events = rt.results, rt.events
+    retention = config.retention
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -169,6 +171,10 @@ def create_app(config: Config, runtime: Runtime | None = None) -> FastAPI:
             "cost": {"device_seconds": job["device_seconds"], "usd": job["cost_usd"], "device_type": job["device_type"]},
             "results": [{"url": urls["result"] + (f"?index={i}" if i else ""), "content_type": r["content_type"],
                          "bytes": r["bytes"]} for i, r in enumerate(job["results"])],
+            # [retention]: when the record (and, at the latest, the results) will be deleted; null: kept
+            "expires_at": retention.record_expires_at(job["t_finished"]),
+            "results_expire_at": retention.results_expire_at(job["t_finished"]) if job["results"] else None,
+            "results_deleted_at": job.get("t_results_deleted"),
             "urls": urls,
         }
 
@@ -212,12 +218,29 @@ def create_app(config: Config, runtime: Runtime | None = None) -> FastAPI:
         control.kick()
         return job_view(job, str(request.base_url))
 
+    @app.delete("/v1/jobs/{job_id}", tags=["jobs"], status_code=204,
+                responses={404: {"description": "no such job (or already deleted)"},
+                           409: {"description": "the job has not finished: cancel it first"}})
+    async def delete_job(job_id: str):
+        """Delete a finished job: its result files and its record. 204 once deleted; a repeated
+        delete finds nothing and answers 404 (the outcome is the same). A queued or running job is
+        not deleted (409): cancel it, then delete it once it is canceled."""
+        job = get_job_or_404(job_id)
+        if not is_terminal(job["status"]):
+            raise RequestError("id", f"job is {job['status']}; cancel it first (POST {job_id}/cancel), then delete "
+                               "it once canceled", status=409, code="conflict")
+        control.delete_job(job_id)
+        return Response(status_code=204)
+
     @app.get("/v1/jobs/{job_id}/result", tags=["jobs"])
     async def get_result(job_id: str, index: int = 0):
         job = get_job_or_404(job_id)
         if job["status"] != JobStatus.SUCCEEDED:
             raise RequestError("id", f"job is {job['status']}; no result yet" if not is_terminal(job["status"])
                                else f"job {job['status']}; it has no result", status=409, code="not_ready")
+        if job.get("t_results_deleted") is not None:
+            raise RequestError("id", "the job's results were deleted (retention or a delete request)", status=410,
+                               code="gone")
         if not 0 <= index < len(job["results"]):
             raise RequestError("index", f"must be between 0 and {len(job['results']) - 1}", status=404, code="not_found")
         ref = job["results"][index]
@@ -233,23 +256,30 @@ def create_app(config: Config, runtime: Runtime | None = None) -> FastAPI:
 
     @app.get("/v1/jobs/{job_id}/events", tags=["jobs"])
     async def job_events(job_id: str, request: Request):
-        job = get_job_or_404(job_id)
+        get_job_or_404(job_id)
         last_id = int(request.headers.get("last-event-id", "0") or 0)
 
         async def stream():
+            # Read here, not in the handler: the job may have moved on before the stream started.
+            job = jobs.get(job_id) or {}
             offset = 0  # added to the hub's ids when they follow rebuilt milestones
             if not events.known(job_id):
-                # History is gone (restart, or an old job): rebuild the milestones from the record;
-                # live events continue their numbering, so Last-Event-ID stays meaningful.
-                history, q = _synthesized(job), None
+                # History is gone (the job ended, a restart, or an old job): rebuild the milestones
+                # from the record; live events continue their numbering, so Last-Event-ID stays meaningful.
+                history, q = _synthesized(job, last_id), None
                 if not is_terminal(job["status"]):
                     offset = len(history)
                     hist2, q = events.subscribe(job_id)
                     history += [dict(e, id=offset + e["id"]) for e in hist2]
+                elif events.closed:
+                    history.append(events.reconnect_event())
             else:
                 history, q = events.subscribe(job_id)
             try:
                 for ev in history:
+                    if ev["event"] == RECONNECT:
+                        yield _sse(ev)
+                        return
                     if ev["id"] > last_id:
                         yield _sse(ev)
                     if is_terminal(ev["event"]):
@@ -262,6 +292,9 @@ def create_app(config: Config, runtime: Runtime | None = None) -> FastAPI:
                     except asyncio.TimeoutError:
                         yield ": keep-alive\n\n"
                         continue
+                    if ev["event"] == RECONNECT:  # the server is shutting down; the job is durable
+                        yield _sse(ev)
+                        return
                     if offset:
                         ev = dict(ev, id=offset + ev["id"])
                     if ev["id"] > last_id:
@@ -283,6 +316,8 @@ def create_app(config: Config, runtime: Runtime | None = None) -> FastAPI:
             raise RequestError("model", f"{model} is a {config.models[model].kind} model, not an image model")
         if not 1 <= body.n <= 10:
             raise RequestError("n", "must be between 1 and 10")
+        if control.draining:
+            return _draining()
         size = {}
         if body.size is not None:
             try:
@@ -293,7 +328,14 @@ def create_app(config: Config, runtime: Runtime | None = None) -> FastAPI:
                            random_seed=random.randint(0, MAX_SEED)) for _ in range(body.n)]
         submitted = control.submit_many(params)
         control.kick()
-        finals = [await _wait_terminal(j["id"]) for j in submitted]
+        try:
+            finals = [await _wait_terminal(j["id"]) for j in submitted]
+        except _Reconnect:
+            # The server is shutting down before the images were made. Nobody could fetch them
+            # later (the caller has no job ids), so they are canceled rather than run after the restart.
+            for j in submitted:
+                control.cancel(j["id"])
+            return _draining()
         failed = [j for j in finals if j["status"] != JobStatus.SUCCEEDED]
         if failed:
             j = failed[0]
@@ -311,9 +353,14 @@ def create_app(config: Config, runtime: Runtime | None = None) -> FastAPI:
     async def _wait_terminal(job_id: str) -> dict[str, Any]:
         history, q = events.subscribe(job_id)
         try:
-            if not any(is_terminal(e["event"]) for e in history):
-                while not is_terminal((await q.get())["event"]):
-                    pass
+            job = jobs.get(job_id)
+            if not is_terminal(job["status"]) and not any(is_terminal(e["event"]) for e in history):
+                while True:
+                    ev = (await q.get())["event"]
+                    if ev == RECONNECT:
+                        raise _Reconnect
+                    if is_terminal(ev):
+                        break
         finally:
             events.unsubscribe(job_id, q)
         return jobs.get(job_id)
@@ -372,18 +419,32 @@ def create_app(config: Config, runtime: Runtime | None = None) -> FastAPI:
 
     @app.get("/readyz", tags=["health"])
     async def readyz():
-        ok = control.ready
-        return JSONResponse({"ready": ok, "workers": {v.id: v.up for v in fleet.worker_views(time.time())}},
+        ok = control.ready  # false from the first moment of a drain: load balancers stop sending
+        return JSONResponse({"ready": ok, "draining": control.draining,
+                             "workers": {v.id: v.up for v in fleet.worker_views(time.time())}},
                             status_code=200 if ok else 503)
 
     return app
 
 
+class _Reconnect(Exception):
+    """The event hub closed the streams: the server is shutting down."""
+
+
+def _draining() -> JSONResponse:
+    return error(503, None, "the server is shutting down; retry shortly (another replica, or this one after its "
+                 "restart)", code="shutting_down", headers={"Retry-After": "5"})
+
+
 def _sse(ev: dict[str, Any]) -> str:
+    if ev["event"] == RECONNECT:  # no id: Last-Event-ID stays at the last job event
+        return f"retry: {ev['data']['retry_ms']}\nevent: {RECONNECT}\ndata: {json.dumps(ev['data'])}\n\n"
     return f"id: {ev['id']}\nevent: {ev['event']}\ndata: {json.dumps(ev['data'])}\n\n"
 
 
-def _synthesized(job: dict[str, Any]) -> list[dict[str, Any]]:
+def _synthesized(job: dict[str, Any], last_id: int = 0) -> list[dict[str, Any]]:
+    """A job's milestones rebuilt from its record. A terminal event is always numbered after
+    ``last_id``: a client reconnecting with a Last-Event-ID from the live stream learns the outcome."""
     evs: list[tuple[str, dict[str, Any]]] = [("queued", {"model": job["model"], "priority": job["priority"]})]
     if job["t_dispatched"] is not None:
         evs.append(("started", {"batch_id": job["batch_id"], "batch_size": job["batch_size"], "worker": job["worker"]}))
@@ -392,4 +453,7 @@ def _synthesized(job: dict[str, Any]) -> list[dict[str, Any]]:
         if job["error_code"]:
             data["error"] = {"code": job["error_code"], "message": job["error_message"]}
         evs.append((job["status"], data))
-    return [{"id": i + 1, "event": e, "data": d} for i, (e, d) in enumerate(evs)]
+    out = [{"id": i + 1, "event": e, "data": d} for i, (e, d) in enumerate(evs)]
+    if is_terminal(job["status"]):
+        out[-1]["id"] = max(out[-1]["id"], last_id + 1)
+    return out

@@ -76,6 +76,7 @@ _ADDED_COLUMNS = {"jobs": {
     "device_type": "TEXT",  # price-table key of the worker that ran it (H100, cpu, …)
     "load_tier": "TEXT",  # where the model load this job waited for came from (disk, page_cache, host)
     "step_batching": "TEXT",  # step mode: JSON {joined_step, shared_with} (NULL: request-level batch)
+    "t_results_deleted": "REAL",  # when retention (or the API) deleted the job's result files
 }}
 _JSON_COLUMNS = {"results", "step_batching"}
 
@@ -176,6 +177,42 @@ class JobStore:
     def attempts(self, job_id: str) -> list[dict[str, Any]]:
         rows = self.db.execute("SELECT * FROM attempts WHERE job_id = ? ORDER BY attempt", (job_id,)).fetchall()
         return [dict(r) for r in rows]
+
+    # ---- retention ---------------------------------------------------------------------------------
+
+    def finished_with_results(self, before: float | None, limit: int) -> list[dict[str, Any]]:
+        """Finished jobs that still have result files, oldest first (finished before ``before``,
+        when given): (id, results, t_finished)."""
+        cond = "" if before is None else " AND t_finished < ?"
+        rows = self.db.execute(
+            f"SELECT id, results, t_finished FROM jobs WHERE t_finished IS NOT NULL AND results != '[]'{cond}"
+            " ORDER BY t_finished LIMIT ?", ((before,) if before is not None else ()) + (limit,)).fetchall()
+        return [{"id": r["id"], "results": json.loads(r["results"]), "t_finished": r["t_finished"]} for r in rows]
+
+    def finished_before(self, before: float, limit: int) -> list[dict[str, Any]]:
+        """Finished jobs older than ``before``, oldest first: (id, results)."""
+        rows = self.db.execute("SELECT id, results FROM jobs WHERE t_finished < ? ORDER BY t_finished LIMIT ?",
+                               (before, limit)).fetchall()
+        return [{"id": r["id"], "results": json.loads(r["results"])} for r in rows]
+
+    def results_deleted(self, job_id: str, now: float) -> None:
+        self.db.execute("UPDATE jobs SET results = '[]', t_results_deleted = ? WHERE id = ?", (now, job_id))
+
+    def delete_job(self, job_id: str) -> bool:
+        """Remove a job's record, its attempts and its delivered or failed webhook deliveries
+        (pending ones still go out). Returns whether there was one."""
+        with self.db:
+            self.db.execute("BEGIN")
+            n = self.db.execute("DELETE FROM jobs WHERE id = ?", (job_id,)).rowcount
+            self.db.execute("DELETE FROM attempts WHERE job_id = ?", (job_id,))
+            self.db.execute("DELETE FROM webhook_deliveries WHERE job_id = ? AND status != 'pending'", (job_id,))
+        return n > 0
+
+    def stored_result_bytes(self) -> int:
+        """The bytes of every result the records point to (one scan: used once, at start)."""
+        row = self.db.execute("SELECT COALESCE(SUM(json_extract(r.value, '$.bytes')), 0) FROM jobs,"
+                              " json_each(jobs.results) AS r WHERE jobs.results != '[]'").fetchone()
+        return int(row[0])
 
     # ---- webhook deliveries ------------------------------------------------------------------------
 

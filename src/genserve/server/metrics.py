@@ -26,6 +26,8 @@ METRIC_NAMES = (
     "genserve_models_resident", "genserve_device_busy_seconds", "genserve_device_busy_fraction",
     "genserve_gpu_utilization_ratio", "genserve_gpu_memory_used_bytes", "genserve_gpu_memory_total_bytes",
     "genserve_device_seconds", "genserve_cost_usd", "genserve_idle_cost_usd", "genserve_workers",
+    # retention (server/retention.py)
+    "genserve_result_bytes_stored", "genserve_result_bytes_deleted", "genserve_jobs_deleted",
 )
 
 

@@ -55,6 +55,7 @@ from .jobstore import JobStore
 from .listeners import Event, Listener
 from .observe import Observer
 from .records import JobRecords
+from .retention import Retention
 from .webhooks import WebhookSender
 
 log = logging.getLogger("genserve.runtime")
@@ -101,6 +102,35 @@ def ray_pool(config: Config, results: dict[str, Any]) -> PoolFactory:
         return RayPool(len(devices), results, on_message, on_exit, settings,
                        RestartPolicy(quarantine_after=s.quarantine_after, window_s=s.quarantine_window_s))
     return make
+def scale_local(pool: Pool, gpus: list[str], d: ScaleTo) -> None:
+    """The local provider: start workers until ``d.devices`` are up or starting (GPU workers
+    only on GPUs not already in use). Surplus ones are retired by the engine, one by one."""
+    active = pool.active()
+    log.info("autoscale: want %d devices, have %d (%s)", d.devices, len(active), d.reason)
+    for _ in range(d.devices - len(active)):
+        if gpus:
+            used = {w.device for w in pool.workers.values() if not w.quarantined}  # retiring ones too
+            free = [g for g in gpus if g not in used]
+            if not free:
+                break
+            pool.add_worker(free[0])
+        else:
+            pool.add_worker("cpu")
+
+
+def build_demo_models(config: Config) -> None:
+    """Build the demo pipelines the catalog uses, once each. In a child process: the server
+    process itself never needs the ML stack loaded."""
+    for name, m in config.models.items():
+        if m.source in DEMO_SOURCES:
+            out = config.model_dir(name)
+            if not (out / "model_index.json").exists():
+                log.info("building demo model %s into %s", m.source, out)
+                proc = subprocess.run(
+                    [sys.executable, "-m", "genserve.backends.demo", DEMO_SOURCES[m.source], str(out)],
+                    stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                if proc.returncode != 0:
+                    raise RuntimeError(f"building demo model {m.source} failed:\n{proc.stderr[-4000:]}")
 
 
 class Runtime:
@@ -132,7 +162,11 @@ class Runtime:
         self.observer = Observer(config.prices, config.models, self.fleet, self.store, clock)
         self.listeners: list[Listener] = [self.events, self.webhooks, self.observer]
         self.records = JobRecords(self.store, self.results, config.models, self._publish)
+        self.retention = Retention(config.retention, self.store, self.results, self.observer.metrics.registry, clock)
+        self.listeners.append(self.retention)
         self.models_ready = False
+        self.draining = False
+        self._drained: asyncio.Event | None = None  # set when a drain has no batch left running
         self._timer: asyncio.TimerHandle | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
 
@@ -140,7 +174,7 @@ class Runtime:
 
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
-        await self._loop.run_in_executor(None, self._build_demo_models)
+        await self._loop.run_in_executor(None, build_demo_models, self.config)
         self.models_ready = True
         now = self.clock()
         # Outputs written just before a crash (worker or server) are adopted, not produced again.
@@ -156,34 +190,49 @@ class Runtime:
                                attempts=job["attempts"])
             self.records.restored(job, now)
         self.webhooks.start()
+        self.retention.start()
         self.pool.start()
         self._pump(now)
+
+    async def drain(self, drain_s: float) -> None:
+        """Graceful shutdown, before the HTTP server stops (docs/operations.md): unready at once,
+        no new batches; running batches get up to ``drain_s`` to finish; what is still running
+        then is requeued durably (not counted as an attempt) and its workers are stopped; open
+        SSE streams and waiting OpenAI calls are told to come back."""
+        now = self.clock()
+        self.draining = True
+        self.engine.drain(now)
+        log.warning("draining: no new batches; %d running get up to %gs", len(self.engine.busy_workers()), drain_s)
+        self._pump(now)
+        if self.engine.has_running() and self._loop is not None:
+            self._drained = asyncio.Event()
+            try:
+                await asyncio.wait_for(self._drained.wait(), drain_s)
+            except asyncio.TimeoutError:
+                pass
+        if self.engine.has_running():
+            now = self.clock()
+            busy = self.engine.busy_workers()
+            log.warning("drain: %gs are up; requeueing the jobs of %d running batch(es)", drain_s, len(busy))
+            self._execute(self.engine.interrupt_running(now), now)
+            for w in busy:
+                self.pool.kill(w)
+            await self.pool.close()  # closes at once: the killed workers are neither reported nor restarted
+        self.events.close_streams()
 
     async def close(self) -> None:
         if self._timer:
             self._timer.cancel()
+        self.retention.close()
         await self.pool.close()
         await self.webhooks.close()
         self.store.close()
-
-    def _build_demo_models(self) -> None:
-        # In a child process: the server process itself never needs the ML stack loaded.
-        for name, m in self.config.models.items():
-            if m.source in DEMO_SOURCES:
-                out = self.config.model_dir(name)
-                if not (out / "model_index.json").exists():
-                    log.info("building demo model %s into %s", m.source, out)
-                    proc = subprocess.run(
-                        [sys.executable, "-m", "genserve.backends.demo", DEMO_SOURCES[m.source], str(out)],
-                        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-                    if proc.returncode != 0:
-                        raise RuntimeError(f"building demo model {m.source} failed:\n{proc.stderr[-4000:]}")
 
     # ---- Control: what the API asks -------------------------------------------------------------------
 
     @property
     def ready(self) -> bool:
-        return self.models_ready and self.pool.all_ready()
+        return self.models_ready and self.pool.all_ready() and not self.draining
 
     def submit(self, params: JobParams, client_id: str | None) -> tuple[dict[str, Any], bool]:
         """Persist then queue a job. Returns (job record, created)."""
@@ -218,6 +267,11 @@ class Runtime:
         self.records.cancel_requested(job_id)
         self._execute(self.engine.cancel(job_id, now), now)
         return self.store.get(job_id)
+
+    def delete_job(self, job_id: str) -> bool:
+        """Delete a finished job's results and record (retention.py). False: no such finished job."""
+        job = self.store.get(job_id)
+        return job is not None and is_terminal(job["status"]) and self.retention.delete_job(job)
 
     def kick(self) -> None:
         """Let the engine decide now (called after API events)."""
@@ -258,6 +312,8 @@ class Runtime:
         self._execute(self.engine.step(now), now)
         self._publish(Event("synced", now))
         self._arm_timer(now)
+        if self._drained is not None and not self.engine.has_running():
+            self._drained.set()
 
     def _arm_timer(self, now: float) -> None:
         if self._timer:
@@ -306,7 +362,7 @@ class Runtime:
             case RetryJob():
                 self.records.retry(d, now)
             case ScaleTo():
-                self._scale_to(d)
+                scale_local(self.pool, self.gpus, d)
             case RetireWorker():
                 log.info("retiring worker %s (%s)", d.worker, d.reason)
                 self.pool.retire(d.worker)
@@ -315,21 +371,6 @@ class Runtime:
                 self.pool.kill(d.worker)
             case _:
                 assert_never(d)
-
-    def _scale_to(self, d: ScaleTo) -> None:
-        """The local provider: start workers until ``d.devices`` are up or starting (GPU workers
-        only on GPUs not already in use). Surplus ones are retired by the engine, one by one."""
-        active = self.pool.active()
-        log.info("autoscale: want %d devices, have %d (%s)", d.devices, len(active), d.reason)
-        for _ in range(d.devices - len(active)):
-            if self.gpus:
-                used = {w.device for w in self.pool.workers.values() if not w.quarantined}  # retiring ones too
-                free = [g for g in self.gpus if g not in used]
-                if not free:
-                    break
-                self.pool.add_worker(free[0])
-            else:
-                self.pool.add_worker("cpu")
 
     def _run_batch(self, d: RunBatch, now: float) -> None:
         m = self.config.models[d.key.model]

@@ -12,7 +12,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Segment:
     worker: str
     device_type: str

@@ -72,8 +72,9 @@ class WebhookSender:
             return
         done = is_terminal(ev.kind)
         self.notify(ev.job_id, hook[0], hook[1], "completed" if done else ev.kind, dict(ev.data), ev.now)
-        if done:
+        if done:  # nothing of a finished job stays in memory (its deliveries are rows in the store)
             del self._hooks[ev.job_id]
+            self._last_progress.pop(ev.job_id, None)
 
     def notify(self, job_id: str, url: str | None, wanted: tuple[str, ...], event: str, data: dict[str, Any],
                now: float) -> None:

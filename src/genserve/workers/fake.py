@@ -29,7 +29,7 @@ class FakePool:
     def start(self) -> None:
         self.started = True
 
-    async def close(self) -> None:
+    async def close(self, grace_s: float = 2.0) -> None:
         self.closed = True
 
     def send(self, worker_id: str, msg: dict[str, Any]) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import multiprocessing as mp
+import multiprocessing.connection as mp_connection
 import os
 import subprocess
 import sys
@@ -172,23 +173,40 @@ class LocalPool:
         w.retiring = True
         self.send(worker_id, {"op": "shutdown"})
 
-    async def close(self) -> None:
+    async def close(self, grace_s: float = 2.0) -> None:
+        """Ask every worker to exit, wait for all of them together up to ``grace_s``, then kill
+        the rest (a worker still inside a batch does not read ``shutdown`` until it ends).
+        Idempotent. The first part, up to the first wait, runs at once: workers killed just before
+        this call are not reported lost nor restarted."""
+        first = not self.closing
         self.closing = True
-        for w in self.workers.values():
-            if w.conn is None:
-                continue
-            try:
-                self.loop.remove_reader(w.conn.fileno())
-            except (ValueError, OSError):
-                pass
-            try:
-                w.conn.send({"op": "shutdown"})
-            except (OSError, ValueError):
-                pass
-        for w in self.workers.values():
-            if w.process is None:
-                continue
-            await asyncio.get_running_loop().run_in_executor(None, w.process.join, 5)
-            if w.process.is_alive():
-                w.process.kill()
-                w.process.join(2)
+        if first:
+            for w in self.workers.values():
+                if w.conn is None:
+                    continue
+                try:
+                    self.loop.remove_reader(w.conn.fileno())
+                except (ValueError, OSError):
+                    pass
+                try:
+                    w.conn.send({"op": "shutdown"})
+                except (OSError, ValueError):
+                    pass
+        procs = [w.process for w in self.workers.values() if w.process is not None]
+        await asyncio.get_running_loop().run_in_executor(None, _wait_all, procs, grace_s)
+        for p in procs:
+            if p.is_alive():
+                p.kill()
+        await asyncio.get_running_loop().run_in_executor(None, _wait_all, procs, 2.0)
+
+
+def _wait_all(procs: list, timeout: float) -> None:
+    """Block until every process has exited or ``timeout`` passed (all waited on together)."""
+    deadline = time.monotonic() + timeout
+    pending = [p.sentinel for p in procs if p.is_alive()]
+    while pending and (left := deadline - time.monotonic()) > 0:
+        done = mp_connection.wait(pending, timeout=left)
+        pending = [s for s in pending if s not in done]
+    for p in procs:
+        if not p.is_alive():
+            p.join(0)  # reap

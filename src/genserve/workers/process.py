@@ -20,6 +20,13 @@ def worker_main(conn: Connection, worker_id: str, device: str, results: dict[str
                 heartbeat_s: float = 2.0, faults: dict[str, Any] | None = None,
                 memory_budget: int = 0, host_cache_bytes: int = 0) -> None:
     """A local worker process: messages over a multiprocessing pipe."""
+    import signal
+
+    # SIGINT / SIGTERM sent to the whole process group (Ctrl+C in a terminal, systemd's default
+    # KillMode) are the server's to handle: it drains, then asks workers to exit. A worker ends on
+    # "shutdown", when its pipe closes (the server is gone), or when killed.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     send_lock = threading.Lock()
 
     def emit(msg: dict[str, Any]) -> None:
