@@ -33,6 +33,7 @@ from ..engine import (
     UnloadModel,
 )
 from .scenario import Scenario
+from .steps import SimStepSets
 from .workload import arrivals
 
 GIB = 1 << 30
@@ -56,19 +57,6 @@ class SimJob:
     retries: int = 0
     steps: int = 0
     resume: tuple[str, int, int] | None = None  # paused: (device, its generation, steps left)
-
-
-@dataclass(slots=True)
-class StepSet:
-    """A step-level running set on a simulated device: every member advances one step per
-    denoiser call, whose time is the batch curve at the set's size for one step's pixels."""
-
-    device: str
-    generation: int
-    key: BatchKey
-    members: dict[str, int]  # job id -> steps left
-    pending: list[str] = field(default_factory=list)  # joined, entering at the next step boundary
-    most: int = 0  # the largest set size reached (what its working memory was sized by)
 
 
 @dataclass(slots=True)
@@ -107,7 +95,7 @@ class Simulator:
         self.provisioning: list[str] = []
         self.jobs: list[SimJob] = []
         self.batches: dict[str, tuple[str, int, RunBatch]] = {}  # batch id -> (device, generation, decision)
-        self.sets: dict[str, StepSet] = {}  # step-level batching: batch id -> running set
+        self.steps = SimStepSets(scenario, self.engine, self.jobs, self.devices, self._step_at, self.execute)
         self.samples: list[tuple[float, int, int, int, int]] = []
         self.scale_log: list[tuple[float, int, str]] = []
         self.capacity = int(scenario.fleet.memory_gb * GIB)
@@ -141,14 +129,11 @@ class Simulator:
             match d:
                 case RunBatch():
                     if self.s.models[d.key.model].limits.step_batching:
-                        self._run_steps(d, now)
+                        self.steps.run(d, now)
                     else:
                         self._run(d, now)
                 case JoinBatch():
-                    st = self.sets[d.batch_id]  # the engine joins only sets it still runs
-                    st.pending += d.job_ids
-                    for jid in d.job_ids:
-                        self.jobs[int(jid)].dispatched = now
+                    self.steps.join(d, now)
                 case LoadModel():
                     self._load(d, now)
                 case UnloadModel():
@@ -173,20 +158,9 @@ class Simulator:
                     # its modelled duration (a step is short against a whole batch).
                     for jid in d.job_ids:
                         self.engine.job_ended(jid, now)
-                        st = self.sets.get(d.batch_id)
-                        if st is not None:  # a running set frees the slot at once
-                            st.members.pop(jid, None)
-                            if jid in st.pending:
-                                st.pending.remove(jid)
+                    self.steps.cancel(d)
                 case PauseRunning():
-                    st = self.sets[d.batch_id]
-                    for jid in d.job_ids:  # out at once; it keeps its progress for a resume on this device
-                        left = st.members.pop(jid, None)
-                        if jid in st.pending:
-                            st.pending.remove(jid)
-                            left = self.jobs[int(jid)].steps
-                        self.jobs[int(jid)].resume = (st.device, st.generation, left)
-                        self.execute(self.engine.job_paused(jid, now), now)
+                    self.steps.pause(d, now)
                 case KillWorker():
                     self._crash(self.devices[d.worker], now)  # killed: exactly like a crash
                 case _:
@@ -247,73 +221,9 @@ class Simulator:
         self.push(end, DONE, (d.batch_id, units))
         self._in_flight += 1
 
-    def _run_steps(self, d: RunBatch, now: float) -> None:
-        dev = self.devices[d.worker]
-        start = max(now, dev.busy_until)  # after a load it waits for
-        load_end, tier = dev.loading_until.get(d.key.model, (0.0, ""))
-        st = StepSet(d.worker, dev.generation, d.key, {})
-        for jid in d.job_ids:
-            job = self.jobs[int(jid)]
-            job.dispatched = now
-            job.infer_start = start
-            job.batch_size = len(d.job_ids)
-            if load_end > now:
-                job.load_wait = load_end - now
-                job.tier = tier
-            st.members[jid] = self._steps_left(job, st)
-        self.sets[d.batch_id] = st
-        self._next_step(d.batch_id, st, start)
-
-    @staticmethod
-    def _steps_left(job: SimJob, st: StepSet) -> int:
-        """A paused job resumes where it stopped on the device that keeps its latents."""
-        r, job.resume = job.resume, None
-        if r is not None and r[0] == st.device and r[1] == st.generation and r[2]:
-            return r[2]
-        return job.steps
-
-    def _step_units(self, key: BatchKey) -> int:
-        return key.width * key.height * max(1, key.num_frames)  # one step's pixels
-
-    def _next_step(self, batch_id: str, st: StepSet, start: float) -> None:
-        dev = self.devices[st.device]
-        n = len(st.members)
-        st.most = max(st.most, n)
-        took = self.s.models[st.key.model].batch_seconds(n, self._step_units(st.key))
-        dev.busy_until = start + took
-        dev.busy_s += took
-        self.push(start + took, STEP, batch_id)
+    def _step_at(self, t: float, batch_id: str) -> None:
+        self.push(t, STEP, batch_id)
         self._in_flight += 1
-
-    def _stepped(self, batch_id: str, now: float) -> None:
-        """A step boundary: members advance, finished ones leave, joiners enter."""
-        st = self.sets[batch_id]
-        dev = self.devices[st.device]
-        if st.generation != dev.generation:  # the device crashed: the engine already retried its jobs
-            del self.sets[batch_id]
-            return
-        for jid in list(st.members):
-            st.members[jid] -= 1
-            if st.members[jid] <= 0:
-                del st.members[jid]
-                job = self.jobs[int(jid)]
-                if not job.failed:
-                    job.finished = now
-                self.engine.job_ended(jid, now)
-        for jid in st.pending:
-            job = self.jobs[int(jid)]
-            job.infer_start = now
-            job.batch_size = len(st.members) + 1
-            st.members[jid] = self._steps_left(job, st)
-        st.pending.clear()
-        if st.members:
-            self._next_step(batch_id, st, now)
-            return
-        del self.sets[batch_id]
-        m = self.s.models[st.key.model]
-        # working memory does not grow with steps: size it as for a job of the reference step count
-        peak = m.working_bytes(st.most, self._step_units(st.key) * m.ref_steps)
-        self.execute(self.engine.batch_finished(batch_id, now, peak), now)
 
     # ---- the loop ----------------------------------------------------------------------------------------
 
@@ -364,7 +274,7 @@ class Simulator:
                 if kind in (DONE, LOADED, STEP):
                     self._in_flight -= 1
                 if kind == STEP:
-                    self._stepped(p, now)
+                    self.steps.stepped(p, now)
                 elif kind == DONE:
                     batch_id, units = p
                     wid, gen, d = self.batches.pop(batch_id)
