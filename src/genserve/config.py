@@ -13,6 +13,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from .auth.settings import AccessConfig, parse_access, parse_cors_origins
 from .demo_catalog import DEMO_SOURCES, DEMO_TOML
 from .engine.autoscale import Autoscaler, ScaleLimits
 from .engine.liveness import Liveness
@@ -104,6 +105,7 @@ class ServerConfig:
     saturation: float = 0.9  # warm workers busier than this count as saturated (load elsewhere)
     preload: bool = False  # predictive preloading
     preload_min_probability: float = 0.2
+    fair_share: bool = True  # across tenants inside a model's queue (engine/queues.py)
     # Failure handling (docs/failure-handling.md).
     max_attempts: int = 3
     retry_backoff_s: float = 5.0  # the second retry waits this long, doubling after (the first is immediate)
@@ -118,6 +120,7 @@ class ServerConfig:
     webhook_secret: str | None = None  # "whsec_<base64>"; required for jobs with a webhook
     webhook_max_attempts: int = 8
     webhook_backoff_s: float = 1.0  # first redelivery after this, doubling (≤ 5 min)
+    cors_origins: tuple[str, ...] = ()  # browser origins allowed to call the API (docs/security.md)
 
 
 # US$ per device-hour, by device type: public on-demand list prices (rounded) for the GPUs, and a
@@ -171,6 +174,7 @@ class Config:
     prices: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_PRICES))
     faults: FaultConfig | None = None
     autoscale: AutoscaleConfig | None = None
+    access: AccessConfig = AccessConfig()  # [auth], [tenants.*] (genserve/auth/settings.py)
 
     def with_overrides(self, **kw: Any) -> "Config":
         kw = {k: v for k, v in kw.items() if v is not None}
@@ -328,6 +332,8 @@ def _parse_server(raw: Any) -> ServerConfig:
     for k in ("max_attempts", "fallback_after", "quarantine_after", "webhook_max_attempts"):
         if k in raw:
             kw[k] = _int(f"server.{k}", raw[k], 1)
+    if "cors_origins" in raw:
+        kw["cors_origins"] = parse_cors_origins(raw["cors_origins"], ConfigError)
     if "webhook_secret" in raw:
         kw["webhook_secret"] = _secret("server.webhook_secret", raw["webhook_secret"])
     for k in ("worker_memory_gb", "host_cache_gb"):
@@ -341,10 +347,11 @@ def _parse_server(raw: Any) -> ServerConfig:
             raise ConfigError("server.saturation", "must be between 0 and 1")
     if "preload_min_probability" in raw:
         kw["preload_min_probability"] = _float("server.preload_min_probability", raw["preload_min_probability"], 0.0)
-    if "preload" in raw:
-        if not isinstance(raw["preload"], bool):
-            raise ConfigError("server.preload", f"must be true or false, got {raw['preload']!r}")
-        kw["preload"] = raw["preload"]
+    for k in ("preload", "fair_share"):
+        if k in raw:
+            if not isinstance(raw[k], bool):
+                raise ConfigError(f"server.{k}", f"must be true or false, got {raw[k]!r}")
+            kw[k] = raw[k]
     for k, names in (("residency", RESIDENCY), ("placement", PLACEMENT)):
         if k in raw:
             kw[k] = _type(f"server.{k}", raw[k], str, "a string")
@@ -403,7 +410,7 @@ def _parse_prices(raw: Any) -> dict[str, float]:
 
 
 def parse_config(data: dict[str, Any]) -> Config:
-    unknown = sorted(set(data) - {"server", "models", "prices", "faults", "autoscale"})
+    unknown = sorted(set(data) - {"server", "models", "prices", "faults", "autoscale", "auth", "tenants"})
     if unknown:
         raise ConfigError(unknown[0], "unknown section (expected [server], [prices], [autoscale], [models.NAME], [faults])")
     server = _parse_server(data.get("server", {}))
@@ -424,7 +431,8 @@ def parse_config(data: dict[str, Any]) -> Config:
             raise ConfigError(key, f"{m.fallback} is a {models[m.fallback].kind} model; {name} is {m.kind}")
     faults = _parse_faults(data["faults"], models) if "faults" in data else None
     autoscale = _parse_autoscale(data["autoscale"]) if "autoscale" in data else None
-    return Config(server, models, _parse_prices(data.get("prices", {})), faults, autoscale)
+    return Config(server, models, _parse_prices(data.get("prices", {})), faults, autoscale,
+                  access=parse_access(data, ConfigError))
 
 
 def _parse_autoscale(raw: Any) -> AutoscaleConfig:

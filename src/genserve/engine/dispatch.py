@@ -92,7 +92,7 @@ class Dispatcher:
             out += self.residency.load(worker, key.model, now, "batch")
         chosen = jobs[:n]
         for job in chosen:
-            self.waiting.take(job.id)
+            self.waiting.take(job.id, served=True)
         if not self.waiting.depth(key.model):
             self.residency.invalidate()  # copies elsewhere lost their protection
         batch = self.fleet.start(key, chosen, worker, now)
