@@ -26,6 +26,15 @@ def cmd_serve(a: argparse.Namespace) -> int:
 
     configure(a.log_format)
     s = config.server
+    from .auth.keys import KeyStore
+    from .server.auth import bind_refusal
+
+    keys = KeyStore(s.data_dir)
+    refusal = bind_refusal(s.host, keys, config.access, a.insecure)
+    keys.close()
+    if refusal:
+        print(f"genserve: {refusal}", file=sys.stderr)
+        return 2
     print(f"genserve: serving {', '.join(config.models)} on http://{s.host}:{s.port} (data in {s.data_dir})", flush=True)
     # log_config=None: uvicorn's loggers go through the root handler, so --log-format applies to them too.
     uvicorn.run(create_app(config), host=s.host, port=s.port, log_level="warning", log_config=None,
@@ -180,6 +189,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--workers", type=int, help="CPU workers when there is no GPU (default 1)")
     s.add_argument("--log-format", choices=["text", "json"], default="text",
                    help="json: one object per line with job_id, batch_id, worker, stage and timings")
+    s.add_argument("--insecure", action="store_true",
+                   help="serve on a non-loopback address without any API key (anyone reaching the port is admin)")
     s.set_defaults(func=cmd_serve)
     j = sub.add_parser("submit", help="submit a job, follow its progress, save the output")
     j.add_argument("prompt")
@@ -225,6 +236,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .sim.cli import add_parsers
 
     add_parsers(sub)
+    from .auth.cli import add_parsers as add_key_parsers
+
+    add_key_parsers(sub)
     return p
 
 
