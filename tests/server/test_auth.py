@@ -101,21 +101,40 @@ def test_tenant_isolation_on_every_job_route(tmp_path):
         assert [j["id"] for j in (await c.get("/v1/jobs?tenant=other", headers=bearer(admin))).json()["data"]] == [other_jid]
         assert (await c.get(f"/v1/jobs/{jid}", headers=A)).status_code == 200
         assert (await c.get(f"/v1/jobs/{jid}", headers=bearer(admin))).status_code == 200
+        r = await c.post(f"/v1/jobs/{other_jid}/cancel", headers=A)
+        assert r.status_code == 404 and w.job(other_jid)["status"] != "canceled"
+        r = await c.post(f"/v1/jobs/{other_jid}/cancel", headers=B)  # still queued
+        assert r.status_code == 200 and r.json()["status"] == "canceled"
         # Run it: the result is the owner's only.
         w.load()
         msg = w.run_msg()
+        w.clock.t += 2.0
         for j in msg["jobs"]:
             w.done("w0", msg["batch_id"], j["id"])
+        w.pool.say("w0", "batch_done", batch_id=msg["batch_id"], t=w.clock.t)
         assert w.job(jid)["status"] == "succeeded"
         assert (await c.get(f"/v1/jobs/{jid}/result", headers=B)).status_code == 404
         r = await c.get(f"/v1/jobs/{jid}/result", headers=A)
         assert r.status_code == 200 and r.content.startswith(b"\x89PNG")
         r = await c.get(f"/v1/jobs/{jid}/events", headers=A)
         assert r.status_code == 200 and "event: succeeded" in r.text
-        r = await c.post(f"/v1/jobs/{other_jid}/cancel", headers=A)
-        assert r.status_code == 404 and w.job(other_jid)["status"] != "canceled"
-        r = await c.post(f"/v1/jobs/{other_jid}/cancel", headers=B)
-        assert r.status_code == 200
+        # Usage: each tenant sees its own; the admin every tenant's.
+        mine = (await c.get("/v1/usage", headers=A)).json()["data"]
+        assert [t["tenant"] for t in mine] == ["acme"] and mine[0]["jobs"] == 1
+        [row] = mine[0]["by_model_day"]
+        assert row["model"] == "img" and row["succeeded"] == 1 and row["device_seconds"] > 0
+        assert (await c.get("/v1/usage?tenant=acme", headers=B)).status_code == 404
+        theirs = (await c.get("/v1/usage", headers=B)).json()["data"]
+        assert [(t["tenant"], t["by_model_day"][0]["canceled"]) for t in theirs] == [("other", 1)]
+        every = (await c.get("/v1/usage", headers=bearer(admin))).json()["data"]
+        assert [t["tenant"] for t in every] == ["acme", "other"]
+        assert [t["tenant"] for t in (await c.get("/v1/usage?tenant=other", headers=bearer(admin))).json()["data"]] == ["other"]
+        assert (await c.get("/v1/usage?days=0", headers=A)).status_code == 400
+        # Prometheus: acme is configured (its own label); "other" is not (folded into "other").
+        text = (await c.get("/metrics", headers=bearer(admin))).text
+        assert 'genserve_tenant_jobs_total{model="img",status="succeeded",tenant="acme"} 1.0' in text
+        assert 'genserve_tenant_jobs_total{model="img",status="canceled",tenant="other"} 1.0' in text
+        assert 'genserve_tenant_device_seconds_total{model="img",tenant="acme"}' in text
         await c.aclose()
         await w.rt.close()
         store.close()

@@ -26,6 +26,7 @@ from .jobstore import STAGES
 from .observability_api import observability_router
 from .runtime import QueueFull, Runtime
 from .stats import breakdown
+from .tenant_usage import TenantMetrics, usage_router
 from .views import Control, FleetView, JobReader
 
 
@@ -356,6 +357,12 @@ def create_app(config: Config, runtime: Runtime | None = None) -> FastAPI:
         return {"model": name, "unloaded_from": control.unload_model(name, worker)}
 
     app.include_router(observability_router(rt.observer))
+    app.include_router(usage_router(jobs.usage, rt.clock))
+    try:
+        rt.listeners.append(TenantMetrics(config.access, rt.observer.metrics.registry,
+                                          lambda jid: (jobs.get(jid) or {}).get("tenant")))
+    except ValueError:
+        pass  # a second app over the same runtime: its series are registered already
 
     @app.get("/healthz", tags=["health"])
     async def healthz():

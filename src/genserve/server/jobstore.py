@@ -141,6 +141,20 @@ class JobStore:
                                    (tenant, limit)).fetchall()
         return [_decode(r) for r in rows]
 
+    def usage(self, since: float, tenant: str | None = None) -> list[dict[str, Any]]:
+        """Jobs received since ``since`` by tenant, model and UTC day: counts by outcome, and the
+        device-seconds and cost charged to them."""
+        where, args = "t_received >= ?", [since]
+        if tenant is not None:
+            where, args = where + " AND tenant = ?", [since, tenant]
+        rows = self.db.execute(
+            "SELECT tenant, model, date(t_received, 'unixepoch') AS day, COUNT(*) AS jobs,"
+            " SUM(status = 'succeeded') AS succeeded, SUM(status = 'failed') AS failed,"
+            " SUM(status = 'canceled') AS canceled, COALESCE(SUM(device_seconds), 0.0) AS device_seconds,"
+            " COALESCE(SUM(cost_usd), 0.0) AS cost_usd"
+            f" FROM jobs WHERE {where} GROUP BY tenant, model, day ORDER BY tenant, day, model", args).fetchall()
+        return [dict(r) for r in rows]
+
     def active_since(self, since: float, limit: int = 100_000) -> list[dict[str, Any]]:
         """Jobs that finished at or after ``since`` or have not finished: what a stats window needs."""
         rows = self.db.execute(
