@@ -24,6 +24,7 @@ from . import auth
 from .auth import principal, visible
 from .jobstore import STAGES
 from .observability_api import observability_router
+from .openapi import install_openapi
 from .runtime import QueueFull, Runtime
 from .stats import breakdown
 from .tenant_usage import TenantMetrics, usage_router
@@ -95,6 +96,7 @@ def create_app(config: Config, runtime: Runtime | None = None) -> FastAPI:
                   description="Self-hosted inference for image and video diffusion models.")
     app.state.runtime = rt
     auth.install(app, keys, config.access, config.server.cors_origins)
+    install_openapi(app, config.models)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_req: Request, exc: RequestValidationError):
@@ -110,7 +112,8 @@ def create_app(config: Config, runtime: Runtime | None = None) -> FastAPI:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_req: Request, exc: StarletteHTTPException):
-        return error(exc.status_code, None, str(exc.detail), code="not_found" if exc.status_code == 404 else "http_error")
+        return error(exc.status_code, None, str(exc.detail), code="not_found" if exc.status_code == 404 else "http_error",
+                     headers=getattr(exc, "headers", None))  # 405 keeps its Allow header
 
     @app.exception_handler(RequestError)
     async def _request_error(_req: Request, exc: RequestError):
