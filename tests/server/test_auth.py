@@ -159,6 +159,9 @@ def test_keys_are_required_once_one_exists_and_seen_without_restart(tmp_path, ca
         assert (await c.get("/v1/models", headers=bearer(key + "x"))).status_code == 401
         assert (await c.get("/v1/models", headers={"Authorization": key})).status_code == 401  # not Bearer
         assert (await c.get("/v1/models", headers=bearer(key))).status_code == 200
+        # The dashboard's static files hold no data: a browser loads them, its script sends the key.
+        assert (await c.get("/dashboard")).status_code == 200
+        assert (await c.get("/dashboard/dashboard.js")).status_code == 200
         # Health checks stay open.
         assert (await c.get("/healthz")).status_code == 200
         assert (await c.get("/readyz")).status_code in (200, 503)

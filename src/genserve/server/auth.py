@@ -28,6 +28,10 @@ from ..requests import RequestError
 log = logging.getLogger("genserve.auth")
 
 OPEN_PATHS = frozenset({"/healthz", "/readyz"})
+# The dashboard's static files hold no data (its script sends the key from /dashboard#key=… with
+# every API call), so a browser can load them without a header.
+STATIC_PATHS = frozenset({"/", "/dashboard"})
+STATIC_PREFIX = "/dashboard/"
 # Routes only an admin key may call: the fleet, the models' residency, everyone's stats and metrics.
 _ADMIN = [
     ("POST", re.compile(r"^/v1/models/[^/]+/(load|unload)$")),
@@ -77,7 +81,9 @@ class AuthMiddleware:
         return self.access.auth.required or self.keys.any_keys()
 
     async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
-        if scope["type"] != "http" or scope["path"] in OPEN_PATHS or scope["method"] == "OPTIONS":
+        path = scope.get("path", "")
+        static = scope.get("method") == "GET" and (path in STATIC_PATHS or path.startswith(STATIC_PREFIX))
+        if scope["type"] != "http" or path in OPEN_PATHS or static or scope["method"] == "OPTIONS":
             # OPTIONS: CORS preflights carry no credentials; the CORS middleware (outside) answers them.
             await self.app(scope, receive, send)
             return
