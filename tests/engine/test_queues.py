@@ -156,8 +156,8 @@ def test_aging_changes_the_order_over_time():
 
 def test_order_key_shape():
     j = job("x", priority=Priority.LOW, t=4.0)
-    assert order_key(j, 4.0, 10.0) == (2, 0.0, 4.0, "x")  # 0.0: no tenant, no fair-share tag
-    assert order_key(j, 14.0, 10.0) == (1, 0.0, 4.0, "x")
+    assert order_key(j, 4.0, 10.0) == (2, 4.0, "x")
+    assert order_key(j, 14.0, 10.0) == (1, 4.0, "x")
 
 
 # ---- aging ---------------------------------------------------------------------------------------

@@ -27,8 +27,14 @@ def effective_rank(job: QueuedJob, now: float, aging_s: float) -> int:
     return max(0, int(job.priority) - promoted)
 
 
-def order_key(job: QueuedJob, now: float, aging_s: float) -> tuple[int, float, float, str]:
-    return (effective_rank(job, now, aging_s), job.vstart, job.enqueued_at, job.id)
+def order_key(job: QueuedJob, now: float, aging_s: float) -> tuple[int, float, str]:
+    """Service order inside a queue without tenants (the hot path: kept a 3-tuple)."""
+    return (effective_rank(job, now, aging_s), job.enqueued_at, job.id)
+
+
+def _wide(k: tuple[int, float, str]) -> tuple[int, float, float, str]:
+    """An ``order_key`` comparable with a fair-share key (tag 0: no tenant)."""
+    return (k[0], 0.0, k[1], k[2])
 
 
 def _promoted(priority: int, oldest: float, now: float, aging_s: float) -> int:
@@ -130,9 +136,10 @@ class KeyedQueues:
         return sorted(self.jobs(key), key=lambda j: order_key(j, now, aging_s))
 
     def head_order(self, key: BatchKey, now: float, aging_s: float) -> tuple:
+        """The order key of the job ``key``'s queue serves next, comparable across keys."""
         if key in self._fair:
             return fair_ordered(self.jobs(key), now, aging_s)[0][0]
-        return min(order_key(j, now, aging_s) for j in self.jobs(key))
+        return _wide(min(order_key(j, now, aging_s) for j in self.jobs(key)))
 
     def size(self, key: BatchKey) -> int:
         return len(self._by_key.get(key, ()))
@@ -150,6 +157,6 @@ class KeyedQueues:
             if key in self._fair:
                 keyed += fair_ordered(self.jobs(key), now, aging_s)
             else:
-                keyed += [(order_key(j, now, aging_s), j) for j in self.jobs(key)]
+                keyed += [(_wide(order_key(j, now, aging_s)), j) for j in self.jobs(key)]
         keyed.sort(key=lambda kj: kj[0])
         return [j for _, j in keyed]
