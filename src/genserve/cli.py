@@ -51,6 +51,11 @@ def _fail(resp) -> int:
     return 1
 
 
+def _auth(a: argparse.Namespace) -> dict[str, str]:
+    key = getattr(a, "api_key", None) or os.environ.get("GENSERVE_API_KEY")
+    return {"Authorization": f"Bearer {key}"} if key else {}
+
+
 def cmd_submit(a: argparse.Namespace) -> int:
     import httpx
     from tqdm import tqdm
@@ -64,7 +69,7 @@ def cmd_submit(a: argparse.Namespace) -> int:
     if a.size:
         w, _, h = a.size.lower().partition("x")
         body["width"], body["height"] = int(w), int(h)
-    with httpx.Client(base_url=a.url, timeout=httpx.Timeout(30.0, read=None)) as client:
+    with httpx.Client(base_url=a.url, timeout=httpx.Timeout(30.0, read=None), headers=_auth(a)) as client:
         r = client.post("/v1/jobs", json=body)
         if r.status_code != 202:
             return _fail(r)
@@ -118,7 +123,7 @@ def cmd_models(a: argparse.Namespace) -> int:
     else:
         import httpx
 
-        r = httpx.get(f"{a.url}/v1/models", timeout=10)
+        r = httpx.get(f"{a.url}/v1/models", timeout=10, headers=_auth(a))
         if r.status_code != 200:
             return _fail(r)
         rows = r.json()["data"]
@@ -206,6 +211,7 @@ def build_parser() -> argparse.ArgumentParser:
     j.add_argument("--out", "-o", help="output file (default: <job id>.png|.mp4)")
     j.add_argument("--url", default=DEFAULT_URL)
     j.add_argument("--quiet", "-q", action="store_true")
+    j.add_argument("--api-key", help="sent as a Bearer token (default: $GENSERVE_API_KEY)")
     j.set_defaults(func=cmd_submit)
     b = sub.add_parser("bench", help="load-test a genserve or OpenAI-images endpoint; compare result files")
     b.add_argument("--url", default=DEFAULT_URL)
@@ -232,6 +238,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--config")
     m.add_argument("--url")
     m.add_argument("--json", action="store_true")
+    m.add_argument("--api-key", help="with --url: sent as a Bearer token (default: $GENSERVE_API_KEY)")
     m.set_defaults(func=cmd_models)
     from .sim.cli import add_parsers
 

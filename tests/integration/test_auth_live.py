@@ -44,6 +44,10 @@ def test_keys_cli_and_a_running_server(tmp_path):
         assert r.status_code == 202 and r.json()["tenant"] == "acme"
         assert [j["params"]["prompt"] for j in httpx.get(f"{srv.url}/v1/jobs", headers=auth).json()["data"]] == ["acme's"]
         assert httpx.get(f"{srv.url}/healthz").status_code == 200
+        # The CLI clients send the key too.
+        out = genserve("models", "--url", srv.url, "--json", env={"GENSERVE_API_KEY": key})
+        assert out.returncode == 0 and '"img"' in out.stdout, out.stderr
+        assert genserve("models", "--url", srv.url).returncode == 1
         listed = genserve("keys", "list", "--data-dir", str(data))
         assert "acme" in listed.stdout and key not in listed.stdout
         key_id = listed.stdout.splitlines()[1].split()[0]
