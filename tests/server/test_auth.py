@@ -31,6 +31,9 @@ weight = 2
 rate_per_s = 0.5
 burst = 2
 max_priority = "standard"
+
+[tenants.cheap]
+max_priority = "low"
 """
 
 
@@ -233,6 +236,13 @@ def test_tenant_limits(tmp_path):
         r = await c.post("/v1/jobs", json={**body, "priority": "high"}, headers=bearer(slow))
         assert r.status_code == 400 and r.json()["error"]["field"] == "priority"
         assert (await c.post("/v1/jobs", json={**body, "priority": "high"}, headers=bearer(free))).status_code == 202
+        # max_priority = low: a job that asks for nothing gets low; asking for more is refused.
+        _, cheap = store.create("cheap")
+        r = await c.post("/v1/jobs", json={**body, "id": "c1"}, headers=bearer(cheap))
+        assert r.status_code == 202 and r.json()["priority"] == "low"
+        r = await c.post("/v1/jobs", json={**body, "id": "c1"}, headers=bearer(cheap))
+        assert r.status_code == 202 and r.headers["Idempotent-Replayed"] == "true"
+        assert (await c.post("/v1/jobs", json={**body, "priority": "standard"}, headers=bearer(cheap))).status_code == 400
         await c.aclose()
         await w.rt.close()
         store.close()

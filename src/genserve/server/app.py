@@ -177,6 +177,7 @@ def create_app(config: Config, runtime: Runtime | None = None) -> FastAPI:
         data = body.model_dump()
         params = validate(data, config.models, random_seed=random.randint(0, MAX_SEED),
                           webhooks_enabled=config.server.webhook_secret is not None)
+        params = gate.default_priority(who.tenant, params, explicit="priority" in body.model_fields_set)
         existing = jobs.get_by_client_id(body.id, who.tenant) if body.id is not None else None
         if existing is not None:
             same = dict(params.to_dict(), seed=existing["params"]["seed"] if body.seed is None else params.seed)
@@ -285,7 +286,8 @@ def create_app(config: Config, runtime: Runtime | None = None) -> FastAPI:
                 raise RequestError("size", str(e)) from None
         params = [validate({"model": model, "prompt": body.prompt, **size}, config.models,
                            random_seed=random.randint(0, MAX_SEED)) for _ in range(body.n)]
-        gate.admit(who.tenant, "standard", len(params))
+        params = [gate.default_priority(who.tenant, p, explicit=False) for p in params]
+        gate.admit(who.tenant, params[0].priority, len(params))
         submitted = control.submit_many(params, who.tenant)
         control.kick()
         finals = [await _wait_terminal(j["id"]) for j in submitted]

@@ -15,6 +15,7 @@ import logging
 import re
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -23,7 +24,7 @@ from fastapi.responses import JSONResponse
 from ..auth.keys import DEFAULT_TENANT, KeyStore, Principal
 from ..auth.limits import RateLimiter
 from ..auth.settings import AccessConfig
-from ..requests import RequestError
+from ..requests import JobParams, RequestError
 
 log = logging.getLogger("genserve.auth")
 
@@ -154,6 +155,15 @@ class TenantGate:
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.access, self.queued_count, self.clock = access, queued_count, clock
         self.rates = RateLimiter()
+
+    def default_priority(self, tenant: str, params: JobParams, explicit: bool) -> JobParams:
+        """A job that did not ask for a priority gets the best its tenant may have, if that is
+        below the default (``max_priority = "low"``); one that asked explicitly is checked in
+        ``admit`` instead."""
+        cfg = self.access.tenant(tenant)
+        if explicit or cfg.priority_allowed(params.priority):
+            return params
+        return replace(params, priority=cfg.max_priority)
 
     def admit(self, tenant: str, priority: str, n: int = 1) -> None:
         cfg = self.access.tenant(tenant)
