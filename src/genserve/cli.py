@@ -25,6 +25,15 @@ def cmd_serve(a: argparse.Namespace) -> int:
 
     configure(a.log_format)
     s = config.server
+    from .auth.keys import KeyStore
+    from .server.auth import bind_refusal
+
+    keys = KeyStore(s.data_dir)
+    refusal = bind_refusal(s.host, keys, config.access, a.insecure)
+    keys.close()
+    if refusal:
+        print(f"genserve: {refusal}", file=sys.stderr)
+        return 2
     print(f"genserve: serving {', '.join(config.models)} on http://{s.host}:{s.port} (data in {s.data_dir})", flush=True)
     # log_config=None: uvicorn's loggers go through the root handler, so --log-format applies to them too.
     # SIGTERM / SIGINT drain first (server.drain_s), then exit 0: docs/operations.md.
@@ -41,6 +50,11 @@ def _fail(resp) -> int:
     return 1
 
 
+def _auth(a: argparse.Namespace) -> dict[str, str]:
+    key = getattr(a, "api_key", None) or os.environ.get("GENSERVE_API_KEY")
+    return {"Authorization": f"Bearer {key}"} if key else {}
+
+
 def cmd_submit(a: argparse.Namespace) -> int:
     import httpx
     from tqdm import tqdm
@@ -54,7 +68,7 @@ def cmd_submit(a: argparse.Namespace) -> int:
     if a.size:
         w, _, h = a.size.lower().partition("x")
         body["width"], body["height"] = int(w), int(h)
-    with httpx.Client(base_url=a.url, timeout=httpx.Timeout(30.0, read=None)) as client:
+    with httpx.Client(base_url=a.url, timeout=httpx.Timeout(30.0, read=None), headers=_auth(a)) as client:
         r = client.post("/v1/jobs", json=body)
         if r.status_code != 202:
             return _fail(r)
@@ -108,7 +122,7 @@ def cmd_models(a: argparse.Namespace) -> int:
     else:
         import httpx
 
-        r = httpx.get(f"{a.url}/v1/models", timeout=10)
+        r = httpx.get(f"{a.url}/v1/models", timeout=10, headers=_auth(a))
         if r.status_code != 200:
             return _fail(r)
         rows = r.json()["data"]
@@ -179,6 +193,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--workers", type=int, help="CPU workers when there is no GPU (default 1)")
     s.add_argument("--log-format", choices=["text", "json"], default="text",
                    help="json: one object per line with job_id, batch_id, worker, stage and timings")
+    s.add_argument("--insecure", action="store_true",
+                   help="serve on a non-loopback address without any API key (anyone reaching the port is admin)")
     s.set_defaults(func=cmd_serve)
     j = sub.add_parser("submit", help="submit a job, follow its progress, save the output")
     j.add_argument("prompt")
@@ -194,6 +210,7 @@ def build_parser() -> argparse.ArgumentParser:
     j.add_argument("--out", "-o", help="output file (default: <job id>.png|.mp4)")
     j.add_argument("--url", default=DEFAULT_URL)
     j.add_argument("--quiet", "-q", action="store_true")
+    j.add_argument("--api-key", help="sent as a Bearer token (default: $GENSERVE_API_KEY)")
     j.set_defaults(func=cmd_submit)
     b = sub.add_parser("bench", help="load-test a genserve or OpenAI-images endpoint; compare result files")
     b.add_argument("--url", default=DEFAULT_URL)
@@ -220,10 +237,14 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--config")
     m.add_argument("--url")
     m.add_argument("--json", action="store_true")
+    m.add_argument("--api-key", help="with --url: sent as a Bearer token (default: $GENSERVE_API_KEY)")
     m.set_defaults(func=cmd_models)
     from .sim.cli import add_parsers
 
     add_parsers(sub)
+    from .auth.cli import add_parsers as add_key_parsers
+
+    add_key_parsers(sub)
     return p
 
 

@@ -16,6 +16,7 @@ from typing import Any
 from . import family_config
 from .cluster.config import ClusterConfig, ResultsConfig, parse_cluster, parse_results
 from .config_error import ConfigError
+from .auth.settings import AccessConfig, parse_access, parse_cors_origins
 from .demo_catalog import DEMO_SOURCES, DEMO_TOML
 from .engine.autoscale import Autoscaler, ScaleLimits
 from .engine.liveness import Liveness
@@ -109,6 +110,7 @@ class ServerConfig:
     saturation: float = 0.9  # warm workers busier than this count as saturated (load elsewhere)
     preload: bool = False  # predictive preloading
     preload_min_probability: float = 0.2
+    fair_share: bool = True  # across tenants inside a model's queue (engine/queues.py)
     # Failure handling (docs/failure-handling.md).
     max_attempts: int = 3
     retry_backoff_s: float = 5.0  # the second retry waits this long, doubling after (the first is immediate)
@@ -124,6 +126,7 @@ class ServerConfig:
     webhook_max_attempts: int = 8
     webhook_backoff_s: float = 1.0  # first redelivery after this, doubling (≤ 5 min)
     drain_s: float = 25.0  # on SIGTERM: how long running batches may finish before they are requeued
+    cors_origins: tuple[str, ...] = ()  # browser origins allowed to call the API (docs/security.md)
 
 
 # US$ per device-hour, by device type: public on-demand list prices (rounded) for the GPUs, and a
@@ -180,6 +183,7 @@ class Config:
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     results: ResultsConfig = field(default_factory=ResultsConfig)
     retention: RetentionConfig = field(default_factory=RetentionConfig)
+    access: AccessConfig = AccessConfig()  # [auth], [tenants.*] (genserve/auth/settings.py)
 
     def with_overrides(self, **kw: Any) -> "Config":
         kw = {k: v for k, v in kw.items() if v is not None}
@@ -337,6 +341,8 @@ def _parse_server(raw: Any) -> ServerConfig:
     for k in ("max_attempts", "fallback_after", "quarantine_after", "webhook_max_attempts"):
         if k in raw:
             kw[k] = _int(f"server.{k}", raw[k], 1)
+    if "cors_origins" in raw:
+        kw["cors_origins"] = parse_cors_origins(raw["cors_origins"], ConfigError)
     if "webhook_secret" in raw:
         kw["webhook_secret"] = _secret("server.webhook_secret", raw["webhook_secret"])
     for k in ("worker_memory_gb", "host_cache_gb"):
@@ -350,10 +356,11 @@ def _parse_server(raw: Any) -> ServerConfig:
             raise ConfigError("server.saturation", "must be between 0 and 1")
     if "preload_min_probability" in raw:
         kw["preload_min_probability"] = _float("server.preload_min_probability", raw["preload_min_probability"], 0.0)
-    if "preload" in raw:
-        if not isinstance(raw["preload"], bool):
-            raise ConfigError("server.preload", f"must be true or false, got {raw['preload']!r}")
-        kw["preload"] = raw["preload"]
+    for k in ("preload", "fair_share"):
+        if k in raw:
+            if not isinstance(raw[k], bool):
+                raise ConfigError(f"server.{k}", f"must be true or false, got {raw[k]!r}")
+            kw[k] = raw[k]
     for k, names in (("residency", RESIDENCY), ("placement", PLACEMENT)):
         if k in raw:
             kw[k] = _type(f"server.{k}", raw[k], str, "a string")
@@ -412,11 +419,12 @@ def _parse_prices(raw: Any) -> dict[str, float]:
 
 
 def parse_config(data: dict[str, Any]) -> Config:
-    known = {"server", "models", "prices", "faults", "autoscale", "cluster", "results", "retention"}
+    known = {"server", "models", "prices", "faults", "autoscale", "cluster", "results", "retention", "auth",
+             "tenants"}
     unknown = sorted(set(data) - known)
     if unknown:
         raise ConfigError(unknown[0], "unknown section (expected [server], [prices], [autoscale], [models.NAME], "
-                                      "[faults], [cluster], [results], [retention])")
+                                      "[faults], [cluster], [results], [retention], [auth], [tenants.NAME])")
     server = _parse_server(data.get("server", {}))
     models_raw = data.get("models", {})
     _type("models", models_raw, dict, "a table of models")
@@ -440,7 +448,8 @@ def parse_config(data: dict[str, Any]) -> Config:
     except RetentionError as e:
         raise ConfigError(e.key, e.message) from None
     return Config(server, models, _parse_prices(data.get("prices", {})), faults, autoscale,
-                  parse_cluster(data.get("cluster", {})), parse_results(data.get("results", {})), retention)
+                  parse_cluster(data.get("cluster", {})), parse_results(data.get("results", {})), retention,
+                  access=parse_access(data, ConfigError))
 
 
 def _parse_autoscale(raw: Any) -> AutoscaleConfig:

@@ -347,14 +347,17 @@ class World:
         self.engine.worker_up(w, self.now, cap)
         self.up[w], self.loaded[w] = cap, set()
 
-    def submit(self, model: str, shape: int, priority: Priority, deadline_in: float | None) -> None:
+    def submit(self, model: str, shape: int, priority: Priority, deadline_in: float | None,
+               tenant: str | None = None) -> None:
         self.seq += 1
         jid = f"j{self.seq}"
         key = key_of(model, shape)
         deadline = None if deadline_in is None else self.now + deadline_in
         depth = self.engine.queue_depth(model) if model in self.limits else 0
-        adm = self.engine.submit(jid, key, priority, self.now, deadline=deadline)
-        note(f"t={self.now:g} submit {jid} {key.label()} {priority.name} deadline={deadline} -> "
+        # Tenants (fair share) mixed with jobs without one: the invariants hold on both paths.
+        adm = self.engine.submit(jid, key, priority, self.now, deadline=deadline, tenant=tenant,
+                                 weight=2.0 if tenant == "t2" else 1.0)
+        note(f"t={self.now:g} submit {jid} {key.label()} {priority.name} tenant={tenant} deadline={deadline} -> "
              f"{'accepted' if adm.accepted else adm.reason}")
         if model not in self.limits:
             check(not adm.accepted and adm.reason == "unknown_model", f"unknown model admitted: {adm}")
@@ -558,7 +561,8 @@ def act(world: World, data, action: str) -> None:
     if action == "submit":
         model = draw(st.sampled_from(MODELS + ("zzz",)) if draw(st.integers(0, 19)) == 0 else st.sampled_from(MODELS))
         world.submit(model, draw(st.integers(0, len(SHAPES) - 1)), draw(st.sampled_from(list(Priority))),
-                     draw(st.sampled_from([None, None, None, 1.0, 4.0, 20.0])))
+                     draw(st.sampled_from([None, None, None, 1.0, 4.0, 20.0])),
+                     draw(st.sampled_from([None, None, "t1", "t2"])))
     elif action == "advance":
         world.advance(draw(st.sampled_from([0.25, 1.0, 3.0, 10.0])), draw(st.booleans()))
     elif action == "heartbeat":

@@ -280,10 +280,11 @@ def test_old_database_gets_added_columns(tmp_path):
     try:
         cols = {r["name"]: r["type"] for r in s.db.execute("PRAGMA table_info(jobs)")}
         for col, decl in jobstore._ADDED_COLUMNS["jobs"].items():
-            assert cols.get(col) == decl, col
+            assert cols.get(col) == decl.split()[0], col
         job = s.get("old1")
         assert job["status"] == "succeeded" and job["params"]["model"] == "m"
-        assert all(job[c] is None for c in added)
+        assert all(job[c] is None for c in added - {"tenant"})
+        assert job["tenant"] == "default"  # jobs from before tenants belong to the default tenant
         s.update(["old1"], served_model="m2", cost_usd=0.5)
         assert (s.get("old1")["served_model"], s.get("old1")["cost_usd"]) == ("m2", 0.5)
         assert "jobs_finished" in {r["name"] for r in s.db.execute("PRAGMA index_list(jobs)")}
@@ -293,5 +294,31 @@ def test_old_database_gets_added_columns(tmp_path):
     s = JobStore(path)
     try:
         assert s.get("old1")["served_model"] == "m2"
+    finally:
+        s.close()
+
+
+def test_old_database_with_a_global_client_id_constraint_becomes_per_tenant(tmp_path):
+    path = tmp_path / "old.sqlite"
+    old = sqlite3.connect(path)
+    old.executescript(jobstore._SCHEMA.replace("client_id TEXT,", "client_id TEXT UNIQUE,"))
+    old.execute("INSERT INTO jobs (id, client_id, model, params, priority, status, t_received, t_queued)"
+                " VALUES ('old1', 'c1', 'm', ?, 'standard', 'queued', 1.0, 1.0)", (json.dumps(params(model="m")),))
+    old.commit()
+    old.close()
+    s = JobStore(path)
+    try:
+        assert s.get_by_client_id("c1")["id"] == "old1"  # kept, in the default tenant
+        s.insert("new1", "c1", params(), 2.0, tenant="acme")  # the same client id, another tenant
+        assert s.get_by_client_id("c1", "acme")["id"] == "new1"
+        with pytest.raises(sqlite3.IntegrityError):
+            s.insert("new2", "c1", params(), 3.0, tenant="acme")  # still unique inside a tenant
+        assert s.queued_count("acme") == 1 and s.queued_count("default") == 1
+        assert [j["id"] for j in s.recent(10, "acme")] == ["new1"] and len(s.recent(10)) == 2
+    finally:
+        s.close()
+    s = JobStore(path)  # opening again does not rebuild anything
+    try:
+        assert len(s.recent(10)) == 2
     finally:
         s.close()

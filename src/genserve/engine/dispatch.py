@@ -95,7 +95,7 @@ class Dispatcher:
             out += self.residency.evict(worker, self.residency.fit(worker, key, len(batch.jobs) + n, protected) or [])
             chosen = jobs[:n]
             for job in chosen:
-                self.waiting.take(job.id)
+                self.waiting.take(job.id, served=True)
             if not self.waiting.depth(key.model):
                 self.residency.invalidate()
             self.fleet.join(batch, chosen)
@@ -107,7 +107,7 @@ class Dispatcher:
         """A full set and a ``high`` job waiting for its shape: pause a ``low`` job of the set."""
         if not any(j.priority == Priority.LOW for j in batch.jobs.values()):
             return []  # nothing to displace: no need to look at the queue
-        head = min(self.waiting.jobs(batch.key), key=lambda j: self.waiting.order(j, now))
+        head = self.waiting.ordered(batch.key, now)[0]  # in service order (priority, aging, fair share)
         victim = self.preemption.victim(batch, head, self.failures.cancel_sent)
         if victim is None:
             return []
@@ -157,7 +157,7 @@ class Dispatcher:
             out += self.residency.load(worker, key.model, now, "batch")
         chosen = jobs[:n]
         for job in chosen:
-            self.waiting.take(job.id)
+            self.waiting.take(job.id, served=True)
         if not self.waiting.depth(key.model):
             self.residency.invalidate()  # copies elsewhere lost their protection
         batch = self.fleet.start(key, chosen, worker, now)

@@ -52,7 +52,7 @@ class Engine:
             s = EngineSettings(dict(models), **settings)
         self.settings = s
         self.models = s.models
-        self.waiting = Waiting(self.models, BATCHING[s.batching](), s.aging_s)
+        self.waiting = Waiting(self.models, BATCHING[s.batching](), s.aging_s, s.fair_share)
         self.fleet = Fleet(s.batch_id_prefix)
         self.work = WorkModel(self.models)
         self.residency = ResidencyManager(self.models, self.fleet, RESIDENCY[s.residency](), self.work.last_arrival,
@@ -89,17 +89,20 @@ class Engine:
         return Admission(True)
 
     def submit(self, job_id: str, key: BatchKey, priority: Priority, now: float, *, force: bool = False,
-               deadline: float | None = None, attempts: int = 0) -> Admission:
+               deadline: float | None = None, attempts: int = 0, tenant: str | None = None,
+               weight: float = 1.0) -> Admission:
         """Queue a job. ``force`` skips the queue limit: used when re-entering jobs that were already
         accepted (server restart) — an accepted job is never turned away later. ``deadline``: fail
-        it with ``timeout`` if it has not finished by then; ``attempts``: failed attempts so far."""
+        it with ``timeout`` if it has not finished by then; ``attempts``: failed attempts so far;
+        ``tenant`` and ``weight``: its fair share inside the model's queue (None: no tenant)."""
         adm = self.admit(key.model)
         if not adm.accepted and not (force and adm.reason == "queue_full"):
             return adm
         key = self.models[key.model].queue_key(key)
         if job_id in self.waiting or self.fleet.batch_of(job_id) is not None:
             return Admission(True)  # idempotent
-        self.waiting.enter(QueuedJob(job_id, key, priority, now, attempts=attempts, deadline=deadline))
+        self.waiting.enter(QueuedJob(job_id, key, priority, now, attempts=attempts, deadline=deadline,
+                                     tenant=tenant, weight=weight))
         self.work.arrived(key, now, new=not force)
         if not force and self.residency.predictor is not None:
             self.residency.predictor.observe(key.model, now)

@@ -30,6 +30,7 @@ class EngineSettings:
     preload: bool = False
     preload_min_probability: float = 0.2
     autoscaler: Autoscaler | None = None
+    fair_share: bool = True  # across tenants inside a priority class (queues.py); jobs without one unaffected
     batch_id_prefix: str = "b"
 
     def __post_init__(self) -> None:
@@ -42,7 +43,7 @@ class EngineSettings:
 ENGINE_KEYS: dict[str, Any] = {
     "aging_s": 30.0, "max_attempts": 3, "retry_backoff_s": 5.0, "retry_backoff_max_s": 60.0, "fallback_after": 2,
     "placement": "warm-first", "residency": "lru", "saturation": 0.9, "preload": False,
-    "preload_min_probability": 0.2,
+    "preload_min_probability": 0.2, "fair_share": True,
 }
 
 
@@ -62,5 +63,5 @@ def engine_settings(models: Mapping[str, ModelLimits], options: Mapping[str, Any
         dict(models), aging_s=float(o["aging_s"]), retry=retry, liveness=liveness or Liveness.OFF,  # type: ignore[attr-defined]
         placement=o["placement"], residency=o["residency"], saturation=float(o["saturation"]),
         preload=bool(o["preload"]), preload_min_probability=float(o["preload_min_probability"]),
-        autoscaler=autoscaler, batch_id_prefix=batch_id_prefix,
+        autoscaler=autoscaler, batch_id_prefix=batch_id_prefix, fair_share=bool(o["fair_share"]),
     )

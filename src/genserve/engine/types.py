@@ -69,6 +69,9 @@ class QueuedJob:
     attempts: int = 0  # failed attempts so far (an OOM batch split does not count)
     deadline: float | None = None  # fail with `timeout` if not finished by then
     avoid: set[str] = field(default_factory=set)  # workers it failed on: retried elsewhere when possible
+    tenant: str | None = None  # None: outside fair share (the fast path)
+    weight: float = 1.0  # the tenant's fair-share weight
+    vstart: float = 0.0  # fair-share virtual start tag (queues.py); 0 for jobs without a tenant
 
 
 # ---- decisions: what the engine asks a driver to do --------------------------------------------

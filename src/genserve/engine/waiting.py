@@ -6,15 +6,17 @@ import heapq
 from collections.abc import Callable, Iterable, Mapping
 
 from .batching import BatchingPolicy
-from .queues import KeyedQueues, order_key
+from .queues import FairShare, KeyedQueues
 from .types import BatchKey, ModelLimits, QueuedJob
 
 
 class Waiting:
-    def __init__(self, models: Mapping[str, ModelLimits], batching: BatchingPolicy, aging_s: float) -> None:
+    def __init__(self, models: Mapping[str, ModelLimits], batching: BatchingPolicy, aging_s: float,
+                 fair_share: bool = True) -> None:
         self.models = models
         self.batching = batching
         self.aging_s = aging_s
+        self.fair = FairShare() if fair_share else None
         self.queues = KeyedQueues()
         self._parked: dict[str, tuple[float, QueuedJob]] = {}  # job id -> (runnable from, job)
         self._deadlines: list[tuple[float, str]] = []  # heap of (deadline, job id); stale entries skipped
@@ -29,7 +31,13 @@ class Waiting:
     # ---- entering and leaving -----------------------------------------------------------------------
 
     def enter(self, job: QueuedJob) -> None:
-        """A new (or restored) job joins its queue; its deadline, if any, starts counting."""
+        """A new (or restored) job joins its queue; its deadline, if any, starts counting. A job
+        with a tenant gets its fair-share tag (kept through retries: its place in line)."""
+        if job.tenant is not None:
+            if self.fair is None:
+                job.tenant = None  # fair share off: served as if it had no tenant
+            else:
+                self.fair.tag(job)
         self.queues.add(job)
         if job.deadline is not None:
             heapq.heappush(self._deadlines, (job.deadline, job.id))
@@ -41,11 +49,14 @@ class Waiting:
         else:
             self._parked[job.id] = (at, job)
 
-    def take(self, job_id: str) -> QueuedJob:
-        """Remove a waiting job (canceled, failed, or dispatched)."""
+    def take(self, job_id: str, served: bool = False) -> QueuedJob:
+        """Remove a waiting job (canceled, failed, or — ``served`` — dispatched)."""
         if job_id in self._parked:
             return self._parked.pop(job_id)[1]
-        return self.queues.remove(job_id)
+        job = self.queues.remove(job_id)
+        if served and job.tenant is not None and self.fair is not None:
+            self.fair.served(job)
+        return job
 
     def unpark_due(self, now: float) -> None:
         for job_id, (at, job) in list(self._parked.items()):
@@ -91,11 +102,8 @@ class Waiting:
     def ordered(self, key: BatchKey, now: float) -> list[QueuedJob]:
         return self.queues.ordered(key, now, self.aging_s)
 
-    def order(self, job: QueuedJob, now: float) -> tuple:
-        return order_key(job, now, self.aging_s)
-
     def head_order(self, key: BatchKey, now: float) -> tuple:
-        return min(order_key(j, now, self.aging_s) for j in self.queues.jobs(key))
+        return self.queues.head_order(key, now, self.aging_s)
 
     def ready(self, key: BatchKey, now: float) -> bool:
         return self.batching.ready(self.queues.size(key), self.queues.oldest_enqueued(key), self.models[key.model], now)

@@ -9,12 +9,13 @@ import time
 from contextlib import asynccontextmanager
 from typing import Any, Literal
 
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, RedirectResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from ..auth.keys import KeyStore, Principal
 from ..config import Config, parse_size
 from ..engine import ErrorCode, is_retryable
 from ..backends.families.base import image_digest
@@ -22,10 +23,14 @@ from ..requests import MAX_SEED, RequestError, validate
 from ..status import JobStatus, is_terminal
 from ..storage import LocalResultStore
 from .events import RECONNECT
+from . import auth
+from .auth import principal, visible
 from .jobstore import STAGES
 from .observability_api import observability_router
+from .openapi import install_openapi
 from .runtime import QueueFull, Runtime
 from .stats import breakdown
+from .tenant_usage import TenantMetrics, usage_router
 from .views import Control, FleetView, JobReader
 
 
@@ -87,6 +92,8 @@ def create_app(config: Config, runtime: Runtime | None = None) -> FastAPI:
     jobs: JobReader = rt.store
     results, events = rt.results, rt.events
     retention = config.retention
+    keys = KeyStore(config.server.data_dir)
+    gate = auth.TenantGate(config.access, jobs.queued_count)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -95,10 +102,13 @@ def create_app(config: Config, runtime: Runtime | None = None) -> FastAPI:
             yield
         finally:
             await rt.close()
+            keys.close()
 
     app = FastAPI(title="genserve", version="0.1.0", lifespan=lifespan,
                   description="Self-hosted inference for image and video diffusion models.")
     app.state.runtime = rt
+    auth.install(app, keys, config.access, config.server.cors_origins)
+    install_openapi(app, config.models)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_req: Request, exc: RequestValidationError):
@@ -114,7 +124,8 @@ def create_app(config: Config, runtime: Runtime | None = None) -> FastAPI:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_req: Request, exc: StarletteHTTPException):
-        return error(exc.status_code, None, str(exc.detail), code="not_found" if exc.status_code == 404 else "http_error")
+        return error(exc.status_code, None, str(exc.detail), code="not_found" if exc.status_code == 404 else "http_error",
+                     headers=getattr(exc, "headers", None))  # 405 keeps its Allow header
 
     @app.exception_handler(RequestError)
     async def _request_error(_req: Request, exc: RequestError):
@@ -140,7 +151,7 @@ def create_app(config: Config, runtime: Runtime | None = None) -> FastAPI:
             step = (job["params"]["steps"], job["params"]["steps"])
         stages = breakdown(job)
         return {
-            "id": jid, "object": "job", "client_id": job["client_id"], "model": job["model"],
+            "id": jid, "object": "job", "client_id": job["client_id"], "tenant": job["tenant"], "model": job["model"],
             "status": job["status"], "priority": job["priority"], "params": _shown_params(job["params"]),
             "queue_position": control.queue_position(jid) if job["status"] == JobStatus.QUEUED else None,
             "progress": {"step": step[0], "total": step[1]} if step else None,
@@ -178,42 +189,50 @@ def create_app(config: Config, runtime: Runtime | None = None) -> FastAPI:
             "urls": urls,
         }
 
-    def get_job_or_404(job_id: str) -> dict[str, Any]:
-        job = jobs.get(job_id)
+    def get_job_or_404(job_id: str, who: Principal) -> dict[str, Any]:
+        job = visible(jobs.get(job_id), who)
         if job is None:
             raise RequestError("id", f"no job {job_id!r}", status=404, code="not_found")
         return job
 
     @app.post("/v1/jobs", status_code=202, tags=["jobs"])
-    async def create_job(body: JobRequest, request: Request):
+    async def create_job(body: JobRequest, request: Request, who: Principal = Depends(principal)):
         data = body.model_dump()
         params = validate(data, config.models, random_seed=random.randint(0, MAX_SEED),
                           webhooks_enabled=config.server.webhook_secret is not None)
-        if body.id is not None:
-            existing = jobs.get_by_client_id(body.id)
-            if existing is not None:
-                same = dict(params.to_dict(), seed=existing["params"]["seed"] if body.seed is None else params.seed)
-                if same != existing["params"]:
-                    raise RequestError("id", "already used for a job with different parameters", status=409, code="conflict")
-        job, created = control.submit(params, body.id)
+        params = gate.default_priority(who.tenant, params, explicit="priority" in body.model_fields_set)
+        existing = jobs.get_by_client_id(body.id, who.tenant) if body.id is not None else None
+        if existing is not None:
+            same = dict(params.to_dict(), seed=existing["params"]["seed"] if body.seed is None else params.seed)
+            if same != existing["params"]:
+                raise RequestError("id", "already used for a job with different parameters", status=409, code="conflict")
+        else:
+            gate.admit(who.tenant, params.priority)
+        job, created = control.submit(params, body.id, who.tenant)
         control.kick()
         return JSONResponse(job_view(jobs.get(job["id"]), str(request.base_url)), status_code=202,
                             headers={} if created else {"Idempotent-Replayed": "true"})
 
     @app.get("/v1/jobs", tags=["jobs"])
-    async def list_jobs(request: Request, limit: int = 50):
-        """The most recent jobs, newest first."""
+    async def list_jobs(request: Request, limit: int = 50, tenant: str | None = None,
+                        who: Principal = Depends(principal)):
+        """The most recent jobs, newest first: the caller's tenant's (an admin key: every tenant's,
+        or ``tenant``'s)."""
         if not 1 <= limit <= 1000:
             raise RequestError("limit", "must be between 1 and 1000")
-        return {"object": "list", "data": [job_view(j, str(request.base_url)) for j in jobs.recent(limit)]}
+        if not who.admin:
+            if tenant is not None and tenant != who.tenant:
+                raise RequestError("tenant", f"no tenant {tenant!r}", status=404, code="not_found")
+            tenant = who.tenant
+        return {"object": "list", "data": [job_view(j, str(request.base_url)) for j in jobs.recent(limit, tenant)]}
 
     @app.get("/v1/jobs/{job_id}", tags=["jobs"])
-    async def get_job(job_id: str, request: Request):
-        return job_view(get_job_or_404(job_id), str(request.base_url))
+    async def get_job(job_id: str, request: Request, who: Principal = Depends(principal)):
+        return job_view(get_job_or_404(job_id, who), str(request.base_url))
 
     @app.post("/v1/jobs/{job_id}/cancel", tags=["jobs"])
-    async def cancel_job(job_id: str, request: Request):
-        get_job_or_404(job_id)
+    async def cancel_job(job_id: str, request: Request, who: Principal = Depends(principal)):
+        get_job_or_404(job_id, who)
         job = control.cancel(job_id)
         control.kick()
         return job_view(job, str(request.base_url))
@@ -221,11 +240,11 @@ def create_app(config: Config, runtime: Runtime | None = None) -> FastAPI:
     @app.delete("/v1/jobs/{job_id}", tags=["jobs"], status_code=204,
                 responses={404: {"description": "no such job (or already deleted)"},
                            409: {"description": "the job has not finished: cancel it first"}})
-    async def delete_job(job_id: str):
+    async def delete_job(job_id: str, who: Principal = Depends(principal)):
         """Delete a finished job: its result files and its record. 204 once deleted; a repeated
         delete finds nothing and answers 404 (the outcome is the same). A queued or running job is
-        not deleted (409): cancel it, then delete it once it is canceled."""
-        job = get_job_or_404(job_id)
+        not deleted (409): cancel it, then delete it once it is canceled. Another tenant's job: 404."""
+        job = get_job_or_404(job_id, who)
         if not is_terminal(job["status"]):
             raise RequestError("id", f"job is {job['status']}; cancel it first (POST {job_id}/cancel), then delete "
                                "it once canceled", status=409, code="conflict")
@@ -233,8 +252,8 @@ def create_app(config: Config, runtime: Runtime | None = None) -> FastAPI:
         return Response(status_code=204)
 
     @app.get("/v1/jobs/{job_id}/result", tags=["jobs"])
-    async def get_result(job_id: str, index: int = 0):
-        job = get_job_or_404(job_id)
+    async def get_result(job_id: str, index: int = 0, who: Principal = Depends(principal)):
+        job = get_job_or_404(job_id, who)
         if job["status"] != JobStatus.SUCCEEDED:
             raise RequestError("id", f"job is {job['status']}; no result yet" if not is_terminal(job["status"])
                                else f"job {job['status']}; it has no result", status=409, code="not_ready")
@@ -255,8 +274,8 @@ def create_app(config: Config, runtime: Runtime | None = None) -> FastAPI:
                         headers={"content-disposition": f'inline; filename="{filename}"'})
 
     @app.get("/v1/jobs/{job_id}/events", tags=["jobs"])
-    async def job_events(job_id: str, request: Request):
-        get_job_or_404(job_id)
+    async def job_events(job_id: str, request: Request, who: Principal = Depends(principal)):
+        get_job_or_404(job_id, who)
         last_id = int(request.headers.get("last-event-id", "0") or 0)
 
         async def stream():
@@ -309,7 +328,7 @@ def create_app(config: Config, runtime: Runtime | None = None) -> FastAPI:
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
     @app.post("/v1/images/generations", tags=["openai"])
-    async def images_generations(body: ImageGenerationRequest, request: Request):
+    async def images_generations(body: ImageGenerationRequest, request: Request, who: Principal = Depends(principal)):
         image_models = [n for n, m in config.models.items() if m.kind == "image"]
         model = body.model or (image_models[0] if image_models else None)
         if model in config.models and config.models[model].kind != "image":
@@ -326,7 +345,9 @@ def create_app(config: Config, runtime: Runtime | None = None) -> FastAPI:
                 raise RequestError("size", str(e)) from None
         params = [validate({"model": model, "prompt": body.prompt, **size}, config.models,
                            random_seed=random.randint(0, MAX_SEED)) for _ in range(body.n)]
-        submitted = control.submit_many(params)
+        params = [gate.default_priority(who.tenant, p, explicit=False) for p in params]
+        gate.admit(who.tenant, params[0].priority, len(params))
+        submitted = control.submit_many(params, who.tenant)
         control.kick()
         try:
             finals = [await _wait_terminal(j["id"]) for j in submitted]
@@ -412,6 +433,12 @@ def create_app(config: Config, runtime: Runtime | None = None) -> FastAPI:
         return {"model": name, "unloaded_from": control.unload_model(name, worker)}
 
     app.include_router(observability_router(rt.observer))
+    app.include_router(usage_router(jobs.usage, rt.clock))
+    try:
+        rt.listeners.append(TenantMetrics(config.access, rt.observer.metrics.registry,
+                                          lambda jid: (jobs.get(jid) or {}).get("tenant")))
+    except ValueError:
+        pass  # a second app over the same runtime: its series are registered already
 
     @app.get("/healthz", tags=["health"])
     async def healthz():

@@ -10,6 +10,7 @@ import sqlite3
 from pathlib import Path
 from typing import Any
 
+from ..auth.keys import DEFAULT_TENANT
 from ..engine.errors import ErrorCode
 from ..status import JobStatus
 STAGES = (
@@ -20,7 +21,7 @@ STAGES = (
 _SCHEMA = f"""
 CREATE TABLE IF NOT EXISTS jobs (
     id TEXT PRIMARY KEY,
-    client_id TEXT UNIQUE,
+    client_id TEXT,  -- unique per tenant (index jobs_client)
     model TEXT NOT NULL,
     params TEXT NOT NULL,
     priority TEXT NOT NULL,
@@ -77,6 +78,7 @@ _ADDED_COLUMNS = {"jobs": {
     "load_tier": "TEXT",  # where the model load this job waited for came from (disk, page_cache, host)
     "step_batching": "TEXT",  # step mode: JSON {joined_step, shared_with} (NULL: request-level batch)
     "t_results_deleted": "REAL",  # when retention (or the API) deleted the job's result files
+    "tenant": f"TEXT NOT NULL DEFAULT '{DEFAULT_TENANT}'",  # whose job (jobs from before tenants: default)
 }}
 _JSON_COLUMNS = {"results", "step_batching"}
 
@@ -91,6 +93,7 @@ class JobStore:
         # power loss could roll back the last transactions.
         self.db.execute("PRAGMA synchronous=NORMAL")
         self.db.execute("PRAGMA busy_timeout=5000")
+        _drop_global_client_id_unique(self.db)
         self.db.executescript(_SCHEMA)
         for table, cols in _ADDED_COLUMNS.items():
             have = {r["name"] for r in self.db.execute(f"PRAGMA table_info({table})")}
@@ -98,24 +101,33 @@ class JobStore:
                 if col not in have:
                     self.db.execute(f"ALTER TABLE {table} ADD COLUMN {col} {decl}")
         self.db.execute("CREATE INDEX IF NOT EXISTS jobs_finished ON jobs(t_finished)")
+        self.db.execute("CREATE UNIQUE INDEX IF NOT EXISTS jobs_client ON jobs(tenant, client_id)")
+        self.db.execute("CREATE INDEX IF NOT EXISTS jobs_tenant ON jobs(tenant, status)")
 
     def close(self) -> None:
         self.db.close()
 
-    def insert(self, job_id: str, client_id: str | None, params: dict[str, Any], now: float) -> None:
+    def insert(self, job_id: str, client_id: str | None, params: dict[str, Any], now: float,
+               tenant: str = DEFAULT_TENANT) -> None:
         self.db.execute(
-            "INSERT INTO jobs (id, client_id, model, params, priority, status, t_received, t_queued)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-            (job_id, client_id, params["model"], json.dumps(params), params["priority"], JobStatus.QUEUED, now, now),
+            "INSERT INTO jobs (id, client_id, model, params, priority, status, t_received, t_queued, tenant)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (job_id, client_id, params["model"], json.dumps(params), params["priority"], JobStatus.QUEUED, now, now,
+             tenant),
         )
 
     def get(self, job_id: str) -> dict[str, Any] | None:
         row = self.db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
         return _decode(row) if row else None
 
-    def get_by_client_id(self, client_id: str) -> dict[str, Any] | None:
-        row = self.db.execute("SELECT * FROM jobs WHERE client_id = ?", (client_id,)).fetchone()
+    def get_by_client_id(self, client_id: str, tenant: str = DEFAULT_TENANT) -> dict[str, Any] | None:
+        """Client ids are unique per tenant: another tenant's id is another job."""
+        row = self.db.execute("SELECT * FROM jobs WHERE tenant = ? AND client_id = ?", (tenant, client_id)).fetchone()
         return _decode(row) if row else None
+
+    def queued_count(self, tenant: str) -> int:
+        return self.db.execute("SELECT COUNT(*) FROM jobs WHERE tenant = ? AND status = ?",
+                               (tenant, JobStatus.QUEUED)).fetchone()[0]
 
     def unfinished(self) -> list[dict[str, Any]]:
         rows = self.db.execute(
@@ -123,9 +135,28 @@ class JobStore:
         ).fetchall()
         return [_decode(r) for r in rows]
 
-    def recent(self, limit: int = 50) -> list[dict[str, Any]]:
-        rows = self.db.execute("SELECT * FROM jobs ORDER BY t_received DESC LIMIT ?", (limit,)).fetchall()
+    def recent(self, limit: int = 50, tenant: str | None = None) -> list[dict[str, Any]]:
+        """The newest jobs: of ``tenant``, or of every tenant (None)."""
+        if tenant is None:
+            rows = self.db.execute("SELECT * FROM jobs ORDER BY t_received DESC LIMIT ?", (limit,)).fetchall()
+        else:
+            rows = self.db.execute("SELECT * FROM jobs WHERE tenant = ? ORDER BY t_received DESC LIMIT ?",
+                                   (tenant, limit)).fetchall()
         return [_decode(r) for r in rows]
+
+    def usage(self, since: float, tenant: str | None = None) -> list[dict[str, Any]]:
+        """Jobs received since ``since`` by tenant, model and UTC day: counts by outcome, and the
+        device-seconds and cost charged to them."""
+        where, args = "t_received >= ?", [since]
+        if tenant is not None:
+            where, args = where + " AND tenant = ?", [since, tenant]
+        rows = self.db.execute(
+            "SELECT tenant, model, date(t_received, 'unixepoch') AS day, COUNT(*) AS jobs,"
+            " SUM(status = 'succeeded') AS succeeded, SUM(status = 'failed') AS failed,"
+            " SUM(status = 'canceled') AS canceled, COALESCE(SUM(device_seconds), 0.0) AS device_seconds,"
+            " COALESCE(SUM(cost_usd), 0.0) AS cost_usd"
+            f" FROM jobs WHERE {where} GROUP BY tenant, model, day ORDER BY tenant, day, model", args).fetchall()
+        return [dict(r) for r in rows]
 
     def active_since(self, since: float, limit: int = 100_000) -> list[dict[str, Any]]:
         """Jobs that finished at or after ``since`` or have not finished: what a stats window needs."""
@@ -234,6 +265,21 @@ class JobStore:
         rows = self.db.execute("SELECT id, event, status, attempts, last_error, created, delivered"
                                " FROM webhook_deliveries WHERE job_id = ? ORDER BY created", (job_id,)).fetchall()
         return [dict(r) for r in rows]
+
+
+def _drop_global_client_id_unique(db: sqlite3.Connection) -> None:
+    """Databases from before tenants declared ``client_id UNIQUE`` across all jobs; client ids are
+    now unique per tenant. SQLite cannot drop a column constraint, so the table is rebuilt once
+    (same columns, same rows) inside one transaction."""
+    row = db.execute("SELECT sql FROM sqlite_master WHERE type = 'table' AND name = 'jobs'").fetchone()
+    if row is None or "client_id TEXT UNIQUE" not in row[0]:
+        return
+    with db:
+        db.execute("BEGIN IMMEDIATE")
+        db.execute("ALTER TABLE jobs RENAME TO jobs_old")
+        db.execute(row[0].replace("client_id TEXT UNIQUE", "client_id TEXT"))  # the old CREATE TABLE jobs
+        db.execute("INSERT INTO jobs SELECT * FROM jobs_old")
+        db.execute("DROP TABLE jobs_old")
 
 
 def _decode(row: sqlite3.Row) -> dict[str, Any]:

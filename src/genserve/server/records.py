@@ -14,6 +14,7 @@ import logging
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from ..auth.keys import DEFAULT_TENANT
 from ..config import ModelConfig
 from ..engine import ErrorCode, JoinBatch, RetryJob, RunBatch
 from ..engine.types import RunningBatch
@@ -41,9 +42,11 @@ class JobRecords:
 
     # ---- transitions ----------------------------------------------------------------------------
 
-    def queued(self, job_id: str, client_id: str | None, params: dict[str, Any], now: float) -> Record:
-        self.store.insert(job_id, client_id, params, now)  # durable before acknowledged
-        self.publish(Event("queued", now, job_id, {"model": params["model"], "priority": params["priority"]}))
+    def queued(self, job_id: str, client_id: str | None, params: dict[str, Any], now: float,
+               tenant: str = DEFAULT_TENANT) -> Record:
+        self.store.insert(job_id, client_id, params, now, tenant)  # durable before acknowledged
+        self.publish(Event("queued", now, job_id, {"model": params["model"], "priority": params["priority"],
+                                                   "tenant": tenant}))
         return self.store.get(job_id)  # type: ignore[return-value]
 
     def restored(self, job: Record, now: float) -> None:

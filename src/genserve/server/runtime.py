@@ -23,6 +23,7 @@ import uuid
 from collections.abc import Callable
 from typing import Any, assert_never
 
+from ..auth.keys import DEFAULT_TENANT
 from ..config import DEMO_SOURCES, GIB, Config, engine_settings
 from ..engine import (
     CancelRunning,
@@ -187,7 +188,8 @@ class Runtime:
             # and the attempts they have used.
             self.engine.submit(job["id"], params.key, Priority.parse(job["priority"]), job["t_queued"] or now,
                                force=True, deadline=self._deadline(params, job["t_received"]),
-                               attempts=job["attempts"])
+                               attempts=job["attempts"], tenant=job["tenant"],
+                               weight=self.config.access.tenant(job["tenant"]).weight)
             self.records.restored(job, now)
         self.webhooks.start()
         self.retention.start()
@@ -234,10 +236,11 @@ class Runtime:
     def ready(self) -> bool:
         return self.models_ready and self.pool.all_ready() and not self.draining
 
-    def submit(self, params: JobParams, client_id: str | None) -> tuple[dict[str, Any], bool]:
-        """Persist then queue a job. Returns (job record, created)."""
+    def submit(self, params: JobParams, client_id: str | None,
+               tenant: str = DEFAULT_TENANT) -> tuple[dict[str, Any], bool]:
+        """Persist then queue a job of ``tenant``. Returns (job record, created)."""
         if client_id is not None:
-            existing = self.store.get_by_client_id(client_id)
+            existing = self.store.get_by_client_id(client_id, tenant)
             if existing is not None:
                 return existing, False
         adm = self.engine.admit(params.model)
@@ -245,19 +248,20 @@ class Runtime:
             raise QueueFull(params.model, adm.retry_after_s)
         job_id = uuid.uuid4().hex
         now = self.clock()
-        job = self.records.queued(job_id, client_id, params.to_dict(), now)
+        job = self.records.queued(job_id, client_id, params.to_dict(), now, tenant)
         self._watch_hooks(job_id, params)
         self.engine.submit(job_id, params.key, Priority.parse(params.priority), now,
-                           deadline=self._deadline(params, now))
+                           deadline=self._deadline(params, now), tenant=tenant,
+                           weight=self.config.access.tenant(tenant).weight)
         return job, True
 
-    def submit_many(self, params: list[JobParams]) -> list[dict[str, Any]]:
+    def submit_many(self, params: list[JobParams], tenant: str = DEFAULT_TENANT) -> list[dict[str, Any]]:
         """Submit jobs that should share a batch: all are queued before the engine decides."""
         model = params[0].model
         adm = self.engine.admit(model)
         if not adm.accepted or self.engine.queue_depth(model) + len(params) > self.config.models[model].max_queue:
             raise QueueFull(model, adm.retry_after_s or 1.0)
-        return [self.submit(p, None)[0] for p in params]
+        return [self.submit(p, None, tenant)[0] for p in params]
 
     def cancel(self, job_id: str) -> dict[str, Any] | None:
         job = self.store.get(job_id)

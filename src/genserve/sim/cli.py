@@ -42,6 +42,9 @@ def cmd_simulate(a: argparse.Namespace) -> int:
     if not a.compare:
         print()
         print(report.per_model_table(summaries[0][1]))
+    if any("per_tenant" in x for _, x in summaries):
+        print()
+        print(report.per_tenant_table(summaries))
     if a.json:
         report.write_json(Path(a.json), summaries)
     if a.plot:

@@ -57,6 +57,7 @@ class SimJob:
     retries: int = 0
     steps: int = 0
     resume: tuple[str, int, int] | None = None  # paused: (device, its generation, steps left)
+    tenant: str | None = None
 
 
 @dataclass(slots=True)
@@ -230,6 +231,7 @@ class Simulator:
     def run(self) -> SimResult:
         eng = self.engine
         models = self.s.models
+        tenant_weights = self.s.tenants
         # The fleet you start with is up at time 0, all of it before the engine's first decision
         # (one at a time, an autoscaler would see one device and cancel the rest).
         for _ in range(self.s.fleet.initial):
@@ -262,9 +264,14 @@ class Simulator:
             if t_arr <= t_event and t_arr <= t_dead:
                 e = nxt.entry
                 jid = str(len(self.jobs))
-                self.jobs.append(SimJob(e.model, now, steps=e.steps))
                 key = BatchKey(e.model, e.width, e.height, e.num_frames, e.steps, 1.0)
-                adm = eng.submit(jid, key, _PRIORITY[e.priority], now)
+                if e.tenant is None:
+                    self.jobs.append(SimJob(e.model, now, steps=e.steps))
+                    adm = eng.submit(jid, key, _PRIORITY[e.priority], now)
+                else:
+                    self.jobs.append(SimJob(e.model, now, tenant=e.tenant, steps=e.steps))
+                    adm = eng.submit(jid, key, _PRIORITY[e.priority], now, tenant=e.tenant,
+                                     weight=tenant_weights.get(e.tenant, 1.0))
                 if not adm.accepted:
                     self.jobs[-1].failed = adm.reason
                     self.jobs[-1].finished = now

@@ -65,6 +65,9 @@ def summarize(r: SimResult) -> dict[str, Any]:
         "per_model": {m: block([j for j in done if j.model == m]) for m in s.models},
         "scale_decisions": len(r.scale_decisions),
     }
+    tenants = sorted({j.tenant for j in r.jobs if j.tenant is not None})
+    if tenants:  # only scenarios with tenants: the others' summaries stay as they were
+        out["per_tenant"] = {t: block([j for j in done if j.tenant == t]) for t in tenants}
     return out
 
 
@@ -116,6 +119,21 @@ def per_model_table(x: dict[str, Any]) -> str:
         if b["completed"]:
             lines.append(f"| {m} | {b['completed']:,} | {_fmt(b['latency_s']['p50'])} | {_fmt(b['latency_s']['p99'])} | "
                          f"{_fmt(b['cold_start_fraction'], '%')} | {_fmt(b['mean_batch_size'])} |")
+    return "\n".join(lines)
+
+
+def per_tenant_table(summaries: list[tuple[str, dict[str, Any]]]) -> str:
+    """The P50/P99 latency of each tenant, one column per run (scenarios with tenants)."""
+    tenants = sorted({t for _, x in summaries for t in x.get("per_tenant", {})})
+    lines = ["| tenant | " + " | ".join(f"{n}: completed · P50 · P99 (s)" for n, _ in summaries) + " |",
+             "|---|" + "---|" * len(summaries)]
+    for t in tenants:
+        cells = []
+        for _, x in summaries:
+            b = x.get("per_tenant", {}).get(t)
+            cells.append("-" if not b or not b["completed"] else
+                         f"{b['completed']:,} · {_fmt(b['latency_s']['p50'])} · {_fmt(b['latency_s']['p99'])}")
+        lines.append(f"| {t} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 

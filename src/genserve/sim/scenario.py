@@ -59,6 +59,7 @@ class MixEntry:
     num_frames: int
     steps: int
     priority: str
+    tenant: str | None = None  # fair share inside the model's queue (None: outside it)
 
 
 @dataclass(frozen=True)
@@ -106,6 +107,7 @@ class Scenario:
     compare: tuple[tuple[str, dict[str, Any]], ...] = field(default_factory=tuple)
     raw: dict[str, Any] = field(default_factory=dict)
     base: Path = Path(".")
+    tenants: dict[str, float] = field(default_factory=dict)  # [tenants.NAME] weight (default 1)
 
     def engine_settings(self) -> EngineSettings:
         """The same settings object the server builds from genserve.toml."""
@@ -209,7 +211,7 @@ def _entry(p: str, raw: dict, models: dict[str, SimModel]) -> MixEntry:
         raise ConfigError(f"{p}.priority", "must be high, standard or low")
     return MixEntry(model, _get(raw, "weight", p, 1.0, float), _get(raw, "width", p, 1024, int, 8),
                     _get(raw, "height", p, 1024, int, 8), _get(raw, "num_frames", p, 0, int, 0),
-                    _get(raw, "steps", p, 20, int, 1), pr)
+                    _get(raw, "steps", p, 20, int, 1), pr, _get(raw, "tenant", p, None, str))
 
 
 def _workload(raw: dict, models: dict[str, SimModel], base: Path) -> Workload:
@@ -297,7 +299,19 @@ def parse_scenario(raw: dict[str, Any], base: Path = Path(".")) -> Scenario:
     return Scenario(_get(sim, "name", "sim", "scenario", str), _get(sim, "seed", "sim", 1, int, 0),
                     _get(sim, "duration_s", "sim", 3600.0, float), _get(sim, "slo_s", "sim", 60.0, float),
                     fleet, models, _workload(raw.get("workload", {}), models, base), _engine(raw.get("engine", {})),
-                    compare, raw, base)
+                    compare, raw, base, _tenants(raw.get("tenants", {})))
+
+
+def _tenants(raw: Any) -> dict[str, float]:
+    """``[tenants.NAME] weight = …``: fair-share weights of the tenants named by workload entries."""
+    if not isinstance(raw, dict):
+        raise ConfigError("tenants", "must be a table of [tenants.NAME] tables")
+    out = {}
+    for name, t in raw.items():
+        if not isinstance(t, dict) or set(t) - {"weight"}:
+            raise ConfigError(f"tenants.{name}", "must be a table with only weight")
+        out[name] = _get(t, "weight", f"tenants.{name}", 1.0, float, 1e-9)
+    return out
 
 
 def load_scenario(path: str | Path) -> Scenario:

@@ -6,13 +6,10 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from ..engine import BatchKey, CancelRunning, Decision, Engine, JoinBatch, PauseRunning, RunBatch
 from .scenario import Scenario
-
-if TYPE_CHECKING:
-    from .driver import SimDevice, SimJob
 
 
 @dataclass(slots=True)
@@ -30,7 +27,9 @@ def step_units(key: BatchKey) -> int:
 
 
 class SimStepSets:
-    def __init__(self, scenario: Scenario, engine: Engine, jobs: list["SimJob"], devices: dict[str, "SimDevice"],
+    """The simulator's running sets (``jobs`` and ``devices`` are the driver's SimJob / SimDevice)."""
+
+    def __init__(self, scenario: Scenario, engine: Engine, jobs: list[Any], devices: dict[str, Any],
                  schedule: Callable[[float, str], None], execute: Callable[[list[Decision], float], None]) -> None:
         self.s, self.engine, self.jobs, self.devices = scenario, engine, jobs, devices
         self.schedule = schedule  # (when, batch id): a step boundary event
@@ -78,7 +77,7 @@ class SimStepSets:
             self.execute(self.engine.job_paused(jid, now), now)
 
     @staticmethod
-    def _steps_left(job: "SimJob", st: StepSet) -> int:
+    def _steps_left(job: Any, st: StepSet) -> int:
         r, job.resume = job.resume, None
         if r is not None and r[0] == st.device and r[1] == st.generation and r[2]:
             return r[2]

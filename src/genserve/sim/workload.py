@@ -79,7 +79,7 @@ def _trace(s: Scenario) -> Iterator[Arrival]:
     t0 = rows[0]["t"] if rows else 0.0
     for r in rows:
         yield Arrival(r["t"] - t0, MixEntry(r["model"], 1.0, r["width"], r["height"], r.get("num_frames", 0) or 0,
-                                           r["steps"], r.get("priority", "standard")))
+                                           r["steps"], r.get("priority", "standard"), r.get("tenant")))
 
 
 def arrivals(s: Scenario) -> Iterator[Arrival]:

@@ -102,8 +102,17 @@ function breakdownBar(b) {
 
 const FETCH_TIMEOUT_MS = 8000;  // a stalled request must not freeze the refresh loop
 
+// With API keys on, open the dashboard as /dashboard#key=<admin key>: the fragment never reaches the
+// server or its logs; the key is kept for this tab only and sent as a Bearer token.
+const KEY = (() => {
+  const m = location.hash.match(/key=([^&]+)/);
+  if (m) { sessionStorage.setItem("genserve-key", decodeURIComponent(m[1])); history.replaceState(null, "", location.pathname); }
+  return sessionStorage.getItem("genserve-key");
+})();
+
 async function getJSON(path) {
-  const r = await fetch(path, {cache: "no-store", signal: AbortSignal.timeout(FETCH_TIMEOUT_MS)});
+  const headers = KEY ? {Authorization: `Bearer ${KEY}`} : {};
+  const r = await fetch(path, {cache: "no-store", headers, signal: AbortSignal.timeout(FETCH_TIMEOUT_MS)});
   if (!r.ok) throw new Error(`${path}: HTTP ${r.status}`);
   return r.json();
 }
