@@ -17,7 +17,7 @@ from genserve.server.app import create_app
 from genserve.server.runtime import Runtime
 from genserve.workers.fake import FakePool
 
-from .test_runtime import MB, Clock, Recorder, World
+from .test_runtime import MB, Clock, Recorder, World, run
 
 EXTRA = """
 [auth]
@@ -310,3 +310,31 @@ def test_serve_refuses_a_public_address_without_keys(tmp_path):
     store.create("acme")
     assert bind_refusal("10.1.2.3", store, open_, False) is None
     store.close()
+
+
+def test_step_mode_records_name_only_the_same_tenants_batch_mates(tmp_path):
+    """A step-mode job's record says who shared its denoiser calls: ids of its own tenant's jobs,
+    and only a count for other tenants' (their ids are theirs to know)."""
+    async def go():
+        store = KeyStore(tmp_path)
+        _, acme = store.create("acme")
+        _, other = store.create("other")
+        w, c = await _world(tmp_path, 'batching = "step"\n' + EXTRA)  # a key of [models.img]
+        A, B = bearer(acme), bearer(other)
+        ids = []
+        for who, h in (("a1", A), ("b1", B), ("a2", A)):
+            r = await c.post("/v1/jobs", json={"model": "img", "prompt": who}, headers=h)
+            ids.append(r.json()["id"])
+        w.load()
+        msg = w.run_msg()
+        for jid in ids:
+            ref = w.write_output(jid)
+            w.pool.say("w0", "job_done", batch_id=msg["batch_id"], job_id=jid, result=ref,
+                       inference_start=w.clock.t, inference_end=w.clock.t, output_written=w.clock.t,
+                       step={"joined_step": 0, "shared_with": [i for i in ids if i != jid], "paused_at": []})
+        a1 = (await c.get(f"/v1/jobs/{ids[0]}", headers=A)).json()["batch"]
+        assert a1["mode"] == "step" and a1["shared_steps_with"] == [ids[2]]
+        assert a1["shared_steps_with_other_tenants"] == 1
+        b1 = (await c.get(f"/v1/jobs/{ids[1]}", headers=B)).json()["batch"]
+        assert b1["shared_steps_with"] == [] and b1["shared_steps_with_other_tenants"] == 2
+    run(go())

@@ -141,6 +141,21 @@ def create_app(config: Config, runtime: Runtime | None = None) -> FastAPI:
         return error(429, "model", f"the queue for {exc.model} is full; retry after {retry}s",
                      code="queue_full", headers={"Retry-After": retry})
 
+    def batch_view(job: dict[str, Any]) -> dict[str, Any]:
+        step = job["step_batching"] or {}
+        shared = step.get("shared_with") or []
+        # Only the job's own tenant's ids are shown; other tenants' jobs are counted, never named.
+        own = [i for i in shared if (other := jobs.get(i)) is not None and other["tenant"] == job["tenant"]]
+        mode = "step" if job["step_batching"] is not None or getattr(config.models.get(job["model"]), "batching",
+                                                                      "") == "step" else "request"
+        return {"id": job["batch_id"], "size": job["batch_size"], "worker": job["worker"], "mode": mode,
+                # step mode: the running set's step count when it joined, who shared its denoiser
+                # calls, its own step count each time a higher-priority job paused it
+                "joined_at_step": step.get("joined_step"),
+                "shared_steps_with": own if job["step_batching"] is not None else None,
+                "shared_steps_with_other_tenants": len(shared) - len(own) if job["step_batching"] is not None else None,
+                "paused_at_steps": step.get("paused_at")}
+
     def job_view(job: dict[str, Any], base: str) -> dict[str, Any]:
         jid = job["id"]
         ts = {s: job[f"t_{s}"] for s in STAGES}
@@ -165,14 +180,7 @@ def create_app(config: Config, runtime: Runtime | None = None) -> FastAPI:
                          for a in jobs.attempts(jid)],
             "webhook": {"url": job["params"]["webhook"], "events": job["params"]["webhook_events"],
                         "deliveries": jobs.deliveries(jid)} if job["params"].get("webhook") else None,
-            "batch": {"id": job["batch_id"], "size": job["batch_size"], "worker": job["worker"],
-                      "mode": "step" if job["step_batching"] is not None or getattr(
-                          config.models.get(job["model"]), "batching", "") == "step" else "request",
-                      # step mode: the running set's step count when it joined, and who shared its steps
-                      "joined_at_step": (job["step_batching"] or {}).get("joined_step"),
-                      "shared_steps_with": (job["step_batching"] or {}).get("shared_with"),
-                      # its own step count each time a higher-priority job paused it (resumed from there)
-                      "paused_at_steps": (job["step_batching"] or {}).get("paused_at")} if job["batch_id"] else None,
+            "batch": batch_view(job) if job["batch_id"] else None,
             "timestamps": ts,
             "cold_start": {"waited": job["t_load_start"] is not None, "worker": job["worker"] if job["t_load_start"] else None,
                            "tier": job["load_tier"],
