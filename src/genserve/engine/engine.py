@@ -19,7 +19,7 @@ the earliest time any component could decide something new.
 """
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 
 from .batching import BATCHING
 from .dispatch import Dispatcher
@@ -28,18 +28,19 @@ from .failures import FailureTracker
 from .fleet import Fleet
 from .placement import PLACEMENT
 from .preempt import Preemption
+from .reads import EngineReads
 from .residency import RESIDENCY
 from .residency_manager import ResidencyManager
 from .retry import RetryPolicy
 from .scaling import Scaling
 from .settings import EngineSettings
 from .types import (Admission, BatchKey, CancelRunning, Decision, FailJob, JobDequeued, ModelLimits, Priority,
-                    QueuedJob, RetryJob, RunningBatch, WorkerState)
+                    QueuedJob, RetryJob)
 from .waiting import Waiting
 from .work import WorkModel
 
 
-class Engine:
+class Engine(EngineReads):
     def __init__(self, models: Mapping[str, ModelLimits] | EngineSettings, *, max_attempts: int | None = None,
                  **settings) -> None:
         """``Engine(settings)``, or ``Engine(models, **EngineSettings fields)`` (``max_attempts``:
@@ -65,16 +66,6 @@ class Engine:
         self.dispatcher = Dispatcher(PLACEMENT[s.placement](s.saturation), self.waiting, self.fleet, self.residency,
                                      self.failures, self.work, self.preemption)
         self.draining = False  # shutting down: no new batches, loads or scaling; running ones finish
-
-    @property
-    def workers(self) -> Mapping[str, WorkerState]:
-        return self.fleet.workers
-
-    def running_batch(self, batch_id: str) -> RunningBatch | None:
-        return self.fleet.running.get(batch_id)
-
-    def batches_on(self, worker_id: str) -> list[RunningBatch]:
-        return self.fleet.batches_on(worker_id)
 
     # ---- jobs ------------------------------------------------------------------------------------
 
@@ -122,23 +113,6 @@ class Engine:
             self.failures.stop_requested(batch_id, now)
             return [CancelRunning(self.fleet.running[batch_id].worker, batch_id, (job_id,))]
         return []
-
-    def is_queued(self, job_id: str) -> bool:
-        """Waiting to run: in a queue, or waiting out a retry backoff."""
-        return job_id in self.waiting
-
-    def queue_position(self, job_id: str, now: float) -> int | None:
-        return self.waiting.position(job_id, now)
-
-    def queue_depth(self, model: str) -> int:
-        return self.waiting.depth(model)
-
-    def queued(self) -> int:
-        return len(self.waiting.queues)
-
-    def has_pending(self) -> bool:
-        """Any job queued, waiting out a retry backoff, or running."""
-        return bool(self.waiting) or bool(self.fleet.running)
 
     # ---- workers, batches, models ------------------------------------------------------------------
 
@@ -194,13 +168,7 @@ class Engine:
             self.residency.memory.observe_estimate(batch.key, n, estimated_bytes)
         missed = batch.missed_joins() if batch.joined else []
         self.work.batch_done(batch.key, batch.size - len(missed), max(0.0, now - batch.started_at))
-        out: list[Decision] = []
-        for job in missed:
-            if not self.failures.canceled(job.id, out):
-                self.waiting.requeue(job, now, now)
-                out.append(RetryJob(job.id, ErrorCode.PREEMPTED, "the running set ended before the job joined it",
-                                    job.attempts, now, job.key.model, counted=False))
-        return out
+        return self._requeue(missed, ErrorCode.PREEMPTED, "the running set ended before the job joined it", now)
 
     def batch_failed(self, batch_id: str, code: str, message: str, now: float) -> list[Decision]:
         """The worker reported the whole batch failed (and is idle again). Out of memory with more
@@ -217,12 +185,7 @@ class Engine:
         if smaller is None:
             return out + self._fail_attempts(batch.jobs.values(), batch.worker, code, message, now)
         self.failures.out_of_memory(batch.key, batch.worker, smaller)
-        for job in batch.jobs.values():
-            if not self.failures.canceled(job.id, out):
-                self.waiting.requeue(job, now, now)
-                out.append(RetryJob(job.id, code, f"{message}; retrying in batches of ≤ {smaller}", job.attempts,
-                                    now, job.key.model, counted=False))
-        return out
+        return out + self._requeue(batch.jobs.values(), code, f"{message}; retrying in batches of ≤ {smaller}", now)
 
     def job_paused(self, job_id: str, now: float) -> list[Decision]:
         """The worker took a job out of its running set for a higher-priority one (its latents stay
@@ -231,13 +194,7 @@ class Engine:
         return self._unpaused([job], now) if job is not None else []
 
     def _unpaused(self, jobs: list[QueuedJob], now: float) -> list[Decision]:
-        out: list[Decision] = []
-        for job in jobs:
-            if not self.failures.canceled(job.id, out):
-                self.waiting.requeue(job, now, now)
-                out.append(RetryJob(job.id, ErrorCode.PREEMPTED, "paused at a step boundary for a higher-priority job",
-                                    job.attempts, now, job.key.model, counted=False))
-        return out
+        return self._requeue(jobs, ErrorCode.PREEMPTED, "paused at a step boundary for a higher-priority job", now)
 
     def model_loaded(self, worker_id: str, model: str, nbytes: int, now: float) -> None:
         """A worker finished loading ``model``; ``nbytes`` is what it measured it holds."""
@@ -255,9 +212,6 @@ class Engine:
     def request_unload(self, model: str, now: float, worker_id: str | None = None) -> list[Decision]:
         return self.residency.request_unload(model, worker_id)
 
-    def job_work(self, key: BatchKey) -> float:
-        return self.work.job_work(key)
-
     # ---- shutting down ---------------------------------------------------------------------------
 
     def drain(self, now: float) -> None:
@@ -265,12 +219,6 @@ class Engine:
         preload or scaling); running batches go on, deadlines and liveness still apply. Queued
         jobs stay queued (they are durable and run after the restart)."""
         self.draining = True
-
-    def has_running(self) -> bool:
-        return bool(self.fleet.running)
-
-    def busy_workers(self) -> list[str]:
-        return sorted({b.worker for b in self.fleet.running.values()})
 
     def interrupt_running(self, now: float) -> list[Decision]:
         """The drain's time is up: every running batch is given up (its worker is about to be
@@ -280,11 +228,8 @@ class Engine:
         out: list[Decision] = []
         for batch in list(self.fleet.running.values()):
             self._release(batch.id, now)
-            for job in batch.jobs.values():
-                if not self.failures.canceled(job.id, out):
-                    self.waiting.requeue(job, now, now)
-                    out.append(RetryJob(job.id, ErrorCode.INTERRUPTED, "the server shut down during the attempt",
-                                        job.attempts, now, job.key.model, counted=False))
+            out += self._requeue(batch.jobs.values(), ErrorCode.INTERRUPTED, "the server shut down during the attempt",
+                                 now)
         return out
 
     # ---- the decision ----------------------------------------------------------------------------
@@ -366,6 +311,16 @@ class Engine:
         out, again = self.failures.fail_attempts(jobs, worker_id, code, message, now)
         for job, at in again:
             self.waiting.requeue(job, at, now)
+        return out
+
+    def _requeue(self, jobs: Iterable[QueuedJob], code: str, message: str, now: float) -> list[Decision]:
+        """Jobs back in line at once without using up an attempt (``RetryJob(counted=False)``), or
+        ended canceled when a cancel was on its way."""
+        out: list[Decision] = []
+        for job in jobs:
+            if not self.failures.canceled(job.id, out):
+                self.waiting.requeue(job, now, now)
+                out.append(RetryJob(job.id, code, message, job.attempts, now, job.key.model, counted=False))
         return out
 
     def _take_waiting(self, job_id: str) -> QueuedJob:
