@@ -52,6 +52,7 @@ from ..workers.pool import LocalPool, detect_devices
 from ..workers.ray_pool import RayPool, RaySettings
 from .events import EventHub
 from .fleet import FleetState
+from .messages import join_message, load_message, run_message
 from .jobstore import JobStore
 from .listeners import Event, Listener
 from .observe import Observer
@@ -337,15 +338,8 @@ class Runtime:
     def _carry_out(self, d: Decision, now: float) -> None:
         match d:
             case LoadModel():
-                m = self.config.models[d.model]
-                spec = {"path": str(self.config.model_dir(d.model)), "kind": m.kind, "dtype": m.dtype,
-                        "true_cfg_scale": m.family.true_cfg_scale,
-                        "max_sequence_length": m.family.max_sequence_length}
-                if m.source.startswith("s3://"):  # each node downloads it once into its cache
-                    spec.update(source=m.source, endpoint_url=self.config.results.endpoint_url,
-                                region=self.config.results.region)
                 log.info("loading %s on %s (%s)", d.model, d.worker, d.reason)
-                self.pool.send(d.worker, {"op": P.LOAD, "model": d.model, "spec": spec, "reason": d.reason})
+                self.pool.send(d.worker, load_message(self.config, d))
             case UnloadModel():
                 log.info("unloading %s from %s (%s)", d.model, d.worker, d.reason)
                 self.fleet.log(now, "unload", d.worker, d.model, reason=d.reason)
@@ -353,8 +347,7 @@ class Runtime:
             case RunBatch():
                 self._run_batch(d, now)
             case JoinBatch():
-                jobs = self.records.dispatched(d, now)
-                self.pool.send(d.worker, {"op": P.JOIN, "batch_id": d.batch_id, "jobs": self._payload(jobs)})
+                self.pool.send(d.worker, join_message(d, self.records.dispatched(d, now)))
             case CancelRunning():
                 self.pool.send(d.worker, {"op": P.CANCEL, "batch_id": d.batch_id, "job_ids": list(d.job_ids)})
             case PauseRunning():
@@ -377,22 +370,9 @@ class Runtime:
                 assert_never(d)
 
     def _run_batch(self, d: RunBatch, now: float) -> None:
-        m = self.config.models[d.key.model]
         if d.waits_for_load:
             self.fleet.await_load(d.batch_id, d.worker, d.key.model, d.job_ids)
-        jobs = self.records.dispatched(d, now)
-        params = {"width": d.key.width, "height": d.key.height, "num_frames": d.key.num_frames,
-                  "steps": d.key.steps, "guidance": d.key.guidance, "fps": m.fps}
-        msg = {"op": P.RUN, "batch_id": d.batch_id, "model": d.key.model, "kind": m.kind, "params": params,
-               "jobs": self._payload(jobs)}
-        if m.batching == "step":  # a running set: each job brings its own steps and guidance
-            msg.update(mode="step", max_size=m.max_batch_size)
-        self.pool.send(d.worker, msg)
-
-    @staticmethod
-    def _payload(jobs: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        keys = ("prompt", "negative_prompt", "seed", "steps", "guidance")
-        return [{"id": j["id"], **{k: j["params"][k] for k in keys}, "image": j["params"].get("image")} for j in jobs]
+        self.pool.send(d.worker, run_message(self.config, d, self.records.dispatched(d, now)))
 
     def _deadline(self, params: JobParams, received: float) -> float:
         return received + (params.timeout_s or self.config.models[params.model].timeout_s)
