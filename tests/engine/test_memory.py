@@ -188,3 +188,11 @@ def test_an_estimate_is_a_hint_never_a_known_figure():
     mem.observe_batch(A, 2, 1000)  # a measurement replaces it
     assert mem.working(A, 2) == 1000 and mem.working_is_known(A, 2)
     assert mem.working(A_BIG, 1) == 1000  # measured ratio 0.05 per unit wins over the estimate's
+
+
+def test_the_batch_key_variant_does_not_split_memory_figures():
+    mem = MemoryModel()
+    mem.observe_batch(A._replace(variant="img:0123"), 1, 900)
+    assert mem.working(A._replace(variant="img:4567"), 1) == mem.working(A, 1) == 900
+    assert mem.working_is_known(A._replace(variant="neg"), 1)
+    assert len(mem.working_exact) == 1  # one entry per shape, not per conditioning image

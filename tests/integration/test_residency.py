@@ -8,9 +8,9 @@ from genserve.testing import LiveServer, wait_for, wait_until
 
 pytestmark = pytest.mark.slow
 
-# One demo image model weighs ~4.8 MB and a 64x64 job's working memory is estimated at ~5.8 MB:
-# 12 MiB holds one model and one job, never two models.
-BUDGET_GB = 12 / 1024
+# One demo image model weighs ~4.8 MB and the SD family estimates a 64x64 job's working memory at
+# ~1.9 MB: 8 MiB holds one model and one job, never two models.
+BUDGET_GB = 8 / 1024
 
 
 def model(name, models, **extra):
@@ -29,7 +29,7 @@ def test_cycling_three_models_over_two_small_workers_evicts_lru(demo_models, tmp
         model(n, demo_models) for n in ("m-a", "m-b", "m-c"))
     with LiveServer(tmp_path, cfg, workers=2) as srv, httpx.Client(base_url=srv.url, timeout=60) as c:
         ws = workers(c)
-        assert [w["capacity_bytes"] for w in ws.values()] == [12 << 20] * 2
+        assert [w["capacity_bytes"] for w in ws.values()] == [8 << 20] * 2
         order = ["m-a", "m-b", "m-c"] * 3
         jobs = []
         for i, m in enumerate(order):

@@ -17,6 +17,12 @@ from __future__ import annotations
 from .types import BatchKey
 
 
+def memory_key(key: BatchKey) -> BatchKey:
+    """What working memory depends on: not the batch key's variant (a negative prompt's presence,
+    a conditioning image's digest), which would otherwise grow these tables per image."""
+    return key._replace(variant="") if key.variant else key
+
+
 def batch_units(key: BatchKey, n: int) -> int:
     return n * key.width * key.height * max(1, key.num_frames)
 
@@ -38,6 +44,7 @@ class MemoryModel:
         return known if known else max(self.weights_measured.values(), default=0)
 
     def working(self, key: BatchKey, n: int, *, known_only: bool = False) -> int:
+        key = memory_key(key)
         exact = self.working_exact.get((key, n))
         if exact is not None:
             return exact
@@ -54,6 +61,7 @@ class MemoryModel:
         return int(ratio * batch_units(key, n))
 
     def working_is_known(self, key: BatchKey, n: int) -> bool:
+        key = memory_key(key)
         return (key, n) in self.working_exact or key.model in self.per_unit
 
     def observe_weights(self, model: str, nbytes: int) -> None:
@@ -63,6 +71,7 @@ class MemoryModel:
     def observe_batch(self, key: BatchKey, n: int, peak_bytes: int) -> None:
         if peak_bytes <= 0 or n <= 0:
             return
+        key = memory_key(key)
         self.working_exact[(key, n)] = max(peak_bytes, self.working_exact.get((key, n), 0))
         ratio = peak_bytes / batch_units(key, n)
         # The largest ratio seen: over-estimating costs a smaller batch, under-estimating an OOM.
@@ -72,6 +81,7 @@ class MemoryModel:
         """A worker's estimate for a batch it ran without measuring: a hint for this shape."""
         if estimated_bytes <= 0 or n <= 0:
             return
+        key = memory_key(key)
         self.estimated_exact[(key, n)] = estimated_bytes
         ratio = estimated_bytes / batch_units(key, n)
         self.estimated_per_unit[key.model] = max(ratio, self.estimated_per_unit.get(key.model, 0.0))
