@@ -16,7 +16,7 @@ from genserve.backends.families import UnsupportedPipeline, adapter_for, inspect
 from genserve.backends.runner import OutputMismatch, PipelineRunner, check_output
 from genserve.storage import LocalResultStore
 
-from .family_helpers import job, run_batch, sample_image
+from .family_helpers import diff, job, run_batch, sample_image
 
 pytestmark = pytest.mark.slow
 
@@ -260,3 +260,46 @@ def test_a_call_group_canceled_before_it_starts_is_skipped(runner):
     assert kinds == [("job_canceled", "cg-b"), ("started", None), ("progress", 1), ("progress", 2),
                      ("job_done", "cg-a")]
     assert not runner.store.exists("cg-b/output.png")
+
+
+# ---- step-level batching over the family adapters (backends/stepping.py, step_runner.py) ---------
+
+
+def test_step_drivers_exist_for_wan_text_to_video_only_among_these_families(runner):
+    # (the SD 1.x/2.x demo model's driver is tested in tests/backends/test_stepping.py)
+    drivers = {name: runner.adapters[name].step_driver(runner.pipes[name]) for name in SERVED}
+    assert {n for n, d in drivers.items() if d is not None} == {"wan"}
+
+
+def step_msg(model, kind, jobs):
+    params = {"width": 32, "height": 32, "num_frames": 5 if kind == "video" else 0, "steps": 0, "guidance": 0.0,
+              "fps": 8}
+    return {"batch_id": f"s-{jobs[0]['id']}", "model": model, "kind": kind, "params": params, "jobs": jobs,
+            "mode": "step", "max_size": 4}
+
+
+def test_wan_step_mode_outputs_equal_request_level_runs(runner):
+    import queue
+
+    from genserve.backends.step_runner import run_steps
+
+    jobs = [dict(job("ws1", 1), steps=2, guidance=3.0), dict(job("ws2", 2, negative="blurry"), steps=3, guidance=4.0)]
+    events: list[dict] = []
+    run_steps(runner, step_msg("wan", "video", jobs), events.append, set(), queue.Queue(), set(), max_size=4)
+    assert {e["job_id"] for e in events if e["ev"] == "job_done"} == {"ws1", "ws2"}
+    for j, alone in zip(jobs, ("wr1", "wr2")):
+        run_batch(runner, "wan", "video", [dict(job(alone, j["seed"], negative=j["negative_prompt"]))],
+                  steps=j["steps"], guidance=j["guidance"])
+        assert diff(out(runner, j["id"]), out(runner, alone)) <= 1
+
+
+def test_step_mode_without_a_driver_runs_one_request_level_call_per_steps_and_guidance(runner):
+    from genserve.backends.step_runner import run_grouped
+
+    jobs = [dict(job("g1", 1), steps=1, guidance=3.0), dict(job("g2", 2), steps=2, guidance=3.0)]
+    events: list[dict] = []
+    run_grouped(runner, step_msg("sdxl", "image", jobs), events.append, set())
+    assert {e["job_id"] for e in events if e["ev"] == "job_done"} == {"g1", "g2"}
+    for j, alone in zip(jobs, ("gr1", "gr2")):
+        run_batch(runner, "sdxl", "image", [job(alone, j["seed"])], steps=j["steps"], guidance=j["guidance"])
+        assert diff(out(runner, j["id"]), out(runner, alone)) <= 1

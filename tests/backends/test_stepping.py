@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from genserve.backends.demo import ensure_demo_model
-from genserve.backends.stepping import RunningSet, StepJob, step_family
+from genserve.backends.families import adapter_for
+from genserve.backends.stepping import RunningSet, StepJob
 
 pytestmark = pytest.mark.slow
 
@@ -74,7 +75,8 @@ JOBS = [
 def drive(pipe, shape, script, max_size=4):
     """Run a script of (step_number -> actions) on one RunningSet; returns outputs by job id and
     the set. Actions: ("admit", job), ("cancel", id), ("pause", id), ("resume", id)."""
-    rs = RunningSet(pipe, step_family(pipe), shape, max_size)
+    kind = "video" if type(pipe).__name__.startswith("Wan") else "image"
+    rs = RunningSet(pipe, adapter_for(pipe, {"kind": kind}).step_driver(pipe), shape, max_size)
     paused, outputs, steps_seen = {}, {}, {}
     tick = 0
     while True:

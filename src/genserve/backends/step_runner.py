@@ -15,9 +15,8 @@ from collections.abc import Callable
 from typing import Any
 
 from ..storage import OUTPUT_TYPES, output_name
-from .encode import encode_mp4, encode_png
-from .runner import BatchAborted
-from .stepping import RunningSet, StepJob, step_family
+from .runner import BatchAborted, check_output
+from .stepping import RunningSet, StepJob
 
 Emit = Callable[[dict[str, Any]], None]
 MAX_PARKED = 64  # paused jobs a worker keeps the latents of
@@ -27,8 +26,10 @@ def step_job(j: dict[str, Any]) -> StepJob:
     return StepJob(j["id"], j["prompt"], int(j["seed"]), int(j["steps"]), float(j["guidance"]), j.get("negative_prompt"))
 
 
-def can_step(pipe) -> bool:
-    return step_family(pipe) is not None
+def step_driver(runner, model: str):
+    """The loaded model's step driver (its family adapter's), or None."""
+    adapter = runner.adapters.get(model)
+    return adapter.step_driver(runner.pipes[model]) if adapter is not None else None
 
 
 def run_grouped(runner, msg: dict[str, Any], emit: Emit, canceled: set[str],
@@ -63,7 +64,7 @@ def run_steps(runner, msg: dict[str, Any], emit: Emit, canceled: set[str], joins
     import torch
 
     pipe = runner.pipes[msg["model"]]
-    family = step_family(pipe)
+    family = step_driver(runner, msg["model"])
     assert family is not None
     batch_id, kind, p = msg["batch_id"], msg["kind"], msg["params"]
     shape = {"width": p["width"], "height": p["height"], "num_frames": p.get("num_frames", 0)}
@@ -125,7 +126,8 @@ def run_steps(runner, msg: dict[str, Any], emit: Emit, canceled: set[str], joins
             emit({"ev": "progress", "batch_id": batch_id, "job_id": s.job.id, "step": s.done, "total": s.job.steps})
         for s in finished:
             out = rs.decode(s)
-            data = encode_png(out) if kind == "image" else encode_mp4(out, p["fps"])
+            check_output(kind, out, shape["width"], shape["height"], shape["num_frames"])
+            data = runner.encode(kind, out, p["fps"])
             ref = runner.store.put(s.job.id, output_name(kind), data, OUTPUT_TYPES[kind])
             emit({"ev": "job_done", "batch_id": batch_id, "job_id": s.job.id, "result": ref.to_dict(),
                   "inference_start": started.pop(s.job.id), "inference_end": time.time(), "output_written": time.time(),

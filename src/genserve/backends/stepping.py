@@ -12,8 +12,8 @@ while the others go on; a request can be dropped (cancel) or taken out with its 
 
 How a family's pipeline is driven lives in a ``StepFamily``: the SD-family UNet pipelines
 (``UNetFamily``: StableDiffusionPipeline and look-alikes) and the Wan flow-matching transformer
-(``WanFamily``). ``step_family(pipe)`` picks one, or returns None for a pipeline that keeps
-request-level batching.
+(``WanFamily``). Each family adapter says which one drives its pipeline
+(``FamilyAdapter.step_driver``; backends/families), or None: it keeps request-level batching.
 
 Equivalence: a request's output equals its standalone ``pipe(...)`` output with the same seed up
 to floating-point reassociation in batched kernels (tests/backends/test_stepping.py states the
@@ -153,6 +153,9 @@ class WanFamily:
     """WanPipeline (text-to-video): UMT5 text encoder, WanTransformer3DModel over patched latents,
     flow-matching scheduler, AutoencoderKLWan decoding frames causally."""
 
+    def __init__(self, max_sequence_length: int = 512) -> None:
+        self.max_sequence_length = max_sequence_length  # as the pipeline's __call__ default
+
     def prepare(self, pipe, job: StepJob, shape: dict[str, int]) -> Slot:
         import torch
 
@@ -161,7 +164,7 @@ class WanFamily:
         dtype = pipe.transformer.dtype
         with torch.inference_mode():
             cond, uncond = pipe.encode_prompt(job.prompt, job.negative_prompt, cfg, 1, device=device,
-                                              max_sequence_length=shape.get("max_sequence_length", 512))
+                                              max_sequence_length=self.max_sequence_length)
             gen = _generator(job.seed)
             latents = pipe.prepare_latents(1, pipe.transformer.config.in_channels, shape["height"], shape["width"],
                                            shape["num_frames"], torch.float32, device, [gen], None)
@@ -194,17 +197,6 @@ class WanFamily:
         inv_std = 1.0 / torch.tensor(vae.config.latents_std).view(1, vae.config.z_dim, 1, 1, 1).to(latents)
         video = vae.decode(latents / inv_std + mean, return_dict=False)[0]
         return pipe.video_processor.postprocess_video(video, output_type="np")[0]
-
-
-def step_family(pipe) -> StepFamily | None:
-    """The step driver for ``pipe``, or None when it keeps request-level batching."""
-    name = type(pipe).__name__
-    if name == "StableDiffusionPipeline":
-        return UNetFamily()
-    if name == "WanPipeline" and not getattr(pipe.config, "expand_timesteps", False) \
-            and getattr(pipe, "transformer_2", None) is None:
-        return WanFamily()
-    return None
 
 
 class RunningSet:

@@ -62,7 +62,7 @@ def run_worker(recv: Callable[[], dict[str, Any]], emit: Callable[[dict[str, Any
     dlogging.disable_progress_bar()
     logging.getLogger("transformers").setLevel(logging.ERROR)
     from ..backends.runner import BatchAborted, PipelineRunner
-    from ..backends.step_runner import can_step, run_grouped, run_steps
+    from ..backends.step_runner import run_grouped, run_steps, step_driver
     from ..storage.open import open_store
 
     inbox: queue.Queue = queue.Queue()
@@ -153,7 +153,7 @@ def run_worker(recv: Callable[[], dict[str, Any]], emit: Callable[[dict[str, Any
                 injector.on_batch(len(msg["jobs"]))
                 if msg.get("mode") != "step":
                     peak = runner.run(msg, emit, canceled, on_step=injector.on_step)
-                elif can_step(runner.pipes[msg["model"]]):
+                elif step_driver(runner, msg["model"]) is not None:
                     peak = run_steps(runner, msg, emit, canceled, joins, seen, injector.on_step, msg["max_size"],
                                      between=unloads_between_steps, pausing=pausing, parked=parked)
                 else:

@@ -136,6 +136,11 @@ class FamilyAdapter:
             kw["num_frames"] = params["num_frames"]
         return kw
 
+    def step_driver(self, pipe: Any) -> Any:
+        """How to drive this family's pipeline one denoising step at a time for step-level batching
+        (a ``backends.stepping.StepFamily``), or None: it keeps request-level calls."""
+        return None
+
     def ignored_inputs(self, job: Mapping[str, Any], params: Mapping[str, Any]) -> list[str]:
         """Fields of ``job`` this pipeline would silently ignore. The server refuses them at submit
         when it knows the family; for a model it could not read there, the worker refuses them."""

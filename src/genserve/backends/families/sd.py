@@ -16,6 +16,12 @@ def traits(pipeline: str, configs: Configs) -> Traits:
 class Adapter(FamilyAdapter):
     family = "sd"
 
+    def step_driver(self, pipe):
+        from ..stepping import UNetFamily
+
+        # LCM-style UNets embed guidance as an input: not step-batched yet
+        return UNetFamily() if getattr(pipe.unet.config, "time_cond_proj_dim", None) is None else None
+
     def vae_dtype_bytes(self, dtype_bytes: int) -> int:
         return dtype_bytes
 

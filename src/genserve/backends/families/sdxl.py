@@ -19,5 +19,8 @@ def traits(pipeline: str, configs: Configs) -> Traits:
 class Adapter(SDAdapter):
     family = "sdxl"
 
+    def step_driver(self, pipe):
+        return None  # its UNet also takes pooled text embeddings and size/crop ids: not step-batched yet
+
     def vae_dtype_bytes(self, dtype_bytes: int) -> int:
         return 4 if (self.configs.get("vae") or {}).get("force_upcast") else dtype_bytes

@@ -32,6 +32,16 @@ class Adapter(FamilyAdapter):
     def inputs_supplied(self):  # type: ignore[override]
         return frozenset({"prompt", "image"} if self.traits.image_input else {"prompt"})
 
+    def step_driver(self, pipe):
+        from ..stepping import WanFamily
+
+        # text-to-video with one transformer (Wan 2.1 style); I2V conditioning and Wan 2.2's two
+        # transformers / expanded timesteps are not step-batched yet
+        two_stage = getattr(pipe, "transformer_2", None) is not None or getattr(pipe.config, "expand_timesteps", False)
+        if self.traits.image_input or two_stage:
+            return None
+        return WanFamily(self.options.max_sequence_length or 512)
+
     def call_kwargs(self, jobs, params):
         kw = super().call_kwargs(jobs, params)
         if self.traits.image_input:
