@@ -178,11 +178,12 @@ def create_app(config: Config, runtime: Runtime | None = None) -> FastAPI:
                             headers={} if created else {"Idempotent-Replayed": "true"})
 
     @app.get("/v1/jobs", tags=["jobs"])
-    async def list_jobs(request: Request, limit: int = 50):
-        """The most recent jobs, newest first."""
+    async def list_jobs(request: Request, limit: int = 50, status: JobStatus | None = None, model: str | None = None):
+        """The most recent jobs, newest first; ``status`` and ``model`` filter them."""
         if not 1 <= limit <= 1000:
             raise RequestError("limit", "must be between 1 and 1000")
-        return {"object": "list", "data": [job_view(j, str(request.base_url)) for j in jobs.recent(limit)]}
+        found = jobs.recent(limit, status=status, model=model)
+        return {"object": "list", "data": [job_view(j, str(request.base_url)) for j in found]}
 
     @app.get("/v1/jobs/{job_id}", tags=["jobs"])
     async def get_job(job_id: str, request: Request):

@@ -120,8 +120,12 @@ class JobStore:
         ).fetchall()
         return [_decode(r) for r in rows]
 
-    def recent(self, limit: int = 50) -> list[dict[str, Any]]:
-        rows = self.db.execute("SELECT * FROM jobs ORDER BY t_received DESC LIMIT ?", (limit,)).fetchall()
+    def recent(self, limit: int = 50, status: str | None = None, model: str | None = None) -> list[dict[str, Any]]:
+        """The newest jobs first, optionally only those in ``status`` / for ``model``."""
+        where = " AND ".join(c for c, v in (("status = ?", status), ("model = ?", model)) if v is not None)
+        args = [v for v in (status, model) if v is not None]
+        rows = self.db.execute(f"SELECT * FROM jobs {'WHERE ' + where if where else ''} ORDER BY t_received DESC LIMIT ?",
+                               (*args, limit)).fetchall()
         return [_decode(r) for r in rows]
 
     def active_since(self, since: float, limit: int = 100_000) -> list[dict[str, Any]]:
