@@ -80,7 +80,7 @@ def cmd_submit(a: argparse.Namespace) -> int:
 
         def queued(pos: int | None) -> None:
             if bar.n == 0:
-                bar.set_description("queued" + (f" (position {pos})" if pos is not None else ""))
+                bar.set_description("queued" + (f" ({pos} ahead)" if pos is not None else ""))
 
         def on_event(event: str, data: dict) -> None:
             if event == "progress":

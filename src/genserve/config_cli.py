@@ -59,5 +59,6 @@ def add_parsers(sub) -> None:
         p.add_argument("--config", metavar="FILE",
                        help="config file (default: ./genserve.toml, else $GENSERVE_CONFIG, else the demo catalog)")
         p.set_defaults(func=cmd_check)
-    p = csub.add_parser("schema", help="print the JSON Schema of genserve.toml (shipped as docs/genserve.schema.json)")
+    what = "print the JSON Schema of genserve.toml (shipped as docs/genserve.schema.json)"
+    p = csub.add_parser("schema", help=what, description=what)
     p.set_defaults(func=cmd_schema)

@@ -99,7 +99,8 @@ def add_parsers(sub) -> None:
     s.set_defaults(func=cmd_simulate)
     t = sub.add_parser("trace", help="traces of the job store", description="Traces of the job store.")
     tsub = t.add_subparsers(dest="trace_cmd", required=True)
-    e = tsub.add_parser("export", help="export the job store's requests as a replayable trace")
+    what = "export the job store's requests as a replayable trace (JSON lines)"
+    e = tsub.add_parser("export", help=what, description=what)
     e.add_argument("--data-dir", default="genserve-data", help="the server's data directory (default genserve-data)")
     e.add_argument("-o", "--output", default="-", help="JSON-lines file (default: stdout)")
     e.set_defaults(func=cmd_trace_export)
