@@ -20,6 +20,7 @@ from ..engine import ErrorCode, is_retryable
 from ..requests import MAX_SEED, RequestError, validate
 from ..status import JobStatus, is_terminal
 from .jobstore import STAGES
+from .docs_assets import mount_docs
 from .observability_api import observability_router
 from .runtime import QueueFull, Runtime
 from .stats import breakdown
@@ -84,8 +85,9 @@ def create_app(config: Config, runtime: Runtime | None = None) -> FastAPI:
         finally:
             await rt.close()
 
-    app = FastAPI(title="genserve", version="0.1.0", lifespan=lifespan,
+    app = FastAPI(title="genserve", version="0.1.0", lifespan=lifespan, docs_url=None, redoc_url=None,
                   description="Self-hosted inference for image and video diffusion models.")
+    mount_docs(app)
     app.state.runtime = rt
 
     @app.exception_handler(RequestValidationError)
