@@ -242,7 +242,7 @@ def build_parser() -> argparse.ArgumentParser:
     j.add_argument("--webhook", metavar="URL", help="POST signed job events here (needs server.webhook_secret)")
     j.add_argument("--no-wait", action="store_true", help="print the job id (or JSON with --json) and return at once")
     j.add_argument("--json", action="store_true", help="print the job record as JSON on stdout; no progress bar")
-    j.add_argument("--out", "-o", help="output file (default: <job id>.png|.mp4)")
+    j.add_argument("--out", "-o", metavar="FILE", help="output file (default: <job id>.png|.mp4)")
     j.add_argument("--reconnect-timeout", type=float, default=300.0, metavar="SECONDS",
                    help="keep reconnecting a dropped event stream this long (default 300)")
     j.add_argument("--url", default=DEFAULT_URL, help=URL_HELP)

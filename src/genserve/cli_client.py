@@ -187,7 +187,7 @@ def add_parsers(sub, url_default: str, formatter: type) -> None:
                        description="Download a succeeded job's output (PNG or MP4).",
                        epilog="examples:\n  genserve result 0f3c… -o cat.png\n  genserve result 0f3c… --index 1")
     r.add_argument("id", help="the job id")
-    r.add_argument("-o", "--out", help="output file (default: <job id>.png|.mp4)")
+    r.add_argument("-o", "--out", metavar="FILE", help="output file (default: <job id>.png|.mp4)")
     r.add_argument("--index", type=int, default=0, help="which output, for jobs with several (default 0)")
     r.add_argument("--url", default=url_default, help=url_help)
     r.set_defaults(func=cmd_result)

@@ -7,11 +7,10 @@ after a delay.
 """
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import heapq
 import math
 import random
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from typing import assert_never
