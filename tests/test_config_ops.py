@@ -9,7 +9,7 @@ import pytest
 
 from genserve.config import SECTIONS, ConfigError, load_config, parse_config
 from genserve.config_env import find_config, overrides, scalar
-from genserve.config_errors import ConfigErrors
+from genserve.config_errors import ConfigErrors, message_of
 from genserve.config_schema import json_schema
 from genserve.demo_catalog import DEMO_TOML
 
@@ -22,7 +22,7 @@ def test_all_errors_at_once_each_naming_its_key():
         parse_config({"server": {"prot": 1, "workers": -1, "aging_s": "x"}, "modles": {},
                       "models": {"a": {"kind": "imgae", "source": "x", "max_batch_siz": 3},
                                  "b": {"kind": "image", "source": "y", "sizes": ["big"], "max_steps": 0}}})
-    msgs = {err.key: err.message for err in e.value.errors}
+    msgs = {err.key: message_of(err) for err in e.value.errors}
     assert set(msgs) == {"modles", "server.prot", "server.workers", "server.aging_s", "models.a.kind",
                          "models.a.max_batch_siz", "models.b.max_steps", "models.b.sizes[0]"}
     assert "did you mean 'models'" in msgs["modles"]
@@ -59,7 +59,7 @@ def test_env_overrides_any_key_parsed_as_toml(tmp_path):
 def test_env_override_errors_name_the_variable():
     with pytest.raises(ConfigErrors) as e:
         load_config(None, {"GENSERVE_SERVER__PORT": "http", "GENSERVE_SERVER__WORKRES": "2"})
-    msgs = {err.key: err.message for err in e.value.errors}
+    msgs = {err.key: message_of(err) for err in e.value.errors}
     assert msgs["server.port"].endswith("(from $GENSERVE_SERVER__PORT)")
     assert "did you mean 'workers'" in msgs["server.workres"] and "$GENSERVE_SERVER__WORKRES" in msgs["server.workres"]
 
@@ -99,7 +99,7 @@ def test_schema_keys_match_the_parser():
                 parse_config(raw)
             except ConfigError as e:
                 errs = e.errors if isinstance(e, ConfigErrors) else [e]
-                assert not any("unknown key" in x.message for x in errs), (name, key, str(e))
+                assert not any("unknown key" in message_of(x) for x in errs), (name, key, str(e))
 
 
 def test_examples_validate_and_bad_ones_do_not():

@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from .config_errors import ConfigError, ConfigErrors
+from .config_errors import ConfigError, ConfigErrors, message_of
 
 PREFIX = "GENSERVE_"
 SEP = "__"
@@ -88,5 +88,5 @@ def blame(e: ConfigError, origin: dict[str, str]) -> ConfigError:
     out = []
     for err in e.errors if isinstance(e, ConfigErrors) else [e]:
         var = next((v for k, v in origin.items() if err.key == k or err.key.startswith((k + "[", k + "."))), None)
-        out.append(ConfigError(err.key, f"{err.message} (from ${var})") if var else err)
+        out.append(ConfigError(err.key, f"{message_of(err)} (from ${var})") if var else err)
     return out[0] if len(out) == 1 else ConfigErrors(out)

@@ -1,7 +1,7 @@
 """Config errors: one per offending key, all reported at once, with a suggestion for a misspelt key.
 
 The section parsers in ``config.py`` stay simple — each raises ``ConfigError`` at the first bad key
-of its table. :func:`collect` re-runs a parser without the key it complained about, so one pass
+of its table. :meth:`Collector.run` re-runs a parser without the key it complained about, so one pass
 over a file reports every bad key of every table, without each parser keeping an error list.
 """
 from __future__ import annotations
@@ -11,16 +11,14 @@ import re
 from collections.abc import Callable, Iterable
 from typing import Any, TypeVar
 
+from .config_error import ConfigError  # the one class every section parser raises
+
 T = TypeVar("T")
 
 
-class ConfigError(ValueError):
-    """One bad setting. ``key`` is its dotted path (``models.demo-image.max_batch_size``)."""
-
-    def __init__(self, key: str, message: str) -> None:
-        super().__init__(f"{key}: {message}")
-        self.key = key
-        self.message = message
+def message_of(e: ConfigError) -> str:
+    """The message without the ``key: `` prefix."""
+    return getattr(e, "message", None) or str(e).removeprefix(f"{e.key}: ")
 
 
 class ConfigErrors(ConfigError):
@@ -31,7 +29,7 @@ class ConfigErrors(ConfigError):
         ValueError.__init__(self, "\n".join(str(e) for e in errors))
         self.errors = errors
         self.key = errors[0].key
-        self.message = errors[0].message
+        self.message = message_of(errors[0])
 
 
 def suggest(name: str, choices: Iterable[str]) -> str:
