@@ -59,7 +59,7 @@ def cmd_submit(a: argparse.Namespace) -> int:
     import httpx
     from tqdm import tqdm
 
-    from .cli_client import QueueWatch, expect, follow, save_result
+    from .cli_client import QueueWatch, auth_headers, expect, follow, save_result
     from .status import JobStatus
 
     body = {k: v for k, v in {
@@ -69,7 +69,7 @@ def cmd_submit(a: argparse.Namespace) -> int:
     }.items() if v is not None}
     if a.size:
         body["width"], body["height"] = a.size
-    with httpx.Client(base_url=a.url, timeout=httpx.Timeout(30.0, read=None)) as client:
+    with httpx.Client(base_url=a.url, timeout=httpx.Timeout(30.0, read=None), headers=auth_headers(a)) as client:
         job = expect(client.post("/v1/jobs", json=body), 202).json()
         if a.no_wait:
             print(json.dumps(job, indent=2) if a.json else job["id"])
@@ -92,7 +92,7 @@ def cmd_submit(a: argparse.Namespace) -> int:
             elif event == "queued" and bar.n:  # retried: back in the queue
                 bar.set_description("queued again")
 
-        with QueueWatch(a.url, job["id"], queued) as watch:
+        with QueueWatch(a.url, job["id"], queued, headers=auth_headers(a)) as watch:
             final = follow(client, job["id"], on_event, reconnect_s=a.reconnect_timeout, on_reconnect=say)
         bar.close()
         job = expect(client.get(f"/v1/jobs/{job['id']}")).json()
@@ -121,9 +121,9 @@ def cmd_models(a: argparse.Namespace) -> int:
     else:
         import httpx
 
-        from .cli_client import expect
+        from .cli_client import auth_headers, expect
 
-        rows = expect(httpx.get(f"{a.url}/v1/models", timeout=10)).json()["data"]
+        rows = expect(httpx.get(f"{a.url}/v1/models", timeout=10, headers=auth_headers(a))).json()["data"]
     if a.json:
         print(json.dumps(rows, indent=2))
         return 0
@@ -246,6 +246,7 @@ def build_parser() -> argparse.ArgumentParser:
     j.add_argument("--reconnect-timeout", type=float, default=300.0, metavar="SECONDS",
                    help="keep reconnecting a dropped event stream this long (default 300)")
     j.add_argument("--url", default=DEFAULT_URL, help=URL_HELP)
+    j.add_argument("--api-key", help="sent as a Bearer token (default: $GENSERVE_API_KEY)")
     j.add_argument("--quiet", "-q", action="store_true", help="no progress bar or summary; print only the output path")
     j.set_defaults(func=cmd_submit)
     from .cli_client import add_parsers as add_job_parsers
@@ -283,6 +284,7 @@ def build_parser() -> argparse.ArgumentParser:
                               "  genserve models --url http://127.0.0.1:8000   # with queue depths")
     m.add_argument("--config", metavar="FILE", help=CONFIG_HELP)
     m.add_argument("--url", help="ask this running server instead of reading a config")
+    m.add_argument("--api-key", help="with --url: sent as a Bearer token (default: $GENSERVE_API_KEY)")
     m.add_argument("--json", action="store_true", help="print JSON")
     m.set_defaults(func=cmd_models)
     from .config_cli import add_parsers as add_config_parsers

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import threading
 import time
@@ -30,6 +31,12 @@ class CLIError(Exception):
     def __init__(self, message: str, code: int = 1) -> None:
         super().__init__(message)
         self.code = code
+
+
+def auth_headers(a: argparse.Namespace) -> dict[str, str]:
+    """``--api-key`` (or ``$GENSERVE_API_KEY``) as a Bearer token."""
+    key = getattr(a, "api_key", None) or os.environ.get("GENSERVE_API_KEY")
+    return {"Authorization": f"Bearer {key}"} if key else {}
 
 
 def api_error(resp: httpx.Response) -> CLIError:
@@ -88,9 +95,11 @@ def follow(client: httpx.Client, job_id: str, on_event: Callable[[str, dict[str,
 class QueueWatch:
     """While a job waits, poll its queue position (the event stream only says when it starts)."""
 
-    def __init__(self, base_url: str, job_id: str, show: Callable[[int | None], None], every: float = 1.0) -> None:
+    def __init__(self, base_url: str, job_id: str, show: Callable[[int | None], None], every: float = 1.0,
+                 headers: dict[str, str] | None = None) -> None:
         self.stop = threading.Event()
         self._args = (base_url, job_id, show, every)
+        self._headers = headers or {}
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def __enter__(self) -> "QueueWatch":
@@ -103,7 +112,7 @@ class QueueWatch:
 
     def _run(self) -> None:
         base_url, job_id, show, every = self._args
-        with httpx.Client(base_url=base_url, timeout=5) as c:
+        with httpx.Client(base_url=base_url, timeout=5, headers=self._headers) as c:
             while not self.stop.is_set():
                 try:
                     job = c.get(f"/v1/jobs/{job_id}").json()
@@ -130,7 +139,7 @@ def cmd_jobs(a: argparse.Namespace) -> int:
         params["status"] = a.status
     if a.model:
         params["model"] = a.model
-    with httpx.Client(base_url=a.url, timeout=30) as c:
+    with httpx.Client(base_url=a.url, timeout=30, headers=auth_headers(a)) as c:
         rows = expect(c.get("/v1/jobs", params=params)).json()["data"]
     if a.json:
         print(json.dumps(rows, indent=2))
@@ -150,7 +159,7 @@ def cmd_jobs(a: argparse.Namespace) -> int:
 
 
 def cmd_cancel(a: argparse.Namespace) -> int:
-    with httpx.Client(base_url=a.url, timeout=30) as c:
+    with httpx.Client(base_url=a.url, timeout=30, headers=auth_headers(a)) as c:
         job = expect(c.post(f"/v1/jobs/{a.id}/cancel")).json()
     state = job["status"] if is_terminal(job["status"]) else f"{job['status']}, cancel requested"
     print(f"job {job['id']}: {state}")
@@ -158,7 +167,7 @@ def cmd_cancel(a: argparse.Namespace) -> int:
 
 
 def cmd_result(a: argparse.Namespace) -> int:
-    with httpx.Client(base_url=a.url, timeout=httpx.Timeout(30.0, read=300.0)) as c:
+    with httpx.Client(base_url=a.url, timeout=httpx.Timeout(30.0, read=300.0), headers=auth_headers(a)) as c:
         path, size = save_result(c, a.id, a.out, a.index)
     print(f"saved {path} ({size} bytes)", file=sys.stderr)
     print(path)
@@ -167,6 +176,7 @@ def cmd_result(a: argparse.Namespace) -> int:
 
 def add_parsers(sub, url_default: str, formatter: type) -> None:
     url_help = "server URL (default: $GENSERVE_URL or http://127.0.0.1:8000)"
+    key_help = "sent as a Bearer token (default: $GENSERVE_API_KEY)"
     j = sub.add_parser("jobs", help="list recent jobs, newest first", formatter_class=formatter,
                        description="List recent jobs, newest first.",
                        epilog="examples:\n  genserve jobs\n  genserve jobs --status queued --model demo-image\n"
@@ -176,12 +186,14 @@ def add_parsers(sub, url_default: str, formatter: type) -> None:
     j.add_argument("-n", "--limit", type=int, default=50, help="at most this many jobs (1-1000, default 50)")
     j.add_argument("--json", action="store_true", help="print the job records as JSON")
     j.add_argument("--url", default=url_default, help=url_help)
+    j.add_argument("--api-key", help=key_help)
     j.set_defaults(func=cmd_jobs)
     c = sub.add_parser("cancel", help="cancel a job", formatter_class=formatter,
                        description="Cancel a queued or running job (a running one stops at its next step).",
                        epilog="example:\n  genserve cancel 0f3c…")
     c.add_argument("id", help="the job id")
     c.add_argument("--url", default=url_default, help=url_help)
+    c.add_argument("--api-key", help=key_help)
     c.set_defaults(func=cmd_cancel)
     r = sub.add_parser("result", help="download a finished job's output", formatter_class=formatter,
                        description="Download a succeeded job's output (PNG or MP4).",
@@ -190,4 +202,5 @@ def add_parsers(sub, url_default: str, formatter: type) -> None:
     r.add_argument("-o", "--out", metavar="FILE", help="output file (default: <job id>.png|.mp4)")
     r.add_argument("--index", type=int, default=0, help="which output, for jobs with several (default 0)")
     r.add_argument("--url", default=url_default, help=url_help)
+    r.add_argument("--api-key", help=key_help)
     r.set_defaults(func=cmd_result)
