@@ -5,20 +5,21 @@ anything starts. Past this module the rest of the code trusts its inputs.
 """
 from __future__ import annotations
 
-import base64
-import binascii
 import os
 import tomllib
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from . import family_config
+from . import config_env, family_config
+from .auth.settings import AccessConfig, AuthConfig, TenantConfig, parse_access, parse_cors_origins
 from .cluster.config import ClusterConfig, ResultsConfig, parse_cluster, parse_results
-from .config_error import ConfigError
-from .auth.settings import AccessConfig, parse_access, parse_cors_origins
+from .config_errors import Collector, ConfigError, unknown_key
+from .config_schema import NEVER, SIZE, Section
+from .config_values import _check_table, _float, _int, _seconds_or_never, _secret, _size, _type, parse_size  # noqa: F401 (parse_size: re-exported)
 from .demo_catalog import DEMO_SOURCES, DEMO_TOML
-from .engine.autoscale import Autoscaler, ScaleLimits
+from .engine.autoscale import POLICIES, Autoscaler, ScaleLimits
 from .engine.liveness import Liveness
 from .engine.placement import PLACEMENT
 from .engine.residency import RESIDENCY
@@ -201,47 +202,37 @@ class Config:
         return Path(m.source)
 
 
-def _type(key: str, value: Any, types: type | tuple[type, ...], what: str) -> Any:
-    if isinstance(value, bool) or not isinstance(value, types):
-        raise ConfigError(key, f"must be {what}, got {value!r}")
-    return value
-
-
-def _int(key: str, v: Any, lo: int, hi: int | None = None) -> int:
-    _type(key, v, int, "an integer")
-    if v < lo or (hi is not None and v > hi):
-        raise ConfigError(key, f"must be between {lo} and {hi}" if hi is not None else f"must be ≥ {lo}")
-    return v
-
-
-def _float(key: str, v: Any, lo: float) -> float:
-    _type(key, v, (int, float), "a number")
-    if v < lo:
-        raise ConfigError(key, f"must be ≥ {lo}")
-    return float(v)
-
-
-def parse_size(text: str) -> tuple[int, int]:
-    """'WxH' -> (W, H); raises ValueError."""
-    parts = str(text).lower().split("x")
-    if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
-        raise ValueError(f"{text!r} is not WIDTHxHEIGHT")
-    return int(parts[0]), int(parts[1])
-
-
-def _size(key: str, v: Any) -> tuple[int, int]:
-    _type(key, v, str, 'a "WIDTHxHEIGHT" string')
-    try:
-        w, h = parse_size(v)
-    except ValueError as e:
-        raise ConfigError(key, str(e)) from None
-    if w <= 0 or h <= 0:
-        raise ConfigError(key, "width and height must be positive")
-    return w, h
-
-
-_MODEL_KEYS = {f for f in ModelConfig.__dataclass_fields__ if f not in ("name", "family")} | set(family_config.KEYS)
-_SERVER_KEYS = set(ServerConfig.__dataclass_fields__)
+# The registry of top-level tables: known keys, unknown-section errors and the JSON Schema
+# (``genserve config schema``) all come from here. A new section: one entry, its parser, one call
+# in ``parse_config`` and one field on ``Config``.
+SECTIONS: dict[str, Section] = {
+    "server": Section(ServerConfig, title="server settings", overrides={
+        "residency": {"enum": sorted(RESIDENCY)}, "placement": {"enum": sorted(PLACEMENT)},
+        "idle_unload_s": NEVER, "webhook_secret": {"type": "string", "pattern": "^whsec_"},
+        "saturation": {"minimum": 0, "maximum": 1}, "port": {"minimum": 0, "maximum": 65535}}),
+    "models": Section(ModelConfig, keyed=True, exclude=("name", "family"), required=("kind", "source"), title="a model",
+                      extra={"true_cfg_scale": {"type": "number", "minimum": 0},
+                             "max_sequence_length": {"type": "integer", "minimum": 1, "maximum": 512}},
+                      overrides={"kind": {"enum": list(KINDS)}, "dtype": {"enum": list(DTYPES)},
+                                 "batching": {"enum": list(BATCHING_MODES)},
+                                 "sizes": {"type": "array", "items": SIZE}, "default_size": SIZE,
+                                 "idle_unload_s": NEVER, "fallback": {"type": "string"}}),
+    "prices": Section(open=True, values={"type": "number", "minimum": 0}, title="US$ per device-hour by device type"),
+    "autoscale": Section(AutoscaleConfig, exclude=("params",), title="autoscaling",
+                         overrides={"policy": {"enum": sorted(POLICIES)}},
+                         extra={k: {"type": "number", "minimum": 0} for k in AUTOSCALE_PARAMS}),
+    "faults": Section(FaultConfig, title="fault injection (tests only)"),
+    "cluster": Section(ClusterConfig, title="where workers run (docs/cluster.md)",
+                       overrides={"provider": {"enum": ["local", "ray"]}}),
+    "results": Section(ResultsConfig, title="where outputs are stored (docs/cluster.md)",
+                       overrides={"store": {"enum": ["local", "s3"]}, "serve": {"enum": ["redirect", "proxy"]}}),
+    "retention": Section(RetentionConfig, title="how long results and job records are kept (docs/operations.md)"),
+    "auth": Section(AuthConfig, title="API keys (docs/security.md)"),
+    "tenants": Section(TenantConfig, keyed=True, title="a tenant's limits and fair-share weight (docs/security.md)",
+                       overrides={"max_priority": {"enum": ["high", "standard", "low"]}}),
+}
+_MODEL_KEYS = SECTIONS["models"].known_keys()
+_SERVER_KEYS = SECTIONS["server"].known_keys()
 
 
 def _parse_model(name: str, raw: Any) -> ModelConfig:
@@ -309,18 +300,6 @@ def _parse_model(name: str, raw: Any) -> ModelConfig:
     return m
 
 
-def _check_table(key: str, raw: Any, known: set[str]) -> None:
-    _type(key, raw, dict, "a table")
-    unknown = sorted(set(raw) - known)
-    if unknown:
-        raise ConfigError(f"{key}.{unknown[0]}", "unknown key")
-
-
-def _seconds_or_never(key: str, v: Any) -> float:
-    """A duration ≥ 0, or "never" (stored as -1)."""
-    return -1.0 if v == "never" else _float(key, v, 0.0)
-
-
 def _parse_server(raw: Any) -> ServerConfig:
     _check_table("server", raw, _SERVER_KEYS)
     kw: dict[str, Any] = {}
@@ -372,19 +351,7 @@ def _parse_server(raw: Any) -> ServerConfig:
     return s
 
 
-def _secret(key: str, v: Any) -> str:
-    """A Standard Webhooks secret: ``whsec_`` + base64 of at least 24 random bytes."""
-    _type(key, v, str, 'a "whsec_…" string')
-    try:
-        raw = base64.b64decode(v.removeprefix("whsec_"), validate=True)
-    except (binascii.Error, ValueError):
-        raise ConfigError(key, "must be whsec_ followed by base64") from None
-    if not v.startswith("whsec_") or len(raw) < 24:
-        raise ConfigError(key, "must be whsec_ followed by base64 of at least 24 bytes")
-    return v
-
-
-_FAULT_KEYS = set(FaultConfig.__dataclass_fields__)
+_FAULT_KEYS = SECTIONS["faults"].known_keys()
 
 
 def _parse_faults(raw: Any, models: dict[str, ModelConfig]) -> FaultConfig:
@@ -419,43 +386,53 @@ def _parse_prices(raw: Any) -> dict[str, float]:
 
 
 def parse_config(data: dict[str, Any]) -> Config:
-    known = {"server", "models", "prices", "faults", "autoscale", "cluster", "results", "retention", "auth",
-             "tenants"}
-    unknown = sorted(set(data) - known)
-    if unknown:
-        raise ConfigError(unknown[0], "unknown section (expected [server], [prices], [autoscale], [models.NAME], "
-                                      "[faults], [cluster], [results], [retention], [auth], [tenants.NAME])")
-    server = _parse_server(data.get("server", {}))
+    """Every error in ``data`` at once (``ConfigErrors`` when there are several), each naming its key."""
+    c = Collector()
+    for name in sorted(set(data) - set(SECTIONS)):
+        c.add(unknown_key(name, name, SECTIONS, "unknown section (expected "
+                          + ", ".join(f"[{n}{'.NAME' if s.keyed else ''}]" for n, s in SECTIONS.items()) + ")"))
+    server = c.run("server", _parse_server, data.get("server", {}), ServerConfig())
     models_raw = data.get("models", {})
-    _type("models", models_raw, dict, "a table of models")
-    if not models_raw:
-        raise ConfigError("models", "at least one model is required")
-    models = {name: _parse_model(name, raw) for name, raw in models_raw.items()}
-    for name, m in models.items():
-        key = f"models.{name}.fallback"
-        if m.fallback is None:
-            continue
-        if m.fallback == name:
-            raise ConfigError(key, "a model cannot be its own fallback")
-        if m.fallback not in models:
-            raise ConfigError(key, f"unknown model {m.fallback!r}")
-        if models[m.fallback].kind != m.kind:
-            raise ConfigError(key, f"{m.fallback} is a {models[m.fallback].kind} model; {name} is {m.kind}")
-    faults = _parse_faults(data["faults"], models) if "faults" in data else None
-    autoscale = _parse_autoscale(data["autoscale"]) if "autoscale" in data else None
+    models: dict[str, ModelConfig] = {}
+    if not isinstance(models_raw, dict) or not models_raw:
+        c.add(ConfigError("models", "at least one model is required" if models_raw == {} else "must be a table of models"))
+    else:
+        for name, raw in models_raw.items():
+            if (m := c.run(f"models.{name}", lambda r, name=name: _parse_model(name, r), raw, None)) is not None:
+                models[name] = m
+        if len(models) == len(models_raw):  # else references to a broken model would be noise
+            _check_fallbacks(models, c)
+    faults = c.run("faults", lambda r: _parse_faults(r, models), data["faults"], None) if "faults" in data else None
+    autoscale = c.run("autoscale", _parse_autoscale, data["autoscale"], None) if "autoscale" in data else None
+    prices = c.run("prices", _parse_prices, data.get("prices", {}), dict(DEFAULT_PRICES))
+    cluster = c.run("cluster", parse_cluster, data.get("cluster", {}), ClusterConfig())
+    results = c.run("results", parse_results, data.get("results", {}), ResultsConfig())
+    retention = c.run("retention", _retention, data.get("retention", {}), RetentionConfig())
+    access = c.guard(lambda: parse_access(data, ConfigError), AccessConfig())
+    c.check()
+    return Config(server, models, prices, faults, autoscale, cluster, results, retention, access)
+
+
+def _retention(raw: Any) -> RetentionConfig:
     try:
-        retention = parse_retention(data.get("retention", {}))
+        return parse_retention(raw)
     except RetentionError as e:
         raise ConfigError(e.key, e.message) from None
-    return Config(server, models, _parse_prices(data.get("prices", {})), faults, autoscale,
-                  parse_cluster(data.get("cluster", {})), parse_results(data.get("results", {})), retention,
-                  access=parse_access(data, ConfigError))
+
+
+def _check_fallbacks(models: dict[str, ModelConfig], c: Collector) -> None:
+    for name, m in models.items():
+        key = f"models.{name}.fallback"
+        if m.fallback == name:
+            c.add(ConfigError(key, "a model cannot be its own fallback"))
+        elif m.fallback is not None and m.fallback not in models:
+            c.add(ConfigError(key, f"unknown model {m.fallback!r}"))
+        elif m.fallback is not None and models[m.fallback].kind != m.kind:
+            c.add(ConfigError(key, f"{m.fallback} is a {models[m.fallback].kind} model; {name} is {m.kind}"))
 
 
 def _parse_autoscale(raw: Any) -> AutoscaleConfig:
-    from .engine.autoscale import POLICIES
-
-    _check_table("autoscale", raw, set(AutoscaleConfig.__dataclass_fields__) - {"params"} | set(AUTOSCALE_PARAMS))
+    _check_table("autoscale", raw, SECTIONS["autoscale"].known_keys())
     kw: dict[str, Any] = {}
     if "policy" in raw:
         kw["policy"] = _type("autoscale.policy", raw["policy"], str, "a string")
@@ -500,17 +477,21 @@ def autoscaler(config: Config) -> Autoscaler | None:
     return Autoscaler(a.policy, limits, **a.params)
 
 
-def load_config(path: str | Path | None) -> Config:
-    """Read ``path``; with no path, the built-in demo catalog."""
+def load_config(path: str | Path | None, env: Mapping[str, str] | None = None) -> Config:
+    """Read ``path`` (``None``: the built-in demo catalog), apply ``GENSERVE_A__B`` overrides from
+    ``env`` (default: the process environment; see config_env) and validate. Commands pass
+    ``config_env.find_config(--config)`` to honour ``./genserve.toml`` and ``$GENSERVE_CONFIG``."""
     if path is None:
-        return parse_config(tomllib.loads(DEMO_TOML))
-    path = Path(path)
+        data = tomllib.loads(DEMO_TOML)
+    else:
+        try:
+            data = tomllib.loads(Path(path).read_text())
+        except OSError as e:
+            raise ConfigError(str(path), f"cannot read config file: {e.strerror}") from None
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(str(path), f"invalid TOML: {e}") from None
+    origin = config_env.apply(data, config_env.overrides(env))
     try:
-        text = path.read_text()
-    except OSError as e:
-        raise ConfigError(str(path), f"cannot read config file: {e.strerror}") from None
-    try:
-        data = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as e:
-        raise ConfigError(str(path), f"invalid TOML: {e}") from None
-    return parse_config(data)
+        return parse_config(data)
+    except ConfigError as e:
+        raise config_env.blame(e, origin) from None

@@ -1,5 +1,7 @@
-"""The dashboard in headless Chromium against the live server, after jobs ran: charts hold data
-points, the job table lists those jobs. The screenshot lands in test-artifacts/dashboard.png."""
+"""The dashboard and the API docs in headless Chromium against the live server. Dashboard (after
+jobs ran): uPlot charts hold data points, have time axes and show values on hover; the job table
+lists those jobs. /docs and /redoc render from the package's own assets. Nothing is loaded from
+another host. Screenshots land in test-artifacts/ (dashboard.png, docs.png, redoc.png)."""
 import os
 import shutil
 import tempfile
@@ -63,14 +65,25 @@ def test_dashboard_shows_live_data_in_chromium(browser, obs_client):
     except AssertionError as e:
         status = page("return document.getElementById('status').textContent")
         raise AssertionError(f"{e}; dashboard status: {status}") from None
-    charts = page("""return Array.from(document.querySelectorAll('.chart svg')).map(
-        s => [s.parentElement.id, Number(s.dataset.points), Number(s.dataset.max), s.querySelectorAll('circle.pt').length])""")
+    charts = page("""return Array.from(document.querySelectorAll('.chart')).map(f => [f.id, Number(f.dataset.points),
+        Number(f.dataset.max), f.querySelectorAll('.uplot canvas').length, f.querySelectorAll('.u-axis').length])""")
     by_id = {c[0]: c[1:] for c in charts}
     assert len(by_id) == 7, charts
-    for cid, (points, _max, circles) in by_id.items():
-        assert points > 0 and circles == points, (cid, points, circles)
+    for cid, (points, _max, canvases, axes) in by_id.items():
+        assert points > 0 and canvases >= 1 and axes == 2, (cid, points, canvases, axes)
     assert by_id["chart-throughput"][1] > 0 and by_id["chart-latency"][1] > 0 and by_id["chart-utilization"][1] > 0
     assert by_id["chart-cost"][1] > 0
+    # The time axis has tick labels, and hovering shows the values under the cursor in the legend.
+    # (uPlot draws tick labels on the canvas; its instance keeps the labels it drew.)
+    ticks = page("return window.genservePlots['chart-queue'].axes[0]._values")
+    assert len(ticks) >= 2 and all(":" in str(t) for t in ticks), ticks  # wall-clock times: 11:36, 11:37, …
+    from selenium.webdriver.common.action_chains import ActionChains
+
+    ActionChains(browser).move_to_element(browser.find_element("css selector", "#chart-throughput .u-over")).perform()
+    legend = wait_until(lambda: (lambda v: v if v[0] not in ("--", "") else None)(
+        page("return Array.from(document.querySelectorAll('#chart-throughput .u-legend .u-value')).map(v => v.textContent)")),
+        10, what="hover values in the legend")
+    assert len(legend) == 2 and legend[1] not in ("--", ""), legend
     rows = page("return Array.from(document.querySelectorAll('#jobs tbody tr')).map(r => r.dataset.jobId)")
     assert set(ran) <= set(rows), (ran, rows)
     bars = page(f"""return document.querySelector('#jobs tr[data-job-id="{ran[0]}"] .bar').children.length""")
@@ -83,3 +96,31 @@ def test_dashboard_shows_live_data_in_chromium(browser, obs_client):
     shot = ARTIFACTS / "dashboard.png"
     browser.save_screenshot(str(shot))
     assert shot.stat().st_size > 10_000
+    assert_no_outside_requests(browser, base)
+
+
+def assert_no_outside_requests(browser, base: str) -> None:
+    """Every resource the page loaded came from the server itself."""
+    urls = browser.execute_script("return performance.getEntriesByType('resource').map(e => e.name)")
+    assert urls and all(u.startswith(base + "/") for u in urls), urls
+
+
+@pytest.mark.parametrize("path, ready", [
+    ("/docs", "return document.querySelectorAll('.swagger-ui .opblock').length"),
+    ("/redoc", "return document.querySelectorAll('[data-section-id]').length"),
+])
+def test_api_docs_render_offline(browser, obs_client, path, ready):
+    base = str(obs_client.base_url).rstrip("/")
+    r = obs_client.get(path)
+    html = r.text
+    assert "cdn.jsdelivr" not in html and "fonts.googleapis" not in html and "/static/" in html
+    assert "img-src 'self'" in r.headers["content-security-policy"]
+    browser.get(base + path)
+    count = wait_until(lambda: browser.execute_script(ready), 60, what=f"{path} to render", every=0.2)
+    text = browser.execute_script("return document.body.innerText")
+    assert count >= 5 and "/v1/jobs" in text, (count, text[:300])
+    ARTIFACTS.mkdir(exist_ok=True)
+    shot = ARTIFACTS / f"{path.strip('/')}.png"
+    browser.save_screenshot(str(shot))
+    assert shot.stat().st_size > 10_000
+    assert_no_outside_requests(browser, base)

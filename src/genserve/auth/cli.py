@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from pathlib import Path
@@ -10,9 +9,10 @@ from pathlib import Path
 
 def _data_dir(a: argparse.Namespace) -> Path | None:
     from ..config import ConfigError, load_config
+    from ..config_env import find_config
 
     try:
-        config = load_config(a.config or os.environ.get("GENSERVE_CONFIG")).with_overrides(data_dir=a.data_dir)
+        config = load_config(find_config(a.config)).with_overrides(data_dir=a.data_dir)
     except ConfigError as e:
         print(f"genserve: invalid config: {e}", file=sys.stderr)
         return None
@@ -55,21 +55,31 @@ def cmd_keys(a: argparse.Namespace) -> int:
 
 
 def add_parsers(sub) -> None:
-    k = sub.add_parser("keys", help="create, list and revoke API keys (stored hashed in the data directory)")
+    fmt = argparse.RawDescriptionHelpFormatter
+    k = sub.add_parser("keys", help="create, list and revoke API keys (stored hashed in the data directory)",
+                       formatter_class=fmt, description="Create, list and revoke API keys.",
+                       epilog="examples:\n  genserve keys create --tenant acme\n"
+                              "  genserve keys create --tenant ops --scope admin --name on-call\n"
+                              "  genserve keys list\n  genserve keys revoke KEY_ID")
     ks = k.add_subparsers(dest="keys_cmd", required=True)
 
     def common(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--config", help="genserve.toml whose data directory holds the keys")
+        p.add_argument("--config", metavar="FILE",
+                       help="genserve.toml whose data directory holds the keys (default: ./genserve.toml, else "
+                            "$GENSERVE_CONFIG)")
         p.add_argument("--data-dir", help="the server's data directory (overrides the config)")
         p.set_defaults(func=cmd_keys)
 
-    c = ks.add_parser("create", help="create a key; it is printed once, as the last line")
+    c = ks.add_parser("create", help="create a key; it is printed once, as the last line",
+                      description="Create a key for a tenant. The key is printed once, as the last line: store it.")
     c.add_argument("--tenant", required=True, help="the tenant its jobs belong to")
     c.add_argument("--scope", choices=["jobs", "admin"], default="jobs",
                    help="jobs: submit and read the tenant's own jobs; admin: everything")
     c.add_argument("--name", help="a label for `keys list`")
     common(c)
-    common(ks.add_parser("list", help="list keys (never the keys themselves)"))
-    r = ks.add_parser("revoke", help="revoke a key by id")
-    r.add_argument("key_id")
+    common(ks.add_parser("list", help="list keys (never the keys themselves)",
+                         description="List keys: id, tenant, scope, name, created, revoked (never the keys)."))
+    r = ks.add_parser("revoke", help="revoke a key by id",
+                      description="Revoke a key by id; a running server refuses it from its next request.")
+    r.add_argument("key_id", help="the id `genserve keys list` shows")
     common(r)

@@ -26,6 +26,7 @@ from .events import RECONNECT
 from . import auth
 from .auth import principal, visible
 from .jobstore import STAGES
+from .docs_assets import mount_docs
 from .observability_api import observability_router
 from .openapi import install_openapi
 from .runtime import QueueFull, Runtime
@@ -104,8 +105,9 @@ def create_app(config: Config, runtime: Runtime | None = None) -> FastAPI:
             await rt.close()
             keys.close()
 
-    app = FastAPI(title="genserve", version="0.1.0", lifespan=lifespan,
+    app = FastAPI(title="genserve", version="0.1.0", lifespan=lifespan, docs_url=None, redoc_url=None,
                   description="Self-hosted inference for image and video diffusion models.")
+    mount_docs(app)
     app.state.runtime = rt
     auth.install(app, keys, config.access, config.server.cors_origins)
     install_openapi(app, config.models)
@@ -222,17 +224,18 @@ def create_app(config: Config, runtime: Runtime | None = None) -> FastAPI:
                             headers={} if created else {"Idempotent-Replayed": "true"})
 
     @app.get("/v1/jobs", tags=["jobs"])
-    async def list_jobs(request: Request, limit: int = 50, tenant: str | None = None,
-                        who: Principal = Depends(principal)):
+    async def list_jobs(request: Request, limit: int = 50, tenant: str | None = None, status: JobStatus | None = None,
+                        model: str | None = None, who: Principal = Depends(principal)):
         """The most recent jobs, newest first: the caller's tenant's (an admin key: every tenant's,
-        or ``tenant``'s)."""
+        or ``tenant``'s); ``status`` and ``model`` filter them."""
         if not 1 <= limit <= 1000:
             raise RequestError("limit", "must be between 1 and 1000")
         if not who.admin:
             if tenant is not None and tenant != who.tenant:
                 raise RequestError("tenant", f"no tenant {tenant!r}", status=404, code="not_found")
             tenant = who.tenant
-        return {"object": "list", "data": [job_view(j, str(request.base_url)) for j in jobs.recent(limit, tenant)]}
+        found = jobs.recent(limit, tenant, status=status, model=model)
+        return {"object": "list", "data": [job_view(j, str(request.base_url)) for j in found]}
 
     @app.get("/v1/jobs/{job_id}", tags=["jobs"])
     async def get_job(job_id: str, request: Request, who: Principal = Depends(principal)):

@@ -135,13 +135,15 @@ class JobStore:
         ).fetchall()
         return [_decode(r) for r in rows]
 
-    def recent(self, limit: int = 50, tenant: str | None = None) -> list[dict[str, Any]]:
-        """The newest jobs: of ``tenant``, or of every tenant (None)."""
-        if tenant is None:
-            rows = self.db.execute("SELECT * FROM jobs ORDER BY t_received DESC LIMIT ?", (limit,)).fetchall()
-        else:
-            rows = self.db.execute("SELECT * FROM jobs WHERE tenant = ? ORDER BY t_received DESC LIMIT ?",
-                                   (tenant, limit)).fetchall()
+    def recent(self, limit: int = 50, tenant: str | None = None, status: str | None = None,
+               model: str | None = None) -> list[dict[str, Any]]:
+        """The newest jobs first: of ``tenant`` (None: every tenant's), optionally only those in
+        ``status`` / for ``model``."""
+        conds = [(c, v) for c, v in (("tenant = ?", tenant), ("status = ?", status), ("model = ?", model))
+                 if v is not None]
+        where = " AND ".join(c for c, _ in conds)
+        rows = self.db.execute(f"SELECT * FROM jobs {'WHERE ' + where if where else ''} ORDER BY t_received DESC "
+                               "LIMIT ?", (*[v for _, v in conds], limit)).fetchall()
         return [_decode(r) for r in rows]
 
     def usage(self, since: float, tenant: str | None = None) -> list[dict[str, Any]]:

@@ -26,10 +26,23 @@ def cmd_simulate(a: argparse.Namespace) -> int:
     except ConfigError as e:
         print(f"genserve: invalid scenario: {e}", file=sys.stderr)
         return 2
+    from tqdm import tqdm
+
     summaries, results = [], []
     for name, sc in runs:
         t0 = time.perf_counter()
-        r = simulate(sc)
+        # Simulated seconds as the bar's unit: the run ends at the scenario's duration, or earlier
+        # when a request cap is reached (the bar then closes short of full).
+        bar = tqdm(total=round(sc.duration_s), unit="sim s", desc=name, file=sys.stderr, disable=a.quiet,
+                   mininterval=0.5, leave=False)
+
+        def progress(now: float, requests: int) -> None:
+            bar.n = min(round(now), bar.total)
+            bar.set_postfix(requests=requests, refresh=False)
+            bar.refresh()
+
+        r = simulate(sc, progress)
+        bar.close()
         wall = time.perf_counter() - t0
         x = report.summarize(r)
         x["wall_s"] = wall
@@ -75,16 +88,22 @@ def cmd_trace_export(a: argparse.Namespace) -> int:
 
 
 def add_parsers(sub) -> None:
-    s = sub.add_parser("simulate", help="run a scenario through the real engine on simulated devices")
-    s.add_argument("scenario")
+    s = sub.add_parser("simulate", help="run a scenario through the real engine on simulated devices",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description="Run a scenario (TOML) through the production engine on simulated devices.",
+                       epilog="examples:\n  genserve simulate benchmarks/sim_1m.toml --requests 100000\n"
+                              "  genserve simulate scenario.toml --compare --json out.json --plot out.png")
+    s.add_argument("scenario", help="scenario file (see docs/simulator.md)")
     s.add_argument("--compare", action="store_true", help="also run the scenario's [[compare]] variants")
     s.add_argument("--json", help="write the summaries here")
     s.add_argument("--plot", help="write a PNG: queue depth, devices, latency over time")
     s.add_argument("--requests", type=int, help="cap the number of requests")
+    s.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
     s.set_defaults(func=cmd_simulate)
-    t = sub.add_parser("trace", help="traces of the job store")
+    t = sub.add_parser("trace", help="traces of the job store", description="Traces of the job store.")
     tsub = t.add_subparsers(dest="trace_cmd", required=True)
-    e = tsub.add_parser("export", help="export the job store's requests as a replayable trace")
-    e.add_argument("--data-dir", default="genserve-data")
-    e.add_argument("-o", "--output", default="-")
+    what = "export the job store's requests as a replayable trace (JSON lines)"
+    e = tsub.add_parser("export", help=what, description=what)
+    e.add_argument("--data-dir", default="genserve-data", help="the server's data directory (default genserve-data)")
+    e.add_argument("-o", "--output", default="-", help="JSON-lines file (default: stdout)")
     e.set_defaults(func=cmd_trace_export)

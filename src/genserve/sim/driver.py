@@ -10,6 +10,7 @@ from __future__ import annotations
 import heapq
 import math
 import random
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from typing import assert_never
@@ -86,8 +87,9 @@ class SimResult:
 
 
 class Simulator:
-    def __init__(self, scenario: Scenario) -> None:
+    def __init__(self, scenario: Scenario, progress: Callable[[float, int], None] | None = None) -> None:
         self.s = scenario
+        self.progress = progress  # called at each sample with (simulated now, requests so far)
         self.engine = Engine(scenario.engine_settings())
         self.rng = random.Random(scenario.seed + 7919)
         self.heap: list[tuple[float, int, int, object]] = []
@@ -314,6 +316,8 @@ class Simulator:
                         self._crash(dev, now)
                 elif kind == SAMPLE:
                     self._sample(now)
+                    if self.progress is not None:
+                        self.progress(now, len(self.jobs))
                     if nxt is not None or eng.has_pending():
                         self.push(now + sample_every, SAMPLE, None)
             self.execute(eng.step(now), now)
@@ -336,5 +340,5 @@ class Simulator:
 _PRIORITY = {"high": Priority.HIGH, "standard": Priority.STANDARD, "low": Priority.LOW}
 
 
-def simulate(scenario: Scenario) -> SimResult:
-    return Simulator(scenario).run()
+def simulate(scenario: Scenario, progress: Callable[[float, int], None] | None = None) -> SimResult:
+    return Simulator(scenario, progress).run()

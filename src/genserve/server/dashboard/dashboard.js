@@ -1,10 +1,8 @@
-// genserve dashboard: polls the server's own JSON endpoints and draws SVG charts by hand.
-// No external assets, so it works offline. Each chart's <svg> carries data-points (non-empty
-// points drawn) and data-max (largest value) so tests and curious people can read it back.
+// genserve dashboard: polls the server's own JSON endpoints and draws the charts with uPlot.
+// Every asset is served by genserve itself (/dashboard, /static), so it works offline.
 "use strict";
 
 const REFRESH_MS = 2000;
-const SVG = "http://www.w3.org/2000/svg";
 const COLORS = ["#3e7bfa", "#f0b429", "#d64545", "#2bb673"];
 
 const CHARTS = {
@@ -18,7 +16,7 @@ const CHARTS = {
 };
 
 function el(tag, attrs, text) {
-  const e = tag.startsWith("svg:") ? document.createElementNS(SVG, tag.slice(4)) : document.createElement(tag);
+  const e = document.createElement(tag);
   for (const [k, v] of Object.entries(attrs || {})) e.setAttribute(k, v);
   if (text !== undefined) e.textContent = text;
   return e;
@@ -32,45 +30,43 @@ function fmt(v, digits) {
 
 function fmtS(v) { return v === null || v === undefined ? "–" : fmt(v, v < 10 ? 3 : 1) + "s"; }
 
-// One line chart: series = [{name, values: [[t, v|null], ...]}]. Null values break the line.
-function drawChart(fig, series) {
+// One time-series chart per figure, drawn by uPlot (vendored under /static/uplot: time axis,
+// gridlines, a legend with the values under the cursor). series = [{name, values: [v|null, ...]}]
+// over the shared timestamps ``ts`` (unix seconds); nulls break the line. The figure carries
+// data-points (non-null points) and data-max (largest value) so tests can read the data back.
+// A time tick as the local wall clock: 14:05, or 14:05:30 when ticks are less than a minute apart.
+function clock(t, incr) {
+  const opts = incr < 60 ? {hour: "2-digit", minute: "2-digit", second: "2-digit"} : {hour: "2-digit", minute: "2-digit"};
+  return new Date(t * 1000).toLocaleTimeString([], {...opts, hour12: false});
+}
+
+const plots = window.genservePlots = {};  // exposed for tests: the uPlot instances by figure id
+
+function drawChart(fig, ts, series) {
+  const vals = series.flatMap(s => s.values.filter(v => v !== null && v !== undefined));
+  fig.dataset.points = String(vals.length);
+  fig.dataset.max = String(vals.length ? Math.max(...vals) : 0);
+  const data = [ts, ...series.map(s => s.values)];
+  const width = Math.max(280, fig.clientWidth - 16);
+  let u = plots[fig.id];
+  if (u && u.series.length === series.length + 1) {
+    if (Math.abs(u.width - width) > 4) u.setSize({width, height: u.height});
+    u.setData(data);
+    return;
+  }
+  if (u) u.destroy();
   fig.replaceChildren(el("figcaption", {}, fig.dataset.title));
-  const W = 320, H = 150, L = 38, R = 6, T = 8, B = 18;
-  const svg = el("svg:svg", {viewBox: `0 0 ${W} ${H}`, preserveAspectRatio: "none"});
-  const all = series.flatMap(s => s.values.filter(p => p[1] !== null));
-  const ts = series.flatMap(s => s.values.map(p => p[0]));
-  const t0 = Math.min(...ts), t1 = Math.max(...ts);
-  const vmax = all.length ? Math.max(...all.map(p => p[1])) : 0;
-  const top = vmax > 0 ? vmax * 1.1 : 1;
-  const x = t => L + (t1 > t0 ? (t - t0) / (t1 - t0) : 0.5) * (W - L - R);
-  const y = v => H - B - (v / top) * (H - T - B);
-  svg.append(el("svg:line", {class: "axis", x1: L, y1: H - B, x2: W - R, y2: H - B}),
-             el("svg:line", {class: "axis", x1: L, y1: T, x2: L, y2: H - B}),
-             el("svg:text", {x: 2, y: T + 8}, fmt(top, top < 10 ? 2 : 0)),
-             el("svg:text", {x: 2, y: H - B}, "0"),
-             el("svg:text", {x: L, y: H - 4}, ts.length ? `−${Math.round(t1 - t0)}s` : ""),
-             el("svg:text", {x: W - R - 18, y: H - 4}, "now"));
-  series.forEach((s, i) => {
-    const color = COLORS[i % COLORS.length];
-    let d = "", pen = "M";
-    for (const [t, v] of s.values) {
-      if (v === null) { pen = "M"; continue; }
-      d += `${pen}${x(t).toFixed(1)},${y(v).toFixed(1)} `;
-      pen = "L";
-      svg.append(el("svg:circle", {class: "pt", cx: x(t).toFixed(1), cy: y(v).toFixed(1), r: 1.8, fill: color}));
-    }
-    if (d) svg.append(el("svg:path", {class: "line", d, stroke: color}));
-  });
-  svg.dataset.points = String(all.length);
-  svg.dataset.max = String(vmax);
-  fig.append(svg);
-  const keys = el("div");
-  series.forEach((s, i) => {
-    const last = [...s.values].reverse().find(p => p[1] !== null);
-    keys.append(el("span", {class: "key", style: `color:${COLORS[i % COLORS.length]}`},
-                   `■ ${s.name} ${last ? fmt(last[1]) : "–"}`));
-  });
-  fig.append(keys);
+  u = plots[fig.id] = new uPlot({
+    width, height: 170,
+    scales: {x: {time: true}, y: {range: (self, lo, hi) => [0, hi > 0 ? hi * 1.1 : 1]}},
+    series: [{label: "time"}, ...series.map((s, i) => ({
+      label: s.name, stroke: COLORS[i % COLORS.length], width: 1.6, spanGaps: false,
+      points: {show: true, size: 4}, value: (self, v) => fmt(v),
+    }))],
+    axes: [{grid: {stroke: "#e6e8ef"}, space: 45, values: (self, ticks, _i, _space, incr) => ticks.map(t => clock(t, incr))}, {size: 52, grid: {stroke: "#e6e8ef"}, values: (self, ticks) => ticks.map(v => fmt(v, v < 10 ? 2 : 0))}],
+    cursor: {points: {show: true}},
+    legend: {live: true},
+  }, data, fig);
 }
 
 function tile(label, value) {
@@ -124,9 +120,10 @@ async function refresh() {
     getJSON(`/v1/stats/series?window=${win}&step=${step}`), getJSON(`/v1/stats?window=${win}`),
     getJSON("/v1/workers"), getJSON("/v1/jobs?limit=25"),
   ]);
+  const ts = series.points.map(p => p.t);
   for (const [id, fields] of Object.entries(CHARTS)) {
-    drawChart(document.getElementById(id),
-              fields.map(([f, name]) => ({name, values: series.points.map(p => [p.t, p[f]])})));
+    drawChart(document.getElementById(id), ts,
+              fields.map(([f, name]) => ({name, values: series.points.map(p => p[f])})));
   }
   const o = stats.overall;
   document.getElementById("tiles").replaceChildren(
