@@ -21,6 +21,7 @@ from .engine.residency import RESIDENCY
 from .engine.settings import ENGINE_KEYS, EngineSettings
 from .engine.settings import engine_settings as build_engine_settings
 from .engine.types import ModelLimits
+from .netconfig import HttpConfig, WebhookPolicy, parse_http, parse_webhooks
 
 KINDS = ("image", "video")
 DTYPES = ("auto", "float32", "float16", "bfloat16")
@@ -171,6 +172,8 @@ class Config:
     prices: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_PRICES))
     faults: FaultConfig | None = None
     autoscale: AutoscaleConfig | None = None
+    http: HttpConfig = field(default_factory=HttpConfig)  # [http]: body limit, public URL (netconfig.py)
+    webhooks: WebhookPolicy = field(default_factory=WebhookPolicy)  # [webhooks]: SSRF allowlist
 
     def with_overrides(self, **kw: Any) -> "Config":
         kw = {k: v for k, v in kw.items() if v is not None}
@@ -403,9 +406,9 @@ def _parse_prices(raw: Any) -> dict[str, float]:
 
 
 def parse_config(data: dict[str, Any]) -> Config:
-    unknown = sorted(set(data) - {"server", "models", "prices", "faults", "autoscale"})
+    unknown = sorted(set(data) - {"server", "models", "prices", "faults", "autoscale", "http", "webhooks"})
     if unknown:
-        raise ConfigError(unknown[0], "unknown section (expected [server], [prices], [autoscale], [models.NAME], [faults])")
+        raise ConfigError(unknown[0], "unknown section (expected [server], [prices], [autoscale], [http], [webhooks], [models.NAME], [faults])")
     server = _parse_server(data.get("server", {}))
     models_raw = data.get("models", {})
     _type("models", models_raw, dict, "a table of models")
@@ -424,7 +427,11 @@ def parse_config(data: dict[str, Any]) -> Config:
             raise ConfigError(key, f"{m.fallback} is a {models[m.fallback].kind} model; {name} is {m.kind}")
     faults = _parse_faults(data["faults"], models) if "faults" in data else None
     autoscale = _parse_autoscale(data["autoscale"]) if "autoscale" in data else None
-    return Config(server, models, _parse_prices(data.get("prices", {})), faults, autoscale)
+    try:
+        http, webhooks = parse_http(data.get("http", {})), parse_webhooks(data.get("webhooks", {}))
+    except ValueError as e:
+        raise ConfigError(getattr(e, "key", "http"), getattr(e, "message", str(e))) from None
+    return Config(server, models, _parse_prices(data.get("prices", {})), faults, autoscale, http, webhooks)
 
 
 def _parse_autoscale(raw: Any) -> AutoscaleConfig:

@@ -7,12 +7,11 @@ import json
 import random
 import time
 from contextlib import asynccontextmanager
-from typing import Any, Literal
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..config import Config, parse_size
@@ -20,44 +19,12 @@ from ..engine import ErrorCode, is_retryable
 from ..requests import MAX_SEED, RequestError, validate
 from ..status import JobStatus, is_terminal
 from .jobstore import STAGES
+from .limits import BodyLimit, allowed_methods, base_url
 from .observability_api import observability_router
 from .runtime import QueueFull, Runtime
+from .schemas import ImageGenerationRequest, JobRequest, LoadRequest
 from .stats import breakdown
 from .views import Control, FleetView, JobReader
-
-
-class JobRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    model: str
-    prompt: str
-    negative_prompt: str | None = None
-    width: int | None = None
-    height: int | None = None
-    num_frames: int | None = None
-    steps: int | None = None
-    guidance: float | None = None
-    seed: int | None = None
-    priority: Literal["high", "standard", "low"] = "standard"
-    id: str | None = Field(default=None, min_length=1, max_length=128, description="client-supplied id (idempotency key)")
-    timeout_s: float | None = Field(default=None, description="deadline in seconds from submission (≤ the model's timeout_s)")
-    webhook: str | None = Field(default=None, max_length=2048, description="URL for signed job events (Standard Webhooks)")
-    webhook_events: list[Literal["started", "progress", "completed"]] | None = None
-
-
-class ImageGenerationRequest(BaseModel):
-    """OpenAI Images API body. Fields we do not use (quality, style, user, …) are accepted and ignored."""
-
-    model_config = ConfigDict(extra="allow")
-    prompt: str
-    model: str | None = None
-    n: int = 1
-    size: str | None = None
-    response_format: Literal["url", "b64_json"] = "url"
-
-
-class LoadRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    worker: str | None = Field(default=None, description="a worker id; default: wherever it fits")
 
 
 def error(status: int, field: str | None, message: str, code: str = "invalid_request",
@@ -87,6 +54,10 @@ def create_app(config: Config, runtime: Runtime | None = None) -> FastAPI:
     app = FastAPI(title="genserve", version="0.1.0", lifespan=lifespan,
                   description="Self-hosted inference for image and video diffusion models.")
     app.state.runtime = rt
+    app.add_middleware(BodyLimit, max_bytes=config.http.max_body_bytes)
+
+    def base(request: Request) -> str:
+        return base_url(request.scope, config.http)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_req: Request, exc: RequestValidationError):
@@ -95,14 +66,18 @@ def create_app(config: Config, runtime: Runtime | None = None) -> FastAPI:
         if err.get("type") == "json_invalid":
             return error(400, "body", "malformed JSON: " + err.get("ctx", {}).get("error", err.get("msg", "")))
         field = ".".join(loc) or "body"
-        msg = err.get("msg", "invalid")
+        msg = err.get("msg", "invalid").removeprefix("Value error, ")
         if err.get("type") == "extra_forbidden":
             msg = "unknown field"
         return error(400, field, msg)
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http(_req: Request, exc: StarletteHTTPException):
-        return error(exc.status_code, None, str(exc.detail), code="not_found" if exc.status_code == 404 else "http_error")
+    async def _http(req: Request, exc: StarletteHTTPException):
+        headers = getattr(exc, "headers", None)
+        if exc.status_code == 405:
+            headers = {**(headers or {}), "Allow": allowed_methods(app.router.routes, req.scope)}
+        return error(exc.status_code, None, str(exc.detail), code="not_found" if exc.status_code == 404 else "http_error",
+                     headers=headers)
 
     @app.exception_handler(RequestError)
     async def _request_error(_req: Request, exc: RequestError):
@@ -125,7 +100,7 @@ def create_app(config: Config, runtime: Runtime | None = None) -> FastAPI:
                 "cancel": f"{base}v1/jobs/{jid}/cancel", "result": f"{base}v1/jobs/{jid}/result"}
         step = control.progress(jid)
         if job["status"] == JobStatus.SUCCEEDED:
-            step = (job["params"]["steps"], job["params"]["steps"])
+            step = (job["params"].get("steps"), job["params"].get("steps"))
         stages = breakdown(job)
         return {
             "id": jid, "object": "job", "client_id": job["client_id"], "model": job["model"],
@@ -140,7 +115,7 @@ def create_app(config: Config, runtime: Runtime | None = None) -> FastAPI:
                                                "message", "started", "ended")},
                           "duration_s": round(a["ended"] - a["started"], 4) if a["ended"] is not None else None}
                          for a in jobs.attempts(jid)],
-            "webhook": {"url": job["params"]["webhook"], "events": job["params"]["webhook_events"],
+            "webhook": {"url": job["params"]["webhook"], "events": job["params"].get("webhook_events", ["completed"]),
                         "deliveries": jobs.deliveries(jid)} if job["params"].get("webhook") else None,
             "batch": {"id": job["batch_id"], "size": job["batch_size"], "worker": job["worker"]} if job["batch_id"] else None,
             "timestamps": ts,
@@ -150,8 +125,8 @@ def create_app(config: Config, runtime: Runtime | None = None) -> FastAPI:
             "breakdown": {f"{k}_s": None if v is None else round(v, 4) for k, v in stages.items()},
             # the job's share of its batch's device time, and its price; set when the batch ends
             "cost": {"device_seconds": job["device_seconds"], "usd": job["cost_usd"], "device_type": job["device_type"]},
-            "results": [{"url": urls["result"] + (f"?index={i}" if i else ""), "content_type": r["content_type"],
-                         "bytes": r["bytes"]} for i, r in enumerate(job["results"])],
+            "results": [{"url": urls["result"] + (f"?index={i}" if i else ""), "content_type": r.get("content_type"),
+                         "bytes": r.get("bytes")} for i, r in enumerate(job["results"])],
             "urls": urls,
         }
 
@@ -169,12 +144,12 @@ def create_app(config: Config, runtime: Runtime | None = None) -> FastAPI:
         if body.id is not None:
             existing = jobs.get_by_client_id(body.id)
             if existing is not None:
-                same = dict(params.to_dict(), seed=existing["params"]["seed"] if body.seed is None else params.seed)
+                same = dict(params.to_dict(), seed=existing["params"].get("seed") if body.seed is None else params.seed)
                 if same != existing["params"]:
                     raise RequestError("id", "already used for a job with different parameters", status=409, code="conflict")
         job, created = control.submit(params, body.id)
         control.kick()
-        return JSONResponse(job_view(jobs.get(job["id"]), str(request.base_url)), status_code=202,
+        return JSONResponse(job_view(jobs.get(job["id"]), base(request)), status_code=202,
                             headers={} if created else {"Idempotent-Replayed": "true"})
 
     @app.get("/v1/jobs", tags=["jobs"])
@@ -182,18 +157,18 @@ def create_app(config: Config, runtime: Runtime | None = None) -> FastAPI:
         """The most recent jobs, newest first."""
         if not 1 <= limit <= 1000:
             raise RequestError("limit", "must be between 1 and 1000")
-        return {"object": "list", "data": [job_view(j, str(request.base_url)) for j in jobs.recent(limit)]}
+        return {"object": "list", "data": [job_view(j, base(request)) for j in jobs.recent(limit)]}
 
     @app.get("/v1/jobs/{job_id}", tags=["jobs"])
     async def get_job(job_id: str, request: Request):
-        return job_view(get_job_or_404(job_id), str(request.base_url))
+        return job_view(get_job_or_404(job_id), base(request))
 
     @app.post("/v1/jobs/{job_id}/cancel", tags=["jobs"])
     async def cancel_job(job_id: str, request: Request):
         get_job_or_404(job_id)
         job = control.cancel(job_id)
         control.kick()
-        return job_view(job, str(request.base_url))
+        return job_view(job, base(request))
 
     @app.get("/v1/jobs/{job_id}/result", tags=["jobs"])
     async def get_result(job_id: str, index: int = 0):
@@ -204,13 +179,18 @@ def create_app(config: Config, runtime: Runtime | None = None) -> FastAPI:
         if not 0 <= index < len(job["results"]):
             raise RequestError("index", f"must be between 0 and {len(job['results']) - 1}", status=404, code="not_found")
         ref = job["results"][index]
-        path = results.local_path(ref["key"])
-        return FileResponse(path, media_type=ref["content_type"], filename=f"{job_id}-{path.name}")
+        try:
+            path = results.local_path(ref["key"])
+        except (KeyError, TypeError, ValueError):  # a record no version of this server should have written
+            path = None
+        if path is None or not path.is_file():
+            raise RequestError("index", "the job's result is no longer available", status=404, code="not_found")
+        return FileResponse(path, media_type=ref.get("content_type"), filename=f"{job_id}-{path.name}")
 
     @app.get("/v1/jobs/{job_id}/events", tags=["jobs"])
     async def job_events(job_id: str, request: Request):
         job = get_job_or_404(job_id)
-        last_id = int(request.headers.get("last-event-id", "0") or 0)
+        last_id = _last_event_id(request.headers.get("last-event-id"))
 
         async def stream():
             offset = 0  # added to the hub's ids when they follow rebuilt milestones
@@ -265,6 +245,8 @@ def create_app(config: Config, runtime: Runtime | None = None) -> FastAPI:
                 size = dict(zip(("width", "height"), parse_size(body.size)))
             except ValueError as e:
                 raise RequestError("size", str(e)) from None
+            if min(size.values()) <= 0:
+                raise RequestError("size", "width and height must be positive")
         params = [validate({"model": model, "prompt": body.prompt, **size}, config.models,
                            random_seed=random.randint(0, MAX_SEED)) for _ in range(body.n)]
         submitted = control.submit_many(params)
@@ -281,7 +263,7 @@ def create_app(config: Config, runtime: Runtime | None = None) -> FastAPI:
                 raw = results.local_path(j["results"][0]["key"]).read_bytes()
                 data.append({"b64_json": base64.b64encode(raw).decode(), "revised_prompt": None})
             else:
-                data.append({"url": f"{request.base_url}v1/jobs/{j['id']}/result", "revised_prompt": None})
+                data.append({"url": f"{base(request)}v1/jobs/{j['id']}/result", "revised_prompt": None})
         return {"created": int(time.time()), "data": data}
 
     async def _wait_terminal(job_id: str) -> dict[str, Any]:
@@ -353,6 +335,16 @@ def create_app(config: Config, runtime: Runtime | None = None) -> FastAPI:
                             status_code=200 if ok else 503)
 
     return app
+
+
+def _last_event_id(header: str | None) -> int:
+    """Resume after this event id. Our ids are positive integers; anything else is a client bug
+    worth a clear 400 rather than a silent replay from the start."""
+    if header is None or not header.strip():
+        return 0
+    if not header.strip().isdigit() or len(header.strip()) > 18:
+        raise RequestError("Last-Event-ID", f"must be an event id this stream sent (a number), got {header[:40]!r}")
+    return int(header)
 
 
 def _sse(ev: dict[str, Any]) -> str:

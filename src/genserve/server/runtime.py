@@ -28,6 +28,7 @@ from ..engine import (
     CancelRunning,
     Decision,
     Engine,
+    ErrorCode,
     FailJob,
     JobDequeued,
     KillWorker,
@@ -126,11 +127,21 @@ class Runtime:
         for job in self.store.unfinished():
             self.records.adopt_output(job["id"], now, "found after a restart")
         for job in self.store.requeue_unfinished(now):
-            params = JobParams.from_dict(job["params"])
+            try:
+                params = JobParams.from_dict(job["params"])
+                priority = Priority.parse(job["priority"])
+                params.key, self.config.models[params.model]  # noqa: B018 — a model no longer configured
+            except (TypeError, ValueError, KeyError) as e:
+                # Written by an older version, or for a model since removed: it cannot run, and must
+                # not stop the server from starting.
+                log.warning("job %s cannot be restored: %s: %s", job["id"], type(e).__name__, e)
+                self.records.finish(job["id"], JobStatus.FAILED, now, code=ErrorCode.INVALID_REQUEST,
+                                    message="the stored request can no longer be run by this server")
+                continue
             self._watch_hooks(job["id"], params)
             # Re-entered jobs keep their original queue time (their place in line), their deadline
             # and the attempts they have used.
-            self.engine.submit(job["id"], params.key, Priority.parse(job["priority"]), job["t_queued"] or now,
+            self.engine.submit(job["id"], params.key, priority, job["t_queued"] or now,
                                force=True, deadline=self._deadline(params, job["t_received"]),
                                attempts=job["attempts"])
             self.records.restored(job, now)
