@@ -23,6 +23,7 @@ from .limits import BodyLimit, allowed_methods, base_url
 from .observability_api import observability_router
 from .runtime import QueueFull, Runtime
 from .schemas import ImageGenerationRequest, JobRequest, LoadRequest
+from .ssrf import Refused
 from .stats import breakdown
 from .views import Control, FleetView, JobReader
 
@@ -42,6 +43,7 @@ def create_app(config: Config, runtime: Runtime | None = None) -> FastAPI:
     fleet: FleetView = rt.fleet
     jobs: JobReader = rt.store
     results, events = rt.results, rt.events
+    webhook_guard = rt.webhooks.guard
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -141,6 +143,11 @@ def create_app(config: Config, runtime: Runtime | None = None) -> FastAPI:
         data = body.model_dump()
         params = validate(data, config.models, random_seed=random.randint(0, MAX_SEED),
                           webhooks_enabled=config.server.webhook_secret is not None)
+        if params.webhook is not None:
+            try:
+                await webhook_guard.check(params.webhook)
+            except Refused as e:
+                raise RequestError("webhook", e.reason) from None
         if body.id is not None:
             existing = jobs.get_by_client_id(body.id)
             if existing is not None:

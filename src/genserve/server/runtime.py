@@ -53,6 +53,7 @@ from .jobstore import JobStore
 from .listeners import Event, Listener
 from .observe import Observer
 from .records import JobRecords
+from .ssrf import WebhookGuard
 from .webhooks import WebhookSender
 
 log = logging.getLogger("genserve.runtime")
@@ -102,7 +103,7 @@ class Runtime:
         self.engine = Engine(engine_settings(config, batch_id_prefix=f"b{secrets.token_hex(3)}"))
         self.events = EventHub()
         self.webhooks = WebhookSender(self.store, s.webhook_secret, max_attempts=s.webhook_max_attempts,
-                                      backoff_s=s.webhook_backoff_s)
+                                      backoff_s=s.webhook_backoff_s, guard=WebhookGuard(config.webhooks, own_port=s.port))
         detected = devices if devices is not None else detect_devices(s.workers)
         self.gpus = [d for d in detected if d.startswith("cuda")]
         self.devices = initial_devices(config, detected)
