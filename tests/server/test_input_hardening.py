@@ -79,9 +79,9 @@ def job(**kw):
     (job(timeout_s="5"), "timeout_s"),
     (job(prompt=5), "prompt"),
     (job(webhook_events=["completed"]), "webhook_events"),
-    (job(webhook="http://example.com/h", webhook_events=["completed"] * 4), "webhook_events"),
-    (job(webhook="http://user:pw@example.com/h"), "webhook"),
-    (job(webhook="http://example.com:99999/h"), "webhook"),
+    (job(webhook="http://hooks.invalid/h", webhook_events=["completed"] * 4), "webhook_events"),
+    (job(webhook="http://user:pw@hooks.invalid/h"), "webhook"),
+    (job(webhook="http://hooks.invalid:99999/h"), "webhook"),
 ])
 def test_invalid_job_bodies_are_400_naming_the_field_and_store_nothing(tmp_path, body, field):
     async def test(c, rt):
@@ -257,11 +257,12 @@ def test_stored_bad_data_never_makes_a_read_answer_500(tmp_path):
     UTF-8, results that are not result refs. Every read route must still answer, and cancel too."""
 
     async def setup(c, rt):
-        ids = [(await c.post("/v1/jobs", json=job(prompt=f"p{i}", webhook="http://example.com/h"))).json()["id"]
+        ids = [(await c.post("/v1/jobs", json=job(prompt=f"p{i}", webhook="http://127.0.0.1:9/h"))).json()["id"]
                for i in range(5)]
         return ids
 
-    ids = with_app(tmp_path, setup)
+    receivers = "[webhooks]\nallow_private = true\n"  # port 9 on loopback: nothing listens there
+    ids = with_app(tmp_path, setup, receivers)
     db = sqlite3.connect(tmp_path / "jobs.db")
     good = json.loads(db.execute("SELECT params FROM jobs WHERE id = ?", (ids[0],)).fetchone()[0])
     surrogate = json.dumps(dict(good, prompt="\ud800"))  # ensure_ascii: the escape, as the old server wrote it
@@ -283,12 +284,13 @@ def test_stored_bad_data_never_makes_a_read_answer_500(tmp_path):
         for jid in ids:
             r = await c.get(f"/v1/jobs/{jid}")
             assert r.status_code == 200, r.text
+            assert (await c.post(f"/v1/jobs/{jid}/cancel")).status_code == 200
+            # terminal now, so the stream ends after the milestones
             assert (await c.get(f"/v1/jobs/{jid}/events")).status_code == 200
             assert (await c.get(f"/v1/jobs/{jid}/result")).status_code in (404, 409)
             assert (await c.get(f"/v1/jobs/{jid}/result?index=1")).status_code in (404, 409)
-            assert (await c.post(f"/v1/jobs/{jid}/cancel")).status_code == 200
         assert (await c.get(f"/v1/jobs/{ids[0]}")).json()["params"]["prompt"] == "\ufffd"
         assert (await c.get(f"/v1/jobs/{ids[3]}")).json()["error"]["message"].startswith("bad")
         assert (await c.get("/")).status_code in (200, 307, 404)
 
-    with_app(tmp_path, reads)
+    with_app(tmp_path, reads, receivers)

@@ -188,7 +188,7 @@ def create_app(config: Config, runtime: Runtime | None = None) -> FastAPI:
         ref = job["results"][index]
         try:
             path = results.local_path(ref["key"])
-        except (KeyError, TypeError, ValueError):  # a record no version of this server should have written
+        except (KeyError, TypeError, ValueError, AttributeError):  # a record no version of this server should have written
             path = None
         if path is None or not path.is_file():
             raise RequestError("index", "the job's result is no longer available", status=404, code="not_found")
