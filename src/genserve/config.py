@@ -154,6 +154,7 @@ class FaultConfig:
     crash_on_batch: int = 0  # SIGKILL itself at the first step of its Nth batch
     hang_on_batch: int = 0  # sleep forever inside the first step of its Nth batch
     fail_load: tuple[str, ...] = ()  # models whose load raises
+    fail_prompt: str = ""  # a batch with a job whose prompt contains this raises (an input the pipeline rejects)
     workers: tuple[str, ...] = ()  # worker ids affected (empty: all)
     lives: int = 1
 
@@ -162,7 +163,8 @@ class FaultConfig:
         if (self.workers and worker_id not in self.workers) or life >= self.lives:
             return None
         return {"oom_above_batch": self.oom_above_batch, "crash_on_batch": self.crash_on_batch,
-                "hang_on_batch": self.hang_on_batch, "fail_load": list(self.fail_load)}
+                "hang_on_batch": self.hang_on_batch, "fail_load": list(self.fail_load),
+                "fail_prompt": self.fail_prompt}
 
 
 @dataclass(frozen=True)
@@ -385,6 +387,8 @@ def _parse_faults(raw: Any, models: dict[str, ModelConfig]) -> FaultConfig:
             kw[k] = _int(f"faults.{k}", raw[k], 0)
     if "lives" in raw:
         kw["lives"] = _int("faults.lives", raw["lives"], 1)
+    if "fail_prompt" in raw:
+        kw["fail_prompt"] = _type("faults.fail_prompt", raw["fail_prompt"], str, "a string")
     for k in ("fail_load", "workers"):
         if k in raw:
             _type(f"faults.{k}", raw[k], list, "a list of names")

@@ -79,7 +79,10 @@ class Dispatcher:
                 self._waiting_on_warm = True
             return None
         size = self.failures.batch_cap(key, worker.id, limits.max_batch_size)
-        jobs = [j for j in ordered if self._allowed(j, [worker])][:size] if self.failures.any_avoid else ordered[:size]
+        jobs = [j for j in ordered if self._allowed(j, [worker])] if self.failures.any_avoid else ordered
+        if self.failures.any_alone:  # a job to run alone runs alone; the others batch without it
+            jobs = jobs[:1] if jobs and jobs[0].alone else [j for j in jobs if not j.alone]
+        jobs = jobs[:size]
         # The largest prefix of the batch that fits; shrinking beats an OOM.
         n = len(jobs)
         while n > 1 and self.residency.fit(worker, key, n, protected, evict_pinned=evict_pinned) is None:

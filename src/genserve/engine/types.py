@@ -59,6 +59,7 @@ class QueuedJob:
     attempts: int = 0  # failed attempts so far (an OOM batch split does not count)
     deadline: float | None = None  # fail with `timeout` if not finished by then
     avoid: set[str] = field(default_factory=set)  # workers it failed on: retried elsewhere when possible
+    alone: bool = False  # its batch failed in a way its own input may cause: it runs in a batch of its own
 
 
 # ---- decisions: what the engine asks a driver to do --------------------------------------------

@@ -97,7 +97,7 @@ def worker_main(conn: Connection, worker_id: str, device: str, results_dir: str,
             try:
                 if msg["model"] not in runner.pipes:
                     raise RuntimeError(failed_loads.get(msg["model"], f"model {msg['model']} is not loaded"))
-                injector.on_batch(len(msg["jobs"]))
+                injector.on_batch(len(msg["jobs"]), [j["prompt"] for j in msg["jobs"]])
                 peak = runner.run(msg, emit, canceled, on_step=injector.on_step)
                 emit({"ev": "batch_done", "batch_id": batch_id, "t": time.time(), "peak_bytes": peak})
             except BatchAborted:
