@@ -21,7 +21,7 @@ from .engine.residency import RESIDENCY
 from .engine.settings import ENGINE_KEYS, EngineSettings
 from .engine.settings import engine_settings as build_engine_settings
 from .engine.types import ModelLimits
-from .netconfig import HttpConfig, WebhookPolicy, parse_http, parse_webhooks
+from .netconfig import HttpConfig, WebhookPolicy, parse_net_sections
 
 KINDS = ("image", "video")
 DTYPES = ("auto", "float32", "float16", "bfloat16")
@@ -431,10 +431,7 @@ def parse_config(data: dict[str, Any]) -> Config:
             raise ConfigError(key, f"{m.fallback} is a {models[m.fallback].kind} model; {name} is {m.kind}")
     faults = _parse_faults(data["faults"], models) if "faults" in data else None
     autoscale = _parse_autoscale(data["autoscale"]) if "autoscale" in data else None
-    try:
-        http, webhooks = parse_http(data.get("http", {})), parse_webhooks(data.get("webhooks", {}))
-    except ValueError as e:
-        raise ConfigError(getattr(e, "key", "http"), getattr(e, "message", str(e))) from None
+    http, webhooks = parse_net_sections(data, ConfigError)
     return Config(server, models, _parse_prices(data.get("prices", {})), faults, autoscale, http, webhooks)
 
 

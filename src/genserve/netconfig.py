@@ -16,6 +16,7 @@ allow = ["10.1.2.0/24", "hooks.internal"]  # or only to these networks / host na
 from __future__ import annotations
 
 import ipaddress
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
@@ -115,3 +116,12 @@ def parse_webhooks(raw: Any) -> WebhookPolicy:
                 hosts.add(name)
         kw["allow_networks"], kw["allow_hosts"] = tuple(nets), frozenset(hosts)
     return WebhookPolicy(**kw)
+
+
+def parse_net_sections(data: dict[str, Any], error: Callable[[str, str], Exception]) -> tuple[HttpConfig, WebhookPolicy]:
+    """``[http]`` and ``[webhooks]`` of a config file; a bad value raises ``error(key, message)``
+    (config.py passes its ConfigError: this module cannot import it without a cycle)."""
+    try:
+        return parse_http(data.get("http", {})), parse_webhooks(data.get("webhooks", {}))
+    except _Err as e:
+        raise error(e.key, e.message) from None
