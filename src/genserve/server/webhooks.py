@@ -104,9 +104,12 @@ class WebhookSender:
 
     def start(self) -> None:
         self._wake = asyncio.Event()
-        # No redirects (a 30x to an internal address would bypass the check) and no proxy from the
-        # environment (the pinned address must be what the connection goes to).
-        self._client = httpx.AsyncClient(timeout=self.timeout_s, follow_redirects=False, trust_env=False)
+        # No redirects (a 30x to an internal address would bypass the check), no proxy from the
+        # environment (the pinned address must be what the connection goes to), and no kept-alive
+        # connections: the pool is keyed by the pinned address, so a TLS connection verified for
+        # one host name could otherwise carry a request for another name on the same address.
+        self._client = httpx.AsyncClient(timeout=self.timeout_s, follow_redirects=False, trust_env=False,
+                                         limits=httpx.Limits(max_keepalive_connections=0))
         self._task = asyncio.get_running_loop().create_task(self._run())
 
     async def close(self) -> None:
