@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import http.server
 import json
+import ssl
 import subprocess
 import sys
 import threading
@@ -18,7 +19,7 @@ from genserve.server.ssrf import WebhookGuard
 from genserve.server.webhooks import WebhookSender
 
 V4, V6 = "1.2.3.4", "2606:4700:10::1"
-HOOK_PORT, SERVER_PORT = 8080, 9000
+HOOK_PORT, SERVER_PORT, TLS_PORT = 8080, 9000, 8443
 SECRET = sys.argv[2]
 
 
@@ -57,13 +58,23 @@ async def main() -> dict:
     for addr in ((V4, HOOK_PORT), (V4, SERVER_PORT), ("127.0.0.1", HOOK_PORT)):
         serve(http.server.ThreadingHTTPServer, addr)
     serve(V6Server, (V6, HOOK_PORT))
+    # HTTPS: a certificate for hooks.example only, trusted by the sender as its CA.
+    tmp = Path(sys.argv[1])
+    sh("openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=hooks.example",
+       "-addext", "subjectAltName=DNS:hooks.example", "-keyout", str(tmp / "key.pem"), "-out", str(tmp / "cert.pem"))
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.load_cert_chain(tmp / "cert.pem", tmp / "key.pem")
+    tls = serve(http.server.ThreadingHTTPServer, (V4, TLS_PORT))
+    tls.socket = ctx.wrap_socket(tls.socket, server_side=True)
 
     async def resolve(host: str, port: int) -> list[str]:
-        return {"hooks.example": [V4], "hooks6.example": [V6], "rebind.example": ["127.0.0.1"]}[host]
+        return {"hooks.example": [V4], "hooks6.example": [V6], "rebind.example": ["127.0.0.1"],
+                "other.example": [V4]}[host]
 
     store = JobStore(Path(sys.argv[1]) / "jobs.db")
     guard = WebhookGuard(WebhookPolicy(), resolve=resolve, own_port=SERVER_PORT)
-    sender = WebhookSender(store, SECRET, guard=guard, backoff_s=0.01, max_attempts=1)
+    sender = WebhookSender(store, SECRET, guard=guard, backoff_s=0.01, max_attempts=1,
+                           tls_verify=str(tmp / "cert.pem"))
     urls = {
         "name": f"http://hooks.example:{HOOK_PORT}/name",
         "name6": f"http://hooks6.example:{HOOK_PORT}/name6",
@@ -71,6 +82,8 @@ async def main() -> dict:
         "v6": f"http://[{V6}]:{HOOK_PORT}/v6",
         "own_port": f"http://{V4}:{SERVER_PORT}/v1/models/m/unload",  # this machine, the server's port
         "rebind": f"http://rebind.example:{HOOK_PORT}/rebind",
+        "tls": f"https://hooks.example:{TLS_PORT}/tls",  # connects to 1.2.3.4, verifies hooks.example
+        "tls_wrong_name": f"https://other.example:{TLS_PORT}/wrong",  # same address, a name the cert lacks
     }
     submit = {}
     for k, url in urls.items():

@@ -285,12 +285,14 @@ def test_public_addresses_are_delivered_to_inside_a_private_network_namespace(tm
     assert got["submit"]["own_port"] != "ok" and got["submit"]["rebind"] != "ok"
     rows = got["rows"]
     assert {k: s for k, (s, _) in rows.items()} == {
-        "name": "delivered", "name6": "delivered", "decimal": "delivered", "v6": "delivered",
-        "own_port": "failed", "rebind": "failed"}, rows
+        "name": "delivered", "name6": "delivered", "decimal": "delivered", "v6": "delivered", "tls": "delivered",
+        "own_port": "failed", "rebind": "failed", "tls_wrong_name": "failed"}, rows
+    assert rows["tls_wrong_name"][1] == "delivery failed"  # the certificate did not match other.example
     received = sorted((r["path"], r["to"], r["host"]) for r in got["received"])
     assert received == sorted([
         ("/name", "1.2.3.4:8080", "hooks.example:8080"),  # connected to the checked address, Host kept
         ("/name6", "2606:4700:10::1:8080", "hooks6.example:8080"),
         ("/decimal", "1.2.3.4:8080", "16909060:8080"),
         ("/v6", "2606:4700:10::1:8080", "[2606:4700:10::1]:8080"),
+        ("/tls", "1.2.3.4:8443", "hooks.example:8443"),  # TLS to the pinned address, verified for the name
     ]), received  # nothing reached the server's port or 127.0.0.1

@@ -53,13 +53,15 @@ def _retryable(status: int | None) -> bool:
 
 class WebhookSender:
     def __init__(self, store: JobStore, secret: str | None, *, guard: WebhookGuard | None = None,
-                 max_attempts: int = 8, backoff_s: float = 1.0, timeout_s: float = 10.0) -> None:
+                 max_attempts: int = 8, backoff_s: float = 1.0, timeout_s: float = 10.0,
+                 tls_verify: Any = True) -> None:
         self.store = store
         self.guard = guard or WebhookGuard(WebhookPolicy())  # the default: public receivers only
         self.secret = secret
         self.max_attempts = max_attempts
         self.backoff = Backoff(first_s=backoff_s, base_s=2 * backoff_s, factor=2.0, max_s=MAX_BACKOFF_S, jitter=0.1)
         self.timeout_s = timeout_s
+        self.tls_verify = tls_verify  # httpx's ``verify``: True (system CAs) or a CA bundle / SSLContext
         self._hooks: dict[str, tuple[str, tuple[str, ...]]] = {}  # live job id -> (url, events it wants)
         self._last_progress: dict[str, float] = {}
         self._inflight: set[str] = set()
@@ -109,7 +111,7 @@ class WebhookSender:
         # connections: the pool is keyed by the pinned address, so a TLS connection verified for
         # one host name could otherwise carry a request for another name on the same address.
         self._client = httpx.AsyncClient(timeout=self.timeout_s, follow_redirects=False, trust_env=False,
-                                         limits=httpx.Limits(max_keepalive_connections=0))
+                                         limits=httpx.Limits(max_keepalive_connections=0), verify=self.tls_verify)
         self._task = asyncio.get_running_loop().create_task(self._run())
 
     async def close(self) -> None:
