@@ -27,6 +27,7 @@ from .engine.settings import ENGINE_KEYS, EngineSettings
 from .engine.settings import engine_settings as build_engine_settings
 from .engine.types import ModelLimits
 from .retention import RetentionConfig, RetentionError, parse_retention
+from .netconfig import HttpConfig, WebhookPolicy, parse_net_sections
 
 KINDS = ("image", "video")
 DTYPES = ("auto", "float32", "float16", "bfloat16")
@@ -163,6 +164,7 @@ class FaultConfig:
     crash_on_batch: int = 0  # SIGKILL itself at the first step of its Nth batch
     hang_on_batch: int = 0  # sleep forever inside the first step of its Nth batch
     fail_load: tuple[str, ...] = ()  # models whose load raises
+    fail_prompt: str = ""  # a batch with a job whose prompt contains this raises (an input the pipeline rejects)
     workers: tuple[str, ...] = ()  # worker ids affected (empty: all)
     lives: int = 1
 
@@ -171,7 +173,8 @@ class FaultConfig:
         if (self.workers and worker_id not in self.workers) or life >= self.lives:
             return None
         return {"oom_above_batch": self.oom_above_batch, "crash_on_batch": self.crash_on_batch,
-                "hang_on_batch": self.hang_on_batch, "fail_load": list(self.fail_load)}
+                "hang_on_batch": self.hang_on_batch, "fail_load": list(self.fail_load),
+                "fail_prompt": self.fail_prompt}
 
 
 @dataclass(frozen=True)
@@ -185,6 +188,8 @@ class Config:
     results: ResultsConfig = field(default_factory=ResultsConfig)
     retention: RetentionConfig = field(default_factory=RetentionConfig)
     access: AccessConfig = AccessConfig()  # [auth], [tenants.*] (genserve/auth/settings.py)
+    http: HttpConfig = field(default_factory=HttpConfig)  # [http]: body limit, public URL (netconfig.py)
+    webhooks: WebhookPolicy = field(default_factory=WebhookPolicy)  # [webhooks]: SSRF allowlist
 
     def with_overrides(self, **kw: Any) -> "Config":
         kw = {k: v for k, v in kw.items() if v is not None}
@@ -228,6 +233,12 @@ SECTIONS: dict[str, Section] = {
                        overrides={"store": {"enum": ["local", "s3"]}, "serve": {"enum": ["redirect", "proxy"]}}),
     "retention": Section(RetentionConfig, title="how long results and job records are kept (docs/operations.md)"),
     "auth": Section(AuthConfig, title="API keys (docs/security.md)"),
+    "http": Section(HttpConfig, title="request limits and returned URLs (docs/security.md)",
+                    overrides={"trusted_proxies": {"type": "array", "items": {"type": "string"}},
+                               "public_url": {"type": "string"}, "max_body_bytes": {"type": "integer", "minimum": 1}}),
+    "webhooks": Section(None, title="which webhook receivers beyond the public internet are allowed (docs/security.md)",
+                        extra={"allow_private": {"type": "boolean", "default": False},
+                               "allow": {"type": "array", "items": {"type": "string"}}}),
     "tenants": Section(TenantConfig, keyed=True, title="a tenant's limits and fair-share weight (docs/security.md)",
                        overrides={"max_priority": {"enum": ["high", "standard", "low"]}}),
 }
@@ -365,6 +376,8 @@ def _parse_faults(raw: Any, models: dict[str, ModelConfig]) -> FaultConfig:
             kw[k] = _int(f"faults.{k}", raw[k], 0)
     if "lives" in raw:
         kw["lives"] = _int("faults.lives", raw["lives"], 1)
+    if "fail_prompt" in raw:
+        kw["fail_prompt"] = _type("faults.fail_prompt", raw["fail_prompt"], str, "a string")
     for k in ("fail_load", "workers"):
         if k in raw:
             _type(f"faults.{k}", raw[k], list, "a list of names")
@@ -409,8 +422,9 @@ def parse_config(data: dict[str, Any]) -> Config:
     results = c.run("results", parse_results, data.get("results", {}), ResultsConfig())
     retention = c.run("retention", _retention, data.get("retention", {}), RetentionConfig())
     access = c.guard(lambda: parse_access(data, ConfigError), AccessConfig())
+    http, webhooks = c.guard(lambda: parse_net_sections(data, ConfigError), (HttpConfig(), WebhookPolicy()))
     c.check()
-    return Config(server, models, prices, faults, autoscale, cluster, results, retention, access)
+    return Config(server, models, prices, faults, autoscale, cluster, results, retention, access, http, webhooks)
 
 
 def _retention(raw: Any) -> RetentionConfig:

@@ -69,8 +69,9 @@ def validate(body: dict[str, Any], models: dict[str, ModelConfig], *, random_see
     neg = body.get("negative_prompt")
     if neg is not None and len(neg) > m.max_prompt_chars:
         raise RequestError("negative_prompt", f"is {len(neg)} characters; the limit is {m.max_prompt_chars}")
-    width = body.get("width") or m.default_size[0]
-    height = body.get("height") or m.default_size[1]
+    # Only an absent size takes the default: 0 is an invalid size, not a request for the default.
+    width = m.default_size[0] if body.get("width") is None else body["width"]
+    height = m.default_size[1] if body.get("height") is None else body["height"]
     traits = m.family.traits
     for fname, v in (("width", width), ("height", height)):
         if v <= 0:
@@ -126,9 +127,17 @@ def validate(body: dict[str, Any], models: dict[str, ModelConfig], *, random_see
     if webhook is not None:
         if not webhooks_enabled:
             raise RequestError("webhook", "webhooks are not enabled on this server (server.webhook_secret)")
-        url = urlsplit(webhook)
+        try:
+            url = urlsplit(webhook)
+            url.port  # noqa: B018 — raises on a port that is not a number in 0..65535
+        except ValueError:
+            raise RequestError("webhook", "is not a valid URL") from None
         if url.scheme not in ("http", "https") or not url.hostname:
             raise RequestError("webhook", "must be an http:// or https:// URL")
+        if url.username is not None or url.password is not None:
+            raise RequestError("webhook", "must not carry credentials (user:password@)")
+    elif events is not None:
+        raise RequestError("webhook_events", "requires webhook")
     events = ("completed",) if events is None else tuple(dict.fromkeys(events))
     bad = [e for e in events if e not in WEBHOOK_EVENTS]
     if bad or not events:

@@ -247,3 +247,61 @@ def test_restart_policy_backs_off_then_quarantines():
 @pytest.mark.parametrize("code, split", [("out_of_memory", 4), ("worker_crashed", None)])
 def test_split_only_for_oom(code, split):
     assert RetryPolicy.split(8, code) == split and RetryPolicy.split(1, "out_of_memory") is None
+
+
+# ---- a job whose input breaks the pipeline fails alone ---------------------------------------------
+
+
+def test_a_batch_that_fails_on_one_jobs_input_is_split_and_only_that_job_fails():
+    eng = make(max_batch=8)
+    for i, j in enumerate(("j1", "bad", "j3", "j4")):
+        eng.submit(j, A, Priority.STANDARD, i / 10)
+    [run] = runs(eng.step(0.5))
+    assert run.job_ids == ("j1", "bad", "j3", "j4")
+    out = eng.batch_failed(run.batch_id, "internal", "TypeError: bad input", 1.0)
+    # Everyone runs again, alone, and no attempt is used up (it may be anyone's input).
+    assert [(d.job_id, d.counted, d.attempts) for d in of(RetryJob, out)] == [
+        ("j1", False, 0), ("bad", False, 0), ("j3", False, 0), ("j4", False, 0)]
+    assert not of(FailJob, out)
+    # A newcomer of the same shape still batches, but never with the jobs that run alone.
+    eng.submit("new1", A, Priority.STANDARD, 1.0)
+    eng.submit("new2", A, Priority.STANDARD, 1.0)
+    sizes, failed, t = [], [], 1.0
+    while eng.queue_depth("a"):
+        [r] = runs(eng.step(t))
+        sizes.append(r.job_ids)
+        if "bad" in r.job_ids:
+            assert r.job_ids == ("bad",)
+            failed += of(FailJob, eng.batch_failed(r.batch_id, "internal", "TypeError: bad input", t + 0.5))
+        else:
+            eng.batch_finished(r.batch_id, t + 0.5)
+        t += 1.0
+    assert sizes == [("j1",), ("bad",), ("j3",), ("j4",), ("new1", "new2")]
+    assert failed == [FailJob("bad", "internal", "TypeError: bad input (attempt 1 of 3)")]
+
+
+def test_a_single_job_with_an_internal_error_fails_at_once_and_retryable_errors_are_not_split():
+    eng = make(max_batch=8)
+    eng.submit("j", A, Priority.STANDARD, 0.0)
+    [run] = runs(eng.step(0.0))
+    assert eng.batch_failed(run.batch_id, "internal", "bug", 1.0) == [FailJob("j", "internal", "bug (attempt 1 of 3)")]
+    for j in ("x", "y"):
+        eng.submit(j, A, Priority.STANDARD, 2.0)
+    [run] = runs(eng.step(2.0))
+    out = eng.batch_failed(run.batch_id, "storage_error", "disk full", 3.0)
+    assert [d.counted for d in of(RetryJob, out)] == [True, True]  # the machine's fault: a counted attempt
+    [again] = runs(eng.step(3.0))
+    assert again.job_ids == ("x", "y")  # and still batched together
+
+
+def test_a_job_canceled_while_its_batch_failed_is_not_run_again():
+    eng = make(max_batch=8)
+    for j in ("a1", "a2"):
+        eng.submit(j, A, Priority.STANDARD, 0.0)
+    [run] = runs(eng.step(0.0))
+    eng.cancel("a1", 0.5)
+    out = eng.batch_failed(run.batch_id, "internal", "bug", 1.0)
+    assert of(JobDequeued, out) == [JobDequeued("a1", "canceled")]
+    assert [d.job_id for d in of(RetryJob, out)] == ["a2"]
+    [r] = runs(eng.step(1.0))
+    assert r.job_ids == ("a2",)

@@ -268,3 +268,17 @@ def test_random_join_leave_cancel_pause_sequences_finish_every_job_exactly_once(
                 assert done_steps[jid] >= steps_of[jid]  # a job resumed elsewhere starts over
     # the sequences exercised what they are about
     assert kinds.get("JoinBatch", 0) > 20 and kinds.get("PauseRunning", 0) > 5 and kinds.get("CancelRunning", 0) > 5, kinds
+
+
+def test_a_job_isolated_after_a_failed_set_neither_joins_nor_takes_joiners():
+    eng = make(max_batch=4)
+    eng.submit("a", key(), Priority.STANDARD, 0.0)
+    [run] = of(eng.step(0.0), RunBatch)
+    eng.submit("b", key(), Priority.STANDARD, 0.5)
+    of(eng.step(0.5), JoinBatch)
+    out = eng.batch_failed(run.batch_id, "internal", "TypeError: bad input", 1.0)  # the set failed as a whole
+    assert {d.job_id for d in of(out, RetryJob)} == {"a", "b"}
+    first = of(eng.step(1.0), RunBatch)
+    assert [r.job_ids for r in first] == [("a",)]  # each runs alone
+    eng.submit("c", key(), Priority.STANDARD, 1.5)
+    assert of(eng.step(1.5), JoinBatch) == []  # nobody joins a set that isolates a job

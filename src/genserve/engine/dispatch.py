@@ -84,8 +84,12 @@ class Dispatcher:
                 protected = self.waiting.protected_models()
             if self.residency.fit(worker, key, len(batch.jobs) + 1, protected) is None:
                 continue  # not even one more fits (checked before ordering a long queue)
+            if self.failures.any_alone and any(j.alone for j in batch.jobs.values()):
+                continue  # a job isolated after a failed batch keeps its set to itself
             ordered = self.waiting.ordered(key, now)
             jobs = [j for j in ordered if self._allowed(j, [worker])] if self.failures.any_avoid else ordered
+            if self.failures.any_alone:
+                jobs = [j for j in jobs if not j.alone]
             jobs = jobs[:room]
             n = len(jobs)
             while n and self.residency.fit(worker, key, len(batch.jobs) + n, protected) is None:
@@ -144,7 +148,10 @@ class Dispatcher:
                 self._waiting_on_warm = True
             return None
         size = self.failures.batch_cap(key, worker.id, limits.max_batch_size)
-        jobs = [j for j in ordered if self._allowed(j, [worker])][:size] if self.failures.any_avoid else ordered[:size]
+        jobs = [j for j in ordered if self._allowed(j, [worker])] if self.failures.any_avoid else ordered
+        if self.failures.any_alone:  # a job to run alone runs alone; the others batch without it
+            jobs = jobs[:1] if jobs and jobs[0].alone else [j for j in jobs if not j.alone]
+        jobs = jobs[:size]
         # The largest prefix of the batch that fits; shrinking beats an OOM.
         n = len(jobs)
         while n > 1 and self.residency.fit(worker, key, n, protected, evict_pinned=evict_pinned) is None:

@@ -173,14 +173,21 @@ class Engine(EngineReads):
     def batch_failed(self, batch_id: str, code: str, message: str, now: float) -> list[Decision]:
         """The worker reported the whole batch failed (and is idle again). Out of memory with more
         than one job: the batch size is remembered as too large for this shape on this worker and
-        the jobs are requeued to run in smaller batches, without using up an attempt. Otherwise
-        each job has a failed attempt and goes through the retry policy."""
+        the jobs are requeued to run in smaller batches, without using up an attempt. An error that
+        one job's input may cause (internal, invalid request) with more than one job: each job runs
+        again alone, without using up an attempt, so only the job at fault fails. Otherwise each job
+        has a failed attempt and goes through the retry policy."""
         batch = self._release(batch_id, now)
         if batch is None:
             return []
         out = self._unpaused(self.preemption.lost(batch_id=batch_id), now)
         if code == ErrorCode.MODEL_LOAD_FAILED:
             self.model_load_failed(batch.worker, batch.key.model, now)
+        if self.failures.retry.isolate(batch.size, code):
+            out, again = self.failures.isolate(batch.jobs.values(), code, message, now)
+            for job in again:
+                self.waiting.requeue(job, now, now)
+            return out
         smaller = self.failures.retry.split(batch.size, code)
         if smaller is None:
             return out + self._fail_attempts(batch.jobs.values(), batch.worker, code, message, now)

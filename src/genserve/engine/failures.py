@@ -28,6 +28,7 @@ class FailureTracker:
         self._seen: dict[str, float] = {}  # worker id -> last heard from
         self.killing: dict[str, tuple[str, str]] = {}  # worker id -> (code, message) its jobs fail with
         self._any_avoid = False  # some job avoids a worker it failed on
+        self.any_alone = False  # some job must run in a batch of its own
         self._liveness_on = any(x is not None for x in (liveness.hang_timeout_s, liveness.heartbeat_timeout_s,
                                                          liveness.stop_grace_s))
 
@@ -116,6 +117,22 @@ class FailureTracker:
                 job.key = job.key._replace(model=retry.model)
             again.append((job, retry.at))
             out.append(RetryJob(job.id, code, message, job.attempts, retry.at, retry.model))
+        return out, again
+
+    def isolate(self, jobs: Iterable[QueuedJob], code: str, message: str,
+                now: float) -> tuple[list[Decision], list[QueuedJob]]:
+        """A batch of several failed in a way one job's input may cause: every job runs again
+        alone, without using an attempt (the decisions, and the jobs to requeue now)."""
+        out: list[Decision] = []
+        again: list[QueuedJob] = []
+        for job in list(jobs):
+            if self.canceled(job.id, out):
+                continue
+            job.alone = True
+            self.any_alone = True
+            again.append(job)
+            out.append(RetryJob(job.id, code, f"{message}; each job of the batch runs alone to find the one at fault",
+                                job.attempts, now, job.key.model, counted=False))
         return out, again
 
     def allowed(self, job: QueuedJob, workers: list[WorkerState], up: Mapping[str, WorkerState],

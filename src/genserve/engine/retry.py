@@ -72,6 +72,13 @@ class RetryPolicy:
         return Retry(at, model)
 
     @staticmethod
+    def isolate(batch_size: int, code: str) -> bool:
+        """A batch of several that failed with an error that is not the machine's (a bug, or an
+        input the pipeline rejects) may have failed because of one job's input: each job then runs
+        alone, before anyone's attempt counts, so the one at fault fails alone and the others run."""
+        return batch_size > 1 and code in (ErrorCode.INTERNAL, ErrorCode.INVALID_REQUEST)
+
+    @staticmethod
     def split(batch_size: int, code: str) -> int | None:
         """On OOM a batch is halved before anyone's attempt counts; None: nothing left to split."""
         if code != ErrorCode.OUT_OF_MEMORY or batch_size <= 1:

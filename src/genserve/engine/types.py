@@ -72,6 +72,7 @@ class QueuedJob:
     tenant: str | None = None  # None: outside fair share (the fast path)
     weight: float = 1.0  # the tenant's fair-share weight
     vstart: float = 0.0  # fair-share virtual start tag (queues.py); 0 for jobs without a tenant
+    alone: bool = False  # its batch failed in a way its own input may cause: it runs in a batch of its own
 
 
 # ---- decisions: what the engine asks a driver to do --------------------------------------------

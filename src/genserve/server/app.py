@@ -7,12 +7,11 @@ import json
 import random
 import time
 from contextlib import asynccontextmanager
-from typing import Any, Literal
+from typing import Any
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, RedirectResponse, Response, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..auth.keys import KeyStore, Principal
@@ -27,9 +26,12 @@ from . import auth
 from .auth import principal, visible
 from .jobstore import STAGES
 from .docs_assets import mount_docs
+from .limits import BodyLimit, allowed_methods, base_url
 from .observability_api import observability_router
 from .openapi import install_openapi
 from .runtime import QueueFull, Runtime
+from .schemas import ImageGenerationRequest, JobRequest, LoadRequest
+from .ssrf import Refused
 from .stats import breakdown
 from .tenant_usage import TenantMetrics, usage_router
 from .views import Control, FleetView, JobReader
@@ -40,41 +42,6 @@ def _shown_params(params: dict[str, Any]) -> dict[str, Any]:
     if params.get("image"):
         return {**params, "image": "sha256:" + image_digest(params["image"])}
     return params
-
-
-class JobRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    model: str
-    prompt: str
-    negative_prompt: str | None = None
-    image: str | None = None  # image-to-video: the conditioning frame, a data:image/png|jpeg;base64 URL
-    width: int | None = None
-    height: int | None = None
-    num_frames: int | None = None
-    steps: int | None = None
-    guidance: float | None = None
-    seed: int | None = None
-    priority: Literal["high", "standard", "low"] = "standard"
-    id: str | None = Field(default=None, min_length=1, max_length=128, description="client-supplied id (idempotency key)")
-    timeout_s: float | None = Field(default=None, description="deadline in seconds from submission (≤ the model's timeout_s)")
-    webhook: str | None = Field(default=None, max_length=2048, description="URL for signed job events (Standard Webhooks)")
-    webhook_events: list[Literal["started", "progress", "completed"]] | None = None
-
-
-class ImageGenerationRequest(BaseModel):
-    """OpenAI Images API body. Fields we do not use (quality, style, user, …) are accepted and ignored."""
-
-    model_config = ConfigDict(extra="allow")
-    prompt: str
-    model: str | None = None
-    n: int = 1
-    size: str | None = None
-    response_format: Literal["url", "b64_json"] = "url"
-
-
-class LoadRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    worker: str | None = Field(default=None, description="a worker id; default: wherever it fits")
 
 
 def error(status: int, field: str | None, message: str, code: str = "invalid_request",
@@ -95,6 +62,7 @@ def create_app(config: Config, runtime: Runtime | None = None) -> FastAPI:
     retention = config.retention
     keys = KeyStore(config.server.data_dir)
     gate = auth.TenantGate(config.access, jobs.queued_count)
+    webhook_guard = rt.webhooks.guard
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -111,6 +79,10 @@ def create_app(config: Config, runtime: Runtime | None = None) -> FastAPI:
     app.state.runtime = rt
     auth.install(app, keys, config.access, config.server.cors_origins)
     install_openapi(app, config.models)
+    app.add_middleware(BodyLimit, max_bytes=config.http.max_body_bytes)
+
+    def base(request: Request) -> str:
+        return base_url(request.scope, config.http)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_req: Request, exc: RequestValidationError):
@@ -119,15 +91,18 @@ def create_app(config: Config, runtime: Runtime | None = None) -> FastAPI:
         if err.get("type") == "json_invalid":
             return error(400, "body", "malformed JSON: " + err.get("ctx", {}).get("error", err.get("msg", "")))
         field = ".".join(loc) or "body"
-        msg = err.get("msg", "invalid")
+        msg = err.get("msg", "invalid").removeprefix("Value error, ")
         if err.get("type") == "extra_forbidden":
             msg = "unknown field"
         return error(400, field, msg)
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http(_req: Request, exc: StarletteHTTPException):
+    async def _http(req: Request, exc: StarletteHTTPException):
+        headers = getattr(exc, "headers", None)
+        if exc.status_code == 405:
+            headers = {**(headers or {}), "Allow": allowed_methods(app.router.routes, req.scope)}
         return error(exc.status_code, None, str(exc.detail), code="not_found" if exc.status_code == 404 else "http_error",
-                     headers=getattr(exc, "headers", None))  # 405 keeps its Allow header
+                     headers=headers)
 
     @app.exception_handler(RequestError)
     async def _request_error(_req: Request, exc: RequestError):
@@ -165,7 +140,7 @@ def create_app(config: Config, runtime: Runtime | None = None) -> FastAPI:
                 "cancel": f"{base}v1/jobs/{jid}/cancel", "result": f"{base}v1/jobs/{jid}/result"}
         step = control.progress(jid)
         if job["status"] == JobStatus.SUCCEEDED:
-            step = (job["params"]["steps"], job["params"]["steps"])
+            step = (job["params"].get("steps"), job["params"].get("steps"))
         stages = breakdown(job)
         return {
             "id": jid, "object": "job", "client_id": job["client_id"], "tenant": job["tenant"], "model": job["model"],
@@ -180,7 +155,7 @@ def create_app(config: Config, runtime: Runtime | None = None) -> FastAPI:
                                                "message", "started", "ended")},
                           "duration_s": round(a["ended"] - a["started"], 4) if a["ended"] is not None else None}
                          for a in jobs.attempts(jid)],
-            "webhook": {"url": job["params"]["webhook"], "events": job["params"]["webhook_events"],
+            "webhook": {"url": job["params"]["webhook"], "events": job["params"].get("webhook_events", ["completed"]),
                         "deliveries": jobs.deliveries(jid)} if job["params"].get("webhook") else None,
             "batch": batch_view(job) if job["batch_id"] else None,
             "timestamps": ts,
@@ -190,8 +165,8 @@ def create_app(config: Config, runtime: Runtime | None = None) -> FastAPI:
             "breakdown": {f"{k}_s": None if v is None else round(v, 4) for k, v in stages.items()},
             # the job's share of its batch's device time, and its price; set when the batch ends
             "cost": {"device_seconds": job["device_seconds"], "usd": job["cost_usd"], "device_type": job["device_type"]},
-            "results": [{"url": urls["result"] + (f"?index={i}" if i else ""), "content_type": r["content_type"],
-                         "bytes": r["bytes"]} for i, r in enumerate(job["results"])],
+            "results": [{"url": urls["result"] + (f"?index={i}" if i else ""), "content_type": r.get("content_type"),
+                         "bytes": r.get("bytes")} for i, r in enumerate(job["results"])],
             # [retention]: when the record (and, at the latest, the results) will be deleted; null: kept
             "expires_at": retention.record_expires_at(job["t_finished"]),
             "results_expire_at": retention.results_expire_at(job["t_finished"]) if job["results"] else None,
@@ -210,17 +185,22 @@ def create_app(config: Config, runtime: Runtime | None = None) -> FastAPI:
         data = body.model_dump()
         params = validate(data, config.models, random_seed=random.randint(0, MAX_SEED),
                           webhooks_enabled=config.server.webhook_secret is not None)
+        if params.webhook is not None:
+            try:
+                await webhook_guard.check(params.webhook)
+            except Refused as e:
+                raise RequestError("webhook", e.reason) from None
         params = gate.default_priority(who.tenant, params, explicit="priority" in body.model_fields_set)
         existing = jobs.get_by_client_id(body.id, who.tenant) if body.id is not None else None
         if existing is not None:
-            same = dict(params.to_dict(), seed=existing["params"]["seed"] if body.seed is None else params.seed)
+            same = dict(params.to_dict(), seed=existing["params"].get("seed") if body.seed is None else params.seed)
             if same != existing["params"]:
                 raise RequestError("id", "already used for a job with different parameters", status=409, code="conflict")
         else:
             gate.admit(who.tenant, params.priority)
         job, created = control.submit(params, body.id, who.tenant)
         control.kick()
-        return JSONResponse(job_view(jobs.get(job["id"]), str(request.base_url)), status_code=202,
+        return JSONResponse(job_view(jobs.get(job["id"]), base(request)), status_code=202,
                             headers={} if created else {"Idempotent-Replayed": "true"})
 
     @app.get("/v1/jobs", tags=["jobs"])
@@ -235,18 +215,18 @@ def create_app(config: Config, runtime: Runtime | None = None) -> FastAPI:
                 raise RequestError("tenant", f"no tenant {tenant!r}", status=404, code="not_found")
             tenant = who.tenant
         found = jobs.recent(limit, tenant, status=status, model=model)
-        return {"object": "list", "data": [job_view(j, str(request.base_url)) for j in found]}
+        return {"object": "list", "data": [job_view(j, base(request)) for j in found]}
 
     @app.get("/v1/jobs/{job_id}", tags=["jobs"])
     async def get_job(job_id: str, request: Request, who: Principal = Depends(principal)):
-        return job_view(get_job_or_404(job_id, who), str(request.base_url))
+        return job_view(get_job_or_404(job_id, who), base(request))
 
     @app.post("/v1/jobs/{job_id}/cancel", tags=["jobs"])
     async def cancel_job(job_id: str, request: Request, who: Principal = Depends(principal)):
         get_job_or_404(job_id, who)
         job = control.cancel(job_id)
         control.kick()
-        return job_view(job, str(request.base_url))
+        return job_view(job, base(request))
 
     @app.delete("/v1/jobs/{job_id}", tags=["jobs"], status_code=204,
                 responses={404: {"description": "no such job (or already deleted)"},
@@ -274,20 +254,23 @@ def create_app(config: Config, runtime: Runtime | None = None) -> FastAPI:
         if not 0 <= index < len(job["results"]):
             raise RequestError("index", f"must be between 0 and {len(job['results']) - 1}", status=404, code="not_found")
         ref = job["results"][index]
-        filename = f"{job_id}-{ref['key'].rpartition('/')[2]}"
-        url = results.presigned_url(ref["key"], filename)
+        key = ref.get("key")
+        if not isinstance(key, str) or not results.exists(key):  # gone, or a record no version should have written
+            raise RequestError("index", "the job's result is no longer available", status=404, code="not_found")
+        filename = f"{job_id}-{key.rpartition('/')[2]}"
+        url = results.presigned_url(key, filename)
         if url is not None:  # the object store serves the bytes; the server only points at them
             return RedirectResponse(url, status_code=307)
         if isinstance(results, LocalResultStore):
-            return FileResponse(results.local_path(ref["key"]), media_type=ref["content_type"], filename=filename)
-        data = await asyncio.get_running_loop().run_in_executor(None, results.read, ref["key"])
-        return Response(data, media_type=ref["content_type"],
+            return FileResponse(results.local_path(key), media_type=ref.get("content_type"), filename=filename)
+        data = await asyncio.get_running_loop().run_in_executor(None, results.read, key)
+        return Response(data, media_type=ref.get("content_type"),
                         headers={"content-disposition": f'inline; filename="{filename}"'})
 
     @app.get("/v1/jobs/{job_id}/events", tags=["jobs"])
     async def job_events(job_id: str, request: Request, who: Principal = Depends(principal)):
         get_job_or_404(job_id, who)
-        last_id = int(request.headers.get("last-event-id", "0") or 0)
+        last_id = _last_event_id(request.headers.get("last-event-id"))
 
         async def stream():
             # Read here, not in the handler: the job may have moved on before the stream started.
@@ -354,6 +337,8 @@ def create_app(config: Config, runtime: Runtime | None = None) -> FastAPI:
                 size = dict(zip(("width", "height"), parse_size(body.size)))
             except ValueError as e:
                 raise RequestError("size", str(e)) from None
+            if min(size.values()) <= 0:
+                raise RequestError("size", "width and height must be positive")
         params = [validate({"model": model, "prompt": body.prompt, **size}, config.models,
                            random_seed=random.randint(0, MAX_SEED)) for _ in range(body.n)]
         params = [gate.default_priority(who.tenant, p, explicit=False) for p in params]
@@ -379,7 +364,7 @@ def create_app(config: Config, runtime: Runtime | None = None) -> FastAPI:
                 raw = await asyncio.get_running_loop().run_in_executor(None, results.read, j["results"][0]["key"])
                 data.append({"b64_json": base64.b64encode(raw).decode(), "revised_prompt": None})
             else:
-                data.append({"url": f"{request.base_url}v1/jobs/{j['id']}/result", "revised_prompt": None})
+                data.append({"url": f"{base(request)}v1/jobs/{j['id']}/result", "revised_prompt": None})
         return {"created": int(time.time()), "data": data}
 
     async def _wait_terminal(job_id: str) -> dict[str, Any]:
@@ -472,6 +457,14 @@ class _Reconnect(Exception):
 def _draining() -> JSONResponse:
     return error(503, None, "the server is shutting down; retry shortly (another replica, or this one after its "
                  "restart)", code="shutting_down", headers={"Retry-After": "5"})
+def _last_event_id(header: str | None) -> int:
+    """Resume after this event id. Our ids are positive integers; anything else is a client bug
+    worth a clear 400 rather than a silent replay from the start."""
+    if header is None or not header.strip():
+        return 0
+    if not header.strip().isdigit() or len(header.strip()) > 18:
+        raise RequestError("Last-Event-ID", f"must be an event id this stream sent (a number), got {header[:40]!r}")
+    return int(header)
 
 
 def _sse(ev: dict[str, Any]) -> str:

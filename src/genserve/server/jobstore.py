@@ -6,6 +6,7 @@ change ordered with the engine's. A job row is committed before the API acknowle
 from __future__ import annotations
 
 import json
+import re
 import sqlite3
 from pathlib import Path
 from typing import Any
@@ -88,6 +89,9 @@ class JobStore:
         path.parent.mkdir(parents=True, exist_ok=True)
         self.db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
         self.db.row_factory = sqlite3.Row
+        # Bytes that are not UTF-8 (written by something else, or an older bug) read as U+FFFD
+        # instead of failing the read: no stored row may make a route answer 500.
+        self.db.text_factory = lambda b: b.decode("utf-8", "replace")
         self.db.execute("PRAGMA journal_mode=WAL")
         # NORMAL in WAL mode: a committed job survives a crash of the process (kill -9); only a
         # power loss could roll back the last transactions.
@@ -285,10 +289,39 @@ def _drop_global_client_id_unique(db: sqlite3.Connection) -> None:
 
 
 def _decode(row: sqlite3.Row) -> dict[str, Any]:
-    d = dict(row)
-    d["params"] = json.loads(d["params"])
-    d["results"] = json.loads(d["results"])
+    """A stored job as readers see it: always valid Unicode (older versions stored prompts with
+    lone surrogates, which cannot be encoded as JSON or UTF-8 again: they read as U+FFFD), and
+    unreadable JSON as empty rather than an exception. Readers must not assume params written by
+    older versions have every field of today's."""
+    d = dict(row)  # columns are valid text (see text_factory); only JSON can spell a lone surrogate
+    params = _loads(d["params"], {})
+    d["params"] = params if isinstance(params, dict) else {}
+    results = _loads(d["results"], [])
+    d["results"] = [r for r in results if isinstance(r, dict)] if isinstance(results, list) else []
     if d.get("step_batching") is not None:
-        d["step_batching"] = json.loads(d["step_batching"])
+        step = _loads(d["step_batching"], None)
+        d["step_batching"] = step if isinstance(step, dict) else None
     d["cancel_requested"] = bool(d["cancel_requested"])
     return d
+
+
+def _loads(text: Any, default: Any) -> Any:
+    try:
+        value = json.loads(text)
+    except (TypeError, ValueError, RecursionError):
+        return default
+    return _clean(value) if "\\ud" in text or "\\uD" in text else value  # escapes of U+D800..U+DFFF
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _clean(v: Any) -> Any:
+    """``v`` with every lone surrogate in its strings replaced by U+FFFD."""
+    if isinstance(v, str):
+        return _SURROGATE.sub("\ufffd", v)
+    if isinstance(v, list):
+        return [_clean(x) for x in v]
+    if isinstance(v, dict):
+        return {_clean(k): _clean(x) for k, x in v.items()}
+    return v

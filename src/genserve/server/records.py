@@ -132,7 +132,10 @@ class JobRecords:
         job = self.store.get(job_id)
         if job is None or is_terminal(job["status"]):
             return False
-        kind = self.models[job["served_model"] or job["model"]].kind
+        model = self.models.get(job["served_model"] or job["model"])
+        if model is None:  # a model since removed from the config
+            return False
+        kind = model.kind
         key = f"{job_id}/{output_name(kind)}"
         info = self.results.head(key)
         if info is None:
@@ -147,7 +150,8 @@ class JobRecords:
         """Charge the batch's device time (dispatch to end) to every job dispatched in it, by work
         share: canceled or failed jobs pay too, the device was held for them."""
         jobs = [j for j in (self.store.get(i) for i in batch.job_ids) if j is not None]
-        weights = [job_weight(j["params"]["width"], j["params"]["height"], j["params"]["num_frames"]) for j in jobs]
+        weights = [job_weight(j["params"].get("width", 1), j["params"].get("height", 1), j["params"].get("num_frames", 0))
+                   for j in jobs]
         charges = []
         for job, share in zip(jobs, apportion(max(0.0, now - batch.started_at), weights)):
             c = cost_usd(share, price_per_hour)

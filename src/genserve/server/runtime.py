@@ -29,6 +29,7 @@ from ..engine import (
     CancelRunning,
     Decision,
     Engine,
+    ErrorCode,
     FailJob,
     JobDequeued,
     KillWorker,
@@ -58,6 +59,7 @@ from .listeners import Event, Listener
 from .observe import Observer
 from .records import JobRecords
 from .retention import Retention
+from .ssrf import WebhookGuard
 from .webhooks import WebhookSender
 
 log = logging.getLogger("genserve.runtime")
@@ -149,7 +151,7 @@ class Runtime:
         self.engine = Engine(engine_settings(config, batch_id_prefix=f"b{secrets.token_hex(3)}"))
         self.events = EventHub()
         self.webhooks = WebhookSender(self.store, s.webhook_secret, max_attempts=s.webhook_max_attempts,
-                                      backoff_s=s.webhook_backoff_s)
+                                      backoff_s=s.webhook_backoff_s, guard=WebhookGuard(config.webhooks, own_port=s.port))
         ray = config.cluster.provider == "ray"
         if ray:  # Ray finds the devices: here, only how many workers to ask for
             n = config.cluster.workers if config.cluster.workers is not None else s.workers
@@ -183,11 +185,21 @@ class Runtime:
         for job in self.store.unfinished():
             self.records.adopt_output(job["id"], now, "found after a restart")
         for job in self.store.requeue_unfinished(now):
-            params = JobParams.from_dict(job["params"])
+            try:
+                params = JobParams.from_dict(job["params"])
+                priority = Priority.parse(job["priority"])
+                params.key, self.config.models[params.model]  # noqa: B018 — a model no longer configured
+            except (TypeError, ValueError, KeyError) as e:
+                # Written by an older version, or for a model since removed: it cannot run, and must
+                # not stop the server from starting.
+                log.warning("job %s cannot be restored: %s: %s", job["id"], type(e).__name__, e)
+                self.records.finish(job["id"], JobStatus.FAILED, now, code=ErrorCode.INVALID_REQUEST,
+                                    message="the stored request can no longer be run by this server")
+                continue
             self._watch_hooks(job["id"], params)
             # Re-entered jobs keep their original queue time (their place in line), their deadline
             # and the attempts they have used.
-            self.engine.submit(job["id"], params.key, Priority.parse(job["priority"]), job["t_queued"] or now,
+            self.engine.submit(job["id"], params.key, priority, job["t_queued"] or now,
                                force=True, deadline=self._deadline(params, job["t_received"]),
                                attempts=job["attempts"], tenant=job["tenant"],
                                weight=self.config.access.tenant(job["tenant"]).weight)

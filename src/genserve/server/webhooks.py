@@ -4,6 +4,11 @@ Every delivery is a row in SQLite before anything is sent, so a restart resumes 
 One asyncio task sends what is due and sleeps until the next row is due or a new one arrives (no
 polling). Retries keep the same ``webhook-id``, so receivers can drop duplicates.
 
+Where a webhook may go is ssrf.py's decision, made at submit and again at every delivery, which
+connects to the address it checked. What a job's owner sees of a failed delivery is a class
+("delivery failed", "refused: …"), never the receiver's status or the connection error: those
+would make webhooks a port scanner; the server log has the detail.
+
 Signature (https://www.standardwebhooks.com): ``webhook-signature: v1,<base64 HMAC-SHA256>`` over
 ``"<webhook-id>.<webhook-timestamp>.<body>"``, keyed with the base64 part of ``whsec_<base64>``.
 """
@@ -23,9 +28,11 @@ from typing import Any
 import httpx
 
 from ..engine.retry import Backoff
+from ..netconfig import WebhookPolicy
 from ..status import is_terminal
 from .jobstore import JobStore
 from .listeners import Event
+from .ssrf import Refused, WebhookGuard
 
 log = logging.getLogger("genserve.webhooks")
 
@@ -45,13 +52,16 @@ def _retryable(status: int | None) -> bool:
 
 
 class WebhookSender:
-    def __init__(self, store: JobStore, secret: str | None, *, max_attempts: int = 8, backoff_s: float = 1.0,
-                 timeout_s: float = 10.0) -> None:
+    def __init__(self, store: JobStore, secret: str | None, *, guard: WebhookGuard | None = None,
+                 max_attempts: int = 8, backoff_s: float = 1.0, timeout_s: float = 10.0,
+                 tls_verify: Any = True) -> None:
         self.store = store
+        self.guard = guard or WebhookGuard(WebhookPolicy())  # the default: public receivers only
         self.secret = secret
         self.max_attempts = max_attempts
         self.backoff = Backoff(first_s=backoff_s, base_s=2 * backoff_s, factor=2.0, max_s=MAX_BACKOFF_S, jitter=0.1)
         self.timeout_s = timeout_s
+        self.tls_verify = tls_verify  # httpx's ``verify``: True (system CAs) or a CA bundle / SSLContext
         self._hooks: dict[str, tuple[str, tuple[str, ...]]] = {}  # live job id -> (url, events it wants)
         self._last_progress: dict[str, float] = {}
         self._inflight: set[str] = set()
@@ -97,7 +107,12 @@ class WebhookSender:
 
     def start(self) -> None:
         self._wake = asyncio.Event()
-        self._client = httpx.AsyncClient(timeout=self.timeout_s, follow_redirects=False)
+        # No redirects (a 30x to an internal address would bypass the check), no proxy from the
+        # environment (the pinned address must be what the connection goes to), and no kept-alive
+        # connections: the pool is keyed by the pinned address, so a TLS connection verified for
+        # one host name could otherwise carry a request for another name on the same address.
+        self._client = httpx.AsyncClient(timeout=self.timeout_s, follow_redirects=False, trust_env=False,
+                                         limits=httpx.Limits(max_keepalive_connections=0), verify=self.tls_verify)
         self._task = asyncio.get_running_loop().create_task(self._run())
 
     async def close(self) -> None:
@@ -134,14 +149,22 @@ class WebhookSender:
                    "webhook-id": row["id"], "webhook-timestamp": str(ts),
                    "webhook-signature": sign(self.secret, row["id"], ts, body)}
         status: int | None = None
+        error = "delivery failed"  # all the job's owner learns (see the module docstring)
         try:
-            resp = await self._client.post(row["url"], content=body, headers=headers)
-            status, error = resp.status_code, f"HTTP {resp.status_code}"
+            target = await self.guard.target(row["url"])
+            headers["host"] = target.host_header
+            ext = {"sni_hostname": target.server_name} if target.server_name else {}
+            resp = await self._client.post(target.url, content=body, headers=headers, extensions=ext)
+            status, detail = resp.status_code, f"HTTP {resp.status_code}"
+        except Refused as e:
+            status, error, detail = 0, f"refused: the URL {e.reason}", "refused by the webhook policy"
         except httpx.HTTPError as e:
-            error = f"{type(e).__name__}: {e}"
+            detail = f"{type(e).__name__}: {e}"
         except Exception as e:  # noqa: BLE001 — a bad URL must not kill the delivery task
-            error = f"{type(e).__name__}: {e}"
+            detail = f"{type(e).__name__}: {e}"
             status = 0
+        if not (status is not None and 200 <= status < 300):
+            log.info("webhook %s for job %s to %s: %s", row["id"], row["job_id"], row["url"], detail)
         attempts = row["attempts"] + 1
         now = time.time()
         try:
@@ -153,7 +176,7 @@ class WebhookSender:
                                            next_at=now + self.backoff.delay(attempts, row["id"]))
             else:
                 log.warning("webhook %s for job %s gave up after %d attempts: %s", row["id"], row["job_id"],
-                            attempts, error)
+                            attempts, detail)
                 self.store.update_delivery(row["id"], status="failed", attempts=attempts, last_error=error)
         finally:
             self._inflight.discard(row["id"])

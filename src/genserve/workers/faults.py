@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import signal
 import time
+from collections.abc import Sequence
 from typing import Any
 
 
@@ -31,8 +32,12 @@ class FaultInjector:
         if model in self.spec.get("fail_load", ()):
             raise RuntimeError(f"injected fault: loading {model} fails")
 
-    def on_batch(self, size: int) -> None:
+    def on_batch(self, size: int, prompts: Sequence[str] = ()) -> None:
         self.batches += 1
+        marker = self.spec.get("fail_prompt")
+        if marker and any(marker in p for p in prompts):
+            # What a tokenizer does with an input it cannot take: the whole pipeline call fails.
+            raise TypeError("injected fault: TextEncodeInput must be Union[TextInputSequence, ...]")
         limit = self.spec.get("oom_above_batch", 0)
         if limit and size > limit:
             raise _oom_error(f"injected fault: out of memory for a batch of {size} (limit {limit})")

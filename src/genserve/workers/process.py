@@ -150,7 +150,7 @@ def run_worker(recv: Callable[[], dict[str, Any]], emit: Callable[[dict[str, Any
             try:
                 if msg["model"] not in runner.pipes:
                     raise RuntimeError(failed_loads.get(msg["model"], f"model {msg['model']} is not loaded"))
-                injector.on_batch(len(msg["jobs"]))
+                injector.on_batch(len(msg["jobs"]), [j["prompt"] for j in msg["jobs"]])
                 if msg.get("mode") != "step":
                     peak = runner.run(msg, emit, canceled, on_step=injector.on_step)
                 elif step_driver(runner, msg["model"]) is not None:

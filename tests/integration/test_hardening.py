@@ -1,0 +1,77 @@
+"""Hardening against a real server (uvicorn, worker processes, the demo model): a job whose input
+breaks the pipeline fails alone while its batch-mates succeed, and the body limit holds on a real
+socket while the health check keeps answering."""
+from __future__ import annotations
+
+import socket
+import time
+
+import httpx
+import pytest
+
+from genserve.testing import LiveServer, post_concurrently, wait_for
+
+from .test_failures import FAULTS_ON, config
+
+pytestmark = pytest.mark.slow
+
+
+def test_a_job_whose_input_breaks_the_pipeline_fails_alone_and_its_batch_mates_succeed(demo_models, tmp_path):
+    # The worker's pipeline call raises for any batch holding a prompt with POISON in it (as a
+    # tokenizer does for an input it cannot take); four jobs arrive together and share a batch.
+    cfg = config(demo_models, faults='[faults]\nfail_prompt = "POISON"\nlives = 99', max_wait_ms=1500)
+    with LiveServer(tmp_path, cfg, workers=1, env=FAULTS_ON) as srv, httpx.Client(base_url=srv.url, timeout=120) as c:
+        bodies = [{"model": "demo-image", "prompt": p, "seed": i}
+                  for i, p in enumerate(["a cat", "a POISON dog", "a bird", "a fish"])]
+        rs = post_concurrently(srv.url, bodies)
+        assert all(r.status_code == 202 for r in rs), [r.text for r in rs]
+        jobs = [wait_for(c, r.json()["id"]) for r in rs]
+        statuses = {j["params"]["prompt"]: j["status"] for j in jobs}
+        assert statuses == {"a cat": "succeeded", "a POISON dog": "failed", "a bird": "succeeded",
+                            "a fish": "succeeded"}, statuses
+        bad = jobs[1]
+        assert bad["error"]["code"] == "internal" and bad["error"]["retryable"] is False
+        assert bad["attempts"][-1]["batch_size"] == 1  # it failed alone
+        first = {j["attempts"][0]["batch_id"] for j in jobs}
+        assert len(first) == 1 and jobs[0]["attempts"][0]["batch_size"] == 4  # they did share a batch
+        for j in (jobs[0], jobs[2], jobs[3]):
+            assert j["attempts"][0]["code"] == "internal"  # the shared batch failed...
+            assert j["attempts"][-1]["code"] is None  # ...and each ran again without the poison
+            assert j["batch"]["id"] != bad["batch"]["id"]
+
+
+def test_body_limit_on_a_real_socket(demo_models, tmp_path):
+    cfg = config(demo_models) + "\n[http]\nmax_body_bytes = 65536\n"
+    with LiveServer(tmp_path, cfg, workers=1) as srv, httpx.Client(base_url=srv.url, timeout=30) as c:
+        host, port = "127.0.0.1", srv.port
+        # Declares 200 MB: refused before a byte of it is read.
+        with socket.create_connection((host, port), timeout=10) as s:
+            s.sendall(b"POST /v1/jobs HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                      b"Content-Length: 209715200\r\n\r\n" + b"{" * 1024)
+            head = s.recv(4096)
+        assert head.startswith(b"HTTP/1.1 413"), head[:200]
+        # Chunked, no length: counted as it arrives; the server answers 413 once past the limit.
+        with socket.create_connection((host, port), timeout=10) as s:
+            s.sendall(b"POST /v1/jobs HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                      b"Transfer-Encoding: chunked\r\n\r\n")
+            chunk = b"%x\r\n%s\r\n" % (16384, b" " * 16384)
+            got = b""
+            sent = 0
+            deadline = time.monotonic() + 20
+            s.settimeout(0.05)
+            while b"\r\n\r\n" not in got and time.monotonic() < deadline:
+                try:
+                    s.sendall(chunk)
+                    sent += 16384
+                except OSError:
+                    pass
+                try:
+                    got += s.recv(4096)
+                except (TimeoutError, socket.timeout):
+                    pass
+                except OSError:
+                    break
+                assert c.get("/healthz").status_code == 200  # the server keeps answering meanwhile
+        assert got.startswith(b"HTTP/1.1 413"), got[:200]
+        assert sent < 4 << 20  # it did not read on for megabytes
+        assert c.get("/v1/jobs").json()["data"] == []  # nothing was stored
