@@ -38,11 +38,10 @@ def test_queued_jobs_survive_kill_9_and_complete_after_restart(tmp_path):
             again = c.post("/v1/jobs", json={"model": "demo-image", "prompt": "survivor 0", "id": "req-0", "priority": "low"})
             assert again.json()["id"] == ids[0] and again.json()["status"] == "succeeded"
             assert c.get(f"/v1/jobs/{ids[0]}/result").headers["content-type"] == "image/png"
-            # Subscribers after a restart see the job's story from its restored queue entry on.
+            # Subscribers after the job ended see its milestones, rebuilt from the record.
             with c.stream("GET", f"/v1/jobs/{ids[1]}/events") as r:
                 names = [line[6:].strip() for line in r.iter_lines() if line.startswith("event:")]
-            assert names[:2] == ["queued", "started"] and names[-1] == "succeeded"
-            assert set(names[2:-1]) == {"progress"}
+            assert names == ["queued", "started", "succeeded"]
             # For a job that ended before the restart, the milestones are rebuilt from its record.
             assert c.get(f"/v1/jobs/{gone}").json()["status"] == "canceled"
             with c.stream("GET", f"/v1/jobs/{gone}/events") as r:

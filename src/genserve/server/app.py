@@ -478,7 +478,9 @@ def _synthesized(job: dict[str, Any], last_id: int = 0) -> list[dict[str, Any]]:
     ``last_id``: a client reconnecting with a Last-Event-ID from the live stream learns the outcome."""
     evs: list[tuple[str, dict[str, Any]]] = [("queued", {"model": job["model"], "priority": job["priority"]})]
     if job["t_dispatched"] is not None:
-        evs.append(("started", {"batch_id": job["batch_id"], "batch_size": job["batch_size"], "worker": job["worker"]}))
+        evs.append(("started", {"batch_id": job["batch_id"], "batch_size": job["batch_size"], "worker": job["worker"],
+                                "model": job["served_model"] or job["model"],
+                                "cold_start": job["t_load_start"] is not None}))
     if is_terminal(job["status"]):
         data: dict[str, Any] = {"status": job["status"]}
         if job["error_code"]:
