@@ -1,4 +1,4 @@
-"""Ray worker pool vs local process pool, on one machine (benchmarks/results/cluster.md).
+"""Ray worker pool vs local process pool, on one machine (figures: benchmarks/RESULTS.md, "Cluster").
 
 1. Dispatch overhead per batch: the time from the pool's ``send(run)`` to the worker's ``started``
    message (its own clock, same machine), for a local worker process (pipe) and a Ray actor on a
