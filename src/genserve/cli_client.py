@@ -75,6 +75,9 @@ def follow(client: httpx.Client, job_id: str, on_event: Callable[[str, dict[str,
                         last_id = max(last_id, int(sse.id))
                     if not sse.event or sse.event == "message":
                         continue
+                    if sse.event == "reconnect":  # the server is draining: come back with Last-Event-ID
+                        reason = "the server is restarting"
+                        break
                     data = json.loads(sse.data) if sse.data else {}
                     on_event(sse.event, data)
                     if is_terminal(sse.event):

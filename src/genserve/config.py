@@ -26,6 +26,7 @@ from .engine.residency import RESIDENCY
 from .engine.settings import ENGINE_KEYS, EngineSettings
 from .engine.settings import engine_settings as build_engine_settings
 from .engine.types import ModelLimits
+from .config_faults import FAULTS_ENV, FaultConfig, parse_faults  # noqa: F401 (FAULTS_ENV: re-exported)
 from .retention import RetentionConfig, RetentionError, parse_retention
 from .netconfig import HttpConfig, WebhookPolicy, parse_net_sections
 
@@ -33,7 +34,6 @@ KINDS = ("image", "video")
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 BATCHING_MODES = ("request", "step")
 GIB = 1 << 30
-FAULTS_ENV = "GENSERVE_ENABLE_FAULTS"  # fault injection is refused unless this is "1"
 
 
 @dataclass(frozen=True)
@@ -152,29 +152,6 @@ class AutoscaleConfig:
 
 
 AUTOSCALE_PARAMS = ("target_queue_s", "headroom", "horizon_s", "lead_s", "period_s", "bucket_s", "baseline")
-
-
-@dataclass(frozen=True)
-class FaultConfig:
-    """Fault injection for recovery drills (off unless configured *and* $GENSERVE_ENABLE_FAULTS=1).
-    Counts are per worker process; ``lives`` processes of each affected worker misbehave, later
-    restarts behave (so a drill tests recovery, not an endless crash loop, unless asked to)."""
-
-    oom_above_batch: int = 0  # raise OutOfMemoryError for batches with more jobs than this
-    crash_on_batch: int = 0  # SIGKILL itself at the first step of its Nth batch
-    hang_on_batch: int = 0  # sleep forever inside the first step of its Nth batch
-    fail_load: tuple[str, ...] = ()  # models whose load raises
-    fail_prompt: str = ""  # a batch with a job whose prompt contains this raises (an input the pipeline rejects)
-    workers: tuple[str, ...] = ()  # worker ids affected (empty: all)
-    lives: int = 1
-
-    def for_worker(self, worker_id: str, life: int) -> dict[str, Any] | None:
-        """The faults one worker process applies (a plain dict: it crosses a process boundary)."""
-        if (self.workers and worker_id not in self.workers) or life >= self.lives:
-            return None
-        return {"oom_above_batch": self.oom_above_batch, "crash_on_batch": self.crash_on_batch,
-                "hang_on_batch": self.hang_on_batch, "fail_load": list(self.fail_load),
-                "fail_prompt": self.fail_prompt}
 
 
 @dataclass(frozen=True)
@@ -362,32 +339,6 @@ def _parse_server(raw: Any) -> ServerConfig:
     return s
 
 
-_FAULT_KEYS = SECTIONS["faults"].known_keys()
-
-
-def _parse_faults(raw: Any, models: dict[str, ModelConfig]) -> FaultConfig:
-    _type("faults", raw, dict, "a table")
-    if os.environ.get(FAULTS_ENV) != "1":
-        raise ConfigError("faults", f"fault injection is for tests; refused unless ${FAULTS_ENV}=1")
-    _check_table("faults", raw, _FAULT_KEYS)
-    kw: dict[str, Any] = {}
-    for k in ("oom_above_batch", "crash_on_batch", "hang_on_batch"):
-        if k in raw:
-            kw[k] = _int(f"faults.{k}", raw[k], 0)
-    if "lives" in raw:
-        kw["lives"] = _int("faults.lives", raw["lives"], 1)
-    if "fail_prompt" in raw:
-        kw["fail_prompt"] = _type("faults.fail_prompt", raw["fail_prompt"], str, "a string")
-    for k in ("fail_load", "workers"):
-        if k in raw:
-            _type(f"faults.{k}", raw[k], list, "a list of names")
-            kw[k] = tuple(_type(f"faults.{k}[{i}]", v, str, "a string") for i, v in enumerate(raw[k]))
-    for i, name in enumerate(kw.get("fail_load", ())):
-        if name not in models:
-            raise ConfigError(f"faults.fail_load[{i}]", f"unknown model {name!r}")
-    return FaultConfig(**kw)
-
-
 def _parse_prices(raw: Any) -> dict[str, float]:
     """``[prices]``: device type -> US$ per hour. Types are matched against the GPU's name
     (``H100`` matches "NVIDIA H100 80GB HBM3"); ``gpu`` is the fallback for an unlisted GPU."""
@@ -415,7 +366,7 @@ def parse_config(data: dict[str, Any]) -> Config:
                 models[name] = m
         if len(models) == len(models_raw):  # else references to a broken model would be noise
             _check_fallbacks(models, c)
-    faults = c.run("faults", lambda r: _parse_faults(r, models), data["faults"], None) if "faults" in data else None
+    faults = c.run("faults", lambda r: parse_faults(r, models), data["faults"], None) if "faults" in data else None
     autoscale = c.run("autoscale", _parse_autoscale, data["autoscale"], None) if "autoscale" in data else None
     prices = c.run("prices", _parse_prices, data.get("prices", {}), dict(DEFAULT_PRICES))
     cluster = c.run("cluster", parse_cluster, data.get("cluster", {}), ClusterConfig())

@@ -53,6 +53,7 @@ from ..workers.pool import LocalPool, detect_devices
 from ..workers.ray_pool import RayPool, RaySettings
 from .events import EventHub
 from .fleet import FleetState
+from .worker_events import WorkerEvents
 from .messages import join_message, load_message, run_message
 from .jobstore import JobStore
 from .listeners import Event, Listener
@@ -161,11 +162,15 @@ class Runtime:
         self.gpus = [d for d in detected if d.startswith("cuda")]
         self.devices = initial_devices(config, detected)
         pool = pool or (ray_pool if ray else local_pool)(config, results_spec)
-        self.pool: Pool = pool(self.devices, self._on_message, self._on_exit)
+        # The pool reports to ``worker_events``, made below once the records exist it writes to.
+        self.pool: Pool = pool(self.devices, lambda w, m: self.worker_events.on_message(w, m),
+                               lambda w, code: self.worker_events.on_exit(w, code))
         self.fleet = FleetState(self.engine, self.pool, config.prices)
         self.observer = Observer(config.prices, config.models, self.fleet, self.store, clock)
         self.listeners: list[Listener] = [self.events, self.webhooks, self.observer]
         self.records = JobRecords(self.store, self.results, config.models, self._publish)
+        self.worker_events = WorkerEvents(self.engine, self.records, self.fleet, config.prices, clock, self._execute,
+                                          self._pump, self._publish)
         self.retention = Retention(config.retention, self.store, self.results, self.observer.metrics.registry, clock)
         self.listeners.append(self.retention)
         self.models_ready = False
@@ -394,73 +399,3 @@ class Runtime:
             self.webhooks.watch(job_id, params.webhook, params.webhook_events)
 
     # ---- worker events ---------------------------------------------------------------------------
-
-    def _on_message(self, worker_id: str, msg: dict[str, Any]) -> None:
-        ev = msg["ev"]
-        now = self.clock()
-        batch = self.engine.running_batch(msg.get("batch_id", ""))
-        self.engine.worker_seen(worker_id, now)
-        if ev == "heartbeat":
-            return self._pump(now)
-        for b in self.engine.batches_on(worker_id):  # anything else from a busy worker is a sign of progress
-            self.engine.batch_progress(b.id, now)
-        if ev == "ready":
-            log.info("worker %s ready on %s (pid %s, %s threads, %.1f MiB)", worker_id, msg["device"], msg["pid"],
-                     msg["threads"], msg["capacity_bytes"] / (1 << 20))
-            self.engine.worker_up(worker_id, now, msg["capacity_bytes"])
-            self.fleet.worker_ready(worker_id)
-        elif ev == "loaded":
-            self._loaded(worker_id, msg, now)
-        elif ev == "unloaded":
-            self.fleet.unloaded(worker_id, msg)
-        elif ev == "load_failed":
-            self.engine.model_load_failed(worker_id, msg["model"], now)
-            log.error("worker %s failed to load %s: %s", worker_id, msg["model"], msg["message"])
-        elif ev == "started" and batch:
-            if self.engine.models[batch.key.model].step_batching:
-                return self._pump(now)  # each job reports its own start (job_started)
-            self.records.inference_started(list(batch.jobs), msg["t"])
-        elif ev == "job_started":
-            self.records.inference_started([msg["job_id"]], msg["t"])
-        elif ev == "job_paused":
-            self._execute(self.engine.job_paused(msg["job_id"], now), now)
-        elif ev == "progress" and batch:
-            self.records.step([msg["job_id"]] if "job_id" in msg else list(batch.jobs), msg["step"], msg["total"], now)
-        elif ev == "job_canceled":
-            self.engine.job_ended(msg["job_id"], now)
-            self.records.canceled(msg["job_id"], msg["t"])
-        elif ev == "job_done":
-            self.engine.job_ended(msg["job_id"], now)
-            self.records.output_written(msg["job_id"], msg, now)
-        elif ev == "batch_done" and batch:
-            self.fleet.batch_over(batch.id)
-            self._execute(self.engine.batch_finished(batch.id, now, msg.get("peak_bytes", 0),
-                                                     msg.get("estimated_bytes", 0)), now)
-            dtype = self.fleet.device_type(batch.worker)
-            self.records.charge(batch, dtype, self.config.prices.get(dtype, 0.0), now)
-        elif ev == "batch_failed" and batch:
-            log.warning("batch %s on %s failed: %s: %s", batch.id, worker_id, msg["code"], msg["message"])
-            self.fleet.batch_over(batch.id)
-            self._execute(self.engine.batch_failed(batch.id, msg["code"], msg["message"], now), now)
-        self._pump(now)
-
-    def _loaded(self, worker_id: str, msg: dict[str, Any], now: float) -> None:
-        self.engine.model_loaded(worker_id, msg["model"], msg["bytes"], now)
-        self._publish(Event("model_loaded", now, data={"worker": worker_id, **msg}))
-        for job_ids in self.fleet.loaded(worker_id, msg, now):
-            if not msg.get("cached"):  # a batch that waited for a load: its jobs record it
-                self.records.model_loaded(job_ids, msg)
-
-    def _on_exit(self, worker_id: str, code: int | None) -> None:
-        now = self.clock()
-        lost = self.engine.batches_on(worker_id)
-        for b in lost:
-            self.fleet.batch_over(b.id)
-            for j in b.job_ids:
-                if self.records.adopt_output(j, now, "written before its worker died"):
-                    self.engine.job_ended(j, now)
-        # Each job still in the engine's batch has a failed attempt: retried or failed by policy.
-        self._execute(self.engine.worker_down(worker_id, now), now)
-        self.fleet.worker_gone(worker_id)
-        log.warning("worker %s lost (exit code %s) with %d batch(es)", worker_id, code, len(lost))
-        self._pump(now)
