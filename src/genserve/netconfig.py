@@ -21,6 +21,8 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
+from .config_values import _check_table
+
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 MIB = 1 << 20
@@ -50,11 +52,7 @@ class WebhookPolicy:
 
 
 def _table(key: str, raw: Any, known: set[str]) -> dict[str, Any]:
-    if not isinstance(raw, dict):
-        raise _Err(key, "must be a table")
-    unknown = sorted(set(raw) - known)
-    if unknown:
-        raise _Err(f"{key}.{unknown[0]}", "unknown key")
+    _check_table(key, raw, known)  # a ConfigError naming the key, with "did you mean"
     return raw
 
 

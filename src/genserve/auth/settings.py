@@ -9,6 +9,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..config_values import _check_table
 from .keys import TENANT_RE
 
 PRIORITIES = ("high", "standard", "low")  # best first, as genserve.engine.Priority
@@ -72,11 +73,7 @@ def parse_cors_origins(raw: Any, error: Err) -> tuple[str, ...]:
 
 
 def _table(key: str, raw: Any, known: set[str], error: Err) -> dict[str, Any]:
-    if not isinstance(raw, dict):
-        raise error(key, "must be a table")
-    unknown = sorted(set(raw) - known)
-    if unknown:
-        raise error(f"{key}.{unknown[0]}", "unknown key")
+    _check_table(key, raw, known)  # a ConfigError naming the key, with "did you mean"
     return raw
 
 
@@ -100,7 +97,7 @@ def _number(key: str, v: Any, lo: float, integer: bool, error: Err) -> Any:
     if isinstance(v, bool) or not isinstance(v, ok):
         raise error(key, f"must be {'an integer' if integer else 'a number'}, got {v!r}")
     if v < lo or (not integer and v == 0 and lo > 0):
-        raise error(key, f"must be ≥ {lo}" if integer else f"must be > 0")
+        raise error(key, f"must be ≥ {lo}" if integer else "must be > 0")
     return v if integer else float(v)
 
 

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config_error import ConfigError
+from ..config_values import _check_table
 
 PROVIDERS = ("local", "ray")
 STORES = ("local", "s3")
@@ -44,14 +45,6 @@ class ResultsConfig:
                 "region": self.region, "serve": self.serve, "presign_expiry_s": self.presign_expiry_s}
 
 
-def _check(section: str, raw: Any, known: set[str]) -> None:
-    if not isinstance(raw, dict):
-        raise ConfigError(section, "must be a table")
-    unknown = sorted(set(raw) - known)
-    if unknown:
-        raise ConfigError(f"{section}.{unknown[0]}", "unknown key")
-
-
 def _str(key: str, v: Any) -> str:
     if not isinstance(v, str) or not v:
         raise ConfigError(key, f"must be a non-empty string, got {v!r}")
@@ -65,7 +58,7 @@ def _choice(key: str, v: Any, options: tuple[str, ...]) -> str:
 
 
 def parse_cluster(raw: Any) -> ClusterConfig:
-    _check("cluster", raw, {f.name for f in fields(ClusterConfig)})
+    _check_table("cluster", raw, {f.name for f in fields(ClusterConfig)})
     kw: dict[str, Any] = {}
     if "provider" in raw:
         kw["provider"] = _choice("cluster.provider", raw["provider"], PROVIDERS)
@@ -86,7 +79,7 @@ def parse_cluster(raw: Any) -> ClusterConfig:
 
 
 def parse_results(raw: Any) -> ResultsConfig:
-    _check("results", raw, {f.name for f in fields(ResultsConfig)})
+    _check_table("results", raw, {f.name for f in fields(ResultsConfig)})
     kw: dict[str, Any] = {}
     if "store" in raw:
         kw["store"] = _choice("results.store", raw["store"], STORES)
