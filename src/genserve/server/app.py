@@ -476,7 +476,8 @@ def _sse(ev: dict[str, Any]) -> str:
 def _synthesized(job: dict[str, Any], last_id: int = 0) -> list[dict[str, Any]]:
     """A job's milestones rebuilt from its record. A terminal event is always numbered after
     ``last_id``: a client reconnecting with a Last-Event-ID from the live stream learns the outcome."""
-    evs: list[tuple[str, dict[str, Any]]] = [("queued", {"model": job["model"], "priority": job["priority"]})]
+    evs: list[tuple[str, dict[str, Any]]] = [("queued", {"model": job["model"], "priority": job["priority"],
+                                                         "tenant": job["tenant"]})]
     if job["t_dispatched"] is not None:
         evs.append(("started", {"batch_id": job["batch_id"], "batch_size": job["batch_size"], "worker": job["worker"],
                                 "model": job["served_model"] or job["model"],

@@ -69,7 +69,7 @@ class JobRecords:
         for j in d.job_ids:
             self.publish(Event("started", now, j, {"batch_id": d.batch_id, "batch_size": len(d.job_ids),
                                                    "worker": d.worker, "model": d.key.model,
-                                                   "cold_start": waits, "joined": joined}))
+                                                   "cold_start": waits}))
         return [self.store.get(j) for j in d.job_ids]  # type: ignore[misc]
 
     def model_loaded(self, job_ids: tuple[str, ...], msg: Mapping[str, Any]) -> None:
