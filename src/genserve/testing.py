@@ -37,7 +37,7 @@ class LiveServer:
         self.proc: subprocess.Popen | None = None
         self.log_path = self.data_dir / f"server-{self.port}.log"
 
-    def start(self, timeout: float = 180.0) -> "LiveServer":
+    def start(self, timeout: float = 360.0) -> "LiveServer":
         cmd = [sys.executable, "-m", "genserve.cli", "serve", "--port", str(self.port), "--host", "127.0.0.1",
                "--data-dir", str(self.data_dir), "--workers", str(self.workers)]
         if self.config_path:
