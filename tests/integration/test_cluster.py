@@ -5,7 +5,6 @@ loopback); the servers are real subprocesses. One cluster and one S3 server for 
 from __future__ import annotations
 
 import os
-import time
 
 import httpx
 import pytest
