@@ -129,6 +129,8 @@ def run_worker(recv: Callable[[], dict[str, Any]], emit: Callable[[dict[str, Any
         if op == P.HELLO:  # a new server attached: it knows nothing of us, so start from a clean slate
             for model in list(runner.pipes):
                 runner.unload(model)
+            parked.clear()  # paused jobs' latents belonged to the old server's bookkeeping
+            pausing.clear()
             ready()
             continue
         if op == P.LOAD:
