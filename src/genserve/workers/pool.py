@@ -197,7 +197,9 @@ class LocalPool:
         for p in procs:
             if p.is_alive():
                 p.kill()
-        await asyncio.get_running_loop().run_in_executor(None, _wait_all, procs, 2.0)
+        # SIGKILL cannot be refused, but a busy kernel may take seconds to tear down a process
+        # holding a large address space: wait for it (bounded), so close() returns with none alive
+        await asyncio.get_running_loop().run_in_executor(None, _wait_all, procs, 30.0)
 
 
 def _wait_all(procs: list, timeout: float) -> None:
