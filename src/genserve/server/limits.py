@@ -123,7 +123,15 @@ def allowed_methods(routes: list[Any], scope: Scope) -> str:
     from starlette.routing import Match
 
     methods: set[str] = set()
-    for route in routes:
-        if getattr(route, "methods", None) and route.matches({**scope, "method": "GET"})[0] != Match.NONE:
-            methods |= set(route.methods)
+
+    def visit(routes: list[Any]) -> None:
+        for route in routes:
+            # FastAPI >= 0.165 keeps an included router (we include them without a prefix) as one entry
+            inner = getattr(getattr(route, "original_router", None), "routes", None)
+            if inner is not None:
+                visit(inner)
+            elif getattr(route, "methods", None) and route.matches({**scope, "method": "GET"})[0] != Match.NONE:
+                methods.update(set(route.methods) - {"HEAD"})
+
+    visit(routes)
     return ", ".join(sorted(methods))

@@ -16,6 +16,7 @@ from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 
 from .auth import OPEN_PATHS, is_admin_route
+from .limits import allowed_methods
 
 ERROR_SCHEMA: dict[str, Any] = {
     "type": "object", "required": ["error"],
@@ -69,10 +70,9 @@ class AllowMiddleware:
 
         async def send_allow(message: dict) -> None:
             if message["type"] == "http.response.start" and message["status"] == 405:
-                methods = sorted({m for r in self.routes() if getattr(r, "methods", None)
-                                  and r.path_regex.match(scope["path"]) for m in r.methods} - {"HEAD"})
                 headers = [(k, v) for k, v in message.get("headers", []) if k.lower() != b"allow"]
-                message = {**message, "headers": headers + [(b"allow", ", ".join(methods).encode())]}
+                allow = allowed_methods(self.routes(), scope).encode()
+                message = {**message, "headers": headers + [(b"allow", allow)]}
             await send(message)
 
         await self.app(scope, receive, send_allow)
@@ -80,7 +80,7 @@ class AllowMiddleware:
 
 def install_openapi(app: FastAPI, models: Iterable[str], auth: bool = True) -> None:
     names = list(models)
-    app.add_middleware(AllowMiddleware, routes=lambda: app.routes)
+    app.add_middleware(AllowMiddleware, routes=lambda: app.router.routes)
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:

@@ -1,0 +1,164 @@
+"""The native job API: submit, list, read, cancel, delete, fetch results, stream events (SSE)."""
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+from ..auth.keys import Principal
+from ..requests import RequestError
+from ..status import JobStatus, is_terminal
+from .api import Api
+from .auth import principal
+from .events import RECONNECT
+from .schemas import JobRequest
+
+
+def jobs_router(api: Api) -> APIRouter:
+    router = APIRouter()
+
+    @router.post("/v1/jobs", status_code=202, tags=["jobs"])
+    async def create_job(body: JobRequest, request: Request, who: Principal = Depends(principal)):
+        job, created = await api.create_job(body.model_dump(), who, client_id=body.id,
+                                            explicit_priority="priority" in body.model_fields_set)
+        return JSONResponse(api.job_view(api.jobs.get(job["id"]), api.base(request)), status_code=202,
+                            headers={} if created else {"Idempotent-Replayed": "true"})
+
+    @router.get("/v1/jobs", tags=["jobs"])
+    async def list_jobs(request: Request, limit: int = 50, tenant: str | None = None, status: JobStatus | None = None,
+                        model: str | None = None, who: Principal = Depends(principal)):
+        """The most recent jobs, newest first: the caller's tenant's (an admin key: every tenant's,
+        or ``tenant``'s); ``status`` and ``model`` filter them."""
+        if not 1 <= limit <= 1000:
+            raise RequestError("limit", "must be between 1 and 1000")
+        if not who.admin:
+            if tenant is not None and tenant != who.tenant:
+                raise RequestError("tenant", f"no tenant {tenant!r}", status=404, code="not_found")
+            tenant = who.tenant
+        found = api.jobs.recent(limit, tenant, status=status, model=model)
+        return {"object": "list", "data": [api.job_view(j, api.base(request)) for j in found]}
+
+    @router.get("/v1/jobs/{job_id}", tags=["jobs"])
+    async def get_job(job_id: str, request: Request, who: Principal = Depends(principal)):
+        return api.job_view(api.job_or_404(job_id, who), api.base(request))
+
+    @router.post("/v1/jobs/{job_id}/cancel", tags=["jobs"])
+    async def cancel_job(job_id: str, request: Request, who: Principal = Depends(principal)):
+        api.job_or_404(job_id, who)
+        job = api.control.cancel(job_id)
+        api.control.kick()
+        return api.job_view(job, api.base(request))
+
+    @router.delete("/v1/jobs/{job_id}", tags=["jobs"], status_code=204,
+                responses={404: {"description": "no such job (or already deleted)"},
+                           409: {"description": "the job has not finished: cancel it first"}})
+    async def delete_job(job_id: str, who: Principal = Depends(principal)):
+        """Delete a finished job: its result files and its record. 204 once deleted; a repeated
+        delete finds nothing and answers 404 (the outcome is the same). A queued or running job is
+        not deleted (409): cancel it, then delete it once it is canceled. Another tenant's job: 404."""
+        job = api.job_or_404(job_id, who)
+        if not is_terminal(job["status"]):
+            raise RequestError("id", f"job is {job['status']}; cancel it first (POST {job_id}/cancel), then delete "
+                               "it once canceled", status=409, code="conflict")
+        api.control.delete_job(job_id)
+        return Response(status_code=204)
+
+    @router.get("/v1/jobs/{job_id}/result", tags=["jobs"])
+    async def get_result(job_id: str, index: int = 0, who: Principal = Depends(principal)):
+        job = api.job_or_404(job_id, who)
+        return await api.serve_result(job, api.result_ref(job, index))
+
+    @router.get("/v1/jobs/{job_id}/events", tags=["jobs"])
+    async def job_events(job_id: str, request: Request, who: Principal = Depends(principal)):
+        api.job_or_404(job_id, who)
+        last_id = _last_event_id(request.headers.get("last-event-id"))
+
+        async def stream():
+            # Read here, not in the handler: the job may have moved on before the stream started.
+            job = api.jobs.get(job_id) or {}
+            offset = 0  # added to the hub's ids when they follow rebuilt milestones
+            if not api.events.known(job_id):
+                # History is gone (the job ended, a restart, or an old job): rebuild the milestones
+                # from the record; live events continue their numbering, so Last-Event-ID stays meaningful.
+                history, q = _synthesized(job, last_id), None
+                if not is_terminal(job["status"]):
+                    offset = len(history)
+                    hist2, q = api.events.subscribe(job_id)
+                    history += [dict(e, id=offset + e["id"]) for e in hist2]
+                elif api.events.closed:
+                    history.append(api.events.reconnect_event())
+            else:
+                history, q = api.events.subscribe(job_id)
+            try:
+                for ev in history:
+                    if ev["event"] == RECONNECT:
+                        yield _sse(ev)
+                        return
+                    if ev["id"] > last_id:
+                        yield _sse(ev)
+                    if is_terminal(ev["event"]):
+                        return
+                if q is None:
+                    return
+                while True:
+                    try:
+                        ev = await asyncio.wait_for(q.get(), timeout=15)
+                    except asyncio.TimeoutError:
+                        yield ": keep-alive\n\n"
+                        continue
+                    if ev["event"] == RECONNECT:  # the server is shutting down; the job is durable
+                        yield _sse(ev)
+                        return
+                    if offset:
+                        ev = dict(ev, id=offset + ev["id"])
+                    if ev["id"] > last_id:
+                        yield _sse(ev)
+                    if is_terminal(ev["event"]):
+                        return
+            finally:
+                if q is not None:
+                    api.events.unsubscribe(job_id, q)
+
+        return StreamingResponse(stream(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    return router
+
+
+def _last_event_id(header: str | None) -> int:
+    """Resume after this event id. Our ids are positive integers; anything else is a client bug
+    worth a clear 400 rather than a silent replay from the start."""
+    if header is None or not header.strip():
+        return 0
+    if not header.strip().isdigit() or len(header.strip()) > 18:
+        raise RequestError("Last-Event-ID", f"must be an event id this stream sent (a number), got {header[:40]!r}")
+    return int(header)
+
+
+def _sse(ev: dict[str, Any]) -> str:
+    if ev["event"] == RECONNECT:  # no id: Last-Event-ID stays at the last job event
+        return f"retry: {ev['data']['retry_ms']}\nevent: {RECONNECT}\ndata: {json.dumps(ev['data'])}\n\n"
+    return f"id: {ev['id']}\nevent: {ev['event']}\ndata: {json.dumps(ev['data'])}\n\n"
+
+
+def _synthesized(job: dict[str, Any], last_id: int = 0) -> list[dict[str, Any]]:
+    """A job's milestones rebuilt from its record. A terminal event is always numbered after
+    ``last_id``: a client reconnecting with a Last-Event-ID from the live stream learns the outcome."""
+    evs: list[tuple[str, dict[str, Any]]] = [("queued", {"model": job["model"], "priority": job["priority"],
+                                                         "tenant": job["tenant"]})]
+    if job["t_dispatched"] is not None:
+        evs.append(("started", {"batch_id": job["batch_id"], "batch_size": job["batch_size"], "worker": job["worker"],
+                                "model": job["served_model"] or job["model"],
+                                "cold_start": job["t_load_start"] is not None}))
+    if is_terminal(job["status"]):
+        data: dict[str, Any] = {"status": job["status"]}
+        if job["error_code"]:
+            data["error"] = {"code": job["error_code"], "message": job["error_message"]}
+        evs.append((job["status"], data))
+    out = [{"id": i + 1, "event": e, "data": d} for i, (e, d) in enumerate(evs)]
+    if is_terminal(job["status"]):
+        out[-1]["id"] = max(out[-1]["id"], last_id + 1)
+    return out
