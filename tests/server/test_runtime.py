@@ -158,6 +158,25 @@ def test_a_job_is_finished_exactly_once(tmp_path):
     run(go())
 
 
+def test_a_step_mode_progress_message_carries_each_jobs_own_count(tmp_path):
+    """Step mode sends one ``progress`` per denoiser call for the whole running set; each job's
+    progress and its own events follow its own count (jobs joined at different steps)."""
+    async def go():
+        w = await World(tmp_path).start()
+        a, b = w.submit(2)
+        w.load()
+        msg = w.run_msg()
+        assert sorted(j["id"] for j in msg["jobs"]) == sorted([a, b])
+        w.pool.say("w0", "started", batch_id=msg["batch_id"], t=w.clock.t)
+        w.pool.say("w0", "progress", batch_id=msg["batch_id"], step=3, jobs=[[a, 2, 2], [b, 1, 2]])
+        assert (w.rt.progress(a), w.rt.progress(b)) == ((2, 2), (1, 2))
+        progress = [(e.job_id, e.data["step"]) for e in w.rec.events if e.kind == "progress"]
+        assert progress == [(a, 2), (b, 1)]
+        await w.rt.close()
+
+    run(go())
+
+
 def test_a_deadline_while_running_fails_the_job_once_and_stops_it_at_the_next_step(tmp_path):
     async def go():
         w = await World(tmp_path).start()

@@ -4,7 +4,7 @@ decoded, encoded and written while the others go on; a canceled job frees its sl
 step boundary. The batch ends when the set is empty and no join is waiting.
 
 Events (see workers/protocol.py): ``started`` once, then per job ``job_started`` (with the set's
-step count when it joined), ``progress`` (with ``job_id``: each job counts its own steps),
+step count when it joined), per step one ``progress`` listing every job's own step count,
 ``job_done`` (with ``step``: joined_step, shared_with) or ``job_canceled``.
 """
 from __future__ import annotations
@@ -122,8 +122,10 @@ def run_steps(runner, msg: dict[str, Any], emit: Emit, canceled: set[str], joins
             break
         finished = rs.step()
         on_step(rs.steps_run - 1)
-        for s in [*rs.slots.values(), *finished]:
-            emit({"ev": "progress", "batch_id": batch_id, "job_id": s.job.id, "step": s.done, "total": s.job.steps})
+        # one message per step for the whole set (not one per job): the server's loop handles a
+        # message per denoiser call, whatever the set's size
+        emit({"ev": "progress", "batch_id": batch_id, "step": rs.steps_run,
+              "jobs": [[s.job.id, s.done, s.job.steps] for s in [*rs.slots.values(), *finished]]})
         for s in finished:
             out = rs.decode(s)
             check_output(kind, out, shape["width"], shape["height"], shape["num_frames"])

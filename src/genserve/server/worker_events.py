@@ -52,7 +52,11 @@ class WorkerEvents:
         elif ev == "job_paused":
             self._execute(self.engine.job_paused(msg["job_id"], now), now)
         elif ev == "progress" and batch:
-            self.records.step([msg["job_id"]] if "job_id" in msg else list(batch.jobs), msg["step"], msg["total"], now)
+            if "jobs" in msg:  # step mode: each job's own count
+                for job_id, done, total in msg["jobs"]:
+                    self.records.step([job_id], done, total, now)
+            else:
+                self.records.step(list(batch.jobs), msg["step"], msg["total"], now)
         elif ev == "job_canceled":
             self.engine.job_ended(msg["job_id"], now)
             self.records.canceled(msg["job_id"], msg["t"])

@@ -21,7 +21,8 @@ worker -> server (``ev``):
   unloaded     {model, freed_bytes, kept_in, used_bytes, resident}
   load_failed  {model, code, message}
   started      {batch_id, t}
-  progress     {batch_id, step, total}            (step mode: also job_id; each job counts its own)
+  progress     {batch_id, step, total}            (step mode: {batch_id, step, jobs: [[job_id, done, total]]},
+                                                   one per denoiser call; each job counts its own steps)
   job_started  {batch_id, job_id, t, joined_step, resumed_from?} (step mode: the job entered the set)
   job_paused   {batch_id, job_id, step}       (step mode: taken out for a higher-priority job)
   job_canceled {batch_id, job_id, t}
