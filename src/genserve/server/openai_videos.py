@@ -40,11 +40,12 @@ def frames_for(seconds: float, m: ModelConfig) -> int:
     if not (math.isfinite(seconds) and seconds > 0):
         raise RequestError("seconds", "must be a positive number of seconds")
     stride = m.frame_stride
-    frames = 1 + stride * max(0, math.floor((seconds * m.fps - 1) / stride + 0.5))  # ties: the longer clip
+    n = min(seconds * m.fps, m.max_frames + 2.0 * stride)  # far too long stays too long, and finite
+    frames = 1 + stride * max(0, math.floor((n - 1) / stride + 0.5))  # ties: the longer clip
     if frames > m.max_frames:
         longest = 1 + stride * ((m.max_frames - 1) // stride)
-        raise RequestError("seconds", f"{seconds:g} s is {frames} frames at {m.fps} fps; {m.name} makes at most "
-                                      f"{m.max_frames} frames ({longest / m.fps:g} s)")
+        raise RequestError("seconds", f"{seconds:g} s is {seconds * m.fps:g} frames at {m.fps} fps; {m.name} makes "
+                                      f"at most {m.max_frames} frames ({longest / m.fps:g} s)")
     return frames
 
 
@@ -215,7 +216,7 @@ def _job_body(api: Api, f: dict[str, Any]) -> dict[str, Any]:
     if f.get("seconds") is not None:
         try:
             seconds = float(f["seconds"])
-        except ValueError:
+        except (ValueError, OverflowError):
             raise RequestError("seconds", f"must be a number of seconds, got {str(f['seconds'])[:20]!r}") from None
         body["num_frames"] = frames_for(seconds, m)
     if f.get("input_reference") is not None:
@@ -233,6 +234,8 @@ def _reference(ref: Any) -> str:
         if mime is None:
             raise RequestError("input_reference", "is not a PNG, JPEG or WebP image")
         return f"data:{mime};base64," + base64.b64encode(ref.data).decode()
+    if isinstance(ref, str):  # a data URL in a text field
+        ref = {"image_url": ref}
     if isinstance(ref, dict):
         if ref.get("file_id") is not None:
             raise RequestError("input_reference", "file_id references are not supported: upload the image or send "
@@ -241,7 +244,7 @@ def _reference(ref: Any) -> str:
         if isinstance(url, str) and url.startswith("data:"):
             return url
         raise RequestError("input_reference", "image_url must be a data: URL (genserve fetches no remote images)")
-    raise RequestError("input_reference", "must be an image file or {\"image_url\": \"data:...\"}")
+    raise RequestError("input_reference", "must be an image file, a data URL or {\"image_url\": \"data:...\"}")
 
 
 def _errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
