@@ -127,7 +127,7 @@ def openai_videos_router(api: Api) -> APIRouter:
 def video_view(api: Api, job: dict[str, Any]) -> dict[str, Any]:
     """A job as the Videos API's ``Video`` object."""
     p, m = job["params"], api.config.models.get(job["model"])
-    status = _STATUS[job["status"]]
+    status = _STATUS.get(job["status"], "failed")  # (no other status is written)
     if job["status"] == JobStatus.SUCCEEDED:
         progress = 100
     else:
