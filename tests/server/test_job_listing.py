@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from genserve.auth import KeyStore
 from genserve.server.jobstore import JobStore
@@ -138,3 +140,33 @@ def test_the_official_client_pages_through_videos(tmp_path):
             page = await client.videos.list(limit=3, after=made[1], order="asc")
             assert [v.id for v in page.data] == made[2:] and page.has_more is False
     asyncio.run(go())
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(times=st.lists(st.integers(0, 5), max_size=25), limit=st.integers(1, 6), asc=st.booleans(),
+       arrivals=st.lists(st.integers(0, 8), max_size=4))
+def test_walking_pages_yields_each_job_once_in_order(tmp_path_factory, times, limit, asc, arrivals):
+    """Any timestamps (many equal), any page size, jobs arriving between pages (at the current
+    time or later, as a clock gives them): every job present at the start is seen exactly once,
+    in (time, insertion) order."""
+    s = JobStore(tmp_path_factory.mktemp("walk") / "jobs.sqlite")
+    try:
+        for i, t in enumerate(times):
+            s.insert(f"j{i}", None, params(), float(t))
+        want = [f"j{i}" for i, _ in sorted(enumerate(times), key=lambda x: (x[1], x[0]))]
+        want = want if asc else want[::-1]
+        seen, after, late = [], None, iter(arrivals)
+        while True:
+            page = s.page(limit, after=after, order="asc" if asc else "desc")
+            seen += [j["id"] for j in page.items]
+            if not page.has_more:
+                break
+            after = page.items[-1]["id"]
+            extra = next(late, None)
+            if extra is not None:  # a new job, no older than the newest so far
+                s.insert(f"new{len(seen)}", None, params(), float(max(times) + extra))
+        assert [i for i in seen if i.startswith("j")] == want
+        assert len(seen) == len(set(seen))
+        assert asc or all(i.startswith("j") for i in seen)  # newest first: later arrivals are not reached
+    finally:
+        s.close()
