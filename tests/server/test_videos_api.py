@@ -17,6 +17,7 @@ from PIL import Image
 from genserve.auth import KeyStore
 from genserve.backends.encode import encode_mp4
 from genserve.config import parse_config
+from genserve.requests import RequestError
 from genserve.server.app import create_app
 from genserve.server.openai_videos import frames_for, seconds_of
 from genserve.server.runtime import Runtime
@@ -127,7 +128,7 @@ def test_seconds_become_frames_rounded_to_the_stride(tmp_path, seconds, frames):
 
 @pytest.mark.parametrize("seconds", [2.5, 100, 1e308, 0, -1, float("nan"), float("inf")])
 def test_seconds_out_of_range_are_refused_naming_seconds(tmp_path, seconds):
-    with pytest.raises(Exception) as e:
+    with pytest.raises(RequestError) as e:
         frames_for(seconds, cfg(tmp_path).models["vid"])
     assert e.value.field == "seconds"
 
