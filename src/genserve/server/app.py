@@ -20,6 +20,7 @@ from .jobs_api import jobs_router
 from .limits import BodyLimit
 from .observability_api import observability_router
 from .openai_images import openai_images_router
+from .openai_videos import openai_videos_router
 from .openapi import install_openapi
 from .runtime import QueueFull, Runtime
 from .schemas import LoadRequest
@@ -89,6 +90,7 @@ def create_app(config: Config, runtime: Runtime | None = None) -> FastAPI:
 
     app.include_router(jobs_router(api))
     app.include_router(openai_images_router(api))
+    app.include_router(openai_videos_router(api))
 
     @app.get("/v1/models", tags=["models"])
     async def list_models():

@@ -12,8 +12,9 @@ from ..auth.keys import Principal
 from ..requests import RequestError
 from ..status import JobStatus, is_terminal
 from .api import Api
-from .auth import principal
+from .auth import principal, visible
 from .events import RECONNECT
+from .jobstore import Page
 from .schemas import JobRequest
 
 
@@ -28,18 +29,20 @@ def jobs_router(api: Api) -> APIRouter:
                             headers={} if created else {"Idempotent-Replayed": "true"})
 
     @router.get("/v1/jobs", tags=["jobs"])
-    async def list_jobs(request: Request, limit: int = 50, tenant: str | None = None, status: JobStatus | None = None,
-                        model: str | None = None, who: Principal = Depends(principal)):
-        """The most recent jobs, newest first: the caller's tenant's (an admin key: every tenant's,
-        or ``tenant``'s); ``status`` and ``model`` filter them."""
-        if not 1 <= limit <= 1000:
-            raise RequestError("limit", "must be between 1 and 1000")
+    async def list_jobs(request: Request, limit: int = 50, after: str | None = None, order: str = "desc",
+                        tenant: str | None = None, status: JobStatus | None = None, model: str | None = None,
+                        who: Principal = Depends(principal)):
+        """Jobs in submission order, newest first (``order=asc``: oldest first), a page at a time:
+        ``after`` is the previous page's ``last_id``; ``has_more`` says whether another page follows.
+        The caller's tenant's jobs (an admin key: every tenant's, or ``tenant``'s); ``status`` and
+        ``model`` filter them."""
         if not who.admin:
             if tenant is not None and tenant != who.tenant:
                 raise RequestError("tenant", f"no tenant {tenant!r}", status=404, code="not_found")
             tenant = who.tenant
-        found = api.jobs.recent(limit, tenant, status=status, model=model)
-        return {"object": "list", "data": [api.job_view(j, api.base(request)) for j in found]}
+        page = job_page(api, who, limit=limit, after=after, order=order, tenant=tenant, status=status,
+                        models=None if model is None else (model,))
+        return list_body([api.job_view(j, api.base(request)) for j in page.items], page.has_more)
 
     @router.get("/v1/jobs/{job_id}", tags=["jobs"])
     async def get_job(job_id: str, request: Request, who: Principal = Depends(principal)):
@@ -126,6 +129,31 @@ def jobs_router(api: Api) -> APIRouter:
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
     return router
+
+
+def job_page(api: Api, who: Principal, *, limit: int, after: str | None, order: str, tenant: str | None,
+             status: str | None = None, models: tuple[str, ...] | None = None) -> Page:
+    """A page of jobs for a listing route, its query parameters checked (4xx naming the one at
+    fault). The cursor must be a job the caller may see: another tenant's id is as unknown as a
+    made-up one (its existence is not disclosed)."""
+    if not 1 <= limit <= 1000:
+        raise RequestError("limit", "must be between 1 and 1000")
+    if order not in ("asc", "desc"):
+        raise RequestError("order", f"must be asc or desc, got {order[:20]!r}")
+    unknown = RequestError("after", f"no job {after!r} to list after: pass the id of a job from the previous page "
+                                    "(its last_id)")
+    if after is not None and visible(api.jobs.get(after), who) is None:
+        raise unknown
+    try:
+        return api.jobs.page(limit, after=after, order=order, tenant=tenant, status=status, models=models)
+    except KeyError:  # deleted since the check above
+        raise unknown from None
+
+
+def list_body(data: list[dict[str, Any]], has_more: bool) -> dict[str, Any]:
+    """The list envelope (OpenAI's cursor pages): ``last_id`` is the next page's ``after``."""
+    return {"object": "list", "data": data, "has_more": has_more,
+            "first_id": data[0]["id"] if data else None, "last_id": data[-1]["id"] if data else None}
 
 
 def _last_event_id(header: str | None) -> int:

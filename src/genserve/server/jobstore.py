@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import re
 import sqlite3
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -84,6 +85,14 @@ _ADDED_COLUMNS = {"jobs": {
 _JSON_COLUMNS = {"results", "step_batching"}
 
 
+@dataclass(frozen=True)
+class Page:
+    """One page of a listing: the jobs, and whether more follow the last of them."""
+
+    items: list[dict[str, Any]]
+    has_more: bool
+
+
 class JobStore:
     def __init__(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -107,6 +116,8 @@ class JobStore:
         self.db.execute("CREATE INDEX IF NOT EXISTS jobs_finished ON jobs(t_finished)")
         self.db.execute("CREATE UNIQUE INDEX IF NOT EXISTS jobs_client ON jobs(tenant, client_id)")
         self.db.execute("CREATE INDEX IF NOT EXISTS jobs_tenant ON jobs(tenant, status)")
+        # Listing pages (page()): a tenant's jobs in submission order; the rowid tie-break is in every index.
+        self.db.execute("CREATE INDEX IF NOT EXISTS jobs_tenant_received ON jobs(tenant, t_received)")
 
     def close(self) -> None:
         self.db.close()
@@ -143,12 +154,34 @@ class JobStore:
                model: str | None = None) -> list[dict[str, Any]]:
         """The newest jobs first: of ``tenant`` (None: every tenant's), optionally only those in
         ``status`` / for ``model``."""
-        conds = [(c, v) for c, v in (("tenant = ?", tenant), ("status = ?", status), ("model = ?", model))
-                 if v is not None]
+        return self.page(limit, tenant=tenant, status=status, models=None if model is None else (model,)).items
+
+    def page(self, limit: int, *, after: str | None = None, order: str = "desc", tenant: str | None = None,
+             status: str | None = None, models: tuple[str, ...] | None = None) -> "Page":
+        """One page of jobs in submission order (``desc``: newest first), resuming strictly after the
+        job ``after`` (a cursor: the last id of the previous page). The position is (t_received,
+        rowid): unique and fixed when a job is inserted (rowids follow insertion; the store never
+        VACUUMs, which could renumber them), so a page never repeats or skips a job
+        when others arrive or change status meanwhile (new ones land before the first page in
+        ``desc`` order, after the last in ``asc``). Filters: ``tenant`` (None: every tenant's),
+        ``status``, ``models`` (any of them). Raises KeyError when there is no job ``after``."""
+        if order not in ("asc", "desc"):
+            raise ValueError(f"order must be asc or desc, got {order!r}")
+        conds = [(c, v) for c, v in (("tenant = ?", tenant), ("status = ?", status)) if v is not None]
+        if models is not None:
+            conds.append((f"model IN ({','.join('?' * len(models))})", models))
+        if after is not None:
+            pos = self.db.execute("SELECT t_received, rowid FROM jobs WHERE id = ?", (after,)).fetchone()
+            if pos is None:
+                raise KeyError(after)
+            conds.append((f"(t_received, rowid) {'<' if order == 'desc' else '>'} (?, ?)", tuple(pos)))
         where = " AND ".join(c for c, _ in conds)
-        rows = self.db.execute(f"SELECT * FROM jobs {'WHERE ' + where if where else ''} ORDER BY t_received DESC "
-                               "LIMIT ?", (*[v for _, v in conds], limit)).fetchall()
-        return [_decode(r) for r in rows]
+        args = [x for _, v in conds for x in (v if isinstance(v, tuple) else (v,))]
+        direction = "DESC" if order == "desc" else "ASC"
+        rows = self.db.execute(f"SELECT * FROM jobs {'WHERE ' + where if where else ''}"
+                               f" ORDER BY t_received {direction}, rowid {direction} LIMIT ?",
+                               (*args, limit + 1)).fetchall()
+        return Page([_decode(r) for r in rows[:limit]], len(rows) > limit)
 
     def usage(self, since: float, tenant: str | None = None) -> list[dict[str, Any]]:
         """Jobs received since ``since`` by tenant, model and UTC day: counts by outcome, and the
