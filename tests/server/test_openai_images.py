@@ -178,3 +178,17 @@ def test_a_generation_past_its_deadline_is_504_and_not_retried(tmp_path):
         assert rt.store.recent(1)[0]["status"] == "failed"
 
     with_app(tmp_path, test)
+
+
+@pytest.mark.parametrize("status,code,http", [
+    ("failed", "internal", 500), ("failed", "output_mismatch", 500), ("failed", "out_of_memory", 500),
+    ("failed", "model_load_failed", 502), ("failed", "invalid_request", 400), ("failed", "timeout", 504),
+    ("canceled", None, 409),
+])
+def test_every_failure_tells_the_client_not_to_retry(status, code, http):
+    from genserve.server.openai_wait import failure
+
+    r = failure({"id": "j1", "status": status, "error_code": code, "error_message": "why"})
+    assert r.status_code == http and r.headers["x-should-retry"] == "false"
+    err = json.loads(r.body)["error"]
+    assert err["code"] == (code or status) and "j1" in err["message"]
