@@ -129,3 +129,15 @@ def test_a_client_that_goes_away_cancels_its_jobs(srv, c):
                       and js, 60, what="its jobs canceled")
     assert len(jobs) == 2
     assert all(not j["results"] for j in jobs)  # stopped before an output was written
+
+
+def test_stream_with_the_official_client(srv):
+    oa = openai_client(srv)
+    events = list(oa.images.generate(model="demo-image", prompt="a streamed fox", n=2, stream=True, partial_images=2,
+                                     output_format="webp", extra_body={"seed": 11, "steps": 2}))
+    assert [e.type for e in events] == ["image_generation.completed"] * 2
+    assert all(base64.b64decode(e.b64_json).startswith(b"RIFF") and e.output_format == "webp" for e in events)
+    # The same images as without streaming.
+    plain = oa.images.generate(model="demo-image", prompt="a streamed fox", n=2, output_format="webp",
+                               response_format="b64_json", extra_body={"seed": 11, "steps": 2})
+    assert [e.b64_json for e in events] == [d.b64_json for d in plain.data]

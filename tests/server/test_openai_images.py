@@ -83,7 +83,7 @@ def gen(**kw):
     (gen(guidance=99.0), "guidance"),
     (gen(negative_prompt=5), "negative_prompt"),
     (gen(timeout_s=10**9), "timeout_s"),
-    (gen(stream=True), "stream"),
+    (gen(stream="yes"), "stream"),
     (gen(sede=5), "sede"),  # a misspelled extension is refused, not silently dropped
     (gen(model="vid"), "model"),
     (gen(n=0), "n"),
@@ -192,3 +192,18 @@ def test_every_failure_tells_the_client_not_to_retry(status, code, http):
     assert r.status_code == http and r.headers["x-should-retry"] == "false"
     err = json.loads(r.body)["error"]
     assert err["code"] == (code or status) and "j1" in err["message"]
+
+
+def test_stream_true_answers_one_completed_event_per_image(tmp_path):
+    async def test(c, rt):
+        async with c.stream("POST", "/v1/images/generations", json=gen(n=2, seed=3, stream=True,
+                                                                      output_format="jpeg")) as r:
+            assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+            lines = [line async for line in r.aiter_lines() if line]
+        assert [x for x in lines if x.startswith("event:")] == ["event: image_generation.completed"] * 2
+        events = [json.loads(x[5:]) for x in lines if x.startswith("data:")]
+        assert [(e["type"], e["output_format"], e["size"]) for e in events] == [
+            ("image_generation.completed", "jpeg", "128x64")] * 2
+        assert all(e["b64_json"] for e in events)
+
+    with_app(tmp_path, test, pool=auto_pool(str(tmp_path / "results")))

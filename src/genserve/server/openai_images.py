@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import json
 import random
 import time
 from typing import Any
 
 from fastapi import APIRouter, Depends, Request
+from fastapi.responses import StreamingResponse
 
 from ..auth.keys import Principal
 from ..config import ModelConfig, parse_size
@@ -53,8 +55,6 @@ def job_bodies(body: ImageGenerationRequest, api: Api) -> tuple[list[dict[str, A
     n = 1 if body.n is None else body.n
     if not 1 <= n <= MAX_N:
         raise RequestError("n", f"must be between 1 and {MAX_N}")
-    if body.stream:
-        raise RequestError("stream", "streamed image responses are not supported; omit stream or send false")
     seed = random.randint(0, MAX_SEED - MAX_N) if body.seed is None else body.seed
     if body.seed is not None and not 0 <= seed <= MAX_SEED - (n - 1):
         raise RequestError("seed", f"must be between 0 and {MAX_SEED - (n - 1)} (image i of n gets seed + i)")
@@ -85,6 +85,8 @@ def openai_images_router(api: Api) -> APIRouter:
         finals = await wait_jobs(api, request, submitted)
         if not isinstance(finals, list):
             return finals
+        if body.stream:
+            return StreamingResponse(completed_events(api, finals, params[0], quality), media_type="text/event-stream")
         return await images_response(api, request, finals, params[0], body.response_format, quality)
 
     return router
@@ -96,9 +98,26 @@ async def images_response(api: Api, request: Request, jobs: list[dict[str, Any]]
     data = []
     for j in jobs:
         if response_format == "b64_json":
-            raw = await asyncio.get_running_loop().run_in_executor(None, api.results.read, j["results"][0]["key"])
+            raw = await _read(api, j["results"][0]["key"])
             data.append({"b64_json": base64.b64encode(raw).decode(), "revised_prompt": None})
         else:
             data.append({"url": f"{api.base(request)}v1/jobs/{j['id']}/result", "revised_prompt": None})
     return {"created": int(time.time()), "data": data, "background": None, "output_format": p.output_format,
             "quality": quality, "size": f"{p.width}x{p.height}", "usage": None}
+
+
+async def _read(api: Api, key: str) -> bytes:
+    return await asyncio.get_running_loop().run_in_executor(None, api.results.read, key)
+
+
+async def completed_events(api: Api, jobs: list[dict[str, Any]], p: JobParams, quality: str | None):
+    """``stream: true``: once every image exists, one ``image_generation.completed`` event per image
+    (no partial images: a diffusion model's intermediate latents are not pictures worth sending)."""
+    zero = {"input_tokens": 0, "input_tokens_details": {"image_tokens": 0, "text_tokens": 0}, "output_tokens": 0,
+            "total_tokens": 0}
+    for j in jobs:
+        raw = await _read(api, j["results"][0]["key"])
+        event = {"type": "image_generation.completed", "b64_json": base64.b64encode(raw).decode(),
+                 "created_at": int(time.time()), "size": f"{p.width}x{p.height}", "quality": quality or "auto",
+                 "background": "auto", "output_format": p.output_format, "usage": zero}
+        yield f"event: image_generation.completed\ndata: {json.dumps(event)}\n\n"

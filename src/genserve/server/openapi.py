@@ -144,6 +144,8 @@ def truthful(schema: dict[str, Any], models: list[str], auth: bool = True) -> di
         "image/webp": {"schema": {"type": "string", "format": "binary"}},
         "video/mp4": {"schema": {"type": "string", "format": "binary"}}})
     _content(schema, "get", "/v1/jobs/{job_id}/events", "200", {"text/event-stream": {"schema": {"type": "string"}}})
+    _content(schema, "post", "/v1/images/generations", "200", {  # stream: true answers Server-Sent Events
+        "application/json": {"schema": {}}, "text/event-stream": {"schema": {"type": "string"}}})
     load = schema.get("paths", {}).get("/v1/models/{name}/load", {}).get("post")
     if load is not None:
         load["responses"]["200"] = {"description": "Already loaded where asked",

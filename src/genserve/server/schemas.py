@@ -76,6 +76,8 @@ class ImageGenerationRequest(BaseModel):
     guidance: float | None = None
     timeout_s: float | None = None
     priority: Literal["high", "standard", "low"] | None = None
+    stream: bool | None = Field(default=None, description="true: Server-Sent Events, one image_generation.completed "
+                                 "event per image")
     # OpenAI fields accepted and ignored
     background: Text | None = None
     moderation: Text | None = None
@@ -84,7 +86,6 @@ class ImageGenerationRequest(BaseModel):
     safety_identifier: Text | None = None
     partial_images: int | None = None
     complexity: Text | None = None
-    stream: bool | None = Field(default=None, description="only false: streamed responses are not supported")
 
 
 class LoadRequest(BaseModel):
