@@ -23,8 +23,20 @@ FAULTS_ON = {"GENSERVE_ENABLE_FAULTS": "1"}
 
 @pytest.fixture(scope="module")
 def srv(demo_models, tmp_path_factory):
-    # demo-image: default 64x64, 4 steps, max 400; a prompt with POISON makes its batch raise.
-    text = catalog(demo_models, image_wait_ms=0) + '\n[faults]\nfail_prompt = "POISON"\nlives = 99\n'
+    # demo-image: default 64x64, 4 steps, max 400; a prompt with POISON makes its batch raise;
+    # broken-image never loads (its jobs fail after 3 attempts, 0.2 s apart).
+    text = catalog(demo_models, image_wait_ms=0).replace("aging_s = 30", "aging_s = 30\nretry_backoff_s = 0.2") + f"""
+[models.broken-image]
+kind = "image"
+source = "{demo_models / 'demo-image'}"
+sizes = ["64x64"]
+default_steps = 2
+
+[faults]
+fail_prompt = "POISON"
+fail_load = ["broken-image"]
+lives = 99
+"""
     s = LiveServer(tmp_path_factory.mktemp("oai-images"), text, workers=1, env=FAULTS_ON).start()
     yield s
     s.stop()
@@ -114,6 +126,18 @@ def test_a_failing_generation_is_one_request_and_not_retried(srv, c):
     assert e.value.code == "internal" and "failed" in e.value.message
     jobs = jobs_with_prompt(c, prompt)
     assert len(jobs) == 1 and jobs[0]["status"] == "failed"  # and the server ran it once
+
+
+def test_a_model_that_cannot_load_is_502_after_genserve_retried_and_the_client_does_not(srv, c):
+    import openai
+
+    sent = []
+    oa = openai_client(srv, max_retries=2, http_client=httpx.Client(event_hooks={"request": [sent.append]}))
+    with pytest.raises(openai.InternalServerError) as e:
+        oa.images.generate(model="broken-image", prompt="never drawn")
+    assert len(sent) == 1 and e.value.status_code == 502 and e.value.code == "model_load_failed"
+    (job,) = jobs_with_prompt(c, "never drawn")
+    assert [a["code"] for a in job["attempts"]] == ["model_load_failed"] * 3  # genserve's own retries
 
 
 def test_a_client_that_goes_away_cancels_its_jobs(srv, c):
