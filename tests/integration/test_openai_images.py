@@ -32,6 +32,13 @@ source = "{demo_models / 'demo-image'}"
 sizes = ["64x64"]
 default_steps = 2
 
+[models.step-image]
+kind = "image"
+source = "{demo_models / 'demo-image'}"
+batching = "step"
+sizes = ["64x64"]
+default_steps = 2
+
 [faults]
 fail_prompt = "POISON"
 fail_load = ["broken-image"]
@@ -110,6 +117,17 @@ def test_output_formats(srv, c, fmt, magic, pil):
     got = c.get(f"/v1/jobs/{job['id']}/result")
     assert got.headers["content-type"] == f"image/{fmt}" and got.content.startswith(magic)
     assert got.headers["content-disposition"].endswith(f'output.{fmt}"')
+
+
+def test_step_batching_encodes_each_job_in_its_own_format(srv, c):
+    oa = openai_client(srv)
+    res = oa.images.generate(model="step-image", prompt="a stepped owl", n=2, response_format="b64_json",
+                             output_format="jpeg", extra_body={"seed": 4})
+    raws = b64_images(res)
+    assert all(Image.open(io.BytesIO(x)).format == "JPEG" for x in raws) and raws[0] != raws[1]
+    jobs = jobs_with_prompt(c, "a stepped owl")
+    assert all(j["batch"]["mode"] == "step" and j["batch"]["joined_at_step"] is not None for j in jobs)  # run_steps
+    assert {j["results"][0]["content_type"] for j in jobs} == {"image/jpeg"}
 
 
 def test_a_failing_generation_is_one_request_and_not_retried(srv, c):
