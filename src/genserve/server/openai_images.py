@@ -45,11 +45,12 @@ def _size(size: str | None) -> dict[str, int]:
     return {"width": w, "height": h}
 
 
-def job_bodies(body: ImageGenerationRequest, api: Api) -> tuple[list[dict[str, Any]], int, str | None]:
+def job_bodies(body: ImageGenerationRequest, models: dict[str, ModelConfig]) -> tuple[list[dict[str, Any]], int,
+                                                                                       str | None]:
     """The native job bodies for the call (image i gets seed + i), n, and the quality reported."""
-    image_models = [name for name, m in api.config.models.items() if m.kind == "image"]
+    image_models = [name for name, m in models.items() if m.kind == "image"]
     model = body.model or (image_models[0] if image_models else None)
-    m = api.config.models.get(model)
+    m = models.get(model)
     if m is not None and m.kind != "image":
         raise RequestError("model", f"{model} is a {m.kind} model, not an image model")
     n = 1 if body.n is None else body.n
@@ -74,7 +75,7 @@ def openai_images_router(api: Api) -> APIRouter:
 
     @router.post("/v1/images/generations", tags=["openai"])
     async def images_generations(body: ImageGenerationRequest, request: Request, who: Principal = Depends(principal)):
-        bodies, n, quality = job_bodies(body, api)
+        bodies, n, quality = job_bodies(body, api.config.models)
         if api.control.draining:
             return draining()
         params = [validate(b, api.config.models, random_seed=0) for b in bodies]
