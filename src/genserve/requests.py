@@ -12,6 +12,8 @@ from .image_input import ImageInputError, decode_data_url
 
 PRIORITIES = tuple(p.name.lower() for p in Priority)
 WEBHOOK_EVENTS = ("started", "progress", "completed")
+OUTPUT_FORMATS = ("png", "jpeg", "webp")  # backends/encode.py: IMAGE_FORMATS
+DEFAULT_COMPRESSION = 90  # jpeg / webp quality when output_compression is absent
 MAX_SEED = 2**63 - 1
 
 
@@ -41,6 +43,9 @@ class JobParams:
     webhook_events: tuple[str, ...] = ("completed",)
     image: str | None = None  # the conditioning image (a data URL), for image-to-video models
     variant: str = ""  # the batch key's variant (backends/families/base.py: call_variant)
+    # How the worker encodes an image job's output; not part of the batch key (encoding is per job).
+    output_format: str | None = None  # png | jpeg | webp; None: a video job (MP4), or a record from before: png
+    output_compression: int | None = None  # jpeg / webp quality 0..100; None for png and videos
 
     @property
     def key(self) -> BatchKey:
@@ -142,8 +147,31 @@ def validate(body: dict[str, Any], models: dict[str, ModelConfig], *, random_see
     bad = [e for e in events if e not in WEBHOOK_EVENTS]
     if bad or not events:
         raise RequestError("webhook_events", f"must be a non-empty list of {', '.join(WEBHOOK_EVENTS)}")
+    fmt, compression = _output_format(body, name, m.kind)
     return JobParams(name, prompt, neg, width, height, frames, steps, guidance, seed, priority, timeout_s, webhook,
-                     events, image, call_variant(traits, neg, image))
+                     events, image, call_variant(traits, neg, image), output_format=fmt,
+                     output_compression=compression)
+
+
+def _output_format(body: dict[str, Any], name: str, kind: str) -> tuple[str | None, int | None]:
+    """``output_format`` and ``output_compression``, normalized: image jobs get a format (png by
+    default) and jpeg / webp a quality; videos are MP4, so neither field applies to them."""
+    fmt, compression = body.get("output_format"), body.get("output_compression")
+    if kind != "image":
+        for field in ("output_format", "output_compression"):
+            if body.get(field) is not None:
+                raise RequestError(field, f"{name} is a {kind} model; {field} is for image models (videos are MP4)")
+        return None, None
+    fmt = "png" if fmt is None else fmt
+    if fmt not in OUTPUT_FORMATS:
+        raise RequestError("output_format", f"must be one of {', '.join(OUTPUT_FORMATS)}")
+    if compression is None:
+        return fmt, None if fmt == "png" else DEFAULT_COMPRESSION
+    if fmt == "png":
+        raise RequestError("output_compression", "applies to jpeg and webp only (png is lossless)")
+    if isinstance(compression, bool) or not isinstance(compression, int) or not 0 <= compression <= 100:
+        raise RequestError("output_compression", "must be an integer between 0 and 100")
+    return fmt, compression
 
 
 def _negative_ignored(name: str, traits: Traits, guidance: float) -> str:

@@ -90,3 +90,32 @@ def test_mp4_from_pil_frames():
     imgs = [Image.new("RGB", (32, 16), (i * 60, 100, 100)) for i in range(4)]
     stream, decoded = decode_mp4(encode_mp4(imgs, 10))
     assert len(decoded) == 4 and decoded[0].shape == (16, 32, 3)
+
+
+# ---- JPEG / WebP (a job's output_format) ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fmt,pil,magic", [("jpeg", "JPEG", b"\xff\xd8\xff"), ("webp", "WEBP", b"RIFF")])
+def test_lossy_formats_decode_back_and_quality_trades_size(fmt, pil, magic):
+    from genserve.backends.encode import encode_image
+
+    rng = np.random.default_rng(2)
+    img = Image.fromarray(rng.integers(0, 256, size=(24, 40, 3), dtype=np.uint8))
+    low, high = encode_image(img, fmt, 10), encode_image(img, fmt, 95)
+    assert low.startswith(magic) and high.startswith(magic)
+    back = Image.open(io.BytesIO(high))
+    assert back.format == pil and back.size == (40, 24)
+    assert len(low) < len(high)
+    assert encode_image(img, fmt, 95) == high  # deterministic: a seeded job's bytes repeat
+    assert encode_image(img, fmt) == encode_image(img, fmt, 90)  # the default quality
+
+
+def test_png_through_encode_image_is_the_png_encoder_and_takes_no_quality():
+    from genserve.backends.encode import encode_image
+
+    img = Image.new("RGB", (8, 8), (1, 2, 3))
+    assert encode_image(img, "png") == encode_png(img)
+    with pytest.raises(ValueError):
+        encode_image(img, "png", 50)
+    with pytest.raises(ValueError):
+        encode_image(img, "gif")

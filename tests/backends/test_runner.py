@@ -7,6 +7,7 @@ import pytest
 from PIL import Image
 
 from genserve.backends.demo import ensure_demo_model
+from genserve.backends.encode import encode_image
 from genserve.backends.runner import BatchAborted, PipelineRunner
 from genserve.storage import LocalResultStore
 
@@ -94,6 +95,23 @@ def test_same_seed_same_bytes_different_seed_different_output(runner):
     a = np.asarray(Image.open(io.BytesIO(output(runner, "s1-a"))), dtype=np.int16)
     b = np.asarray(Image.open(io.BytesIO(output(runner, "s1-b"))), dtype=np.int16)
     assert np.abs(a - b).mean() > 1.0
+
+
+def test_each_job_of_a_batch_gets_its_own_output_format(runner):
+    msg = batch("fmt", ("fmt-png", 3), ("fmt-jpeg", 3), ("fmt-webp", 3))
+    for j, (fmt, q) in zip(msg["jobs"], [(None, None), ("jpeg", 80), ("webp", 50)]):
+        j.update(output_format=fmt, output_compression=q)
+    events, _ = run(runner, msg)
+    refs = {e["job_id"]: e["result"] for e in evs(events, "job_done")}
+    assert [(r["key"], r["content_type"]) for r in refs.values()] == [
+        ("fmt-png/output.png", "image/png"), ("fmt-jpeg/output.jpeg", "image/jpeg"),
+        ("fmt-webp/output.webp", "image/webp")]
+    imgs = {jid: Image.open(io.BytesIO(runner.store.read(r["key"]))) for jid, r in refs.items()}
+    assert [i.format for i in imgs.values()] == ["PNG", "JPEG", "WEBP"]
+    # The same pixels (same seed, one batch), only encoded differently, at the job's quality.
+    pixels = imgs["fmt-png"].convert("RGB")
+    assert runner.store.read(refs["fmt-jpeg"]["key"]) == encode_image(pixels, "jpeg", 80)
+    assert runner.store.read(refs["fmt-webp"]["key"]) == encode_image(pixels, "webp", 50)
 
 
 def test_other_size_is_honoured(runner):

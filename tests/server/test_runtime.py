@@ -224,6 +224,22 @@ def test_an_output_written_before_a_crash_is_adopted_and_the_rest_retried(tmp_pa
     run(go())
 
 
+def test_an_adopted_output_is_found_under_its_format(tmp_path):
+    async def go():
+        w = await World(tmp_path).start()
+        (a,) = w.submit(1, output_format="webp")
+        w.load()
+        msg = w.run_msg()
+        assert msg["jobs"][0]["output_format"] == "webp" and msg["jobs"][0]["output_compression"] == 90
+        LocalResultStore(w.rt.results.root).put(a, output_name("image", "webp"), b"RIFF fake", "image/webp")
+        w.clock.t += 1
+        w.pool.crash("w0")
+        assert w.job(a)["status"] == "succeeded"
+        assert w.job(a)["results"][0] == {"key": f"{a}/output.webp", "content_type": "image/webp", "bytes": 9}
+        await w.rt.close()
+    run(go())
+
+
 def test_out_of_memory_splits_the_batch_without_using_an_attempt(tmp_path):
     async def go():
         w = await World(tmp_path).start()

@@ -5,7 +5,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from genserve.storage import OUTPUT_TYPES, LocalResultStore, ResultRef, output_name
+from genserve.storage import IMAGE_TYPES, OUTPUT_TYPES, LocalResultStore, ResultRef, output_name, output_type
 
 
 @pytest.fixture
@@ -147,6 +147,11 @@ def test_output_names_and_types():
     # every output name is a valid key name, and its extension matches the content type
     for kind, ctype in OUTPUT_TYPES.items():
         assert output_name(kind).rsplit(".", 1)[1] == ctype.split("/")[1]
+    # image formats (a job's output_format): the same rule; None is the default (png)
+    for fmt, ctype in IMAGE_TYPES.items():
+        assert output_type("image", fmt) == ctype and output_name("image", fmt) == f"output.{ctype.split('/')[1]}"
+    assert (output_name("image", None), output_type("image", None)) == ("output.png", "image/png")
+    assert (output_name("video", None), output_type("video", None)) == ("output.mp4", "video/mp4")
 
 
 def test_rerun_overwrites_the_single_output(store):

@@ -1,4 +1,4 @@
-"""Output encoders: PNG for images, H.264 MP4 (PyAV) for videos."""
+"""Output encoders: PNG, JPEG or WebP (Pillow) for images, H.264 MP4 (PyAV) for videos."""
 from __future__ import annotations
 
 import io
@@ -19,6 +19,31 @@ def to_uint8_frames(frames) -> np.ndarray:
 def encode_png(image) -> bytes:
     buf = io.BytesIO()
     image.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+IMAGE_FORMATS = ("png", "jpeg", "webp")
+DEFAULT_QUALITY = 90  # jpeg / webp quality (a job's output_compression) when the request names none
+
+
+def encode_image(image, fmt: str = "png", quality: int | None = None) -> bytes:
+    """A PIL image as ``fmt`` (png: lossless, ``quality`` must be None; jpeg, webp: lossy at
+    ``quality`` 0..100, higher is better and bigger). Deterministic: the same pixels and settings
+    give the same bytes (no timestamps or random metadata), so a seeded job's output is repeatable."""
+    if fmt == "png":
+        if quality is not None:
+            raise ValueError("png is lossless: it takes no quality")
+        return encode_png(image)
+    if fmt not in IMAGE_FORMATS:
+        raise ValueError(f"unknown image format {fmt!r}")
+    q = DEFAULT_QUALITY if quality is None else quality
+    if not 0 <= q <= 100:
+        raise ValueError(f"quality {q} is outside 0..100")
+    buf = io.BytesIO()
+    if fmt == "jpeg":
+        image.convert("RGB").save(buf, format="JPEG", quality=q)
+    else:
+        image.save(buf, format="WEBP", quality=q, method=4)
     return buf.getvalue()
 
 

@@ -7,8 +7,8 @@ from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
-from ..storage import OUTPUT_TYPES, ResultStore, output_name
-from .encode import encode_mp4, encode_png
+from ..storage import ResultRef, ResultStore, output_name, output_type
+from .encode import encode_image, encode_mp4
 from .families import FamilyAdapter, UnsupportedPipeline, adapter_for
 
 Emit = Callable[[dict[str, Any]], None]
@@ -27,8 +27,8 @@ def _dtype_kwarg() -> str:
 DTYPE_KWARG = _dtype_kwarg()
 
 
-def encode_output(kind: str, output: Any, fps: int) -> bytes:
-    return encode_png(output) if kind == "image" else encode_mp4(output, fps)
+def encode_output(kind: str, output: Any, fps: int, fmt: str = "png", quality: int | None = None) -> bytes:
+    return encode_image(output, fmt, quality) if kind == "image" else encode_mp4(output, fps)
 
 
 class BatchAborted(Exception):
@@ -95,7 +95,8 @@ def dtype_bytes_of(pipe) -> int:
 class PipelineRunner:
     def __init__(self, device: str, store: ResultStore, host_cache_bytes: int = 0,
                  encode: Callable[[str, Any, int], bytes] | None = None) -> None:
-        """``encode(kind, output, fps)``: output -> stored bytes (default PNG / H.264 MP4)."""
+        """``encode(kind, output, fps, [fmt=, quality=])``: output -> stored bytes (default PNG /
+        H.264 MP4; an image job's output_format and output_compression come as ``fmt``, ``quality``)."""
         self.device = device
         self.encode = encode or encode_output
         self.store = store
@@ -255,11 +256,17 @@ class PipelineRunner:
                     reported.add(jid)
                     emit({"ev": "job_canceled", "batch_id": batch_id, "job_id": jid, "t": time.time()})
                 continue
-            data = self.encode(kind, outputs[jid], p["fps"])
-            ref = self.store.put(jid, output_name(kind), data, OUTPUT_TYPES[kind])
+            ref = self.write_output(kind, next(j for j in jobs if j["id"] == jid), outputs[jid], p["fps"])
             emit({"ev": "job_done", "batch_id": batch_id, "job_id": jid, "result": ref.to_dict(),
                   "inference_start": t_start, "inference_end": t_end, "output_written": time.time()})
         return peak
+
+    def write_output(self, kind: str, job: dict[str, Any], output: Any, fps: int) -> ResultRef:
+        """Encode one job's output in its format (``output_format``: png when absent) and store it."""
+        fmt = job.get("output_format") if kind == "image" else None
+        opts = {"fmt": fmt, "quality": job.get("output_compression")} if fmt and fmt != "png" else {}
+        data = self.encode(kind, output, fps, **opts)
+        return self.store.put(job["id"], output_name(kind, fmt), data, output_type(kind, fmt))
 
     def estimated_bytes(self, msg: dict[str, Any]) -> int:
         """The family adapter's estimate of the working memory of the batch ``msg`` (its largest

@@ -14,7 +14,6 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from ..storage import OUTPUT_TYPES, output_name
 from .runner import BatchAborted, check_output
 from .stepping import RunningSet, StepJob
 
@@ -72,6 +71,7 @@ def run_steps(runner, msg: dict[str, Any], emit: Emit, canceled: set[str], joins
     where = (msg["model"], tuple(sorted(shape.items())))
     pending: list[dict[str, Any]] = list(msg["jobs"])
     started: dict[str, float] = {}
+    payloads: dict[str, dict[str, Any]] = {}  # each admitted job's message (its output format)
     if runner.cuda:
         torch.cuda.reset_peak_memory_stats(runner.device)
         base = torch.cuda.memory_allocated(runner.device)
@@ -100,6 +100,7 @@ def run_steps(runner, msg: dict[str, Any], emit: Emit, canceled: set[str], joins
             back = parked.pop(j["id"], None)
             resumed = back is not None and back[0] == where
             slot = rs.resume(back[1]) if resumed else rs.admit(step_job(j))
+            payloads[j["id"]] = j
             started.setdefault(j["id"], time.time())
             emit({"ev": "job_started", "batch_id": batch_id, "job_id": j["id"], "t": time.time(),
                   "joined_step": rs.steps_run, **({"resumed_from": slot.done} if resumed else {})})
@@ -129,8 +130,7 @@ def run_steps(runner, msg: dict[str, Any], emit: Emit, canceled: set[str], joins
         for s in finished:
             out = rs.decode(s)
             check_output(kind, out, shape["width"], shape["height"], shape["num_frames"])
-            data = runner.encode(kind, out, p["fps"])
-            ref = runner.store.put(s.job.id, output_name(kind), data, OUTPUT_TYPES[kind])
+            ref = runner.write_output(kind, payloads.pop(s.job.id), out, p["fps"])
             emit({"ev": "job_done", "batch_id": batch_id, "job_id": s.job.id, "result": ref.to_dict(),
                   "inference_start": started.pop(s.job.id), "inference_end": time.time(), "output_written": time.time(),
                   "step": {"joined_step": s.joined_at, "shared_with": sorted(rs.shared.pop(s.job.id, set())),

@@ -14,7 +14,10 @@ _JOB_FIELDS = ("prompt", "negative_prompt", "seed", "steps", "guidance")
 
 def job_payload(jobs: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
     """Each job as the worker needs it (step mode reads each job's own steps and guidance)."""
-    return [{"id": j["id"], **{k: j["params"][k] for k in _JOB_FIELDS}, "image": j["params"].get("image")}
+    return [{"id": j["id"], **{k: j["params"][k] for k in _JOB_FIELDS}, "image": j["params"].get("image"),
+             # how the worker encodes the job's image (absent in records older than the fields: png)
+             "output_format": j["params"].get("output_format"),
+             "output_compression": j["params"].get("output_compression")}
             for j in jobs]
 
 

@@ -37,6 +37,9 @@ _STATUS_TEXT = {
     409: "Conflict with the current state", 413: "Request body too large",
     429: "Over a limit (the model's queue, the tenant's queued jobs or rate): retry after Retry-After seconds",
     503: "Not ready",
+    500: "The generation failed (x-should-retry: false: the server already retried what could help)",
+    502: "The model could not be loaded (x-should-retry: false)",
+    504: "The generation did not finish in time; its jobs were canceled (x-should-retry: false)",
 }
 _HEADERS = {
     401: {"WWW-Authenticate": {"schema": {"type": "string"}, "description": "Bearer realm=\"genserve\""}},
@@ -50,7 +53,7 @@ _ROUTE_ERRORS: list[tuple[str, str, tuple[int, ...]]] = [
     ("GET", r"^/v1/jobs/\{job_id\}(/events)?$", (404,)),
     ("POST", r"^/v1/jobs/\{job_id\}/cancel$", (404,)),
     ("GET", r"^/v1/jobs/\{job_id\}/result$", (404, 409)),
-    ("POST", r"^/v1/images/generations$", (429,)),
+    ("POST", r"^/v1/images/generations$", (409, 429, 500, 502, 503, 504)),
     ("POST", r"^/v1/models/\{name\}/load$", (404, 409)),
     ("POST", r"^/v1/models/\{name\}/unload$", (404,)),
 ]
@@ -137,8 +140,12 @@ def truthful(schema: dict[str, Any], models: list[str], auth: bool = True) -> di
                     p["schema"] = {"type": "string", "enum": models, "title": "Name"}
     _content(schema, "get", "/v1/jobs/{job_id}/result", "200", {
         "image/png": {"schema": {"type": "string", "format": "binary"}},
+        "image/jpeg": {"schema": {"type": "string", "format": "binary"}},
+        "image/webp": {"schema": {"type": "string", "format": "binary"}},
         "video/mp4": {"schema": {"type": "string", "format": "binary"}}})
     _content(schema, "get", "/v1/jobs/{job_id}/events", "200", {"text/event-stream": {"schema": {"type": "string"}}})
+    _content(schema, "post", "/v1/images/generations", "200", {  # stream: true answers Server-Sent Events
+        "application/json": {"schema": {}}, "text/event-stream": {"schema": {"type": "string"}}})
     load = schema.get("paths", {}).get("/v1/models/{name}/load", {}).get("post")
     if load is not None:
         load["responses"]["200"] = {"description": "Already loaded where asked",

@@ -19,7 +19,7 @@ from ..config import ModelConfig
 from ..engine import ErrorCode, JoinBatch, RetryJob, RunBatch
 from ..engine.types import RunningBatch
 from ..status import JobStatus, is_terminal
-from ..storage import OUTPUT_TYPES, ResultRef, ResultStore, output_name
+from ..storage import ResultRef, ResultStore, output_name, output_type
 from .cost import apportion, cost_usd, job_weight
 from .jobstore import JobStore
 from .listeners import Event
@@ -135,13 +135,13 @@ class JobRecords:
         model = self.models.get(job["served_model"] or job["model"])
         if model is None:  # a model since removed from the config
             return False
-        kind = model.kind
-        key = f"{job_id}/{output_name(kind)}"
+        kind, fmt = model.kind, job["params"].get("output_format")
+        key = f"{job_id}/{output_name(kind, fmt)}"
         info = self.results.head(key)
         if info is None:
             return False
         log.info("job %s: output %s", job_id, how)
-        self.store.update([job_id], results=[ResultRef(key, OUTPUT_TYPES[kind], info.bytes).to_dict()],
+        self.store.update([job_id], results=[ResultRef(key, output_type(kind, fmt), info.bytes).to_dict()],
                           t_output_written=info.mtime)
         self.finish(job_id, JobStatus.SUCCEEDED, now)
         return True

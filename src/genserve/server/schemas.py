@@ -47,17 +47,45 @@ class JobRequest(BaseModel):
     webhook: Text | None = Field(default=None, max_length=2048, description="URL for signed job events (Standard Webhooks)")
     webhook_events: list[WebhookEvent] | None = Field(default=None, max_length=len(WebhookEvent.__args__),
                                                       description="requires webhook")
+    output_format: Literal["png", "jpeg", "webp"] | None = Field(default=None, description="image models: how "
+                                                                 "the result is encoded (default png)")
+    output_compression: int | None = Field(default=None, description="jpeg / webp quality, 0..100 (default 90)")
+
+
+OPENAI_QUALITIES = ("low", "medium", "high", "xhigh", "max", "auto", "standard", "hd")
 
 
 class ImageGenerationRequest(BaseModel):
-    """OpenAI Images API body. Fields we do not use (quality, style, user, …) are accepted and ignored."""
+    """OpenAI Images API body (``images.generate``), plus genserve's own fields sent as the
+    official client's ``extra_body``. OpenAI fields genserve cannot honour are accepted and
+    ignored (listed, so a misspelled field is still a 400 rather than silently dropped)."""
 
-    model_config = ConfigDict(extra="allow", strict=True)
+    model_config = ConfigDict(extra="forbid", strict=True)
     prompt: Text
     model: Text | None = None
-    n: int = 1
-    size: Text | None = Field(default=None, max_length=32)
-    response_format: Literal["url", "b64_json"] = "url"
+    n: int | None = None
+    size: Text | None = Field(default=None, max_length=32, description="WIDTHxHEIGHT or auto (the model's default)")
+    response_format: Literal["url", "b64_json"] | None = None
+    quality: Literal[OPENAI_QUALITIES] | None = Field(default=None, description="mapped to steps (docs/api.md)")
+    output_format: Literal["png", "jpeg", "webp"] | None = None
+    output_compression: int | None = None
+    # genserve's extensions (extra_body)
+    seed: int | None = Field(default=None, description="image i of n gets seed + i")
+    steps: int | None = None
+    negative_prompt: Text | None = None
+    guidance: float | None = None
+    timeout_s: float | None = None
+    priority: Literal["high", "standard", "low"] | None = None
+    stream: bool | None = Field(default=None, description="true: Server-Sent Events, one image_generation.completed "
+                                 "event per image")
+    # OpenAI fields accepted and ignored
+    background: Text | None = None
+    moderation: Text | None = None
+    style: Text | None = None
+    user: Text | None = None
+    safety_identifier: Text | None = None
+    partial_images: int | None = None
+    complexity: Text | None = None
 
 
 class LoadRequest(BaseModel):

@@ -8,13 +8,23 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Protocol
 
-OUTPUT_TYPES = {"image": "image/png", "video": "video/mp4"}
+OUTPUT_TYPES = {"image": "image/png", "video": "video/mp4"}  # each kind's default format
+# An image job's ``output_format`` -> its content type (the file extension is the format's name).
+IMAGE_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
 
 
-def output_name(kind: str) -> str:
-    """A job's output key within its directory: one fixed name per kind, so running a job again
-    overwrites its output instead of adding a second one."""
-    return "output.png" if kind == "image" else "output.mp4"
+def output_name(kind: str, fmt: str | None = None) -> str:
+    """A job's output key within its directory: one fixed name per kind and format (the job's
+    ``output_format``; None: the kind's default), so running a job again overwrites its output
+    instead of adding a second one."""
+    if kind != "image":
+        return "output.mp4"
+    return f"output.{fmt or 'png'}"
+
+
+def output_type(kind: str, fmt: str | None = None) -> str:
+    """The content type of ``output_name(kind, fmt)``."""
+    return IMAGE_TYPES[fmt or "png"] if kind == "image" else OUTPUT_TYPES[kind]
 
 
 _JOB_ID = re.compile(r"[A-Za-z0-9_-]{1,128}")
