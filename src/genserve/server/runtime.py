@@ -132,7 +132,7 @@ def build_demo_models(config: Config) -> None:
             if not (out / "model_index.json").exists():
                 log.info("building demo model %s into %s", m.source, out)
                 proc = subprocess.run(
-                    [sys.executable, "-m", "genserve.backends.demo", DEMO_SOURCES[m.source], str(out)],
+                    [sys.executable, "-m", "genserve.backends.demo", m.source.removeprefix("demo:"), str(out)],
                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
                 if proc.returncode != 0:
                     raise RuntimeError(f"building demo model {m.source} failed:\n{proc.stderr[-4000:]}")
