@@ -16,7 +16,7 @@ from PIL import Image
 
 from genserve.auth.keys import Principal
 from genserve.config import parse_config
-from genserve.image_input import MAX_PIXELS, check_input, data_url
+from genserve.image_input import MAX_PIXELS, check_input
 from genserve.requests import RequestError
 from genserve.server.app import create_app
 from genserve.server.job_inputs import read_inputs
