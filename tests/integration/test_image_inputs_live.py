@@ -34,6 +34,16 @@ default_size = "32x32"
 default_steps = 4
 default_guidance = 1.0
 
+# the same weights, step-level batching: image jobs run as request-level calls there
+[models.demo-image-step]
+kind = "image"
+source = "{models / 'demo-image'}"
+batching = "step"
+max_batch_size = 4
+sizes = ["32x32"]
+default_steps = 4
+default_guidance = 1.0
+
 [models.demo-i2v]
 kind = "video"
 source = "{i2v}"
@@ -130,6 +140,13 @@ def test_img2img_and_inpaint_run_the_real_pipelines(acme):
     assert x.shape == (32, 32, 3)
     # the left half (the mask, fitted to 32x32) is repainted per seed; the right half keeps the image
     assert np.abs(x - y)[:, :8].mean() > 4 * np.abs(x - y)[:, 24:].mean()
+
+
+def test_step_mode_models_run_image_jobs_as_request_level_calls(acme):
+    body = {"prompt": "a fox", "seed": 5, "image": url(PICTURE), "strength": 0.5}
+    step = done(acme, acme.post("/v1/jobs", json={"model": "demo-image-step", **body}))
+    req = done(acme, acme.post("/v1/jobs", json={"model": "demo-image", **body}))
+    assert result(acme, step) == result(acme, req)
 
 
 def test_an_image_job_becomes_a_video_without_a_round_trip(acme):
