@@ -160,8 +160,8 @@ def validate(body: dict[str, Any], models: dict[str, ModelConfig], *, random_see
         raise RequestError("webhook_events", f"must be a non-empty list of {', '.join(WEBHOOK_EVENTS)}")
     image_sha, mask_sha = (x.sha256 if x else None for x in (image, mask))
     return JobParams(name, prompt, neg, width, height, frames, steps, guidance, seed, priority, timeout_s, webhook,
-                     events, None, call_variant(traits, neg, image_sha, task, strength), task, strength, image_sha,
-                     None, mask_sha)
+                     events, variant=call_variant(traits, neg, image_sha, task, strength), task=task,
+                     strength=strength, image_sha256=image_sha, mask_sha256=mask_sha)  # image/mask: stored later
 
 
 def _negative_ignored(name: str, traits: Traits, guidance: float) -> str:

@@ -17,7 +17,7 @@ import pytest
 from PIL import Image
 
 from genserve.image_input import MAX_PIXELS
-from genserve.testing import LiveServer, wait_for
+from genserve.testing import LiveServer, wait_for, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -200,7 +200,7 @@ def test_images_edit_with_the_official_client(server, acme):
     assert e.value.body["param"] == "image"
 
 
-def test_a_stored_input_survives_a_restart(demo_models, i2v, tmp_path):
+def test_a_stored_input_survives_a_restart_and_a_gone_client_cancels_its_edit(demo_models, i2v, tmp_path):
     data = tmp_path / "data"
     srv = LiveServer(data, config(demo_models, i2v), workers=0).start()  # nothing runs: the job stays queued
     try:
@@ -208,6 +208,16 @@ def test_a_stored_input_survives_a_restart(demo_models, i2v, tmp_path):
                        files={"image": ("p.png", PICTURE)}, timeout=60)
         assert r.status_code == 202, r.text
         jid = r.json()["id"]
+        # an edit whose client gives up waiting: its jobs are canceled, not left to run for nobody
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(f"{srv.url}/v1/images/edits", data={"prompt": "edit me", "n": "2"},
+                       files={"image": ("p.png", PICTURE)}, timeout=3)
+
+        def edits():
+            jobs = httpx.get(f"{srv.url}/v1/jobs", timeout=10).json()["data"]
+            return [j["status"] for j in jobs if j["params"]["prompt"] == "edit me"]
+
+        wait_until(lambda: edits() == ["canceled", "canceled"], timeout=30, what="the edit's jobs canceled")
     finally:
         srv.stop(kill=True)
     with LiveServer(data, config(demo_models, i2v), workers=1) as srv:

@@ -141,6 +141,7 @@ BOMB = png((MAX_PIXELS // 4000 + 1, 4001), 0, mode="1")  # a few KB; too many pi
     ({"image": {"job": "x", "index": -1}}, "image", 400),
     ({"image": {"job": "x", "extra": 1}}, "image", 400),
     ({"image": 5}, "image", 400),
+    ({"model": "nope", "image": {"job": "0123456789abcdef"}}, "model", 400),  # the model first
 ])
 def test_bad_inputs_are_refused_naming_the_field(tmp_path, body, field, status):
     async def t(c, rt):

@@ -3,6 +3,7 @@ error shape. Routes live in routers (jobs_api.py, openai_images.py, ...) built o
 from __future__ import annotations
 
 import asyncio
+import functools
 import random
 import uuid
 from typing import Any
@@ -155,9 +156,12 @@ class Api:
                          explicit_priority: bool = True) -> tuple[dict[str, Any], bool]:
         """Validate, admit and submit one job (``data``: the type-checked request body). The job
         record and whether it is new (False: ``client_id`` replayed an earlier submit)."""
+        check = functools.partial(validate, models=self.config.models, random_seed=random.randint(0, MAX_SEED),
+                                  webhooks_enabled=self.config.server.webhook_secret is not None)
+        if data.get("model") not in self.config.models:
+            check(data)  # the unknown model is the error, before any image is decoded or job looked up
         inputs = await read_inputs(data, self.jobs, self.results, who)
-        params = validate({**data, **inputs}, self.config.models, random_seed=random.randint(0, MAX_SEED),
-                          webhooks_enabled=self.config.server.webhook_secret is not None)
+        params = check({**data, **inputs})
         if params.webhook is not None:
             try:
                 await self.webhook_guard.check(params.webhook)

@@ -73,6 +73,32 @@ def _fields(parts: list[Part]) -> tuple[list[Part], Part | None, dict[str, str]]
     return images, mask, fields
 
 
+class ClientGone(Exception):
+    pass
+
+
+async def _wait_all(api: Api, ids: list[str], request: Request) -> list[dict[str, Any]]:
+    """Every job's final record; raises ClientGone as soon as the client disconnects."""
+    waits = asyncio.ensure_future(asyncio.gather(*(api.wait_terminal(i) for i in ids)))
+    gone = asyncio.ensure_future(_disconnected(request))
+    try:
+        await asyncio.wait({waits, gone}, return_when=asyncio.FIRST_COMPLETED)
+        if waits.done():
+            return waits.result()
+        raise ClientGone
+    finally:
+        for t in (waits, gone):
+            t.cancel()
+
+
+async def _disconnected(request: Request) -> None:
+    """Returns once the client has gone (the body was read whole: the next message is the disconnect)."""
+    while True:
+        msg = await request.receive()
+        if msg["type"] == "http.disconnect":
+            return
+
+
 def openai_edits_router(api: Api) -> APIRouter:
     router = APIRouter()
 
@@ -127,7 +153,12 @@ def openai_edits_router(api: Api) -> APIRouter:
                     if "seed" in base:
                         body["seed"] = base["seed"] + k
                     submitted.append((await api.create_job(body, who, explicit_priority=False))[0])
-            finals = [await api.wait_terminal(j["id"]) for j in submitted]
+            finals = await _wait_all(api, [j["id"] for j in submitted], request)
+        except ClientGone:  # nobody is waiting for the images any more: their jobs are canceled
+            for j in submitted:
+                api.control.cancel(j["id"])
+            api.control.kick()
+            return error(499, None, "the client closed the connection", code="client_closed")
         except Reconnect:
             for j in submitted:  # nobody could fetch them after the restart: the caller has no job ids
                 api.control.cancel(j["id"])
