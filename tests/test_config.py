@@ -10,7 +10,7 @@ def base(**model):
 
 def test_demo_catalog_is_valid():
     cfg = load_config(None)
-    assert set(cfg.models) == {"demo-image", "demo-video"}
+    assert set(cfg.models) == {"demo-image", "demo-video", "demo-i2v"}
     assert cfg.models["demo-video"].kind == "video" and cfg.models["demo-video"].max_frames >= 9
 
 

@@ -1,16 +1,24 @@
-"""The ``image`` request field: a conditioning image as a base64 ``data:`` URL of a PNG or JPEG.
+"""Image inputs of a job (``image``, ``mask``): decoding, limits, and fitting to the requested size.
 
-Validated at submit (decoded with Pillow: format, dimensions, pixel limit) and decoded again in
-the worker, where it is fitted to the requested size by ``fit_cover``: scaled (Lanczos) so it
-covers width × height with its aspect ratio kept, then centre-cropped to exactly that size.
+An input arrives as a base64 ``data:`` URL (PNG, JPEG or WebP), as the bytes of a multipart file
+part, or as an earlier job's output (the server reads it from the result store; a video output
+gives its first frame). Whatever the form, ``check_input`` decodes it for real with Pillow at
+submit: at most ``MAX_BYTES`` encoded, at most ``MAX_PIXELS`` decoded (checked from the header,
+before a byte of pixel data is decoded: a decompression bomb is refused, not expanded), each side
+at least ``MIN_SIDE``. It is then normalized to PNG (RGB for an image, 8-bit grey for a mask) and
+stored with the job; the worker reads it back and fits it with ``fit_cover``: scaled (Lanczos) so
+it covers width × height with its aspect ratio kept, then centre-cropped to exactly that size.
 """
 from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
 import io
+import warnings
+from dataclasses import dataclass
 
-FORMATS = {"image/png": "PNG", "image/jpeg": "JPEG"}
+FORMATS = {"image/png": "PNG", "image/jpeg": "JPEG", "image/webp": "WEBP"}
 MAX_BYTES = 16 << 20  # encoded size
 MAX_PIXELS = 4096 * 4096  # decoded size (a decompression bomb is refused before it is decoded)
 MIN_SIDE = 8
@@ -20,13 +28,30 @@ class ImageInputError(ValueError):
     pass
 
 
-def _split(url: str) -> tuple[str, bytes]:
+@dataclass(frozen=True)
+class InputImage:
+    """A validated input, normalized to PNG bytes (what is stored with the job)."""
+
+    png: bytes
+    width: int
+    height: int
+
+    @property
+    def sha256(self) -> str:
+        return hashlib.sha256(self.png).hexdigest()
+
+    @property
+    def size(self) -> tuple[int, int]:
+        return self.width, self.height
+
+
+def split_data_url(url: str) -> tuple[str, bytes]:
     if not isinstance(url, str) or not url.startswith("data:"):
-        raise ImageInputError("must be a data URL: data:image/png;base64,… or data:image/jpeg;base64,…")
+        raise ImageInputError("must be a data URL: data:image/png;base64,… (or image/jpeg, image/webp)")
     head, sep, payload = url[5:].partition(",")
     mime, _, enc = head.partition(";")
     if not sep or enc != "base64" or mime not in FORMATS:
-        raise ImageInputError("must be a base64 data URL of an image/png or image/jpeg")
+        raise ImageInputError("must be a base64 data URL of an image/png, image/jpeg or image/webp")
     if len(payload) > MAX_BYTES * 4 // 3 + 4:
         raise ImageInputError(f"is larger than {MAX_BYTES >> 20} MiB")
     try:
@@ -35,26 +60,84 @@ def _split(url: str) -> tuple[str, bytes]:
         raise ImageInputError("is not valid base64") from None
 
 
-def decode_data_url(url: str):
-    """The image as an RGB PIL image; raises ImageInputError with a reason."""
+def decode_bytes(data: bytes, declared: str | None = None):
+    """Decode an encoded image under the limits; a PIL image (not yet converted). ``declared``: the
+    MIME type the client claimed (a data URL's), which must match what the bytes hold."""
     from PIL import Image
 
-    mime, data = _split(url)
+    if len(data) > MAX_BYTES:
+        raise ImageInputError(f"is {len(data)} bytes; at most {MAX_BYTES >> 20} MiB")
     try:
-        img = Image.open(io.BytesIO(data))
-        if img.format != FORMATS[mime]:
-            raise ImageInputError(f"says {mime} but holds {img.format or 'something else'}")
-        w, h = img.size
-        if w * h > MAX_PIXELS:
-            raise ImageInputError(f"is {w}x{h}; at most {MAX_PIXELS} pixels")
-        if min(w, h) < MIN_SIDE:
-            raise ImageInputError(f"is {w}x{h}; each side must be at least {MIN_SIDE} pixels")
-        img.load()
+        with warnings.catch_warnings():
+            # Pillow warns above MAX_IMAGE_PIXELS and raises above twice that; the size is checked
+            # below from the header alone, before anything is decoded.
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data), formats=list(FORMATS.values()))
+            if declared is not None and img.format != FORMATS[declared]:
+                raise ImageInputError(f"says {declared} but holds {img.format or 'something else'}")
+            w, h = img.size
+            if w * h > MAX_PIXELS:
+                raise ImageInputError(f"is {w}x{h}; at most {MAX_PIXELS} pixels")
+            if min(w, h) < MIN_SIDE:
+                raise ImageInputError(f"is {w}x{h}; each side must be at least {MIN_SIDE} pixels")
+            img.load()
     except ImageInputError:
         raise
-    except Exception as e:  # truncated or corrupt data: Pillow raises several types
-        raise ImageInputError(f"cannot be decoded: {e}") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise ImageInputError(f"has too many pixels (at most {MAX_PIXELS})") from None
+    except Exception as e:  # not an image, truncated or corrupt data: Pillow raises several types
+        raise ImageInputError(f"is not a PNG, JPEG or WebP image Pillow can decode ({type(e).__name__})") from None
+    return img
+
+
+def check_input(data: bytes, *, mask: bool = False, declared: str | None = None) -> InputImage:
+    """Decode and normalize an input: RGB for an image; for a mask, 8-bit grey (white = repaint)."""
+    img = decode_bytes(data, declared)
+    img = img.convert("L") if mask else _rgb(img)
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return InputImage(buf.getvalue(), img.width, img.height)
+
+
+def _rgb(img):
+    """RGB, with any transparency composited over white (a transparent area has no colour to keep)."""
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        from PIL import Image
+
+        rgba = img.convert("RGBA")
+        bg = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(bg, rgba).convert("RGB")
     return img.convert("RGB")
+
+
+def decode_data_url(url: str):
+    """A data URL's image as RGB (validated as at submit); raises ImageInputError with a reason."""
+    mime, data = split_data_url(url)
+    return _rgb(decode_bytes(data, mime))
+
+
+def first_frame_png(mp4: bytes) -> bytes:
+    """The first frame of a video result, as PNG (a video output used as an image input)."""
+    import av
+
+    with av.open(io.BytesIO(mp4)) as container:
+        for frame in container.decode(video=0):
+            buf = io.BytesIO()
+            frame.to_image().save(buf, format="PNG")
+            return buf.getvalue()
+    raise ImageInputError("the referenced video has no frames")
+
+
+def open_input(ref: str, read) -> "object":
+    """Worker side: a job's stored input (a result-store key, read with ``read``) as a PIL image;
+    a legacy record's data URL is decoded directly."""
+    from PIL import Image
+
+    if ref.startswith("data:"):
+        return decode_data_url(ref)
+    img = Image.open(io.BytesIO(read(ref)))
+    img.load()
+    return img
 
 
 def fit_cover(img, width: int, height: int):
@@ -73,5 +156,5 @@ def data_url(img, fmt: str = "PNG") -> str:
     """An image as a data URL (for clients and tests)."""
     buf = io.BytesIO()
     img.save(buf, format=fmt)
-    mime = "image/png" if fmt == "PNG" else "image/jpeg"
+    mime = {"PNG": "image/png", "JPEG": "image/jpeg", "WEBP": "image/webp"}[fmt]
     return f"data:{mime};base64," + base64.b64encode(buf.getvalue()).decode()

@@ -4,6 +4,7 @@ and where it is willing to send (docs/configuration.md, docs/security.md).
 ```toml
 [http]
 max_body_bytes = 1048576              # request bodies above this: 413, refused while reading
+max_upload_bytes = 41943040           # the same for multipart/form-data bodies (image uploads)
 public_url = "https://gen.example.com/" # base of every URL the API returns (default: the address
                                         #   the request arrived on, never the Host header)
 trusted_proxies = ["10.0.0.5/32"]      # X-Forwarded-Proto/-Host are believed only from these
@@ -37,6 +38,7 @@ class _Err(ValueError):
 @dataclass(frozen=True)
 class HttpConfig:
     max_body_bytes: int = MIB
+    max_upload_bytes: int = 40 * MIB  # multipart bodies: an image and a mask of up to 16 MiB each, and the fields
     public_url: str | None = None  # with a trailing slash
     trusted_proxies: tuple[Network, ...] = ()
 
@@ -67,13 +69,14 @@ def _network(key: str, v: Any) -> Network:
 
 def parse_http(raw: Any) -> HttpConfig:
     """``[http]``; raises ``genserve.config.ConfigError`` through the caller's wrapper."""
-    t = _table("http", raw, {"max_body_bytes", "public_url", "trusted_proxies"})
+    t = _table("http", raw, {"max_body_bytes", "max_upload_bytes", "public_url", "trusted_proxies"})
     kw: dict[str, Any] = {}
-    if "max_body_bytes" in t:
-        v = t["max_body_bytes"]
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1024:
-            raise _Err("http.max_body_bytes", f"must be an integer ≥ 1024, got {v!r}")
-        kw["max_body_bytes"] = v
+    for key in ("max_body_bytes", "max_upload_bytes"):
+        if key in t:
+            v = t[key]
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1024:
+                raise _Err(f"http.{key}", f"must be an integer ≥ 1024, got {v!r}")
+            kw[key] = v
     if "public_url" in t:
         v = t["public_url"]
         url = urlsplit(v) if isinstance(v, str) else None

@@ -8,12 +8,17 @@ from urllib.parse import urlsplit
 from .backends.families import Traits, call_variant
 from .config import ModelConfig
 from .engine.types import BatchKey, Priority
-from .image_input import ImageInputError, decode_data_url
+from .image_input import ImageInputError, InputImage, check_input, split_data_url
 
 PRIORITIES = tuple(p.name.lower() for p in Priority)
 WEBHOOK_EVENTS = ("started", "progress", "completed")
 OUTPUT_FORMATS = ("png", "jpeg", "webp")  # backends/encode.py: IMAGE_FORMATS
 DEFAULT_COMPRESSION = 90  # jpeg / webp quality when output_compression is absent
+# text: prompt only; img2img: an init image (image models); inpaint: an init image and a mask;
+# i2v: a conditioning frame (image-to-video models); cond: a conditioning image some other
+# pipeline requires (an image model of an unknown family).
+TASKS = ("text", "img2img", "inpaint", "i2v", "cond")
+DEFAULT_STRENGTH = {"img2img": 0.8, "inpaint": 1.0}
 MAX_SEED = 2**63 - 1
 
 
@@ -41,8 +46,15 @@ class JobParams:
     timeout_s: float | None = None  # None: the model's
     webhook: str | None = None
     webhook_events: tuple[str, ...] = ("completed",)
-    image: str | None = None  # the conditioning image (a data URL), for image-to-video models
+    # The input image / mask: a result-store key (``<job id>/input-image.png``) once the server has
+    # stored it (a data URL in records written before inputs were stored), with its digest.
+    image: str | None = None
     variant: str = ""  # the batch key's variant (backends/families/base.py: call_variant)
+    task: str = "text"
+    strength: float | None = None  # img2img / inpaint: how much of the init image is re-noised
+    image_sha256: str | None = None
+    mask: str | None = None
+    mask_sha256: str | None = None
     # How the worker encodes an image job's output; not part of the batch key (encoding is per job).
     output_format: str | None = None  # png | jpeg | webp; None: a video job (MP4), or a record from before: png
     output_compression: int | None = None  # jpeg / webp quality 0..100; None for png and videos
@@ -116,7 +128,11 @@ def validate(body: dict[str, Any], models: dict[str, ModelConfig], *, random_see
         raise RequestError("guidance", "must be between 0 and 50")
     if neg is not None and traits and not traits.negative_honoured(guidance, m.family.true_cfg_scale):
         raise RequestError("negative_prompt", _negative_ignored(name, traits, guidance))
-    image = _image(body.get("image"), name, traits)
+    image, mask = _input(body.get("image"), "image"), _input(body.get("mask"), "mask")
+    task, strength = _task(image, mask, body.get("strength"), m, traits)
+    if strength is not None and int(steps * strength) < 1:
+        raise RequestError("strength", f"{strength:g} x {steps} steps leaves no denoising step; raise steps or "
+                                       "strength")
     seed = body.get("seed")
     seed = random_seed if seed is None else seed
     if not 0 <= seed <= MAX_SEED:
@@ -148,9 +164,11 @@ def validate(body: dict[str, Any], models: dict[str, ModelConfig], *, random_see
     if bad or not events:
         raise RequestError("webhook_events", f"must be a non-empty list of {', '.join(WEBHOOK_EVENTS)}")
     fmt, compression = _output_format(body, name, m.kind)
+    image_sha, mask_sha = (x.sha256 if x else None for x in (image, mask))
     return JobParams(name, prompt, neg, width, height, frames, steps, guidance, seed, priority, timeout_s, webhook,
-                     events, image, call_variant(traits, neg, image), output_format=fmt,
-                     output_compression=compression)
+                     events, variant=call_variant(traits, neg, image_sha, task, strength), task=task,
+                     strength=strength, image_sha256=image_sha, mask_sha256=mask_sha,  # image/mask: stored later
+                     output_format=fmt, output_compression=compression)
 
 
 def _output_format(body: dict[str, Any], name: str, kind: str) -> tuple[str | None, int | None]:
@@ -184,16 +202,41 @@ def _negative_ignored(name: str, traits: Traits, guidance: float) -> str:
     return f"{name} ({traits.family}) does not take a negative prompt"
 
 
-def _image(value: Any, name: str, traits: Traits | None) -> str | None:
-    """The conditioning image: required by image-to-video families, refused by the others."""
-    if value is None:
-        if traits and traits.image_input:
-            raise RequestError("image", f"is required: {name} ({traits.family}) generates from a conditioning image")
-        return None
-    if traits and not traits.image_input:
-        raise RequestError("image", f"{name} ({traits.family}) does not take a conditioning image")
+def _input(value: Any, field: str) -> InputImage | None:
+    """An input already read by the server (InputImage), or a data URL (decoded here)."""
+    if value is None or isinstance(value, InputImage):
+        return value
     try:
-        decode_data_url(value)
+        mime, data = split_data_url(value)
+        return check_input(data, mask=field == "mask", declared=mime)
     except ImageInputError as e:
-        raise RequestError("image", str(e)) from None
-    return value
+        raise RequestError(field, str(e)) from None
+
+
+def _task(image: InputImage | None, mask: InputImage | None, strength: Any, m: ModelConfig,
+          traits: Traits | None) -> tuple[str, float | None]:
+    """What the job does with its inputs, and its strength (img2img / inpaint only)."""
+    name, family = m.name, f"{traits.family}, {traits.pipeline}" if traits else "family unknown"
+    if strength is not None and (image is None or m.kind != "image" or (traits and traits.image_input)):
+        raise RequestError("strength", "is only for image-to-image and inpainting (an image model with image)")
+    if mask is not None and m.kind != "image":
+        raise RequestError("mask", f"{name} is a {m.kind} model; mask is only for inpainting on image models")
+    if mask is not None and image is None:
+        raise RequestError("mask", "requires image (the image to inpaint)")
+    if image is None:
+        if traits and traits.image_input:
+            raise RequestError("image", f"is required: {name} ({family}) generates from a conditioning image")
+        return "text", None
+    if traits and traits.image_input:
+        return ("i2v" if m.kind == "video" else "cond"), None
+    if m.kind != "image" or not (traits and traits.edit):
+        what = "conditioning image" if m.kind == "video" else "init image (image-to-image, inpainting)"
+        raise RequestError("image", f"{name} ({family}) does not take a {what}")
+    task = "img2img" if mask is None else "inpaint"
+    if mask is not None and mask.size != image.size:
+        raise RequestError("mask", f"is {mask.width}x{mask.height}; it must be the image's size, "
+                                   f"{image.width}x{image.height}")
+    strength = DEFAULT_STRENGTH[task] if strength is None else float(strength)
+    if not 0.0 < strength <= 1.0:
+        raise RequestError("strength", "must be greater than 0 and at most 1")
+    return task, strength

@@ -61,9 +61,9 @@ default_steps = 2
 class VideoWorld:
     """The app over a runtime on the fake pool with one ready worker; ``finish`` plays it."""
 
-    def __init__(self, tmp_path) -> None:
+    def __init__(self, tmp_path, extra: str = "") -> None:
         self.clock = Clock()
-        self.cfg = cfg(tmp_path)
+        self.cfg = cfg(tmp_path, extra)
         self.rt = Runtime(self.cfg, devices=["cpu"], clock=self.clock, pool=FakePool)
         self.pool: FakePool = self.rt.pool  # type: ignore[assignment]
         self.app = create_app(self.cfg, self.rt)
@@ -110,9 +110,9 @@ class VideoWorld:
         return done
 
 
-def run(tmp_path, test):
+def run(tmp_path, test, extra: str = ""):
     async def go():
-        async with VideoWorld(tmp_path) as w:
+        async with VideoWorld(tmp_path, extra) as w:
             return await test(w)
     return asyncio.run(go())
 
@@ -172,28 +172,52 @@ def test_create_poll_download_list_delete_with_the_official_client(tmp_path):
     run(tmp_path, test)
 
 
+# An image-to-video model: its family is read from the directory's model_index.json (no weights needed).
+I2V = """
+[models.i2v]
+kind = "video"
+source = "{src}"
+max_batch_size = 1
+max_wait_ms = 0
+max_pixels = 16384
+size_multiple = 16
+default_size = "64x64"
+default_steps = 2
+default_frames = 9
+max_frames = 17
+frame_stride = 4
+fps = 8
+"""
+
+
 def test_defaults_and_input_reference_upload(tmp_path):
+    src = tmp_path / "i2v"
+    src.mkdir()
+    (src / "model_index.json").write_text('{"_class_name": "WanImageToVideoPipeline"}')
+
     async def test(w: VideoWorld):
         client = w.client()
         v = await client.videos.create(prompt="default")
         assert (v.model, v.size, v.seconds) == ("vid", "64x64", "1.125")  # the first video model's defaults
         png = io.BytesIO()
         Image.new("RGB", (40, 30), (200, 10, 10)).save(png, "PNG")
-        v = await client.videos.create(prompt="from an image", input_reference=("frame.png", png.getvalue(),
-                                                                                   "application/octet-stream"))
+        v = await client.videos.create(prompt="from an image", model="i2v",
+                                       input_reference=("frame.png", png.getvalue(), "application/octet-stream"))
         url = "data:image/png;base64," + base64.b64encode(png.getvalue()).decode()
-        uploaded = w.rt.store.get(v.id)["params"]["image"]
+        uploaded = w.rt.store.get(v.id)["params"]["image_sha256"]
         async with w.http() as c:
             # the reference object in a form, spelled as the client's form encoder spells objects
-            r = await c.post("/v1/videos", files={"prompt": (None, b"x"), "input_reference[image_url]": (None, url)})
-            assert r.status_code == 200 and w.rt.store.get(r.json()["id"])["params"]["image"] == uploaded
+            r = await c.post("/v1/videos", files={"prompt": (None, b"x"), "model": (None, b"i2v"),
+                                                  "input_reference[image_url]": (None, url)})
+            assert r.status_code == 200 and w.rt.store.get(r.json()["id"])["params"]["image_sha256"] == uploaded
             # and as JSON
-            r = await c.post("/v1/videos", json={"prompt": "x", "input_reference": {"image_url": url}, "seconds": 1})
+            r = await c.post("/v1/videos", json={"prompt": "x", "model": "i2v", "input_reference": {"image_url": url},
+                                                 "seconds": 1})
             assert r.status_code == 200 and r.json()["seconds"] == "1.125", r.text
-            assert w.rt.store.get(r.json()["id"])["params"]["image"] == uploaded
+            assert w.rt.store.get(r.json()["id"])["params"]["image_sha256"] == uploaded
             view = (await c.get(f"/v1/jobs/{v.id}")).json()  # the native view shows the frame by digest
             assert view["params"]["image"].startswith("sha256:")
-    run(tmp_path, test)
+    run(tmp_path, test, I2V.format(src=src))
 
 
 @pytest.mark.parametrize("body,field,status", [

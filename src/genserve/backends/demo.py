@@ -13,7 +13,6 @@ import sys
 import tempfile
 from pathlib import Path
 
-DEMO_KINDS = ("image", "video")
 
 
 def _bytes_to_unicode() -> dict[int, str]:
@@ -109,7 +108,44 @@ def build_video(out: Path, seed: int = 0) -> None:
     pipe.save_pretrained(out)
 
 
-BUILDERS = {"image": build_image, "video": build_video}
+def build_i2v(out: Path, seed: int = 0) -> None:
+    """Wan 2.1-style image-to-video: the text-to-video parts plus a CLIP vision encoder for the
+    conditioning frame (the transformer takes 16 noise + 4 mask + 16 frame-latent channels)."""
+    import torch
+    from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanImageToVideoPipeline, WanTransformer3DModel
+    from transformers import (CLIPImageProcessor, CLIPTokenizer, CLIPVisionConfig, CLIPVisionModel, UMT5Config,
+                              UMT5EncoderModel)
+
+    torch.manual_seed(seed)
+    vae = AutoencoderKLWan(base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+                           temperal_downsample=[False, True, True])
+    transformer = WanTransformer3DModel(
+        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=36, out_channels=16,
+        text_dim=32, freq_dim=32, ffn_dim=32, num_layers=2, cross_attn_norm=True,
+        qk_norm="rms_norm_across_heads", rope_max_seq_len=32, image_dim=32, added_kv_proj_dim=24,
+    )
+    text_encoder = UMT5EncoderModel(UMT5Config(
+        vocab_size=vocab_size(), d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
+        relative_attention_num_buckets=8, pad_token_id=vocab_size() - 1, eos_token_id=vocab_size() - 1,
+    ))
+    image_encoder = CLIPVisionModel(CLIPVisionConfig(hidden_size=32, projection_dim=32, num_hidden_layers=2,
+                                                     num_attention_heads=4, image_size=32, intermediate_size=64,
+                                                     patch_size=8))
+    tok_dir = out / "_tok"
+    _write_tokenizer(tok_dir)
+    tokenizer = CLIPTokenizer.from_pretrained(tok_dir)
+    shutil.rmtree(tok_dir)
+    pipe = WanImageToVideoPipeline(
+        tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+        image_processor=CLIPImageProcessor(crop_size=32, size=32), image_encoder=image_encoder,
+        transformer=transformer,
+    )
+    pipe.save_pretrained(out)
+
+
+# Keyed by the demo source's name (``demo:<name>``).
+BUILDERS = {"image": build_image, "video": build_video, "i2v": build_i2v}
+DEMO_KINDS = tuple(BUILDERS)
 
 
 def ensure_demo_model(kind: str, out: Path) -> Path:

@@ -92,6 +92,21 @@ def dtype_bytes_of(pipe) -> int:
     return 4
 
 
+def with_inputs(job: dict[str, Any], store: ResultStore) -> dict[str, Any]:
+    """The job with its stored input images opened (``image_pil``, ``mask_pil``)."""
+    from ..image_input import open_input
+
+    out = job
+    for field in ("image", "mask"):
+        if job.get(field):
+            try:
+                out = {**out, f"{field}_pil": open_input(job[field], store.read)}
+            except (OSError, KeyError) as e:
+                raise RuntimeError(f"job {job['id']}: its stored {field} input {job[field]!r} cannot be read "
+                                   f"({type(e).__name__})") from None
+    return out
+
+
 class PipelineRunner:
     def __init__(self, device: str, store: ResultStore, host_cache_bytes: int = 0,
                  encode: Callable[[str, Any, int], bytes] | None = None) -> None:
@@ -237,12 +252,13 @@ class PipelineRunner:
             if all(j["id"] in canceled for j in group):
                 done_steps += steps  # nobody left to run it for (reported below)
                 continue
+            group = [with_inputs(j, self.store) for j in group]
             call = adapter.call_kwargs(group, p)
             call["generator"] = [torch.Generator(device="cpu").manual_seed(j["seed"]) for j in group]
             call["callback_on_step_end"] = on_step_end
             call["output_type"] = "np" if kind == "video" else "pil"
             with torch.inference_mode():
-                out = pipe(**call)
+                out = adapter.pipeline(pipe, group[0].get("task") or "text")(**call)
             got = out.images if kind == "image" else out.frames
             for j, o in zip(group, got):
                 check_output(kind, o, p["width"], p["height"], p.get("num_frames", 0))

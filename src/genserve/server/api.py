@@ -3,7 +3,9 @@ error shape. Routes live in routers (jobs_api.py, openai_images.py, ...) built o
 from __future__ import annotations
 
 import asyncio
+import functools
 import random
+import uuid
 from typing import Any
 
 from fastapi import Request
@@ -13,12 +15,13 @@ from ..auth.keys import Principal
 from ..backends.families.base import image_digest
 from ..config import Config
 from ..engine import is_retryable
-from ..requests import MAX_SEED, RequestError, validate
+from ..requests import MAX_SEED, JobParams, RequestError, validate
 from ..status import JobStatus, is_terminal
 from ..storage import LocalResultStore
 from . import auth
 from .auth import visible
 from .events import RECONNECT
+from .job_inputs import delete_inputs, read_inputs, store_inputs
 from .jobstore import STAGES
 from .limits import base_url
 from .runtime import Runtime
@@ -45,10 +48,15 @@ class Reconnect(Exception):
 
 
 def shown_params(params: dict[str, Any]) -> dict[str, Any]:
-    """A job's params as shown: a conditioning image (a data URL, up to MBs) by its digest."""
-    if params.get("image"):
-        return {**params, "image": "sha256:" + image_digest(params["image"])}
-    return params
+    """A job's params as shown: an input image or mask by its digest (a legacy record's data URL
+    is MBs; a store key is an internal detail)."""
+    out = dict(params)
+    for field in ("image", "mask"):
+        if params.get(field):
+            sha = params.get(f"{field}_sha256")
+            out[field] = "sha256:" + (sha or image_digest(params[field]))
+        out.pop(f"{field}_sha256", None)
+    return out
 
 
 class Api:
@@ -148,8 +156,12 @@ class Api:
                          explicit_priority: bool = True) -> tuple[dict[str, Any], bool]:
         """Validate, admit and submit one job (``data``: the type-checked request body). The job
         record and whether it is new (False: ``client_id`` replayed an earlier submit)."""
-        params = validate(data, self.config.models, random_seed=random.randint(0, MAX_SEED),
-                          webhooks_enabled=self.config.server.webhook_secret is not None)
+        check = functools.partial(validate, models=self.config.models, random_seed=random.randint(0, MAX_SEED),
+                                  webhooks_enabled=self.config.server.webhook_secret is not None)
+        if data.get("model") not in self.config.models:
+            check(data)  # the unknown model is the error, before any image is decoded or job looked up
+        inputs = await read_inputs(data, self.jobs, self.results, who)
+        params = check({**data, **inputs})
         if params.webhook is not None:
             try:
                 await self.webhook_guard.check(params.webhook)
@@ -158,14 +170,24 @@ class Api:
         params = self.gate.default_priority(who.tenant, params, explicit=explicit_priority)
         existing = self.jobs.get_by_client_id(client_id, who.tenant) if client_id is not None else None
         if existing is not None:
+            # stored inputs are compared by digest (their keys carry the job id)
             same = dict(params.to_dict(), seed=existing["params"].get("seed") if data.get("seed") is None
-                        else params.seed)
-            if same != existing["params"]:
+                        else params.seed, image=existing["params"].get("image"), mask=existing["params"].get("mask"))
+            if same != {**JobParams.from_dict(existing["params"]).to_dict()}:
                 raise RequestError("id", "already used for a job with different parameters", status=409,
                                    code="conflict")
+            job, created = self.control.submit(params, client_id, who.tenant)
         else:
             self.gate.admit(who.tenant, params.priority)
-        job, created = self.control.submit(params, client_id, who.tenant)
+            job_id = uuid.uuid4().hex
+            params = await store_inputs(self.results, job_id, params, inputs)
+            try:
+                job, created = self.control.submit(params, client_id, who.tenant, job_id=job_id)
+            except BaseException:
+                await delete_inputs(self.results, params)
+                raise
+            if job["id"] != job_id:  # a concurrent submit with the same client id won
+                await delete_inputs(self.results, params)
         self.control.kick()
         return job, created
 

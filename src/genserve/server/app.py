@@ -19,6 +19,7 @@ from .docs_assets import mount_docs
 from .jobs_api import jobs_router
 from .limits import BodyLimit
 from .observability_api import observability_router
+from .openai_edits import openai_edits_router
 from .openai_images import openai_images_router
 from .openai_videos import openai_videos_router
 from .openapi import install_openapi
@@ -54,7 +55,7 @@ def create_app(config: Config, runtime: Runtime | None = None) -> FastAPI:
     app.state.runtime = rt
     auth.install(app, keys, config.access, config.server.cors_origins)
     install_openapi(app, config.models)
-    app.add_middleware(BodyLimit, max_bytes=config.http.max_body_bytes)
+    app.add_middleware(BodyLimit, max_bytes=config.http.max_body_bytes, max_upload_bytes=config.http.max_upload_bytes)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_req: Request, exc: RequestValidationError):
@@ -91,6 +92,7 @@ def create_app(config: Config, runtime: Runtime | None = None) -> FastAPI:
     app.include_router(jobs_router(api))
     app.include_router(openai_images_router(api))
     app.include_router(openai_videos_router(api))
+    app.include_router(openai_edits_router(api))
 
     @app.get("/v1/models", tags=["models"])
     async def list_models():

@@ -15,18 +15,37 @@ from .api import Api
 from .auth import principal, visible
 from .events import RECONNECT
 from .jobstore import Page
+from .multipart import form_as_json
 from .schemas import JobRequest
+
+
+# How a multipart/form-data submit's fields are typed (the rest are text).
+FORM_KINDS = {**{f: "int" for f in ("width", "height", "num_frames", "steps", "seed")},
+              **{f: "float" for f in ("guidance", "timeout_s", "strength")},
+              "webhook_events": "list", "image": "image", "mask": "image"}
+_FORM_SCHEMA = {"type": "object", "required": ["model", "prompt"], "properties": {
+    **{f: {"type": "string"} for f in ("model", "prompt", "negative_prompt", "priority", "id", "webhook")},
+    **{f: {"type": "integer"} for f, k in FORM_KINDS.items() if k == "int"},
+    **{f: {"type": "number"} for f, k in FORM_KINDS.items() if k == "float"},
+    "webhook_events": {"type": "array", "items": {"type": "string"}},
+    "image": {"type": "string", "format": "binary"}, "mask": {"type": "string", "format": "binary"}}}
 
 
 def jobs_router(api: Api) -> APIRouter:
     router = APIRouter()
+    form_router = APIRouter(route_class=form_as_json(FORM_KINDS))
 
-    @router.post("/v1/jobs", status_code=202, tags=["jobs"])
+    @form_router.post("/v1/jobs", status_code=202, tags=["jobs"], openapi_extra={"requestBody": {"content": {
+        "multipart/form-data": {"schema": _FORM_SCHEMA}}}})
     async def create_job(body: JobRequest, request: Request, who: Principal = Depends(principal)):
+        """Submit a job: a JSON body, or the same fields as ``multipart/form-data`` (``image`` and
+        ``mask`` as file parts; bodies up to ``[http] max_upload_bytes``)."""
         job, created = await api.create_job(body.model_dump(), who, client_id=body.id,
                                             explicit_priority="priority" in body.model_fields_set)
         return JSONResponse(api.job_view(api.jobs.get(job["id"]), api.base(request)), status_code=202,
                             headers={} if created else {"Idempotent-Replayed": "true"})
+
+    router.include_router(form_router)
 
     @router.get("/v1/jobs", tags=["jobs"])
     async def list_jobs(request: Request, limit: int = 50, after: str | None = None, order: str = "desc",

@@ -28,22 +28,28 @@ def error_body(status: int, field: str, message: str, code: str) -> bytes:
 
 
 class BodyLimit:
-    """ASGI middleware: bodies over ``max_bytes`` get 413 (``body_too_large``)."""
+    """ASGI middleware: bodies over ``max_bytes`` get 413 (``body_too_large``); multipart/form-data
+    bodies (image uploads) are held to ``max_upload_bytes`` instead."""
 
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
-        if max_bytes < 1:
+    def __init__(self, app: ASGIApp, max_bytes: int, max_upload_bytes: int | None = None) -> None:
+        if max_bytes < 1 or (max_upload_bytes is not None and max_upload_bytes < 1):
             raise ValueError("max_bytes must be positive")
         self.app, self.max_bytes = app, max_bytes
+        self.max_upload_bytes = max_bytes if max_upload_bytes is None else max_upload_bytes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        declared = dict(scope["headers"]).get(b"content-length")
+        headers = dict(scope["headers"])
+        upload = headers.get(b"content-type", b"").split(b";")[0].strip().lower() == b"multipart/form-data"
+        limit, key = (self.max_upload_bytes, "http.max_upload_bytes") if upload else (self.max_bytes,
+                                                                                      "http.max_body_bytes")
+        declared = headers.get(b"content-length")
         if declared is not None:
             if not declared.isdigit():
                 return await _reject(send, 400, "Content-Length", "must be a number of bytes", "invalid_request")
-            if int(declared) > self.max_bytes:
-                return await self._too_large(send)
+            if int(declared) > limit:
+                return await self._too_large(send, limit, key)
         chunks: list[bytes] = []
         size = 0
         while True:
@@ -54,8 +60,8 @@ class BodyLimit:
                 break
             chunk = msg.get("body", b"")
             size += len(chunk)
-            if size > self.max_bytes:
-                return await self._too_large(send)
+            if size > limit:
+                return await self._too_large(send, limit, key)
             chunks.append(chunk)
             if not msg.get("more_body", False):
                 replay = [{"type": "http.request", "body": b"".join(chunks), "more_body": False}]
@@ -66,9 +72,8 @@ class BodyLimit:
 
         await self.app(scope, replayed, send)
 
-    async def _too_large(self, send: Send) -> None:
-        await _reject(send, 413, "body", f"is larger than the limit of {self.max_bytes} bytes (http.max_body_bytes)",
-                      "body_too_large")
+    async def _too_large(self, send: Send, limit: int, key: str) -> None:
+        await _reject(send, 413, "body", f"is larger than the limit of {limit} bytes ({key})", "body_too_large")
 
 
 async def _reject(send: Send, status: int, field: str, message: str, code: str) -> None:

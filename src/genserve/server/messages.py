@@ -10,15 +10,15 @@ from ..engine import JoinBatch, LoadModel, RunBatch
 from ..workers import protocol as P
 
 _JOB_FIELDS = ("prompt", "negative_prompt", "seed", "steps", "guidance")
+_INPUT_FIELDS = ("image", "image_sha256", "mask", "task", "strength",  # absent from older records
+                 "output_format", "output_compression")  # how the worker encodes an image (absent: png)
 
 
 def job_payload(jobs: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
-    """Each job as the worker needs it (step mode reads each job's own steps and guidance)."""
-    return [{"id": j["id"], **{k: j["params"][k] for k in _JOB_FIELDS}, "image": j["params"].get("image"),
-             # how the worker encodes the job's image (absent in records older than the fields: png)
-             "output_format": j["params"].get("output_format"),
-             "output_compression": j["params"].get("output_compression")}
-            for j in jobs]
+    """Each job as the worker needs it (step mode reads each job's own steps and guidance); its
+    inputs go as result-store keys, which the worker reads."""
+    return [{"id": j["id"], **{k: j["params"][k] for k in _JOB_FIELDS},
+             **{k: j["params"].get(k) for k in _INPUT_FIELDS}} for j in jobs]
 
 
 def load_message(config: Config, d: LoadModel) -> dict[str, Any]:

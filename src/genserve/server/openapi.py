@@ -34,7 +34,8 @@ ERROR_SCHEMA: dict[str, Any] = {
 _STATUS_TEXT = {
     400: "Invalid request: the message names the field", 401: "Missing, invalid or revoked API key",
     403: "The key lacks the admin scope", 404: "Not found (another tenant's job is not found either)",
-    409: "Conflict with the current state", 413: "Request body too large",
+    409: "Conflict with the current state", 410: "Gone: the referenced job's results were deleted",
+    413: "Request body too large", 415: "Unsupported body type (multipart/form-data expected)",
     429: "Over a limit (the model's queue, the tenant's queued jobs or rate): retry after Retry-After seconds",
     503: "Not ready",
     500: "The generation failed (x-should-retry: false: the server already retried what could help)",
@@ -47,7 +48,8 @@ _HEADERS = {
 }
 # Extra statuses by route (method, path pattern): what the handler itself may answer.
 _ROUTE_ERRORS: list[tuple[str, str, tuple[int, ...]]] = [
-    ("POST", r"^/v1/jobs$", (409, 429)),
+    ("POST", r"^/v1/jobs$", (404, 409, 410, 429)),  # 404/409/410: an image input's job reference
+    ("POST", r"^/v1/images/edits$", (404, 409, 410, 415, 429)),
     ("GET", r"^/v1/jobs$", (404,)),
     ("GET", r"^/v1/usage$", (404,)),
     ("GET", r"^/v1/jobs/\{job_id\}(/events)?$", (404,)),

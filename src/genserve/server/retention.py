@@ -82,6 +82,7 @@ class Retention:
         if c.jobs_days is not None:
             for job in self.store.finished_before(now - c.jobs_days * DAY_S, n):
                 out["bytes"] += self._delete_results(job["results"], "jobs_days")
+                self._delete_inputs(job)
                 self.store.delete_job(job["id"])
                 self.deleted_jobs.labels("jobs_days").inc()
                 out["jobs"] += 1
@@ -104,6 +105,7 @@ class Retention:
         """``DELETE /v1/jobs/{id}`` of a finished job: its results, then its record."""
         assert is_terminal(job["status"])
         self._delete_results(job["results"], "api")
+        self._delete_inputs(job)
         gone = self.store.delete_job(job["id"])
         if gone:
             self.deleted_jobs.labels("api").inc()
@@ -111,8 +113,16 @@ class Retention:
 
     def _results_gone(self, job: dict[str, Any], reason: str, now: float) -> int:
         freed = self._delete_results(job["results"], reason)
+        self._delete_inputs(job)
         self.store.results_deleted(job["id"], now)
         return freed
+
+    def _delete_inputs(self, job: dict[str, Any]) -> None:
+        """A finished job's stored image inputs (server/job_inputs.py) go with its results."""
+        from .job_inputs import input_keys
+
+        for key in input_keys(job.get("params") or {}):
+            self.results.delete(key)
 
     def _delete_results(self, refs: list[dict[str, Any]], reason: str) -> int:
         freed = 0

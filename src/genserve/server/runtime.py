@@ -132,7 +132,7 @@ def build_demo_models(config: Config) -> None:
             if not (out / "model_index.json").exists():
                 log.info("building demo model %s into %s", m.source, out)
                 proc = subprocess.run(
-                    [sys.executable, "-m", "genserve.backends.demo", DEMO_SOURCES[m.source], str(out)],
+                    [sys.executable, "-m", "genserve.backends.demo", m.source.removeprefix("demo:"), str(out)],
                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
                 if proc.returncode != 0:
                     raise RuntimeError(f"building demo model {m.source} failed:\n{proc.stderr[-4000:]}")
@@ -254,9 +254,10 @@ class Runtime:
     def ready(self) -> bool:
         return self.models_ready and self.pool.all_ready() and not self.draining
 
-    def submit(self, params: JobParams, client_id: str | None,
-               tenant: str = DEFAULT_TENANT) -> tuple[dict[str, Any], bool]:
-        """Persist then queue a job of ``tenant``. Returns (job record, created)."""
+    def submit(self, params: JobParams, client_id: str | None, tenant: str = DEFAULT_TENANT,
+               job_id: str | None = None) -> tuple[dict[str, Any], bool]:
+        """Persist then queue a job of ``tenant`` (``job_id``: chosen by the caller, who stored the
+        job's inputs under it). Returns (job record, created)."""
         if client_id is not None:
             existing = self.store.get_by_client_id(client_id, tenant)
             if existing is not None:
@@ -264,7 +265,7 @@ class Runtime:
         adm = self.engine.admit(params.model)
         if not adm.accepted:
             raise QueueFull(params.model, adm.retry_after_s)
-        job_id = uuid.uuid4().hex
+        job_id = job_id or uuid.uuid4().hex
         now = self.clock()
         job = self.records.queued(job_id, client_id, params.to_dict(), now, tenant)
         self._watch_hooks(job_id, params)

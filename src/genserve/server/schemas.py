@@ -8,9 +8,9 @@ before anything is stored. Lists are bounded, so no body makes the server build 
 """
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, WithJsonSchema
 
 
 def _valid_unicode(s: str) -> str:
@@ -27,13 +27,49 @@ Text = Annotated[str, AfterValidator(_valid_unicode)]
 WebhookEvent = Literal["started", "progress", "completed"]
 
 
+class ImageRef(BaseModel):
+    """An earlier job's output as an input (the caller's own tenant's jobs only)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+    job: Text = Field(min_length=1, max_length=128)
+    index: int = Field(default=0, ge=0, le=1000)
+
+
+def _image_input(v: Any) -> Any:
+    """A data URL (text) or an ImageRef object; errors name the field itself, not a union member."""
+    if isinstance(v, str):
+        return _valid_unicode(v)
+    if isinstance(v, dict):
+        try:
+            return ImageRef.model_validate(v).model_dump()
+        except ValidationError as e:
+            err = e.errors()[0]
+            where = ".".join(str(p) for p in err["loc"])
+            raise ValueError(f"{where}: {err['msg']}" if where else err["msg"]) from None
+    raise ValueError('must be a data URL (a string) or a job reference {"job": "<id>", "index": 0}')
+
+
+ImageInput = Annotated[Any, AfterValidator(_image_input), WithJsonSchema({"anyOf": [
+    {"type": "string", "description": "data:image/png|jpeg|webp;base64,..."},
+    {"type": "object", "required": ["job"], "additionalProperties": False,
+     "properties": {"job": {"type": "string", "minLength": 1, "maxLength": 128},
+                    "index": {"type": "integer", "minimum": 0, "maximum": 1000, "default": 0}}}]})]
+
+_INPUT = ("a data:image/png|jpeg|webp;base64 URL, a multipart file part, or {\"job\": id, \"index\": 0} "
+          "(an earlier job's output)")
+
+
 class JobRequest(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
     model: Text
     prompt: Text
     negative_prompt: Text | None = None
-    image: Text | None = Field(default=None, description="image-to-video: the conditioning frame, a "
-                               "data:image/png|jpeg;base64 URL (raise [http] max_body_bytes for large images)")
+    image: ImageInput | None = Field(default=None, description="the init image (image models: image-to-image, "
+                                          "inpainting) or conditioning frame (image-to-video models): " + _INPUT)
+    mask: ImageInput | None = Field(default=None, description="inpainting (with image): white = repaint, "
+                                         "black = keep; the image's size: " + _INPUT)
+    strength: float | None = Field(default=None, description="image-to-image / inpainting: how much of the image "
+                                   "is re-noised, in (0, 1] (default 0.8 image-to-image, 1.0 inpainting)")
     width: int | None = None
     height: int | None = None
     num_frames: int | None = None

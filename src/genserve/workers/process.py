@@ -155,7 +155,8 @@ def run_worker(recv: Callable[[], dict[str, Any]], emit: Callable[[dict[str, Any
                 injector.on_batch(len(msg["jobs"]), [j["prompt"] for j in msg["jobs"]])
                 if msg.get("mode") != "step":
                     peak = runner.run(msg, emit, canceled, on_step=injector.on_step)
-                elif step_driver(runner, msg["model"]) is not None:
+                elif step_driver(runner, msg["model"]) is not None and all(
+                        (j.get("task") or "text") == "text" for j in msg["jobs"]):  # the step loop: text only
                     peak = run_steps(runner, msg, emit, canceled, joins, seen, injector.on_step, msg["max_size"],
                                      between=unloads_between_steps, pausing=pausing, parked=parked)
                 else:

@@ -55,6 +55,7 @@ def inspect_model_dir(path: str | Path) -> Traits | None:
 DEMO_TRAITS = {
     "demo:image": sd.traits("StableDiffusionPipeline", {"vae": {"block_out_channels": [16, 32]}}),
     "demo:video": wan.traits("WanPipeline", {"vae": {}, "transformer": {"patch_size": [1, 2, 2]}}),
+    "demo:i2v": wan.traits("WanImageToVideoPipeline", {"vae": {}, "transformer": {"patch_size": [1, 2, 2]}}),
 }
 
 

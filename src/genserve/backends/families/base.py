@@ -39,6 +39,7 @@ class Traits:
     true_cfg: bool = False  # takes true_cfg_scale
     max_sequence_length: int = 0  # 0: not a knob of this family; else its default
     image_input: bool = False  # needs one conditioning image per pipeline call
+    edit: bool = False  # takes an init image (image-to-image) and a mask (inpainting); one per job
     # True when a job *having* a negative prompt changes what its batch-mates without one get
     # (SDXL's force_zeros_for_empty_prompt, FLUX's batch-wide true-CFG switch): the presence of a
     # negative prompt is then part of the batch key.
@@ -59,14 +60,20 @@ def image_digest(image: str | None) -> str:
     return hashlib.sha256(image.encode()).hexdigest()[:16] if image else ""
 
 
-def call_variant(traits: Traits | None, negative_prompt: str | None, image: str | None) -> str:
+def call_variant(traits: Traits | None, negative_prompt: str | None, image_sha256: str | None = None,
+                 task: str = "text", strength: float | None = None) -> str:
     """What, besides the batch key's shape, must be equal for jobs to share one pipeline call.
-    Unknown families split on the presence of a negative prompt: it costs batching, never results."""
+    Unknown families split on the presence of a negative prompt: it costs batching, never results.
+    The task picks the pipeline (text, img2img, inpaint, ...) and the strength how many of the
+    steps run, so both split calls; a per-job init image does not (img2img and inpainting take a
+    list), but a conditioning image does (image-to-video takes one per call)."""
     parts = []
     if (traits is None or traits.negative_in_key) and negative_prompt is not None:
         parts.append("neg")
-    if image:
-        parts.append("img:" + image_digest(image))  # one conditioning image per call
+    if task in ("img2img", "inpaint"):
+        parts.append(f"{task}:s{strength:g}")
+    elif image_sha256:
+        parts.append("img:" + image_sha256[:16])  # one conditioning image per call
     return "+".join(parts)
 
 
@@ -117,7 +124,13 @@ class FamilyAdapter:
     # ---- batching -----------------------------------------------------------------------------------
 
     def group_key(self, job: Mapping[str, Any]) -> str:
-        return call_variant(self.traits, job.get("negative_prompt"), job.get("image"))
+        sha = job.get("image_sha256") or (image_digest(job["image"]) if job.get("image") else None)
+        return call_variant(self.traits, job.get("negative_prompt"), sha, job.get("task") or "text",
+                            job.get("strength"))
+
+    def pipeline(self, pipe: Any, task: str) -> Any:
+        """The pipeline that runs ``task`` (img2img and inpaint: one built over the same components)."""
+        return pipe
 
     def call_kwargs(self, jobs: list[Mapping[str, Any]], params: Mapping[str, Any]) -> dict[str, Any]:
         kw: dict[str, Any] = {"prompt": [j["prompt"] for j in jobs], "width": params["width"],
@@ -145,7 +158,7 @@ class FamilyAdapter:
         """Fields of ``job`` this pipeline would silently ignore. The server refuses them at submit
         when it knows the family; for a model it could not read there, the worker refuses them."""
         t, out = self.traits, []
-        if job.get("image") and not t.image_input:
+        if job.get("image") and not (t.image_input or t.edit):
             out.append("image")
         honoured = t.negative_honoured(params["guidance"], self.options.true_cfg_scale)
         if job.get("negative_prompt") is not None and not honoured:
