@@ -7,8 +7,8 @@ from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
-from ..storage import OUTPUT_TYPES, ResultStore, output_name
-from .encode import encode_mp4, encode_png
+from ..storage import OUTPUT_TYPES, THUMBNAIL_NAME, THUMBNAIL_TYPE, ResultRef, ResultStore, output_name
+from .encode import encode_mp4, encode_png, encode_thumbnail
 from .families import FamilyAdapter, UnsupportedPipeline, adapter_for
 
 Emit = Callable[[dict[str, Any]], None]
@@ -29,6 +29,15 @@ DTYPE_KWARG = _dtype_kwarg()
 
 def encode_output(kind: str, output: Any, fps: int) -> bytes:
     return encode_png(output) if kind == "image" else encode_mp4(output, fps)
+
+
+def with_thumbnail(store: ResultStore, ref: ResultRef, kind: str, output: Any) -> ResultRef:
+    """Write the output's thumbnail next to it (``<job_id>/thumbnail.jpg``); ``ref`` with it. Written
+    after the output: an output adopted after a crash finds its thumbnail if it was written
+    (records.adopt_output), and a thumbnail never exists without its output."""
+    job_id = ref.key.partition("/")[0]
+    thumb = store.put(job_id, THUMBNAIL_NAME, encode_thumbnail(kind, output), THUMBNAIL_TYPE)
+    return ResultRef(ref.key, ref.content_type, ref.bytes, thumbnail=thumb)
 
 
 class BatchAborted(Exception):
@@ -257,6 +266,7 @@ class PipelineRunner:
                 continue
             data = self.encode(kind, outputs[jid], p["fps"])
             ref = self.store.put(jid, output_name(kind), data, OUTPUT_TYPES[kind])
+            ref = with_thumbnail(self.store, ref, kind, outputs[jid])
             emit({"ev": "job_done", "batch_id": batch_id, "job_id": jid, "result": ref.to_dict(),
                   "inference_start": t_start, "inference_end": t_end, "output_written": time.time()})
         return peak

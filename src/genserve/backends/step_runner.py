@@ -15,7 +15,7 @@ from collections.abc import Callable
 from typing import Any
 
 from ..storage import OUTPUT_TYPES, output_name
-from .runner import BatchAborted, check_output
+from .runner import BatchAborted, check_output, with_thumbnail
 from .stepping import RunningSet, StepJob
 
 Emit = Callable[[dict[str, Any]], None]
@@ -129,6 +129,7 @@ def run_steps(runner, msg: dict[str, Any], emit: Emit, canceled: set[str], joins
             check_output(kind, out, shape["width"], shape["height"], shape["num_frames"])
             data = runner.encode(kind, out, p["fps"])
             ref = runner.store.put(s.job.id, output_name(kind), data, OUTPUT_TYPES[kind])
+            ref = with_thumbnail(runner.store, ref, kind, out)
             emit({"ev": "job_done", "batch_id": batch_id, "job_id": s.job.id, "result": ref.to_dict(),
                   "inference_start": started.pop(s.job.id), "inference_end": time.time(), "output_written": time.time(),
                   "step": {"joined_step": s.joined_at, "shared_with": sorted(rs.shared.pop(s.job.id, set())),

@@ -19,7 +19,7 @@ from ..config import ModelConfig
 from ..engine import ErrorCode, JoinBatch, RetryJob, RunBatch
 from ..engine.types import RunningBatch
 from ..status import JobStatus, is_terminal
-from ..storage import OUTPUT_TYPES, ResultRef, ResultStore, output_name
+from ..storage import OUTPUT_TYPES, THUMBNAIL_NAME, THUMBNAIL_TYPE, ResultRef, ResultStore, output_name
 from .cost import apportion, cost_usd, job_weight
 from .jobstore import JobStore
 from .listeners import Event
@@ -141,8 +141,11 @@ class JobRecords:
         if info is None:
             return False
         log.info("job %s: output %s", job_id, how)
-        self.store.update([job_id], results=[ResultRef(key, OUTPUT_TYPES[kind], info.bytes).to_dict()],
-                          t_output_written=info.mtime)
+        thumb_key = f"{job_id}/{THUMBNAIL_NAME}"
+        thumb = self.results.head(thumb_key)  # written after the output: there unless the crash came between
+        ref = ResultRef(key, OUTPUT_TYPES[kind], info.bytes,
+                        thumbnail=ResultRef(thumb_key, THUMBNAIL_TYPE, thumb.bytes) if thumb else None)
+        self.store.update([job_id], results=[ref.to_dict()], t_output_written=info.mtime)
         self.finish(job_id, JobStatus.SUCCEEDED, now)
         return True
 

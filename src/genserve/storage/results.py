@@ -17,6 +17,10 @@ def output_name(kind: str) -> str:
     return "output.png" if kind == "image" else "output.mp4"
 
 
+THUMBNAIL_NAME = "thumbnail.jpg"  # next to the output: "<job_id>/thumbnail.jpg"
+THUMBNAIL_TYPE = "image/jpeg"
+
+
 _JOB_ID = re.compile(r"[A-Za-z0-9_-]{1,128}")
 _NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 
@@ -32,9 +36,23 @@ class ResultRef:
     key: str  # store-relative: "<job_id>/<name>"
     content_type: str
     bytes: int
+    thumbnail: ResultRef | None = None  # a small JPEG preview, stored next to the output
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        if self.thumbnail is None:
+            del d["thumbnail"]  # optional in the record: older records and thumbnail-less results lack it
+        return d
+
+
+def stored_objects(ref: dict) -> list[tuple[str, int]]:
+    """Every object a result record (a ``ResultRef`` dict) points to, with its recorded size: the
+    output and its thumbnail. Deleting a result deletes all of them."""
+    objs = [(ref["key"], ref["bytes"])]
+    thumb = ref.get("thumbnail")
+    if thumb:
+        objs.append((thumb["key"], thumb["bytes"]))
+    return objs
 
 
 @dataclass(frozen=True)
