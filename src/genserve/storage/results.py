@@ -4,7 +4,7 @@ from __future__ import annotations
 import os
 import re
 import tempfile
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
@@ -39,9 +39,9 @@ class ResultRef:
     thumbnail: ResultRef | None = None  # a small JPEG preview, stored next to the output
 
     def to_dict(self) -> dict:
-        d = asdict(self)
-        if self.thumbnail is None:
-            del d["thumbnail"]  # optional in the record: older records and thumbnail-less results lack it
+        d = {"key": self.key, "content_type": self.content_type, "bytes": self.bytes}
+        if self.thumbnail is not None:  # optional in the record: older records and thumbnail-less results lack it
+            d["thumbnail"] = self.thumbnail.to_dict()
         return d
 
 
