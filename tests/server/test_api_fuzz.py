@@ -148,8 +148,8 @@ def test_405_carries_allow_and_openapi_documents_the_real_statuses(tmp_path):
         assert post["429"]["headers"]["Retry-After"]
         assert post["400"]["content"]["application/json"]["schema"] == {"$ref": "#/components/schemas/Error"}
         assert spec["components"]["schemas"]["JobRequest"]["properties"]["model"]["enum"] == ["img", "img2"]
-        assert set(spec["paths"]["/v1/jobs/{job_id}/result"]["get"]["responses"]["200"]["content"]) == {"image/png",
-                                                                                                         "video/mp4"}
+        assert set(spec["paths"]["/v1/jobs/{job_id}/result"]["get"]["responses"]["200"]["content"]) == {
+            "image/png", "video/mp4", "image/jpeg"}  # jpeg: the thumbnail variant
         assert spec["paths"]["/healthz"]["get"]["security"] == []
 
     asyncio.run(go())

@@ -78,7 +78,8 @@ def test_the_thumbnail_variant_is_served_and_linked_from_the_job_view(tmp_path):
             r = await c.get(url)
             assert r.status_code == 200 and r.headers["content-type"] == "image/png"
         r = await c.get(f"/v1/jobs/{jid}/result?variant=poster")
-        assert r.status_code == 400 and r.json()["error"]["field"] == "variant"
+        assert r.status_code == 400 and r.json()["error"]["field"] == "query.variant", r.json()  # like any query field
+        assert "thumbnail" in r.json()["error"]["message"]
         r = await c.get(f"/v1/jobs/{jid}/result?index=3&variant=thumbnail")
         assert r.status_code == 404 and r.json()["error"]["field"] == "index"
         # The thumbnail object gone behind the server's back: a 404 naming variant, not a 500.

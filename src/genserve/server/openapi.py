@@ -137,7 +137,8 @@ def truthful(schema: dict[str, Any], models: list[str], auth: bool = True) -> di
                     p["schema"] = {"type": "string", "enum": models, "title": "Name"}
     _content(schema, "get", "/v1/jobs/{job_id}/result", "200", {
         "image/png": {"schema": {"type": "string", "format": "binary"}},
-        "video/mp4": {"schema": {"type": "string", "format": "binary"}}})
+        "video/mp4": {"schema": {"type": "string", "format": "binary"}},
+        "image/jpeg": {"schema": {"type": "string", "format": "binary"}}})  # variant=thumbnail
     _content(schema, "get", "/v1/jobs/{job_id}/events", "200", {"text/event-stream": {"schema": {"type": "string"}}})
     load = schema.get("paths", {}).get("/v1/models/{name}/load", {}).get("post")
     if load is not None:
