@@ -116,7 +116,8 @@ async function getJSON(path) {
 // Thumbnails of finished jobs. With API keys on, an <img src> cannot send the Bearer token, so each
 // thumbnail is fetched with it and shown from a blob: URL: once per job (kept across refreshes, which
 // rebuild the rows), only when its row scrolls into view (lazy), and released when the job leaves
-// the list. The <img> carries data-state: pending | loaded | failed (tests read it).
+// the list. A failed fetch is not retried while the job stays listed. The <img> carries data-state:
+// pending | loaded | failed (tests read it).
 const thumbs = new Map();  // job id -> {url: blob URL or null, failed: bool, promise}
 const thumbObserver = new IntersectionObserver(entries => {
   for (const e of entries) {
@@ -126,7 +127,10 @@ const thumbObserver = new IntersectionObserver(entries => {
   }
 }, {rootMargin: "200px"});
 
-async function getBlobURL(path) {
+async function getBlobURL(url) {
+  // From this page's origin, like the other calls: the job view's URLs carry the server's public
+  // base, which may name another host than the one this page was opened on (a cross-origin fetch).
+  const u = new URL(url, location.href), path = u.pathname + u.search;
   const headers = KEY ? {Authorization: `Bearer ${KEY}`} : {};
   const r = await fetch(path, {headers, signal: AbortSignal.timeout(FETCH_TIMEOUT_MS)});
   if (!r.ok) throw new Error(`${path}: HTTP ${r.status}`);
