@@ -1,12 +1,13 @@
 """Output encoders: what they write decodes back to the right size, frames and (roughly) content."""
 import io
+import struct
 
 import av
 import numpy as np
 import pytest
 from PIL import Image
 
-from genserve.backends.encode import encode_mp4, encode_png, to_uint8_frames
+from genserve.backends.encode import encode_mp4, encode_png, encode_thumbnail, to_uint8_frames
 
 
 def decode_mp4(data: bytes):
@@ -119,3 +120,67 @@ def test_png_through_encode_image_is_the_png_encoder_and_takes_no_quality():
         encode_image(img, "png", 50)
     with pytest.raises(ValueError):
         encode_image(img, "gif")
+
+
+def top_level_boxes(data: bytes) -> list[str]:
+    """The types of an MP4's top-level boxes, in file order (ISO BMFF: 32-bit size + 4-char type;
+    size 1: a 64-bit size follows; size 0: to the end of the file)."""
+    out, i = [], 0
+    while i + 8 <= len(data):
+        size, typ = struct.unpack(">I4s", data[i:i + 8])
+        if size == 1:
+            size = struct.unpack(">Q", data[i + 8:i + 16])[0]
+        elif size == 0:
+            size = len(data) - i
+        assert size >= 8, (typ, size, i)
+        out.append(typ.decode("latin-1"))
+        i += size
+    assert i == len(data), "the boxes must tile the file exactly"
+    return out
+
+
+@pytest.mark.parametrize("n,h,w", [(5, 32, 48), (16, 64, 64)])
+def test_mp4_is_faststart_moov_before_mdat(n, h, w):
+    frames = np.random.default_rng(n).integers(0, 256, size=(n, h, w, 3), dtype=np.uint8)
+    data = encode_mp4(frames, 8)
+    boxes = top_level_boxes(data)
+    assert boxes[0] == "ftyp" and "moov" in boxes and "mdat" in boxes, boxes
+    assert boxes.index("moov") < boxes.index("mdat"), boxes  # a browser plays it from the first bytes
+    stream, decoded = decode_mp4(data)  # and moving the index kept it valid
+    assert len(decoded) == n and decoded[0].shape == (h, w, 3)
+
+
+# ---- thumbnails -------------------------------------------------------------------------------------
+
+
+def decode_jpeg(data: bytes) -> Image.Image:
+    assert data[:3] == b"\xff\xd8\xff"
+    img = Image.open(io.BytesIO(data))
+    assert img.format == "JPEG" and img.mode == "RGB"
+    return img
+
+
+@pytest.mark.parametrize("size,want", [((1024, 512), (256, 128)), ((300, 900), (85, 256)), ((64, 64), (64, 64)),
+                                       ((256, 256), (256, 256))])
+def test_image_thumbnail_is_a_small_jpeg_keeping_aspect(size, want):
+    img = Image.new("RGB", size, (200, 40, 40))
+    thumb = decode_jpeg(encode_thumbnail("image", img))
+    assert thumb.size == want  # the longer side at most 256 px; a smaller image is not upscaled
+    mean = np.asarray(thumb).reshape(-1, 3).mean(axis=0)
+    assert np.all(np.abs(mean - (200, 40, 40)) < 10), mean
+
+
+def test_image_thumbnail_of_an_rgba_image():
+    thumb = decode_jpeg(encode_thumbnail("image", Image.new("RGBA", (40, 20), (10, 200, 10, 128))))
+    assert thumb.size == (40, 20)
+
+
+def test_video_thumbnail_is_the_middle_frame():
+    colours = [(200, 40, 40), (40, 200, 40), (40, 40, 200), (200, 200, 40)]
+    frames = np.stack([np.full((48, 640, 3), c, dtype=np.uint8) for c in colours]).astype(np.float32) / 255.0
+    thumb = decode_jpeg(encode_thumbnail("video", frames))  # float frames, like the pipeline's "np" output
+    assert thumb.size == (256, 19)  # 640x48 -> 256 x round(48 * 256 / 640)
+    mean = np.asarray(thumb).reshape(-1, 3).mean(axis=0)
+    assert np.all(np.abs(mean - colours[2]) < 12), mean  # frame 4 // 2 = 2
+    one = decode_jpeg(encode_thumbnail("video", frames[:1]))
+    assert np.all(np.abs(np.asarray(one).reshape(-1, 3).mean(axis=0) - colours[0]) < 12)

@@ -103,6 +103,9 @@ default_guidance = 1.0
 """
 
 
+OBJECTS = ("output.png", "thumbnail.jpg")  # what a worker writes per image job
+
+
 def bucket_keys(s3: str, prefix: str) -> set[str]:
     import boto3
 
@@ -135,7 +138,7 @@ def test_jobs_run_on_both_nodes_and_outputs_are_objects_in_the_bucket(demo_model
         jobs = [wait_for(c, j, 180) for j in ids]
         assert [j["status"] for j in jobs] == ["succeeded"] * 4
         assert len({j["batch"]["worker"] for j in jobs}) == 2
-        assert bucket_keys(s3, "a/") == {f"a/{j}/output.png" for j in ids}
+        assert bucket_keys(s3, "a/") == {f"a/{j}/{n}" for j in ids for n in OBJECTS}
         # The result route redirects to a presigned URL on the object store, which serves the PNG.
         r = c.get(f"/v1/jobs/{ids[0]}/result")
         assert r.status_code == 307 and r.headers["location"].startswith(s3)
@@ -175,7 +178,7 @@ def test_a_lost_node_s_batch_runs_again_elsewhere_and_every_job_succeeds_once(de
         assert [a["code"] for a in first["attempts"]][:1] == ["worker_crashed"]  # its first attempt died with the node
         assert first["batch"]["worker"] != worker and len(first["attempts"]) == 2
         assert all(len(j["results"]) == 1 for j in done)
-        assert bucket_keys(s3, "b/") == {f"b/{j['id']}/output.png" for j in done}
+        assert bucket_keys(s3, "b/") == {f"b/{j['id']}/{n}" for j in done for n in OBJECTS}
         # A new node: Ray places the waiting worker there, and it serves.
         cluster.nodes = [n for n in cluster.nodes if n.node_id != node] + [cluster.add_node()]
         ws = wait_until(lambda: up_workers(c, 2), 360, "the replacement worker up on the new node")
@@ -202,7 +205,7 @@ def test_server_kill_9_reattaches_to_its_workers_and_finishes_queued_jobs(demo_m
             assert after == before
             r = c.get(f"/v1/jobs/{ids[0]}/result")  # serve = "proxy": the server streams the object
             assert r.status_code == 200 and r.content.startswith(b"\x89PNG")
-            assert bucket_keys(s3, "c/") == {f"c/{j}/output.png" for j in ids}
+            assert bucket_keys(s3, "c/") == {f"c/{j}/{n}" for j in ids for n in OBJECTS}
     finally:
         srv.stop()
 

@@ -1,15 +1,21 @@
 """The dashboard and the API docs in headless Chromium against the live server. Dashboard (after
 jobs ran): uPlot charts hold data points, have time axes and show values on hover; the job table
-lists those jobs. /docs and /redoc render from the package's own assets. Nothing is loaded from
+lists those jobs, with each finished job's thumbnail (also with API keys on, where the page
+fetches it with the key). /docs and /redoc render from the package's own assets. Nothing is loaded from
 another host. Screenshots land in test-artifacts/ (dashboard.png, docs.png, redoc.png)."""
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
+import httpx
 import pytest
 
-from genserve.testing import wait_for, wait_until
+from genserve.testing import LiveServer, wait_for, wait_until
+
+from .conftest import catalog
 
 pytestmark = pytest.mark.slow
 
@@ -88,6 +94,7 @@ def test_dashboard_shows_live_data_in_chromium(browser, obs_client):
     assert set(ran) <= set(rows), (ran, rows)
     bars = page(f"""return document.querySelector('#jobs tr[data-job-id="{ran[0]}"] .bar').children.length""")
     assert bars >= 2  # at least queue wait/inference segments of the breakdown
+    assert_thumbnails_load(browser, ran, {j["id"]: j["results"][0]["thumbnail_url"] for j in done})
     workers = page("return Array.from(document.querySelectorAll('#workers tbody tr')).map(r => r.textContent)")
     assert len(workers) == 1 and "demo-image" in workers[0]
     models = page("return Array.from(document.querySelectorAll('#models tbody tr td:first-child')).map(c => c.textContent)")
@@ -97,6 +104,49 @@ def test_dashboard_shows_live_data_in_chromium(browser, obs_client):
     browser.save_screenshot(str(shot))
     assert shot.stat().st_size > 10_000
     assert_no_outside_requests(browser, base)
+
+
+def assert_thumbnails_load(browser, job_ids: list[str], thumbnail_urls: dict[str, str]) -> None:
+    """Each finished job's row shows its thumbnail: fetched (lazily, once the table is in view)
+    from the job's ``thumbnail_url`` and decoded by the browser (naturalWidth > 0)."""
+    browser.execute_script("document.getElementById('jobs').scrollIntoView()")
+
+    def loaded():
+        got = browser.execute_script("""return Object.fromEntries(arguments[0].map(id => {
+            const img = document.querySelector(`#jobs tr[data-job-id="${id}"] td.thumb img`);
+            return [id, img ? [img.dataset.state, img.dataset.thumb, img.complete, img.naturalWidth,
+                               img.naturalHeight] : null];
+        }))""", job_ids)
+        return got if all(v and v[0] == "loaded" and v[2] and v[3] > 0 for v in got.values()) else None
+
+    got = wait_until(loaded, 30, what="every job's thumbnail to load", every=0.2)
+    for job_id, (_state, url, _complete, w, h) in got.items():
+        assert url == thumbnail_urls[job_id]
+        assert (w, h) == (64, 64)  # the demo models' default size: under 256 px, not scaled
+
+
+def test_dashboard_thumbnails_with_api_keys(browser, demo_models, tmp_path):
+    """With keys on, a thumbnail URL answers 401 to a request without the key (what a plain
+    ``<img src>`` would send); the dashboard opened as /dashboard#key=… still shows it."""
+    data = tmp_path / "data"
+    made = subprocess.run([sys.executable, "-m", "genserve.cli", "keys", "create", "--tenant", "ops", "--scope",
+                           "admin", "--data-dir", str(data)], capture_output=True, text=True, timeout=120)
+    assert made.returncode == 0, made.stderr
+    key = made.stdout.strip().splitlines()[-1]
+    with LiveServer(data, catalog(demo_models), workers=1) as srv, \
+            httpx.Client(base_url=srv.url, timeout=60, headers={"Authorization": f"Bearer {key}"}) as c:
+        jid = c.post("/v1/jobs", json={"model": "demo-image", "prompt": "keyed", "steps": 2}).json()["id"]
+        done = wait_for(c, jid)
+        url = done["results"][0]["thumbnail_url"]
+        assert httpx.get(url).status_code == 401 and c.get(url).status_code == 200
+        browser.get(f"{srv.url}/dashboard#key={key}")
+        try:
+            wait_until(lambda: int(browser.execute_script("return document.body.dataset.refreshed || 0")) >= 1, 60,
+                       what="a successful dashboard refresh", every=0.2)
+        except AssertionError as e:
+            status = browser.execute_script("return document.getElementById('status').textContent")
+            raise AssertionError(f"{e}; dashboard status: {status}") from None
+        assert_thumbnails_load(browser, [jid], {jid: url})
 
 
 def assert_no_outside_requests(browser, base: str) -> None:

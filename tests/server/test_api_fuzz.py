@@ -149,7 +149,7 @@ def test_405_carries_allow_and_openapi_documents_the_real_statuses(tmp_path):
         assert post["400"]["content"]["application/json"]["schema"] == {"$ref": "#/components/schemas/Error"}
         assert spec["components"]["schemas"]["JobRequest"]["properties"]["model"]["enum"] == ["img", "img2"]
         assert set(spec["paths"]["/v1/jobs/{job_id}/result"]["get"]["responses"]["200"]["content"]) == {
-            "image/png", "image/jpeg", "image/webp", "video/mp4"}
+            "image/png", "image/jpeg", "image/webp", "video/mp4"}  # jpeg: also the thumbnail variant
         assert spec["paths"]["/healthz"]["get"]["security"] == []
 
     asyncio.run(go())

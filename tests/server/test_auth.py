@@ -165,6 +165,7 @@ def test_keys_are_required_once_one_exists_and_seen_without_restart(tmp_path, ca
         # The dashboard's static files hold no data: a browser loads them, its script sends the key.
         assert (await c.get("/dashboard")).status_code == 200
         assert (await c.get("/dashboard/dashboard.js")).status_code == 200
+        assert (await c.get("/static/uplot/uPlot.iife.min.js")).status_code == 200  # the dashboard's <script>
         # Health checks stay open.
         assert (await c.get("/healthz")).status_code == 200
         assert (await c.get("/readyz")).status_code in (200, 503)

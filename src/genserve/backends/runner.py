@@ -7,8 +7,8 @@ from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
-from ..storage import ResultRef, ResultStore, output_name, output_type
-from .encode import encode_image, encode_mp4
+from ..storage import THUMBNAIL_NAME, THUMBNAIL_TYPE, ResultRef, ResultStore, output_name, output_type
+from .encode import encode_image, encode_mp4, encode_thumbnail
 from .families import FamilyAdapter, UnsupportedPipeline, adapter_for
 
 Emit = Callable[[dict[str, Any]], None]
@@ -29,6 +29,15 @@ DTYPE_KWARG = _dtype_kwarg()
 
 def encode_output(kind: str, output: Any, fps: int, fmt: str = "png", quality: int | None = None) -> bytes:
     return encode_image(output, fmt, quality) if kind == "image" else encode_mp4(output, fps)
+
+
+def with_thumbnail(store: ResultStore, ref: ResultRef, kind: str, output: Any) -> ResultRef:
+    """Write the output's thumbnail next to it (``<job_id>/thumbnail.jpg``); ``ref`` with it. Written
+    after the output: an output adopted after a crash finds its thumbnail if it was written
+    (records.adopt_output), and a thumbnail never exists without its output."""
+    job_id = ref.key.partition("/")[0]
+    thumb = store.put(job_id, THUMBNAIL_NAME, encode_thumbnail(kind, output), THUMBNAIL_TYPE)
+    return ResultRef(ref.key, ref.content_type, ref.bytes, thumbnail=thumb)
 
 
 class BatchAborted(Exception):
@@ -282,7 +291,8 @@ class PipelineRunner:
         fmt = job.get("output_format") if kind == "image" else None
         opts = {"fmt": fmt, "quality": job.get("output_compression")} if fmt and fmt != "png" else {}
         data = self.encode(kind, output, fps, **opts)
-        return self.store.put(job["id"], output_name(kind, fmt), data, output_type(kind, fmt))
+        ref = self.store.put(job["id"], output_name(kind, fmt), data, output_type(kind, fmt))
+        return with_thumbnail(self.store, ref, kind, output)
 
     def estimated_bytes(self, msg: dict[str, Any]) -> int:
         """The family adapter's estimate of the working memory of the batch ``msg`` (its largest

@@ -59,6 +59,16 @@ def shown_params(params: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+RESULT_VARIANTS = ("output", "thumbnail")
+
+
+def result_entry(url: str, index: int, ref: dict[str, Any]) -> dict[str, Any]:
+    """One result in the job view: its URL, type and size, and its thumbnail's URL (null: none)."""
+    own = url + (f"?index={index}" if index else "")
+    return {"url": own, "content_type": ref.get("content_type"), "bytes": ref.get("bytes"),
+            "thumbnail_url": (own + ("&" if index else "?") + "variant=thumbnail") if ref.get("thumbnail") else None}
+
+
 class Api:
     """The system as the routes see it: read models and the runtime's control surface only."""
 
@@ -122,8 +132,7 @@ class Api:
             "breakdown": {f"{k}_s": None if v is None else round(v, 4) for k, v in stages.items()},
             # the job's share of its batch's device time, and its price; set when the batch ends
             "cost": {"device_seconds": job["device_seconds"], "usd": job["cost_usd"], "device_type": job["device_type"]},
-            "results": [{"url": urls["result"] + (f"?index={i}" if i else ""), "content_type": r.get("content_type"),
-                         "bytes": r.get("bytes")} for i, r in enumerate(job["results"])],
+            "results": [result_entry(urls["result"], i, r) for i, r in enumerate(job["results"])],
             # [retention]: when the record (and, at the latest, the results) will be deleted; null: kept
             "expires_at": self.retention.record_expires_at(job["t_finished"]),
             "results_expire_at": self.retention.results_expire_at(job["t_finished"]) if job["results"] else None,
@@ -191,8 +200,11 @@ class Api:
         self.control.kick()
         return job, created
 
-    def result_ref(self, job: dict[str, Any], index: int) -> dict[str, Any]:
-        """The job's ``index``-th result (a ResultRef dict), or a 4xx saying why there is none."""
+    def result_ref(self, job: dict[str, Any], index: int, variant: str = "output") -> dict[str, Any]:
+        """The job's ``index``-th result (a ResultRef dict; ``variant="thumbnail"``: its thumbnail's),
+        or a 4xx saying why there is none."""
+        if variant not in RESULT_VARIANTS:
+            raise RequestError("variant", f"must be one of {', '.join(RESULT_VARIANTS)}, got {variant[:40]!r}")
         if job["status"] != JobStatus.SUCCEEDED:
             raise RequestError("id", f"job is {job['status']}; no result yet" if not is_terminal(job["status"])
                                else f"job {job['status']}; it has no result", status=409, code="not_ready")
@@ -201,14 +213,20 @@ class Api:
                                code="gone")
         if not 0 <= index < len(job["results"]):
             raise RequestError("index", f"must be between 0 and {len(job['results']) - 1}", status=404, code="not_found")
-        return job["results"][index]
+        ref = job["results"][index]
+        if variant == "thumbnail":
+            if not ref.get("thumbnail"):
+                raise RequestError("variant", f"result {index} of this job has no thumbnail", status=404,
+                                   code="not_found")
+            return ref["thumbnail"]
+        return ref
 
-    async def serve_result(self, job: dict[str, Any], ref: dict[str, Any]) -> Response:
+    async def serve_result(self, job: dict[str, Any], ref: dict[str, Any], field: str = "index") -> Response:
         """A stored result as a response: a redirect to the object store when it can sign one, else
-        the bytes (a file response from a local store)."""
+        the bytes (a file response from a local store). ``field``: the request field a 404 names."""
         key = ref.get("key")
         if not isinstance(key, str) or not self.results.exists(key):  # gone, or a record no version should have written
-            raise RequestError("index", "the job's result is no longer available", status=404, code="not_found")
+            raise RequestError(field, "the job's result is no longer available", status=404, code="not_found")
         filename = f"{job['id']}-{key.rpartition('/')[2]}"
         url = self.results.presigned_url(key, filename)
         if url is not None:  # the object store serves the bytes; the server only points at them

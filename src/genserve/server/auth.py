@@ -30,9 +30,10 @@ log = logging.getLogger("genserve.auth")
 
 OPEN_PATHS = frozenset({"/healthz", "/readyz"})
 # The dashboard's static files hold no data (its script sends the key from /dashboard#key=… with
-# every API call), so a browser can load them without a header.
+# every API call), so a browser can load them without a header; so do the vendored libraries under
+# /static/ (uPlot, which the dashboard loads with a <script> tag; Swagger UI, ReDoc).
 STATIC_PATHS = frozenset({"/", "/dashboard"})
-STATIC_PREFIX = "/dashboard/"
+STATIC_PREFIX = ("/dashboard/", "/static/")
 # Routes only an admin key may call: the fleet, the models' residency, everyone's stats and metrics.
 _ADMIN = [
     ("POST", re.compile(r"^/v1/models/[^/]+/(load|unload)$")),

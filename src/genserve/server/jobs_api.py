@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from typing import Any
+from typing import Any, Literal
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -89,9 +89,13 @@ def jobs_router(api: Api) -> APIRouter:
         return Response(status_code=204)
 
     @router.get("/v1/jobs/{job_id}/result", tags=["jobs"])
-    async def get_result(job_id: str, index: int = 0, who: Principal = Depends(principal)):
+    async def get_result(job_id: str, index: int = 0, variant: Literal["output", "thumbnail"] = "output",
+                         who: Principal = Depends(principal)):
+        """The job's ``index``-th output; ``variant=thumbnail``: its thumbnail (a JPEG of at most
+        256 px on the longer side; 404 naming ``variant`` when the result has none)."""
         job = api.job_or_404(job_id, who)
-        return await api.serve_result(job, api.result_ref(job, index))
+        ref = api.result_ref(job, index, variant)
+        return await api.serve_result(job, ref, "variant" if variant != "output" else "index")
 
     @router.get("/v1/jobs/{job_id}/events", tags=["jobs"])
     async def job_events(job_id: str, request: Request, who: Principal = Depends(principal)):

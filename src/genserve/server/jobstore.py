@@ -279,8 +279,9 @@ class JobStore:
         return n > 0
 
     def stored_result_bytes(self) -> int:
-        """The bytes of every result the records point to (one scan: used once, at start)."""
-        row = self.db.execute("SELECT COALESCE(SUM(json_extract(r.value, '$.bytes')), 0) FROM jobs,"
+        """The bytes of every result the records point to, thumbnails included (one scan: used once, at start)."""
+        row = self.db.execute("SELECT COALESCE(SUM(json_extract(r.value, '$.bytes')"
+                              " + COALESCE(json_extract(r.value, '$.thumbnail.bytes'), 0)), 0) FROM jobs,"
                               " json_each(jobs.results) AS r WHERE jobs.results != '[]'").fetchone()
         return int(row[0])
 

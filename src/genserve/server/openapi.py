@@ -142,7 +142,7 @@ def truthful(schema: dict[str, Any], models: list[str], auth: bool = True) -> di
                     p["schema"] = {"type": "string", "enum": models, "title": "Name"}
     _content(schema, "get", "/v1/jobs/{job_id}/result", "200", {
         "image/png": {"schema": {"type": "string", "format": "binary"}},
-        "image/jpeg": {"schema": {"type": "string", "format": "binary"}},
+        "image/jpeg": {"schema": {"type": "string", "format": "binary"}},  # also variant=thumbnail
         "image/webp": {"schema": {"type": "string", "format": "binary"}},
         "video/mp4": {"schema": {"type": "string", "format": "binary"}}})
     _content(schema, "get", "/v1/jobs/{job_id}/events", "200", {"text/event-stream": {"schema": {"type": "string"}}})

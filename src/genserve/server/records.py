@@ -19,7 +19,7 @@ from ..config import ModelConfig
 from ..engine import ErrorCode, JoinBatch, RetryJob, RunBatch
 from ..engine.types import RunningBatch
 from ..status import JobStatus, is_terminal
-from ..storage import ResultRef, ResultStore, output_name, output_type
+from ..storage import THUMBNAIL_NAME, THUMBNAIL_TYPE, ResultRef, ResultStore, output_name, output_type
 from .cost import apportion, cost_usd, job_weight
 from .jobstore import JobStore
 from .listeners import Event
@@ -141,8 +141,11 @@ class JobRecords:
         if info is None:
             return False
         log.info("job %s: output %s", job_id, how)
-        self.store.update([job_id], results=[ResultRef(key, output_type(kind, fmt), info.bytes).to_dict()],
-                          t_output_written=info.mtime)
+        thumb_key = f"{job_id}/{THUMBNAIL_NAME}"
+        thumb = self.results.head(thumb_key)  # written after the output: there unless the crash came between
+        ref = ResultRef(key, output_type(kind, fmt), info.bytes,
+                        thumbnail=ResultRef(thumb_key, THUMBNAIL_TYPE, thumb.bytes) if thumb else None)
+        self.store.update([job_id], results=[ref.to_dict()], t_output_written=info.mtime)
         self.finish(job_id, JobStatus.SUCCEEDED, now)
         return True
 

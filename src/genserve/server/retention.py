@@ -6,7 +6,8 @@ A periodic sweep, run by the runtime on its event loop (not by the engine, which
   2. job records finished more than ``jobs_days`` ago: results and record deleted;
   3. while stored result bytes exceed ``max_data_bytes``: the results of the oldest finished jobs.
 ``DELETE /v1/jobs/{id}`` goes through ``delete_job``. Deletion only ever calls the result store's
-``delete(key)``, so the local and the S3 stores behave the same.
+``delete(key)`` (for each object a result record names: the output and its thumbnail), so the
+local and the S3 stores behave the same.
 
 It is also a runtime listener: a job that succeeds adds its result bytes to the stored total, so
 the ``genserve_result_bytes_stored`` gauge is exact without rescanning the store.
@@ -22,7 +23,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from ..retention import DAY_S, RetentionConfig
 from ..status import JobStatus, is_terminal
-from ..storage.results import ResultStore
+from ..storage.results import ResultStore, stored_objects
 from .jobstore import JobStore
 from .listeners import Event
 
@@ -55,7 +56,7 @@ class Retention:
 
     def on_event(self, ev: Event) -> None:
         if ev.kind == JobStatus.SUCCEEDED and ev.record is not None:
-            self.stored += sum(r["bytes"] for r in ev.record["results"])
+            self.stored += sum(n for r in ev.record["results"] for _key, n in stored_objects(r))
 
     # ---- the sweep ---------------------------------------------------------------------------------
 
@@ -127,8 +128,9 @@ class Retention:
     def _delete_results(self, refs: list[dict[str, Any]], reason: str) -> int:
         freed = 0
         for ref in refs:
-            freed += self.results.delete(ref["key"])
-            # The record's size is what the gauge counted, whether or not the file was still there.
-            self.stored = max(0, self.stored - ref["bytes"])
+            for key, size in stored_objects(ref):  # the output and its thumbnail
+                freed += self.results.delete(key)
+                # The record's size is what the gauge counted, whether or not the file was still there.
+                self.stored = max(0, self.stored - size)
         self.deleted_bytes.labels(reason).inc(freed)
         return freed

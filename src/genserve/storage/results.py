@@ -4,7 +4,7 @@ from __future__ import annotations
 import os
 import re
 import tempfile
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
@@ -27,6 +27,10 @@ def output_type(kind: str, fmt: str | None = None) -> str:
     return IMAGE_TYPES[fmt or "png"] if kind == "image" else OUTPUT_TYPES[kind]
 
 
+THUMBNAIL_NAME = "thumbnail.jpg"  # next to the output: "<job_id>/thumbnail.jpg"
+THUMBNAIL_TYPE = "image/jpeg"
+
+
 _JOB_ID = re.compile(r"[A-Za-z0-9_-]{1,128}")
 _NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 
@@ -42,9 +46,23 @@ class ResultRef:
     key: str  # store-relative: "<job_id>/<name>"
     content_type: str
     bytes: int
+    thumbnail: ResultRef | None = None  # a small JPEG preview, stored next to the output
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        d = {"key": self.key, "content_type": self.content_type, "bytes": self.bytes}
+        if self.thumbnail is not None:  # optional in the record: older records and thumbnail-less results lack it
+            d["thumbnail"] = self.thumbnail.to_dict()
+        return d
+
+
+def stored_objects(ref: dict) -> list[tuple[str, int]]:
+    """Every object a result record (a ``ResultRef`` dict) points to, with its recorded size: the
+    output and its thumbnail. Deleting a result deletes all of them."""
+    objs = [(ref["key"], ref["bytes"])]
+    thumb = ref.get("thumbnail")
+    if thumb:
+        objs.append((thumb["key"], thumb["bytes"]))
+    return objs
 
 
 @dataclass(frozen=True)

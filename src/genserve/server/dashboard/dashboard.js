@@ -113,6 +113,67 @@ async function getJSON(path) {
   return r.json();
 }
 
+// Thumbnails of finished jobs. With API keys on, an <img src> cannot send the Bearer token, so each
+// thumbnail is fetched with it and shown from a blob: URL: once per job (kept across refreshes, which
+// rebuild the rows), only when its row scrolls into view (lazy), and released when the job leaves
+// the list. A failed fetch is not retried while the job stays listed. The <img> carries data-state:
+// pending | loaded | failed (tests read it).
+const thumbs = new Map();  // job id -> {url: blob URL or null, failed: bool, promise}
+const thumbObserver = new IntersectionObserver(entries => {
+  for (const e of entries) {
+    if (!e.isIntersecting) continue;
+    thumbObserver.unobserve(e.target);
+    loadThumb(e.target);
+  }
+}, {rootMargin: "200px"});
+
+async function getBlobURL(url) {
+  // From this page's origin, like the other calls: the job view's URLs carry the server's public
+  // base, which may name another host than the one this page was opened on (a cross-origin fetch).
+  const u = new URL(url, location.href), path = u.pathname + u.search;
+  const headers = KEY ? {Authorization: `Bearer ${KEY}`} : {};
+  const r = await fetch(path, {headers, signal: AbortSignal.timeout(FETCH_TIMEOUT_MS)});
+  if (!r.ok) throw new Error(`${path}: HTTP ${r.status}`);
+  return URL.createObjectURL(await r.blob());
+}
+
+function showThumb(img, t) {
+  if (t.url) { img.src = t.url; img.alt = img.title; img.dataset.state = "loaded"; }
+  else if (t.failed) img.dataset.state = "failed";
+}
+
+function loadThumb(img) {
+  const id = img.dataset.jobId;
+  let t = thumbs.get(id);
+  if (!t) {
+    t = {url: null, failed: false};
+    t.promise = getBlobURL(img.dataset.thumb).then(u => { t.url = u; }, () => { t.failed = true; });
+    thumbs.set(id, t);
+  }
+  t.promise.then(() => showThumb(img, t));
+}
+
+function thumbCell(j) {
+  const td = el("td", {class: "thumb"});
+  const res = (j.results || [])[0];
+  if (!res || !res.thumbnail_url) { td.textContent = "–"; return td; }
+  const img = el("img", {alt: "", title: `${j.model}: ${j.params.prompt || ""}`,
+                         "data-job-id": j.id, "data-thumb": res.thumbnail_url, "data-state": "pending"});
+  td.append(img);
+  const t = thumbs.get(j.id);
+  if (t && (t.url || t.failed)) showThumb(img, t);
+  else thumbObserver.observe(img);
+  return td;
+}
+
+function forgetThumbs(listed) {
+  for (const [id, t] of thumbs) {
+    if (listed.has(id)) continue;
+    thumbs.delete(id);
+    t.promise.then(() => { if (t.url) URL.revokeObjectURL(t.url); });
+  }
+}
+
 async function refresh() {
   const sel = document.getElementById("window");
   const win = sel.value, step = sel.selectedOptions[0].dataset.step;
@@ -149,11 +210,13 @@ async function refresh() {
               cell(w.batch_id || "–"), cell(String(w.restarts), "num"));
     return tr;
   }));
+  thumbObserver.disconnect();  // the rows are rebuilt: observe the new <img>s only
+  forgetThumbs(new Set(jobs.data.map(j => j.id)));
   fillTable("jobs", jobs.data.map(j => {
     const tr = el("tr", {"data-job-id": j.id});
     const bd = el("td");
     bd.append(breakdownBar(j.breakdown));
-    tr.append(cell(j.id.slice(0, 10)), cell(j.model), cell(j.status, `status-${j.status}`),
+    tr.append(thumbCell(j), cell(j.id.slice(0, 10)), cell(j.model), cell(j.status, `status-${j.status}`),
               cell(j.batch ? `${j.batch.size}` : "–", "num"), cell(j.batch ? j.batch.worker : "–"),
               cell(fmtS(j.breakdown.total_s), "num"), bd, cell(fmt(j.cost.device_seconds), "num"),
               cell(j.cost.usd === null ? "–" : "$" + fmt(j.cost.usd, 6), "num"));
