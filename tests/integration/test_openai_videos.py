@@ -89,13 +89,10 @@ def test_create_poll_download_list_delete(server, client):
     frames = frames_of(client.videos.download_content(i2v.id, variant="video").read())
     assert len(frames) == 9 and frames[0].shape == (32, 32, 3)
 
-    # the thumbnail: served when the worker wrote one (issue 14's thumbnails, another branch), else
-    # a 404 naming variant. TODO(merge): once thumbnails land, require the 200.
-    r = httpx.get(f"{server.url}/v1/videos/{t2v.id}/content", params={"variant": "thumbnail"})
-    if r.status_code == 200:
-        assert Image.open(io.BytesIO(r.content)).size == (64, 48)
-    else:
-        assert r.status_code == 404 and r.json()["error"]["param"] == "variant", r.text
+    # the thumbnail: a JPEG of the middle frame, through the official client's variant too
+    thumb = client.videos.download_content(t2v.id, variant="thumbnail").read()
+    img = Image.open(io.BytesIO(thumb))
+    assert img.format == "JPEG" and img.size == (64, 48)
 
     page = client.videos.list(limit=1)
     assert [x.id for x in page.data] == [i2v.id] and page.has_more is True

@@ -1,16 +1,14 @@
-"""``multipart/form-data`` request bodies, parsed with the standard library's email parser
-(python-multipart, which Starlette's ``request.form()`` needs, is not a dependency).
+"""``multipart/form-data`` request bodies, parsed with python-multipart (Starlette's parser).
 
 The body has already been read whole under ``[http] max_upload_bytes`` (limits.BodyLimit), so
-parsing it in memory is bounded. ``FormAsJson`` is a route class that turns a form into the JSON
-body the route's pydantic model validates: fields as form values, numbers parsed strictly (a 400
-naming the field), image fields as file parts (sent on as data URLs) or text.
+parsing it is bounded; the parser also caps the number of parts and a text field's size.
+``FormAsJson`` is a route class that turns a form into the JSON body the route's pydantic model
+validates: fields as form values, numbers parsed strictly (a 400 naming the field), image fields
+as file parts (sent on as data URLs) or text.
 """
 from __future__ import annotations
 
 import base64
-import email.parser
-import email.policy
 import json
 import re
 from collections.abc import Callable
@@ -25,6 +23,7 @@ from ..requests import RequestError
 _INT = re.compile(r"[+-]?[0-9]{1,19}")
 _FLOAT = re.compile(r"[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?")
 MAX_PARTS = 64
+MAX_TEXT_BYTES = 24 << 20  # a text field: an image as a data URL (16 MiB, base64) fits
 
 
 @dataclass(frozen=True)
@@ -45,19 +44,30 @@ def is_multipart(content_type: str | None) -> bool:
     return (content_type or "").split(";")[0].strip().lower() == "multipart/form-data"
 
 
-def parse_form(body: bytes, content_type: str) -> list[Part]:
-    msg = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(
-        b"Content-Type: " + content_type.encode("latin-1") + b"\r\n\r\n" + body)
-    if not msg.is_multipart() or msg.defects or not msg.get_param("boundary"):
-        raise RequestError("body", "is not a well-formed multipart/form-data body")
+async def parse_form(body: bytes, content_type: str) -> list[Part]:
+    """The form's parts in order. A body that is not a well-formed form: a 400 naming ``body``."""
+    from starlette.datastructures import Headers, UploadFile
+    from starlette.formparsers import MultiPartException, MultiPartParser
+
+    async def stream():
+        yield body
+
+    parser = MultiPartParser(Headers({"content-type": content_type}), stream(), max_files=MAX_PARTS,
+                             max_fields=MAX_PARTS, max_part_size=MAX_TEXT_BYTES)
+    try:
+        form = await parser.parse()
+    except MultiPartException as e:
+        raise RequestError("body", f"is not a well-formed multipart/form-data body: {e.message}") from None
     parts = []
-    for p in msg.iter_parts():
-        name = p.get_param("name", header="content-disposition")
-        if not name:
-            raise RequestError("body", "a multipart part has no name (Content-Disposition: form-data; name=...)")
-        if len(parts) >= MAX_PARTS:
-            raise RequestError("body", f"has more than {MAX_PARTS} parts")
-        parts.append(Part(str(name), p.get_payload(decode=True) or b"", p.get_filename(), p.get_content_type()))
+    try:
+        for name, value in form.multi_items():
+            if isinstance(value, UploadFile):
+                parts.append(Part(name, await value.read(), value.filename or "",
+                                  value.content_type or "application/octet-stream"))
+            else:
+                parts.append(Part(name, value.encode("utf-8")))
+    finally:
+        await form.close()
     return parts
 
 
@@ -135,7 +145,7 @@ def form_as_json(kinds: dict[str, str]) -> type[APIRoute]:
 
             async def route(request: Request):
                 if is_multipart(request.headers.get("content-type")):
-                    body = json.dumps(form_to_json(parse_form(await request.body(),
+                    body = json.dumps(form_to_json(await parse_form(await request.body(),
                                                               request.headers["content-type"]), kinds)).encode()
                     headers = [(k, v) for k, v in request.scope["headers"]
                                if k not in (b"content-type", b"content-length")]

@@ -112,7 +112,7 @@ def openai_edits_router(api: Api) -> APIRouter:
         if not is_multipart(ctype):
             raise RequestError("body", "must be multipart/form-data (image and mask as file parts)", status=415,
                                code="unsupported_media_type")
-        images, mask_part, f = _fields(parse_form(await request.body(), ctype))
+        images, mask_part, f = _fields(await parse_form(await request.body(), ctype))
         if not images:
             raise RequestError("image", "is required (a file part; several as image[])")
         if len(images) > MAX_IMAGES:

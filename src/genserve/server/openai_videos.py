@@ -20,7 +20,7 @@ from ..requests import RequestError
 from ..status import JobStatus, is_terminal
 from .api import Api
 from .auth import principal
-from .form_data import Part, parse_form
+from .multipart import Part, parse_form
 from .jobs_api import job_page, list_body
 
 # genserve's own job fields a create may carry too (the client's extra_body); form fields are text.
@@ -152,7 +152,9 @@ async def _read_fields(request: Request) -> dict[str, Any]:
     ctype = request.headers.get("content-type", "")
     raw = await request.body()
     if ctype.lower().startswith("multipart/form-data"):
-        form = parse_form(raw, ctype)
+        form: dict[str, Any] = {}
+        for part in await parse_form(raw, ctype):  # a repeated name keeps the first
+            form.setdefault(part.name, part if part.filename is not None else part.text())
         # The client spells an object field as bracketed keys: input_reference[image_url]=...
         ref = {k[len("input_reference["):-1]: v for k, v in form.items()
                if k.startswith("input_reference[") and k.endswith("]")}
