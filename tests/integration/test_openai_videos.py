@@ -4,7 +4,6 @@ checkpoint with an uploaded ``input_reference``; create -> poll -> download -> l
 import io
 
 import av
-import httpx
 import openai
 import pytest
 from PIL import Image
