@@ -52,6 +52,23 @@ def test_request_level_models_never_join():
     assert eng.step(1.0) == []
 
 
+def test_jobs_with_image_inputs_run_request_level_batches_on_a_step_model():
+    """A key with a variant (img2img, inpaint, a conditioning image) keeps its steps and guidance
+    in its queue key and never joins a running set: the step loop drives text jobs only."""
+    eng = make()
+    img2img = key(steps=8)._replace(variant="img2img:s0.8")
+    eng.submit("a", img2img, Priority.STANDARD, 0.0)
+    [run] = of(eng.step(0.0), RunBatch)
+    assert run.key == img2img  # steps and guidance kept: the worker runs it as one pipeline call
+    eng.submit("b", img2img, Priority.STANDARD, 1.0)
+    assert not of(eng.step(1.0), JoinBatch)  # same key, room in the batch: still no join
+    assert eng.running_batch(run.batch_id).job_ids == ("a",)
+    text = make()
+    text.submit("t", key(steps=8), Priority.STANDARD, 0.0)
+    [run] = of(text.step(0.0), RunBatch)
+    assert run.key == key(steps=0, guidance=0.0)  # a text job's set: each job brings its own
+
+
 def test_the_set_never_exceeds_max_batch_size_and_high_priority_joins_first():
     eng = make(max_batch=3)
     eng.submit("a", key(), Priority.STANDARD, 0.0)

@@ -70,7 +70,7 @@ class Dispatcher:
             key = batch.key
             limits = self.waiting.models[key.model]
             room = limits.max_batch_size - len(batch.jobs)
-            if not limits.step_batching or batch.worker in killing or not self.waiting.queues.size(key):
+            if not limits.stepped(key) or batch.worker in killing or not self.waiting.queues.size(key):
                 continue
             if room <= 0:
                 out += self._preempt(batch, now)

@@ -54,10 +54,16 @@ class ModelLimits:
     est_load_seconds: float = 10.0  # expected cold start until a load has been timed
     step_batching: bool = False  # jobs join and leave a running set at denoising-step boundaries
 
+    def stepped(self, key: "BatchKey") -> bool:
+        """Whether jobs of ``key`` run in step-level sets: the model batches by steps and the jobs
+        are text-only. A key with a variant (an init image, a mask, a conditioning image, ...)
+        runs in request-level batches: the step loop drives text-to-image and text-to-video."""
+        return self.step_batching and not key.variant
+
     def queue_key(self, key: "BatchKey") -> "BatchKey":
         """The key a job waits under. Step-level batching shares a running set across step counts
         and guidance (each request keeps its own), so only the shape must match."""
-        return key._replace(steps=0, guidance=0.0) if self.step_batching else key
+        return key._replace(steps=0, guidance=0.0) if self.stepped(key) else key
 
 
 @dataclass

@@ -44,7 +44,7 @@ class WorkerEvents:
             self.engine.model_load_failed(worker_id, msg["model"], now)
             log.error("worker %s failed to load %s: %s", worker_id, msg["model"], msg["message"])
         elif ev == "started" and batch:
-            if self.engine.models[batch.key.model].step_batching:
+            if self.engine.models[batch.key.model].stepped(batch.key):
                 return self._pump(now)  # each job reports its own start (job_started)
             self.records.inference_started(list(batch.jobs), msg["t"])
         elif ev == "job_started":

@@ -131,7 +131,7 @@ class Simulator:
         for d in decisions:
             match d:
                 case RunBatch():
-                    if self.s.models[d.key.model].limits.step_batching:
+                    if self.s.models[d.key.model].limits.stepped(d.key):
                         self.steps.run(d, now)
                     else:
                         self._run(d, now)
