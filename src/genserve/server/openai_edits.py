@@ -7,15 +7,13 @@ is translated to genserve's (white = repaint): alpha below 128 becomes white, th
 mask without an alpha channel is refused. ``size`` absent or ``auto``: the model's default size
 (each image is fitted to the size by cover-scaling and centre-cropping). Besides the OpenAI fields,
 ``seed`` (output k gets seed + k), ``steps``, ``guidance``, ``strength`` and ``negative_prompt``
-are honoured; fields genserve cannot honour (quality, background, output_format, user, ...) are
-accepted and ignored.
+are honoured; fields genserve cannot honour (quality, background, user, ...) are accepted and
+ignored.
 """
 from __future__ import annotations
 
 import asyncio
-import base64
 import io
-import time
 from typing import Any
 
 from fastapi import APIRouter, Depends, Request
@@ -24,14 +22,16 @@ from ..auth.keys import Principal
 from ..config import parse_size
 from ..image_input import ImageInputError, InputImage, check_input, decode_bytes
 from ..requests import RequestError
-from ..status import JobStatus
-from .api import Api, Reconnect, draining, error
+from .api import Api, draining
 from .auth import principal
 from .multipart import Part, is_multipart, parse_form, typed
+from .openai_images import images_response
+from .openai_wait import wait_jobs
 
 MAX_OUTPUTS = 10
 MAX_IMAGES = 16
-HONOURED = {"seed": "int", "steps": "int", "guidance": "float", "strength": "float", "negative_prompt": "str"}
+HONOURED = {"seed": "int", "steps": "int", "guidance": "float", "strength": "float", "negative_prompt": "str",
+            "output_format": "str", "output_compression": "int"}
 
 
 def openai_mask(data: bytes) -> InputImage:
@@ -71,32 +71,6 @@ def _fields(parts: list[Part]) -> tuple[list[Part], Part | None, dict[str, str]]
         elif p.filename is None:
             fields[p.name] = p.text()
     return images, mask, fields
-
-
-class ClientGone(Exception):
-    pass
-
-
-async def _wait_all(api: Api, ids: list[str], request: Request) -> list[dict[str, Any]]:
-    """Every job's final record; raises ClientGone as soon as the client disconnects."""
-    waits = asyncio.ensure_future(asyncio.gather(*(api.wait_terminal(i) for i in ids)))
-    gone = asyncio.ensure_future(_disconnected(request))
-    try:
-        await asyncio.wait({waits, gone}, return_when=asyncio.FIRST_COMPLETED)
-        if waits.done():
-            return waits.result()
-        raise ClientGone
-    finally:
-        for t in (waits, gone):
-            t.cancel()
-
-
-async def _disconnected(request: Request) -> None:
-    """Returns once the client has gone (the body was read whole: the next message is the disconnect)."""
-    while True:
-        msg = await request.receive()
-        if msg["type"] == "http.disconnect":
-            return
 
 
 def openai_edits_router(api: Api) -> APIRouter:
@@ -153,32 +127,14 @@ def openai_edits_router(api: Api) -> APIRouter:
                     if "seed" in base:
                         body["seed"] = base["seed"] + k
                     submitted.append((await api.create_job(body, who, explicit_priority=False))[0])
-            finals = await _wait_all(api, [j["id"] for j in submitted], request)
-        except ClientGone:  # nobody is waiting for the images any more: their jobs are canceled
-            for j in submitted:
+        except BaseException:
+            for j in submitted:  # a later image was refused: no half answers
                 api.control.cancel(j["id"])
             api.control.kick()
-            return error(499, None, "the client closed the connection", code="client_closed")
-        except Reconnect:
-            for j in submitted:  # nobody could fetch them after the restart: the caller has no job ids
-                api.control.cancel(j["id"])
-            return draining()
-        except BaseException:
-            for j in submitted:  # a later image was refused (or the client went away): no half answers
-                api.control.cancel(j["id"])
             raise
-        failed = [j for j in finals if j["status"] != JobStatus.SUCCEEDED]
-        if failed:
-            j = failed[0]
-            return error(500, None, f"edit {j['status']}: {j['error_message'] or ''}",
-                         code=j["error_code"] or j["status"], headers={"x-should-retry": "false"})
-        data = []
-        for j in finals:
-            if response_format == "b64_json":
-                raw = await loop.run_in_executor(None, api.results.read, j["results"][0]["key"])
-                data.append({"b64_json": base64.b64encode(raw).decode(), "revised_prompt": None})
-            else:
-                data.append({"url": f"{api.base(request)}v1/jobs/{j['id']}/result", "revised_prompt": None})
-        return {"created": int(time.time()), "data": data}
+        finals = await wait_jobs(api, request, submitted)
+        if not isinstance(finals, list):  # failed, timed out, the client went away, shutting down
+            return finals
+        return await images_response(api, request, finals, response_format, None)
 
     return router

@@ -88,14 +88,16 @@ def openai_images_router(api: Api) -> APIRouter:
             return finals
         if body.stream:
             return StreamingResponse(completed_events(api, finals, params[0], quality), media_type="text/event-stream")
-        return await images_response(api, request, finals, params[0], body.response_format, quality)
+        return await images_response(api, request, finals, body.response_format, quality)
 
     return router
 
 
-async def images_response(api: Api, request: Request, jobs: list[dict[str, Any]], p: JobParams,
-                          response_format: str | None, quality: str | None) -> dict[str, Any]:
-    """OpenAI's ImagesResponse for finished jobs: each image as a URL (the job's result) or base64."""
+async def images_response(api: Api, request: Request, jobs: list[dict[str, Any]], response_format: str | None,
+                          quality: str | None) -> dict[str, Any]:
+    """OpenAI's ImagesResponse for finished jobs (generations and edits): each image as a URL (the
+    job's result) or base64."""
+    p = jobs[0]["params"]
     data = []
     for j in jobs:
         if response_format == "b64_json":
@@ -103,8 +105,9 @@ async def images_response(api: Api, request: Request, jobs: list[dict[str, Any]]
             data.append({"b64_json": base64.b64encode(raw).decode(), "revised_prompt": None})
         else:
             data.append({"url": f"{api.base(request)}v1/jobs/{j['id']}/result", "revised_prompt": None})
-    return {"created": int(time.time()), "data": data, "background": None, "output_format": p.output_format,
-            "quality": quality, "size": f"{p.width}x{p.height}", "usage": None}
+    return {"created": int(time.time()), "data": data, "background": None,
+            "output_format": p.get("output_format") or "png", "quality": quality,
+            "size": f"{p['width']}x{p['height']}", "usage": None}
 
 
 async def _read(api: Api, key: str) -> bytes:
