@@ -33,8 +33,8 @@ SHAPES = {"image": {"size": "32x32", "steps": (4, 20), "extra": ""},
           "video": {"size": "32x32", "steps": (4, 20), "extra": "default_frames = 5\nmax_frames = 9\nframe_stride = 4\n"}}
 
 
-def config(models: Path, kind: str) -> str:
-    sh = SHAPES[kind]
+def config(models: Path, kind: str, size: str | None = None) -> str:
+    sh = dict(SHAPES[kind], **({"size": size} if size else {}))
     out = "[server]\nidle_unload_s = \"never\"\n"
     for name, mode, wait in (("request", "request", 50), ("nowindow", "request", 0), ("step", "step", 0)):
         out += (f'\n[models.{name}]\nkind = "{kind}"\nsource = "{models / f"demo-{kind}"}"\nbatching = "{mode}"\n'
@@ -106,6 +106,7 @@ def main() -> int:
     p.add_argument("--kind", choices=list(SHAPES), default="image")
     p.add_argument("--jobs", type=int, default=80, help="jobs in the Poisson phase (and 3/4 of that in the burst)")
     p.add_argument("--load", type=float, default=0.7, help="Poisson rate as a share of request-level capacity")
+    p.add_argument("--size", help="WxH (default: 32x32, where per-job overheads weigh most)")
     p.add_argument("--reps", type=int, default=3, help="overload bursts per mode (alternated; the median is reported)")
     p.add_argument("--json", type=Path)
     a = p.parse_args()
@@ -113,7 +114,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         models = Path(tmp) / "models"
         subprocess.run([sys.executable, "-m", "genserve.backends.demo", a.kind, str(models / f"demo-{a.kind}")], check=True)
-        srv = LiveServer(Path(tmp) / "data", config(models, a.kind), workers=1)
+        srv = LiveServer(Path(tmp) / "data", config(models, a.kind, a.size), workers=1)
         with srv, httpx.Client(base_url=srv.url, timeout=120) as c:
             for mode in ("request", "nowindow", "step"):  # warm up every entry
                 wait_all(c, [submit(c, mode, 2, 999_999)])
@@ -132,7 +133,7 @@ def main() -> int:
             for mode in ("request", "nowindow", "step"):
                 res[f"{mode}/lone"] = lone(c, mode, steps[0], 8)
     res["rate_per_s"] = {"value": rate}
-    print(f"# {a.kind}: Poisson at {rate:.2f} jobs/s ({a.load:.0%} of request-level capacity), steps {steps[0]}/{steps[1]}")
+    print(f"# {a.kind} at {a.size or SHAPES[a.kind]['size']}: Poisson at {rate:.2f} jobs/s ({a.load:.0%} of request-level capacity), steps {steps[0]}/{steps[1]}")
     print("| phase | mode | jobs | time to first step P50 / P99 (s) | end to end P50 / P99 (s) | throughput (jobs/s) |")
     print("|---|---|---|---|---|---|")
     for phase in ("overload", "poisson", "lone"):

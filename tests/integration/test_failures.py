@@ -79,7 +79,8 @@ def tally(name: str, c: httpx.Client, data_dir: Path, ids: list[str]) -> dict:
     failed = [j for j in jobs if j["status"] == "failed" and j["error"]["code"]]
     dup = 0
     for j in jobs:
-        files = list((data_dir / "results" / j["id"]).glob("*")) if (data_dir / "results" / j["id"]).exists() else []
+        # outputs only: a job's directory also holds its thumbnail (and its stored inputs)
+        files = list((data_dir / "results" / j["id"]).glob("output*")) if (data_dir / "results" / j["id"]).exists() else []
         wins = [a for a in j["attempts"] if a["code"] is None and a["ended"] is not None]
         if len(files) > 1 or len(wins) > 1 or len(j["results"]) > 1:
             dup += 1
