@@ -42,10 +42,11 @@ ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 SIZE = 64
 
 
-def server_config(models: Path, max_batch: int, wait_ms: int, steps: int) -> str:
+def server_config(models: Path, max_batch: int, wait_ms: int, steps: int, batching: str = "request") -> str:
     return f"""
 [models.{MODEL}]
 kind = "image"
+batching = "{batching}"
 source = "{models / MODEL}"
 max_batch_size = {max_batch}
 max_wait_ms = {wait_ms}
@@ -110,6 +111,34 @@ def calibrate_from_run(jobs: list[dict], fallback: dict) -> dict:
     return {"t1_s": t1, "f": f, "samples": {b: len(v) for b, v in sorted(by.items())}, "t1_spread": spread}
 
 
+def live_stages(jobs: list[dict]) -> dict[str, list[float]]:
+    """Each job's time in each stage of the live run, from its record."""
+    out: dict[str, list[float]] = {k: [] for k in ("waiting (received → dispatched)", "dispatched → inference start",
+                                                    "inference", "inference end → finished", "end to end")}
+    for j in jobs:
+        t = j["timestamps"]
+        for k, v in zip(out, (t["dispatched"] - t["received"], t["inference_start"] - t["dispatched"],
+                              t["inference_end"] - t["inference_start"], t["finished"] - t["inference_end"],
+                              t["finished"] - t["received"])):
+            out[k].append(v)
+    return {k: sorted(v) for k, v in out.items()}
+
+
+def sim_stages(result) -> dict[str, list[float]]:
+    """The same stages in a simulation: it has no separate output stage (the batch cost covers
+    dispatch to finished), so its inference is dispatch → finished."""
+    out: dict[str, list[float]] = {"waiting (received → dispatched)": [], "dispatched → inference start": [],
+                                   "inference": [], "end to end": []}
+    for j in result.jobs:
+        if j.failed or j.finished != j.finished:  # nan: never finished
+            continue
+        out["waiting (received → dispatched)"].append(j.dispatched - j.arrival)
+        out["dispatched → inference start"].append(j.infer_start - j.dispatched)
+        out["inference"].append(j.finished - j.infer_start)
+        out["end to end"].append(j.finished - j.arrival)
+    return {k: sorted(v) for k, v in out.items()}
+
+
 async def replay(url: str, trace: list[float], steps: int) -> list[dict]:
     """Open loop: submit each request at its trace time, then wait for them all."""
     limits = httpx.Limits(max_connections=64)
@@ -136,7 +165,7 @@ async def replay(url: str, trace: list[float], steps: int) -> list[dict]:
 
 
 def scenario_raw(cal: dict, trace_path: Path, max_batch: int, wait_ms: int, steps: int,
-                 overhead_s: float = 0.0) -> dict:
+                 overhead_s: float = 0.0, batching: str = "request") -> dict:
     t1 = cal["t1_s"] + overhead_s
     curve = {str(b): (cal["t1_s"] * f + overhead_s) / t1 for b, f in cal["f"].items()}
     return {
@@ -145,7 +174,7 @@ def scenario_raw(cal: dict, trace_path: Path, max_batch: int, wait_ms: int, step
         "models": {MODEL: {"kind": "image", "weights_gb": 0.1, "working_gb": 0.01, "t1_s": t1, "batch_curve": curve,
                            "load_disk_s": 0, "load_host_s": 0, "max_batch_size": max_batch,
                            "max_wait_ms": wait_ms, "ref_width": SIZE, "ref_height": SIZE, "ref_steps": steps,
-                           "idle_unload_s": "never"}},
+                           "idle_unload_s": "never", "batching": batching}},
         "workload": {"kind": "trace", "trace": str(trace_path)},
     }
 
@@ -159,6 +188,8 @@ def main() -> int:
     ap.add_argument("--wait-ms", type=int, default=100)
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--batching", choices=("request", "step"), default="request",
+                    help="the live server's and the simulation's batching (calibration is request level)")
     ap.add_argument("--keep", help="copy the trace and scenario here")
     a = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmpd:
@@ -177,7 +208,8 @@ def main() -> int:
         for _ in range(a.requests):
             trace.append(t)
             t += rng.expovariate(rate)
-        srv = LiveServer(tmp / "live", server_config(models, a.max_batch, a.wait_ms, a.steps), workers=1, env=ENV)
+        srv = LiveServer(tmp / "live", server_config(models, a.max_batch, a.wait_ms, a.steps, a.batching), workers=1,
+                         env=ENV)
         with srv:
             with httpx.Client(base_url=srv.url, timeout=300) as c:  # warm-up: worker start + model load
                 wait_for(c, c.post("/v1/jobs", json=body(9_999, a.steps)).json()["id"], timeout=300)
@@ -202,9 +234,12 @@ def main() -> int:
         in_run = calibrate_from_run(ok, cal)
         print(f"# in-run calibration: t1 {in_run['t1_s']:.3f} s, f = {in_run['f']}, batches {in_run['samples']}",
               file=sys.stderr)
-        sims = {}
+        sims, stages = {}, {"live": live_stages(ok)}
         for name, c in (("sim (separate calibration)", cal), ("sim (in-run calibration)", in_run)):
-            x = summarize(simulate(parse_scenario(scenario_raw(c, trace_path, a.max_batch, a.wait_ms, a.steps))))
+            result = simulate(parse_scenario(scenario_raw(c, trace_path, a.max_batch, a.wait_ms, a.steps,
+                                                          batching=a.batching)))
+            stages[name] = sim_stages(result)
+            x = summarize(result)
             sims[name] = {"P50 latency (s)": x["overall"]["latency_s"]["p50"],
                           "P99 latency (s)": x["overall"]["latency_s"]["p99"],
                           "throughput (req/s)": x["throughput_per_s"], "mean batch size": x["overall"]["mean_batch_size"]}
@@ -215,12 +250,22 @@ def main() -> int:
             (keep / "calibration.json").write_text(json.dumps(cal, indent=2))
     print(f"Machine: {platform.machine()}, {platform.system()}, Python {platform.python_version()}; "
           f"{a.requests} requests, Poisson at {rate:.2f} req/s (ρ = {a.utilization} of t1), "
-          f"{SIZE}x{SIZE}, {a.steps} steps, max batch {a.max_batch}, window {a.wait_ms} ms, 1 CPU worker.\n")
+          f"{SIZE}x{SIZE}, {a.steps} steps, max batch {a.max_batch}, window {a.wait_ms} ms, {a.batching}-level batching, "
+          "1 CPU worker.\n")
     for name, c in (("separate", cal), ("in-run", in_run)):
         print(f"Calibration ({name}): t1 {c['t1_s']:.3f} s (dispatch → finished); "
               + ", ".join(f"f({b}) = {f:.2f}" for b, f in sorted(c["f"].items())) + f"; samples {c['samples']}")
     print(f"Load time (separate server): {cal['load_s']:.3f} s. Batch-of-1 device time in the live run: "
           f"{in_run['t1_spread']}\n")
+    print("Where the time goes, per job (P50 / P99, s):\n")
+    names = list(stages)
+    print("| stage | " + " | ".join(names) + " |")
+    print("|---|" + "---|" * len(names))
+    for stage in stages["live"]:
+        print(f"| {stage} | " + " | ".join(
+            f"{percentile(stages[n][stage], 50):.3f} / {percentile(stages[n][stage], 99):.3f}"
+            if stages[n].get(stage) else "–" for n in names) + " |")
+    print()
     print("| metric | live server | " + " | ".join(f"{n} | error" for n in sims) + " |")
     print("|---|---|" + "---|---|" * len(sims))
     for k in live:
