@@ -29,15 +29,11 @@ from .test_runtime import MB, Clock
 pytestmark = pytest.mark.filterwarnings("ignore:The Sora API:DeprecationWarning")  # the client's deprecation
 
 
-def cfg(tmp_path, extra: str = ""):
-    return parse_config(tomllib.loads(f"""
-[server]
-data_dir = "{tmp_path}"
-[retention]
-results_days = 2
-[models.vid]
+def video_model(name: str, source) -> str:
+    """A video model's table (8 fps, stride 4, at most 17 frames) over ``source``."""
+    return f"""[models.{name}]
 kind = "video"
-source = "{tmp_path}/no-weights-needed"
+source = "{source}"
 max_batch_size = 1
 max_wait_ms = 0
 max_pixels = 16384
@@ -47,7 +43,16 @@ default_steps = 2
 default_frames = 9
 max_frames = 17
 frame_stride = 4
-fps = 8
+fps = 8"""
+
+
+def cfg(tmp_path, extra: str = ""):
+    return parse_config(tomllib.loads(f"""
+[server]
+data_dir = "{tmp_path}"
+[retention]
+results_days = 2
+{video_model("vid", f"{tmp_path}/no-weights-needed")}
 [models.img]
 kind = "image"
 source = "{tmp_path}/no-weights-needed-2"
@@ -172,23 +177,6 @@ def test_create_poll_download_list_delete_with_the_official_client(tmp_path):
     run(tmp_path, test)
 
 
-# An image-to-video model: its family is read from the directory's model_index.json (no weights needed).
-I2V = """
-[models.i2v]
-kind = "video"
-source = "{src}"
-max_batch_size = 1
-max_wait_ms = 0
-max_pixels = 16384
-size_multiple = 16
-default_size = "64x64"
-default_steps = 2
-default_frames = 9
-max_frames = 17
-frame_stride = 4
-fps = 8
-"""
-
 
 def test_defaults_and_input_reference_upload(tmp_path):
     src = tmp_path / "i2v"
@@ -217,7 +205,8 @@ def test_defaults_and_input_reference_upload(tmp_path):
             assert w.rt.store.get(r.json()["id"])["params"]["image_sha256"] == uploaded
             view = (await c.get(f"/v1/jobs/{v.id}")).json()  # the native view shows the frame by digest
             assert view["params"]["image"].startswith("sha256:")
-    run(tmp_path, test, I2V.format(src=src))
+    # an image-to-video model: its family is read from the directory's model_index.json (no weights needed)
+    run(tmp_path, test, video_model("i2v", src))
 
 
 @pytest.mark.parametrize("body,field,status", [
