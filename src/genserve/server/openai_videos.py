@@ -7,7 +7,6 @@ or ``{"image_url": "data:..."}``), stored as the job's ``image``. ``seconds`` be
 """
 from __future__ import annotations
 
-import base64
 import json
 import math
 from typing import Any
@@ -20,7 +19,7 @@ from ..requests import RequestError
 from ..status import JobStatus, is_terminal
 from .api import Api
 from .auth import principal
-from .multipart import Part, parse_form
+from .multipart import Part, file_data_url, parse_form
 from .jobs_api import job_page, list_body
 
 # genserve's own job fields a create may carry too (the client's extra_body); form fields are text.
@@ -30,7 +29,6 @@ _FIELDS = {"prompt", "model", "seconds", "size", "input_reference", *_EXTRA}
 _RENAMED = {"width": "size", "height": "size", "num_frames": "seconds", "image": "input_reference"}
 _STATUS = {JobStatus.QUEUED: "queued", JobStatus.RUNNING: "in_progress", JobStatus.SUCCEEDED: "completed",
            JobStatus.FAILED: "failed", JobStatus.CANCELED: "failed"}
-_MAGIC = ((b"\x89PNG\r\n\x1a\n", "image/png"), (b"\xff\xd8\xff", "image/jpeg"))
 
 
 def frames_for(seconds: float, m: ModelConfig) -> int:
@@ -230,12 +228,7 @@ def _job_body(api: Api, f: dict[str, Any]) -> dict[str, Any]:
 def _reference(ref: Any) -> str:
     """``input_reference`` as the job's ``image`` (a data URL)."""
     if isinstance(ref, Part):
-        mime = next((t for magic, t in _MAGIC if ref.data.startswith(magic)), None)
-        if mime is None and ref.data[:4] == b"RIFF" and ref.data[8:12] == b"WEBP":
-            mime = "image/webp"
-        if mime is None:
-            raise RequestError("input_reference", "is not a PNG, JPEG or WebP image")
-        return f"data:{mime};base64," + base64.b64encode(ref.data).decode()
+        return file_data_url(ref)  # the type its bytes hold; anything else: a 400 naming the field
     if isinstance(ref, str):  # a data URL in a text field
         ref = {"image_url": ref}
     if isinstance(ref, dict):
