@@ -1,7 +1,9 @@
 """Validate the simulator against the live server on this machine.
 
 1. Calibrate the demo image model's cost model through a live server: the device time of batches of
-   1, 2 and 4 (t1 and f(B)) and the model load time, from the job records.
+   1, 2 and 4 (t1 and f(B)) and the model load time, from the job records; at a second, short step
+   count too, which splits it into a per-step curve and a per-job fixed cost (the two-part model,
+   ``job_overhead_s``; step sets pay the fixed cost once per job, not at every step).
 2. Replay a Poisson trace open-loop against a live server with one CPU worker, warmed up first (the
    worker process started and the model loaded: the sim's load time is then 0); export it with
    ``genserve trace export`` (less the warm-up job).
@@ -62,8 +64,12 @@ def body(i: int, steps: int) -> dict:
     return {"model": MODEL, "prompt": f"validation {i}", "seed": i, "steps": steps, "width": SIZE, "height": SIZE}
 
 
-def calibrate(models: Path, tmp: Path, steps: int, wait_ms: int, reps: int) -> dict:
-    """Batches of 1, 2, 4 on an idle worker; each batch submitted at once so it fills in one window."""
+def calibrate(models: Path, tmp: Path, steps: int, short: int, wait_ms: int, reps: int) -> dict:
+    """Batches of 1, 2, 4 on an idle worker, each submitted at once so it fills in one window, at
+    ``steps`` and (if ``short``) at ``short`` steps. Two step counts split each batch's device time
+    T(B, S) = fixed(B) + S · c(B) into a per-step curve c(B) and a per-job fixed cost fixed(1)
+    (prompt encoding, latent set-up, decode, PNG, write): the simulator's ``job_overhead_s``."""
+    counts = (steps, short) if short else (steps,)
     with LiveServer(tmp / "calib", server_config(models, 4, wait_ms, steps), workers=1, env=ENV) as srv, \
             httpx.Client(base_url=srv.url, timeout=120) as c:
         first = wait_for(c, c.post("/v1/jobs", json=body(0, steps)).json()["id"])
@@ -71,24 +77,35 @@ def calibrate(models: Path, tmp: Path, steps: int, wait_ms: int, reps: int) -> d
         load_s = ts["load_end"] - ts["load_start"]
         for i in range(3):  # warm the pipeline up (first calls are slower)
             wait_for(c, c.post("/v1/jobs", json=body(100_000 + i, steps)).json()["id"])
-        device_s: dict[int, list[float]] = {1: [], 2: [], 4: []}
+        device_s: dict[tuple[int, int], list[float]] = {(b, n): [] for b in (1, 2, 4) for n in counts}
         infer_s: dict[int, list[float]] = {1: [], 2: [], 4: []}
-        n = 1
+        i = 1
         for _ in range(reps):
-            for b in (1, 2, 4):
-                rs = post_concurrently(srv.url, [body(n + k, steps) for k in range(b)])
-                n += b
-                jobs = [wait_for(c, r.json()["id"]) for r in rs]
-                sizes = {j["batch"]["size"] for j in jobs}
-                if sizes != {b}:  # the window split them: skip this sample
-                    continue
-                t = jobs[0]["timestamps"]
-                device_s[b].append(max(j["timestamps"]["finished"] for j in jobs) - t["dispatched"])
-                infer_s[b].append(t["inference_end"] - t["inference_start"])
-    med = {b: statistics.median(v) for b, v in device_s.items() if v}
-    return {"load_s": load_s, "t1_s": med[1], "f": {b: med[b] / med[1] for b in med},
-            "device_s": device_s, "inference_s": {b: statistics.median(v) for b, v in infer_s.items() if v},
-            "samples": {b: len(v) for b, v in device_s.items()}}
+            for n in counts:  # alternated, so a slow spell of the machine hits both alike
+                for b in (1, 2, 4):
+                    rs = post_concurrently(srv.url, [body(i + k, n) for k in range(b)])
+                    i += b
+                    jobs = [wait_for(c, r.json()["id"]) for r in rs]
+                    if {j["batch"]["size"] for j in jobs} != {b}:  # the window split them: skip this sample
+                        continue
+                    t = jobs[0]["timestamps"]
+                    device_s[(b, n)].append(max(j["timestamps"]["finished"] for j in jobs) - t["dispatched"])
+                    if n == steps:
+                        infer_s[b].append(t["inference_end"] - t["inference_start"])
+    med = {k: statistics.median(v) for k, v in device_s.items() if v}
+    out = {"load_s": load_s, "t1_s": med[(1, steps)], "f": {b: med[(b, steps)] / med[(1, steps)] for b in (1, 2, 4)
+                                                           if (b, steps) in med},
+           "job_overhead_s": 0.0, "device_s": {f"{b}x{n}": v for (b, n), v in device_s.items()},
+           "inference_s": {b: statistics.median(v) for b, v in infer_s.items() if v},
+           "samples": {f"{b}x{n}": len(v) for (b, n), v in device_s.items()}}
+    if short:
+        per_step = {b: (med[(b, steps)] - med[(b, short)]) / (steps - short) for b in (1, 2, 4)
+                    if (b, steps) in med and (b, short) in med}
+        fixed = {b: med[(b, steps)] - steps * per_step[b] for b in per_step}
+        out["two_part"] = {"t1_s": med[(1, steps)], "job_overhead_s": max(0.0, fixed[1]),
+                           "f": {b: per_step[b] / per_step[1] for b in per_step},
+                           "fixed_per_job": {b: fixed[b] / b for b in fixed}, "step_s": per_step}
+    return out
 
 
 def calibrate_from_run(jobs: list[dict], fallback: dict) -> dict:
@@ -165,13 +182,14 @@ async def replay(url: str, trace: list[float], steps: int) -> list[dict]:
 
 
 def scenario_raw(cal: dict, trace_path: Path, max_batch: int, wait_ms: int, steps: int,
-                 overhead_s: float = 0.0, batching: str = "request") -> dict:
-    t1 = cal["t1_s"] + overhead_s
-    curve = {str(b): (cal["t1_s"] * f + overhead_s) / t1 for b, f in cal["f"].items()}
+                 batching: str = "request") -> dict:
+    t1 = cal["t1_s"]
+    curve = {str(b): f for b, f in cal["f"].items()}
     return {
         "sim": {"name": "sim validation", "seed": 1, "duration_s": 1e9, "slo_s": 10},
         "fleet": {"device_type": "cpu", "initial": 1, "provisioning_s": 0, "memory_gb": 1000, "price_per_hour": 0.1},
         "models": {MODEL: {"kind": "image", "weights_gb": 0.1, "working_gb": 0.01, "t1_s": t1, "batch_curve": curve,
+                           "job_overhead_s": cal.get("job_overhead_s", 0.0),
                            "load_disk_s": 0, "load_host_s": 0, "max_batch_size": max_batch,
                            "max_wait_ms": wait_ms, "ref_width": SIZE, "ref_height": SIZE, "ref_steps": steps,
                            "idle_unload_s": "never", "batching": batching}},
@@ -186,6 +204,8 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--max-batch", type=int, default=4)
     ap.add_argument("--wait-ms", type=int, default=100)
+    ap.add_argument("--short-steps", type=int, default=2,
+                    help="second step count for the two-part cost model (0: one-part only)")
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--batching", choices=("request", "step"), default="request",
@@ -197,10 +217,12 @@ def main() -> int:
         models = tmp / "models"
         subprocess.run([sys.executable, "-m", "genserve.backends.demo", "image", str(models / MODEL)],
                        check=True, capture_output=True)
-        cal = calibrate(models, tmp, a.steps, a.wait_ms, a.reps)
+        cal = calibrate(models, tmp, a.steps, a.short_steps, a.wait_ms, a.reps)
         print(f"# calibration: load {cal['load_s']:.3f} s, t1 {cal['t1_s']:.3f} s, "
               f"f = {', '.join(f'f({b})={f:.2f}' for b, f in cal['f'].items())}, "
               f"inference-only medians {cal['inference_s']}, samples {cal['samples']}", file=sys.stderr)
+        if "two_part" in cal:
+            print(f"# two-part: {json.dumps(cal['two_part'])}", file=sys.stderr)
 
         rate = a.utilization / cal["t1_s"]
         rng = random.Random(a.seed)
@@ -235,7 +257,10 @@ def main() -> int:
         print(f"# in-run calibration: t1 {in_run['t1_s']:.3f} s, f = {in_run['f']}, batches {in_run['samples']}",
               file=sys.stderr)
         sims, stages = {}, {"live": live_stages(ok)}
-        for name, c in (("sim (separate calibration)", cal), ("sim (in-run calibration)", in_run)):
+        cals = {"sim (separate calibration)": cal, "sim (in-run calibration)": in_run}
+        if "two_part" in cal:
+            cals["sim (two-part calibration)"] = cal["two_part"]
+        for name, c in cals.items():
             result = simulate(parse_scenario(scenario_raw(c, trace_path, a.max_batch, a.wait_ms, a.steps,
                                                           batching=a.batching)))
             stages[name] = sim_stages(result)
@@ -255,6 +280,13 @@ def main() -> int:
     for name, c in (("separate", cal), ("in-run", in_run)):
         print(f"Calibration ({name}): t1 {c['t1_s']:.3f} s (dispatch → finished); "
               + ", ".join(f"f({b}) = {f:.2f}" for b, f in sorted(c["f"].items())) + f"; samples {c['samples']}")
+    if "two_part" in cal:
+        tp = cal["two_part"]
+        print(f"Calibration (two-part, {a.steps} and {a.short_steps} steps): t1 {tp['t1_s']:.3f} s, of which "
+              f"{tp['job_overhead_s']:.3f} s per job fixed; per-step " + ", ".join(
+                  f"c({b}) = {v * 1000:.1f} ms" for b, v in sorted(tp["step_s"].items()))
+              + "; fixed cost per job in a batch of B: " + ", ".join(
+                  f"{b}: {v:.3f} s" for b, v in sorted(tp["fixed_per_job"].items())))
     print(f"Load time (separate server): {cal['load_s']:.3f} s. Batch-of-1 device time in the live run: "
           f"{in_run['t1_spread']}\n")
     print("Where the time goes, per job (P50 / P99, s):\n")

@@ -205,9 +205,10 @@ class Simulator:
         dev = self.devices[d.worker]
         m = self.s.models[d.key.model]
         k = d.key
-        units = k.width * k.height * max(1, k.num_frames) * k.steps
+        pixels = k.width * k.height * max(1, k.num_frames)
+        units = pixels * k.steps
         start = max(now, dev.busy_until)
-        took = m.batch_seconds(len(d.job_ids), units)
+        took = m.batch_seconds(len(d.job_ids), pixels, k.steps)
         end = start + took
         dev.busy_until = end
         dev.busy_s += took

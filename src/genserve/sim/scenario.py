@@ -31,6 +31,10 @@ class SimModel:
     limits: ModelLimits
     fallback: str | None = None  # retried on this model after repeated failures (as in genserve.toml)
     ref_steps: int = 20
+    # Each job's cost that does not grow with steps or share a batch (prompt encoding, latent set-up,
+    # decode, output encoding), at the reference size; t1_s includes it and f(B) is then the curve
+    # of the denoising steps alone. 0: the whole batch follows f(B).
+    job_overhead_s: float = 0.0
 
     def f(self, b: int) -> float:
         """The batch curve, linearly interpolated (and extrapolated from the last two points)."""
@@ -43,8 +47,17 @@ class SimModel:
         (b0, f0), (b1, f1) = pts[-2] if len(pts) > 1 else (0, 0.0), pts[-1]
         return f1 + (f1 - f0) / max(1, b1 - b0) * (b - b1)
 
-    def batch_seconds(self, b: int, units: int) -> float:
-        return self.t1_s * self.f(b) * units / self.ref_pixels
+    def job_seconds(self, pixels: int) -> float:
+        """One job's fixed cost at ``pixels`` (width × height × frames)."""
+        return self.job_overhead_s * pixels * self.ref_steps / self.ref_pixels
+
+    def step_seconds(self, b: int, pixels: int) -> float:
+        """One denoising step over b jobs of ``pixels`` each."""
+        return (self.t1_s - self.job_overhead_s) * self.f(b) * pixels / self.ref_pixels
+
+    def batch_seconds(self, b: int, pixels: int, steps: int) -> float:
+        """A request-level batch: every job's fixed cost, then ``steps`` steps over all b."""
+        return b * self.job_seconds(pixels) + steps * self.step_seconds(b, pixels)
 
     def working_bytes(self, b: int, units: int) -> int:
         return int(self.working_gb * GIB * b * units / self.ref_pixels)
@@ -188,6 +201,10 @@ def _model(name: str, raw: dict) -> SimModel:
     if batching not in ("request", "step"):
         raise ConfigError(f"{p}.batching", "must be request or step")
     step = batching == "step"
+    t1 = _get(raw, "t1_s", p, ..., float)
+    overhead = _get(raw, "job_overhead_s", p, 0.0, float)
+    if overhead >= t1 > 0:
+        raise ConfigError(f"{p}.job_overhead_s", f"must be less than t1_s ({t1}), which includes it")
     limits = ModelLimits(
         _get(raw, "max_batch_size", p, 4, int, 1), 0.0 if step else _get(raw, "max_wait_ms", p, 0, int, 0) / 1000.0,
         _get(raw, "max_queue", p, 100_000, int, 1), memory_bytes=int(_get(raw, "weights_gb", p, 10.0, float) * GIB),
@@ -197,9 +214,9 @@ def _model(name: str, raw: dict) -> SimModel:
         step_batching=step,
     )
     return SimModel(name, _get(raw, "kind", p, "image", str), _get(raw, "weights_gb", p, 10.0, float),
-                    _get(raw, "working_gb", p, 1.0, float), _get(raw, "t1_s", p, ..., float), tuple(curve),
+                    _get(raw, "working_gb", p, 1.0, float), t1, tuple(curve),
                     _get(raw, "load_disk_s", p, 10.0, float), _get(raw, "load_host_s", p, 2.0, float),
-                    ref_w * ref_h * max(ref_f, 1) * ref_steps, limits, raw.get("fallback"), ref_steps)
+                    ref_w * ref_h * max(ref_f, 1) * ref_steps, limits, raw.get("fallback"), ref_steps, overhead)
 
 
 def _entry(p: str, raw: dict, models: dict[str, SimModel]) -> MixEntry:

@@ -1,5 +1,6 @@
 """Step-level batching on simulated devices: running sets that advance one denoising step per
-event. A step costs the model's batch curve at the set's size for one step's pixels; joiners enter
+event. A step costs the model's batch curve at the set's size for one step's pixels, plus the
+fixed cost (``job_overhead_s``) of each job entering the set at that boundary; joiners enter
 at the next boundary, finished jobs leave at once, a paused job keeps its progress for a resume on
 the same device (elsewhere it starts again), as the real worker does (backends/step_runner.py)."""
 from __future__ import annotations
@@ -26,6 +27,10 @@ def step_units(key: BatchKey) -> int:
     return key.width * key.height * max(1, key.num_frames)  # one step's pixels
 
 
+def _fresh(job: Any, left: int) -> bool:
+    return left == job.steps  # not a resume on this device: it pays its set-up and decode
+
+
 class SimStepSets:
     """The simulator's running sets (``jobs`` and ``devices`` are the driver's SimJob / SimDevice)."""
 
@@ -41,6 +46,7 @@ class SimStepSets:
         start = max(now, dev.busy_until)  # after a load it waits for
         load_end, tier = dev.loading_until.get(d.key.model, (0.0, ""))
         st = StepSet(d.worker, dev.generation, d.key, {})
+        fresh = 0
         for jid in d.job_ids:
             job = self.jobs[int(jid)]
             job.dispatched = now
@@ -50,8 +56,9 @@ class SimStepSets:
                 job.load_wait = load_end - now
                 job.tier = tier
             st.members[jid] = self._steps_left(job, st)
+            fresh += _fresh(job, st.members[jid])
         self.sets[d.batch_id] = st
-        self._next_step(d.batch_id, st, start)
+        self._next_step(d.batch_id, st, start, fresh)
 
     def join(self, d: JoinBatch, now: float) -> None:
         self.sets[d.batch_id].pending += d.job_ids  # the engine joins only sets it still runs
@@ -83,11 +90,15 @@ class SimStepSets:
             return r[2]
         return job.steps
 
-    def _next_step(self, batch_id: str, st: StepSet, start: float) -> None:
+    def _next_step(self, batch_id: str, st: StepSet, start: float, entering: int) -> None:
+        """The next step over the set, after the per-job fixed cost of the ``entering`` jobs (the
+        worker sets a joiner up between steps; its decode, at the end, is charged here too)."""
         dev = self.devices[st.device]
         n = len(st.members)
         st.most = max(st.most, n)
-        took = self.s.models[st.key.model].batch_seconds(n, step_units(st.key))
+        m = self.s.models[st.key.model]
+        px = step_units(st.key)
+        took = entering * m.job_seconds(px) + m.step_seconds(n, px)
         dev.busy_until = start + took
         dev.busy_s += took
         self.schedule(start + took, batch_id)
@@ -107,14 +118,16 @@ class SimStepSets:
                 if not job.failed:
                     job.finished = now
                 self.engine.job_ended(jid, now)
+        fresh = 0
         for jid in st.pending:
             job = self.jobs[int(jid)]
             job.infer_start = now
             job.batch_size = len(st.members) + 1
             st.members[jid] = self._steps_left(job, st)
+            fresh += _fresh(job, st.members[jid])
         st.pending.clear()
         if st.members:
-            self._next_step(batch_id, st, now)
+            self._next_step(batch_id, st, now, fresh)
             return
         del self.sets[batch_id]
         m = self.s.models[st.key.model]
