@@ -91,9 +91,10 @@ def drive(pipe, shape, script, max_size=4):
                 rs.resume(paused.pop(arg))
         if not rs.slots and not paused and tick > max(script):
             break
-        for slot in rs.step():
+        finished = rs.step()
+        for slot, out in zip(finished, rs.decode(finished)):
             assert slot.job.id not in outputs, "finished twice"
-            outputs[slot.job.id] = rs.decode(slot)
+            outputs[slot.job.id] = out
             steps_seen[slot.job.id] = slot.done
         tick += 1
         assert tick < 200
@@ -117,6 +118,19 @@ def test_outputs_equal_standalone_whatever_joins_and_leaves(kind, image_pipe, vi
         got = as_array(outputs[job.id], kind)
         assert got.shape == want.shape
         assert np.abs(got - want).max() <= TOL, f"{job.id}: max diff {np.abs(got - want).max()}"
+
+
+@pytest.mark.parametrize("kind", ["image", "video"])
+def test_jobs_finishing_at_the_same_step_are_decoded_together_and_equal_standalone(kind, image_pipe, video_pipe):
+    pipe, shape = (image_pipe, IMAGE) if kind == "image" else (video_pipe, VIDEO)
+    a, b, c, d = JOBS
+    late = StepJob("late", d.prompt, seed=d.seed, steps=2, guidance=d.guidance)
+    # b (3 steps) from step 0 and late (2 steps) from step 1 both finish at step 3: one decode of 2
+    outputs, steps, _ = drive(pipe, shape, {0: [("admit", b)], 1: [("admit", late)]})
+    assert steps == {"b": 3, "late": 2}
+    for job in (b, late):
+        diff = np.abs(as_array(outputs[job.id], kind) - standalone(pipe, job, shape, kind)).max()
+        assert diff <= TOL, f"{job.id}: max diff {diff}"
 
 
 @pytest.mark.parametrize("kind", ["image", "video"])

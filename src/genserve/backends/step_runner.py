@@ -127,8 +127,7 @@ def run_steps(runner, msg: dict[str, Any], emit: Emit, canceled: set[str], joins
         # message per denoiser call, whatever the set's size
         emit({"ev": "progress", "batch_id": batch_id, "step": rs.steps_run,
               "jobs": [[s.job.id, s.done, s.job.steps] for s in [*rs.slots.values(), *finished]]})
-        for s in finished:
-            out = rs.decode(s)
+        for s, out in zip(finished, rs.decode(finished)):
             check_output(kind, out, shape["width"], shape["height"], shape["num_frames"])
             ref = runner.write_output(kind, payloads.pop(s.job.id), out, p["fps"])
             emit({"ev": "job_done", "batch_id": batch_id, "job_id": s.job.id, "result": ref.to_dict(),

@@ -69,7 +69,7 @@ class Slot:
 class StepFamily(Protocol):
     def prepare(self, pipe, job: StepJob, shape: dict[str, int]) -> Slot: ...
     def denoise(self, pipe, slots: list[Slot]) -> list[Any]: ...
-    def decode(self, pipe, slot: Slot) -> Any: ...
+    def decode(self, pipe, slots: list[Slot]) -> list[Any]: ...
 
 
 def _own_scheduler(pipe, steps: int, device) -> tuple[Any, Any]:
@@ -143,10 +143,12 @@ class UNetFamily:
                          encoder_hidden_states=torch.cat(embs), return_dict=False)[0]
         return _guided(pred, slots)
 
-    def decode(self, pipe, slot: Slot) -> Any:
-        image = pipe.vae.decode(slot.latents / pipe.vae.config.scaling_factor, return_dict=False,
-                                generator=slot.generator)[0]
-        return pipe.image_processor.postprocess(image, output_type="pil", do_denormalize=[True])[0]
+    def decode(self, pipe, slots: list[Slot]) -> list[Any]:
+        import torch
+
+        latents = torch.cat([s.latents for s in slots])
+        images = pipe.vae.decode(latents / pipe.vae.config.scaling_factor, return_dict=False)[0]
+        return pipe.image_processor.postprocess(images, output_type="pil", do_denormalize=[True] * len(slots))
 
 
 class WanFamily:
@@ -188,15 +190,15 @@ class WanFamily:
                                 encoder_hidden_states=torch.cat(embs), return_dict=False)[0]
         return _guided(pred, slots)
 
-    def decode(self, pipe, slot: Slot) -> Any:
+    def decode(self, pipe, slots: list[Slot]) -> list[Any]:
         import torch
 
         vae = pipe.vae
-        latents = slot.latents.to(vae.device, dtype=vae.dtype)
+        latents = torch.cat([s.latents for s in slots]).to(vae.device, dtype=vae.dtype)
         mean = torch.tensor(vae.config.latents_mean).view(1, vae.config.z_dim, 1, 1, 1).to(latents)
         inv_std = 1.0 / torch.tensor(vae.config.latents_std).view(1, vae.config.z_dim, 1, 1, 1).to(latents)
         video = vae.decode(latents / inv_std + mean, return_dict=False)[0]
-        return pipe.video_processor.postprocess_video(video, output_type="np")[0]
+        return list(pipe.video_processor.postprocess_video(video, output_type="np"))
 
 
 class RunningSet:
@@ -260,8 +262,10 @@ class RunningSet:
             del self.slots[s.job.id]
         return finished
 
-    def decode(self, slot: Slot) -> Any:
+    def decode(self, slots: list[Slot]) -> list[Any]:
+        """The outputs of requests that finished at the same step, decoded in one VAE call (rows are
+        independent in the decoder, as in the denoiser)."""
         import torch
 
         with torch.inference_mode():
-            return self.family.decode(self.pipe, slot)
+            return self.family.decode(self.pipe, slots) if slots else []
