@@ -9,7 +9,7 @@ process, the demo image (and video) model. For each mode:
   with its 50 ms window and without one (a third entry, ``nowindow``).
 
 Both modes run on the same server (two model entries over the same weights, ``batching =
-"request"`` and ``"step"``, max 4 jobs at once; request-level with a 50 ms window), so the ratios are
+"request"`` and ``"step"``, max 4 jobs at once by default (``--max-batch``); request-level with a 50 ms window), so the ratios are
 measured back to back on one machine.
 
     .venv/bin/python benchmarks/step_batching.py [--kind image|video] [--jobs 80] [--json out.json]
@@ -33,12 +33,12 @@ SHAPES = {"image": {"size": "32x32", "steps": (4, 20), "extra": ""},
           "video": {"size": "32x32", "steps": (4, 20), "extra": "default_frames = 5\nmax_frames = 9\nframe_stride = 4\n"}}
 
 
-def config(models: Path, kind: str, size: str | None = None) -> str:
+def config(models: Path, kind: str, size: str | None = None, max_batch: int = 4) -> str:
     sh = dict(SHAPES[kind], **({"size": size} if size else {}))
     out = "[server]\nidle_unload_s = \"never\"\n"
     for name, mode, wait in (("request", "request", 50), ("nowindow", "request", 0), ("step", "step", 0)):
         out += (f'\n[models.{name}]\nkind = "{kind}"\nsource = "{models / f"demo-{kind}"}"\nbatching = "{mode}"\n'
-                f'max_batch_size = 4\nmax_wait_ms = {wait}\nsizes = ["{sh["size"]}"]\ndefault_steps = 8\n'
+                f'max_batch_size = {max_batch}\nmax_wait_ms = {wait}\nsizes = ["{sh["size"]}"]\ndefault_steps = 8\n'
                 f'max_steps = 100\ndefault_guidance = 1.0\nmin_warm = 1\n{sh["extra"]}')
     return out
 
@@ -108,13 +108,14 @@ def main() -> int:
     p.add_argument("--load", type=float, default=0.7, help="Poisson rate as a share of request-level capacity")
     p.add_argument("--size", help="WxH (default: 32x32, where per-job overheads weigh most)")
     p.add_argument("--reps", type=int, default=3, help="overload bursts per mode (alternated; the median is reported)")
+    p.add_argument("--max-batch", type=int, default=4, help="max_batch_size of every entry (the running set's cap)")
     p.add_argument("--json", type=Path)
     a = p.parse_args()
     steps = SHAPES[a.kind]["steps"]
     with tempfile.TemporaryDirectory() as tmp:
         models = Path(tmp) / "models"
         subprocess.run([sys.executable, "-m", "genserve.backends.demo", a.kind, str(models / f"demo-{a.kind}")], check=True)
-        srv = LiveServer(Path(tmp) / "data", config(models, a.kind, a.size), workers=1)
+        srv = LiveServer(Path(tmp) / "data", config(models, a.kind, a.size, a.max_batch), workers=1)
         with srv, httpx.Client(base_url=srv.url, timeout=120) as c:
             for mode in ("request", "nowindow", "step"):  # warm up every entry
                 wait_all(c, [submit(c, mode, 2, 999_999)])
@@ -133,7 +134,7 @@ def main() -> int:
             for mode in ("request", "nowindow", "step"):
                 res[f"{mode}/lone"] = lone(c, mode, steps[0], 8)
     res["rate_per_s"] = {"value": rate}
-    print(f"# {a.kind} at {a.size or SHAPES[a.kind]['size']}: Poisson at {rate:.2f} jobs/s ({a.load:.0%} of request-level capacity), steps {steps[0]}/{steps[1]}")
+    print(f"# {a.kind} at {a.size or SHAPES[a.kind]['size']}, max batch {a.max_batch}: Poisson at {rate:.2f} jobs/s ({a.load:.0%} of request-level capacity), steps {steps[0]}/{steps[1]}")
     print("| phase | mode | jobs | time to first step P50 / P99 (s) | end to end P50 / P99 (s) | throughput (jobs/s) |")
     print("|---|---|---|---|---|---|")
     for phase in ("overload", "poisson", "lone"):
