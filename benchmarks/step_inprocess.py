@@ -202,7 +202,7 @@ def main() -> int:
         t += rng.expovariate(rate)
         trace.append((t, short if rng.random() < 0.5 else long_))
     pois = {"request": b.request_level(trace), "step": b.step_level(trace)}
-    print(f"| phase | mode | jobs | first step P50 / P99 (s) | end to end P50 / P99 (s) | throughput (jobs/s) |\n"
+    print("| phase | mode | jobs | first step P50 / P99 (s) | end to end P50 / P99 (s) | throughput (jobs/s) |\n"
           "|---|---|---|---|---|---|")
     for phase, res in (("overload", best), (f"Poisson {rate:.2f}/s", pois)):
         for m, r in res.items():
