@@ -87,10 +87,10 @@ def sync(runner: PipelineRunner) -> None:
         torch.cuda.synchronize(runner.device)
 
 
-def timed_load(runner: PipelineRunner, model: str, path: Path, dtype: str) -> dict[str, Any]:
+def timed_load(runner: PipelineRunner, model: str, path: Path, dtype: str, kind: str = "image") -> dict[str, Any]:
     sync(runner)
     t0 = time.perf_counter()
-    info = runner.load(model, {"path": str(path), "dtype": dtype})
+    info = runner.load(model, {"path": str(path), "dtype": dtype, "kind": kind})
     sync(runner)
     return {**info, "seconds": time.perf_counter() - t0}
 
@@ -129,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     runner = PipelineRunner(a.device, store)
     for kind, n, frames in (("image", 4, 0), ("video", 1, 9)):
         path = ensure_demo_model(kind, work / f"demo-{kind}")
-        ld = timed_load(runner, f"demo-{kind}", path, dtype)
+        ld = timed_load(runner, f"demo-{kind}", path, dtype, kind)
         secs, peak, outs = batch(runner, f"demo-{kind}", kind, n, 64, 4, frames)
         ok = "ok" if outs == n else f"{outs}/{n}"
         say(f"| demo-{kind} | {ld['seconds']:.2f} | {ld['bytes'] / MIB:.1f} | {n} | {secs:.2f} | {peak / MIB:.1f} | {ok} |")
