@@ -17,7 +17,7 @@ from genserve.server.app import create_app
 from genserve.server.runtime import Runtime
 from genserve.workers.fake import FakePool
 
-from .test_runtime import MB, Clock, Recorder, World, run
+from .test_runtime import Clock, Recorder, World, run
 
 EXTRA = """
 [auth]
