@@ -151,5 +151,9 @@ def test_405_carries_allow_and_openapi_documents_the_real_statuses(tmp_path):
         assert set(spec["paths"]["/v1/jobs/{job_id}/result"]["get"]["responses"]["200"]["content"]) == {
             "image/png", "image/jpeg", "image/webp", "video/mp4"}  # jpeg: also the thumbnail variant
         assert spec["paths"]["/healthz"]["get"]["security"] == []
+        # Statuses no generated case reaches: a result deleted by retention (410, api.py), and the
+        # edits' wait, shared with generations (failed, load error, draining, deadline).
+        assert "410" in spec["paths"]["/v1/jobs/{job_id}/result"]["get"]["responses"]
+        assert {"500", "502", "503", "504"} <= set(spec["paths"]["/v1/images/edits"]["post"]["responses"])
 
     asyncio.run(go())

@@ -17,7 +17,7 @@ from genserve.server.app import create_app
 from genserve.server.runtime import Runtime
 from genserve.workers.fake import FakePool
 
-from .test_runtime import MB, Clock, Recorder, World, run
+from .test_runtime import Clock, Recorder, World, run
 
 EXTRA = """
 [auth]
@@ -90,6 +90,9 @@ def test_tenant_isolation_on_every_job_route(tmp_path):
         r = await c.post(f"/v1/jobs/{jid}/cancel", headers=B)
         assert r.status_code == 404
         assert not w.job(jid)["cancel_requested"] and w.job(jid)["status"] != "canceled"
+        r = await c.delete(f"/v1/jobs/{jid}", headers=B)  # would be 409 (unfinished) for its owner
+        assert r.status_code == 404 and r.json()["error"]["code"] == "not_found"
+        assert (await c.delete(f"/v1/jobs/{jid}", headers=A)).status_code == 409
         assert (await c.get("/v1/jobs", headers=B)).json()["data"] == []
         assert (await c.get("/v1/jobs?tenant=acme", headers=B)).status_code == 404
         # The same client id from another tenant is another job, not a replay of acme's.
@@ -226,6 +229,9 @@ def test_tenant_limits(tmp_path):
         assert r.status_code == 429 and int(r.headers["Retry-After"]) >= 1
         assert r.json()["error"]["code"] == "rate_limited"
         assert w.rt.store.queued_count("acme") == 3  # the refused job was never stored
+        # More images at once than max_queued can ever admit: a 400, not a 429 to retry forever.
+        r = await c.post("/v1/images/generations", json={**body, "n": 4}, headers=bearer(acme))
+        assert r.status_code == 400 and r.json()["error"]["field"] == "n", r.text
         # Another tenant is not affected.
         assert (await c.post("/v1/jobs", json=body, headers=bearer(free))).status_code == 202
         # rate 0.5/s with a burst of 2
@@ -285,6 +291,8 @@ def test_cors_origins(tmp_path):
                    "Access-Control-Request-Headers": "authorization,content-type"}
             r = await c.options("/v1/jobs", headers=pre)
             assert r.status_code == 200 and r.headers["access-control-allow-origin"] == "https://app.example.com"
+            r = await c.options("/v1/jobs/x", headers={**pre, "Access-Control-Request-Method": "DELETE"})
+            assert r.status_code == 200 and "DELETE" in r.headers["access-control-allow-methods"]
             r = await c.options("/v1/jobs", headers={**pre, "Origin": "https://evil.example"})
             assert "access-control-allow-origin" not in r.headers
             r = await c.get("/v1/jobs", headers={"Origin": "https://app.example.com", **bearer(key)})

@@ -260,3 +260,21 @@ def test_a_video_output_gives_its_first_frame(tmp_path):
     got = asyncio.run(read_inputs({"mask": {"job": "v1"}}, jobs, store, Principal("t", "user")))["mask"]
     assert got.size == (32, 32)
     assert np.asarray(Image.open(io.BytesIO(got.png))).min() > 200  # the white first frame, not the black rest
+
+
+@pytest.mark.parametrize("field,raw", [("prompt", b"\xed\xa0\x80"), ("prompt", b"ok \xff ok"),
+                                       ("negative_prompt", b"caf\xe9")])
+def test_multipart_text_that_is_not_utf8_is_400_not_mojibake(tmp_path, field, raw):
+    """A lone surrogate's bytes (CESU-8) or latin-1 in a form field: refused like a lone surrogate
+    in JSON, before anything is stored (Starlette alone would read them as latin-1)."""
+    async def t(c, rt):
+        parts = [("model", (None, b"img")), ("prompt", (None, b"x")) if field != "prompt" else (field, (None, raw))]
+        if field != "prompt":
+            parts.append((field, (None, raw)))
+        r = await c.post("/v1/jobs", files=parts)
+        assert r.status_code == 400 and field_of(r) == field, r.text
+        assert rt.store.recent(10) == []
+        r = await c.post("/v1/jobs", files=[("model", (None, b"img")), ("prompt", (None, "café 猫".encode()))])
+        assert r.status_code == 202 and r.json()["params"]["prompt"] == "café 猫", r.text
+
+    with_app(tmp_path, t)

@@ -218,8 +218,22 @@ def test_returned_urls_never_come_from_the_host_header(tmp_path):
         r = await c.get("/v1/jobs", headers={"Host": "evil.example", "X-Forwarded-Host": "evil.example",
                                              "X-Forwarded-Proto": "https"})
         assert "evil" not in r.text
+        # Starlette's trailing-slash redirects build Location from Host: answered with the path only.
+        for path, to in (("/v1/jobs/?limit=1", "/v1/jobs?limit=1"), ("/dashboard/", "/dashboard")):
+            r = await c.get(path, headers={"Host": "evil.example"}, follow_redirects=False)
+            assert r.status_code == 307 and r.headers["location"] == to, (path, r.headers)
 
     with_app(tmp_path, test)
+
+
+def test_same_host_redirect_rewrite_leaves_other_hosts_alone():
+    from genserve.server.limits import _same_host_path
+
+    assert _same_host_path(b"http://evil.example/v1/jobs", b"evil.example") == b"/v1/jobs"
+    assert _same_host_path(b"https://evil.example?x=1", b"evil.example") == b"?x=1"
+    assert _same_host_path(b"http://evil.example.other/x", b"evil.example") == b"http://evil.example.other/x"
+    s3 = b"http://127.0.0.1:9000/bucket/k?X-Amz-Signature=1"
+    assert _same_host_path(s3, b"127.0.0.1:8000") == s3
 
 
 def test_public_url_is_the_base_of_returned_urls(tmp_path):

@@ -17,7 +17,7 @@ from . import auth
 from .api import Api, error
 from .docs_assets import mount_docs
 from .jobs_api import jobs_router
-from .limits import BodyLimit
+from .limits import BodyLimit, SameHostRedirects
 from .observability_api import observability_router
 from .openai_edits import openai_edits_router
 from .openai_images import openai_images_router
@@ -55,6 +55,7 @@ def create_app(config: Config, runtime: Runtime | None = None) -> FastAPI:
     app.state.runtime = rt
     auth.install(app, keys, config.access, config.server.cors_origins)
     install_openapi(app, config.models)
+    app.add_middleware(SameHostRedirects)
     app.add_middleware(BodyLimit, max_bytes=config.http.max_body_bytes, max_upload_bytes=config.http.max_upload_bytes)
 
     @app.exception_handler(RequestValidationError)

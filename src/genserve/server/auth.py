@@ -172,6 +172,8 @@ class TenantGate:
             raise RequestError("priority", f"{priority!r} is above what tenant {tenant} may ask for "
                                f"({cfg.max_priority})", code="priority_not_allowed")
         if cfg.max_queued is not None:
+            if n > cfg.max_queued:  # can never be admitted: not a matter of retrying later
+                raise RequestError("n", f"{n} jobs at once exceed tenant {tenant}'s max_queued ({cfg.max_queued})")
             queued = self.queued_count(tenant)
             if queued + n > cfg.max_queued:
                 raise TenantLimited(f"tenant {tenant} has {queued} jobs queued; the limit is {cfg.max_queued}", 5.0)
@@ -189,7 +191,7 @@ def install(app: FastAPI, keys: KeyStore, access: AccessConfig, cors_origins: tu
         from fastapi.middleware.cors import CORSMiddleware
 
         app.add_middleware(CORSMiddleware, allow_origins=list(cors_origins), allow_credentials=False,
-                           allow_methods=["GET", "POST", "OPTIONS"],
+                           allow_methods=["GET", "POST", "DELETE", "OPTIONS"],
                            allow_headers=["Authorization", "Content-Type", "Last-Event-ID"],
                            expose_headers=["Retry-After", "Idempotent-Replayed"], max_age=600)
 

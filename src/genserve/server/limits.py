@@ -85,6 +85,37 @@ async def _reject(send: Send, status: int, field: str, message: str, code: str) 
     await send({"type": "http.response.body", "body": body})
 
 
+class SameHostRedirects:
+    """ASGI middleware: a redirect whose ``Location`` was built from the request's own ``Host``
+    header (Starlette's trailing-slash redirect, ``/v1/jobs/`` -> ``http://<Host>/v1/jobs``) is
+    answered with the path alone, so a forged ``Host`` never comes back as a link. Redirects to
+    other hosts (a presigned object-store URL) pass unchanged."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        host = dict(scope["headers"]).get(b"host")
+
+        async def send_relative(message: Message) -> None:
+            if message["type"] == "http.response.start" and 300 <= message["status"] < 400 and host:
+                message = {**message, "headers": [(k, _same_host_path(v, host) if k.lower() == b"location" else v)
+                                                  for k, v in message.get("headers", [])]}
+            await send(message)
+
+        await self.app(scope, receive, send_relative)
+
+
+def _same_host_path(location: bytes, host: bytes) -> bytes:
+    for scheme in (b"http://", b"https://", b"ws://", b"wss://"):
+        prefix = scheme + host
+        if location.startswith(prefix) and location[len(prefix):len(prefix) + 1] in (b"/", b"?", b""):
+            return location[len(prefix):] or b"/"
+    return location
+
+
 _HOST = re.compile(r"^(?:[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*"
                    r"|\[[0-9A-Fa-f:.]+\])(?::\d{1,5})?$")
 

@@ -17,6 +17,7 @@ from typing import Any
 
 from fastapi import Request
 from fastapi.routing import APIRoute
+from starlette.formparsers import MultiPartParser
 
 from ..requests import RequestError
 
@@ -40,6 +41,21 @@ class Part:
             raise RequestError(self.name, "is not valid UTF-8 text") from None
 
 
+class _StrictParser(MultiPartParser):
+    """Starlette reads a text field that is not valid in its charset as latin-1, silently: a prompt
+    of invalid UTF-8 (a lone surrogate's bytes) would be stored as mojibake. Refused instead, as a
+    400 naming the field, like a lone surrogate in JSON."""
+
+    def on_part_end(self) -> None:
+        part = self._current_part
+        if part.file is None:
+            try:
+                bytes(part.data).decode(self._charset or "utf-8")
+            except (UnicodeDecodeError, LookupError):
+                raise RequestError(part.field_name or "body", "is not valid UTF-8 text") from None
+        super().on_part_end()
+
+
 def is_multipart(content_type: str | None) -> bool:
     return (content_type or "").split(";")[0].strip().lower() == "multipart/form-data"
 
@@ -47,13 +63,13 @@ def is_multipart(content_type: str | None) -> bool:
 async def parse_form(body: bytes, content_type: str) -> list[Part]:
     """The form's parts in order. A body that is not a well-formed form: a 400 naming ``body``."""
     from starlette.datastructures import Headers, UploadFile
-    from starlette.formparsers import MultiPartException, MultiPartParser
+    from starlette.formparsers import MultiPartException
 
     async def stream():
         yield body
 
-    parser = MultiPartParser(Headers({"content-type": content_type}), stream(), max_files=MAX_PARTS,
-                             max_fields=MAX_PARTS, max_part_size=MAX_TEXT_BYTES)
+    parser = _StrictParser(Headers({"content-type": content_type}), stream(), max_files=MAX_PARTS,
+                           max_fields=MAX_PARTS, max_part_size=MAX_TEXT_BYTES)
     try:
         form = await parser.parse()
     except MultiPartException as e:

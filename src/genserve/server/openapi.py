@@ -37,7 +37,7 @@ _STATUS_TEXT = {
     409: "Conflict with the current state", 410: "Gone: the referenced job's results were deleted",
     413: "Request body too large", 415: "Unsupported body type (multipart/form-data expected)",
     429: "Over a limit (the model's queue, the tenant's queued jobs or rate): retry after Retry-After seconds",
-    503: "Not ready",
+    503: "Not ready, or shutting down (retry: another replica, or this one after its restart)",
     500: "The generation failed (x-should-retry: false: the server already retried what could help)",
     502: "The model could not be loaded (x-should-retry: false)",
     504: "The generation did not finish in time; its jobs were canceled (x-should-retry: false)",
@@ -49,12 +49,13 @@ _HEADERS = {
 # Extra statuses by route (method, path pattern): what the handler itself may answer.
 _ROUTE_ERRORS: list[tuple[str, str, tuple[int, ...]]] = [
     ("POST", r"^/v1/jobs$", (404, 409, 410, 429)),  # 404/409/410: an image input's job reference
-    ("POST", r"^/v1/images/edits$", (404, 409, 410, 415, 429)),
+    # edits share the generations' wait (openai_wait): failures, load errors, draining, deadline
+    ("POST", r"^/v1/images/edits$", (404, 409, 410, 415, 429, 500, 502, 503, 504)),
     ("GET", r"^/v1/jobs$", (404,)),
     ("GET", r"^/v1/usage$", (404,)),
     ("GET", r"^/v1/jobs/\{job_id\}(/events)?$", (404,)),
     ("POST", r"^/v1/jobs/\{job_id\}/cancel$", (404,)),
-    ("GET", r"^/v1/jobs/\{job_id\}/result$", (404, 409)),
+    ("GET", r"^/v1/jobs/\{job_id\}/result$", (404, 409, 410)),  # 410: results deleted (retention)
     ("POST", r"^/v1/images/generations$", (409, 429, 500, 502, 503, 504)),
     ("POST", r"^/v1/models/\{name\}/load$", (404, 409)),
     ("POST", r"^/v1/models/\{name\}/unload$", (404,)),
