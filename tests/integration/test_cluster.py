@@ -195,11 +195,17 @@ def test_server_kill_9_reattaches_to_its_workers_and_finishes_queued_jobs(demo_m
             ids = [c.post("/v1/jobs", json={"model": "demo-image", "prompt": f"k{i}", "steps": 30}).json()["id"]
                    for i in range(8)]
             wait_until(lambda: any(_running_on(c, j) for j in ids), 360, "a batch running")
+            running = [j for j in ids if _running_on(c, j)]  # on an actor that outlives the server
         srv.stop(kill=True)
         srv = LiveServer(tmp_path / "c", cfg).start()
         with httpx.Client(base_url=srv.url, timeout=60) as c:
             jobs = [wait_for(c, j, 600) for j in ids]
             assert [j["status"] for j in jobs] == ["succeeded"] * 8
+            # A batch that was running when the server died was finished by its worker, and its outputs
+            # adopted: none of its jobs ran a second time.
+            for j in jobs:
+                if j["id"] in running:
+                    assert [a["code"] for a in j["attempts"]] == [None], j["attempts"]
             # The same worker processes, found again by name: not new ones.
             after = {w["id"]: w["pid"] for w in wait_until(lambda: up_workers(c, 2), 180, "two workers up")}
             assert after == before

@@ -76,6 +76,7 @@ class RayPool:
         self.closing = False
         self.loop: asyncio.AbstractEventLoop | None = None
         self._actor_cls: Any = None
+        self._in_flight: dict[str, str] = {}  # job id -> surviving worker still running it (found at start)
 
     # ---- lifecycle ----------------------------------------------------------------------------------
 
@@ -98,12 +99,23 @@ class RayPool:
                 actor = ray.get_actor(self._actor_name(wid))
             except ValueError:
                 continue
-            log.info("attaching to surviving worker %s", wid)
+            try:  # what it still runs for the server that died: finished before our hello
+                jobs = ray.get(actor.in_flight.remote(), timeout=60)
+            except Exception as e:  # dead, or not answering: its stream will say so
+                log.warning("worker %s: cannot ask what it runs: %s", wid, type(e).__name__)
+                jobs = []
+            log.info("attaching to surviving worker %s (%d job(s) in flight)", wid, len(jobs))
+            self._in_flight.update(dict.fromkeys(jobs, wid))
             w = self.workers[wid] = RayWorkerHandle(wid, "ray")
             self._attach(w, actor, hello=True)
         self._next_id = 1 + max((int(wid[1:]) for wid in self.workers), default=-1)
         for _ in range(self.count - len(self.workers)):
             self.add_worker("ray")
+
+    def in_flight(self) -> dict[str, str]:
+        """After ``start``: the jobs a surviving worker was running for a server that died (job id
+        -> worker id). The worker reports each of them finished with its next ``ready``."""
+        return dict(self._in_flight)
 
     def _actor_name(self, wid: str) -> str:
         return f"{self.s.name}-{wid}"
