@@ -74,7 +74,7 @@ class WorkerActor:
             if msg.get("ev") in ("batch_done", "batch_failed"):
                 self.active.pop(bid, None)
             if bid is not None and bid not in self.batches:
-                return  # a batch of a server that is gone: the new one re-queued its jobs
+                return  # a batch of a server that is gone: the new one holds its jobs, adopts their outputs
             self.outbox.put(msg)
 
     def _attach(self, gen: int) -> None:

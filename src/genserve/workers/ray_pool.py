@@ -94,14 +94,20 @@ class RayPool:
         self._actor_cls = ray.remote(WorkerActor)
         pattern = re.compile(re.escape(self.s.name) + r"-(w\d+)")
         survivors = sorted(m.group(1) for n in ray.util.list_named_actors() if (m := pattern.fullmatch(n)))
+        found = []
         for wid in survivors:  # a restarted server: attach to the workers that outlived it
             try:
-                actor = ray.get_actor(self._actor_name(wid))
+                found.append((wid, ray.get_actor(self._actor_name(wid))))
             except ValueError:
                 continue
-            try:  # what it still runs for the server that died: finished before our hello
-                jobs = ray.get(actor.in_flight.remote(), timeout=60)
-            except Exception as e:  # dead, or not answering: its stream will say so
+        # First, what each still runs for the server that died (finished before our hello), asked of
+        # all at once: one that does not answer (dead, on a lost node) runs nothing; its stream says so.
+        asks = [actor.in_flight.remote() for _, actor in found]
+        answered = set(ray.wait(asks, num_returns=len(asks), timeout=60)[0]) if asks else set()
+        for (wid, actor), ask in zip(found, asks):
+            try:
+                jobs = ray.get(ask) if ask in answered else []
+            except Exception as e:
                 log.warning("worker %s: cannot ask what it runs: %s", wid, type(e).__name__)
                 jobs = []
             log.info("attaching to surviving worker %s (%d job(s) in flight)", wid, len(jobs))
