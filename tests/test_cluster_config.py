@@ -12,11 +12,11 @@ def test_defaults_are_local():
 
 
 def test_ray_and_s3():
-    c = parse_config({**MODEL, "cluster": {"provider": "ray", "address": "ray://h:10001", "device_resource": "gd",
+    c = parse_config({**MODEL, "cluster": {"provider": "ray", "address": "h:6379", "device_resource": "gd",
                                            "workers": 3},
                       "results": {"store": "s3", "bucket": "b", "prefix": "o/", "endpoint_url": "http://127.0.0.1:9",
                                   "serve": "proxy"}})
-    assert (c.cluster.provider, c.cluster.address, c.cluster.workers) == ("ray", "ray://h:10001", 3)
+    assert (c.cluster.provider, c.cluster.address, c.cluster.workers) == ("ray", "h:6379", 3)
     spec = c.results.spec(c.server.data_dir)
     assert spec["store"] == "s3" and spec["bucket"] == "b" and spec["serve"] == "proxy"
 
@@ -25,6 +25,7 @@ def test_ray_and_s3():
     ("cluster", {"provider": "k8s"}, "cluster.provider"),
     ("cluster", {"workers": -1}, "cluster.workers"),
     ("cluster", {"adress": "auto"}, "cluster.adress"),
+    ("cluster", {"provider": "ray", "address": "ray://head:10001"}, "cluster.address"),  # no streaming calls
     ("results", {"store": "s3"}, "results.bucket"),
     ("results", {"store": "gcs"}, "results.store"),
     ("results", {"serve": "inline"}, "results.serve"),

@@ -192,14 +192,21 @@ def test_server_kill_9_reattaches_to_its_workers_and_finishes_queued_jobs(demo_m
     try:
         with httpx.Client(base_url=srv.url, timeout=60) as c:
             before = {w["id"]: w["pid"] for w in wait_until(lambda: up_workers(c, 2), 360, "two workers up")}
-            ids = [c.post("/v1/jobs", json={"model": "demo-image", "prompt": f"k{i}", "steps": 30}).json()["id"]
-                   for i in range(8)]
-            wait_until(lambda: any(_running_on(c, j) for j in ids), 360, "a batch running")
+            # Two long jobs first (one batch each, still running when the new server attaches), then six.
+            ids = [c.post("/v1/jobs", json={"model": "demo-image", "prompt": f"k{i}", "steps": 400 if i < 2 else 30}
+                          ).json()["id"] for i in range(8)]
+            wait_until(lambda: any(_running_on(c, j) for j in ids[:2]), 360, "a long batch running")
+            running = [j for j in ids if _running_on(c, j)]  # on an actor that outlives the server
         srv.stop(kill=True)
         srv = LiveServer(tmp_path / "c", cfg).start()
         with httpx.Client(base_url=srv.url, timeout=60) as c:
             jobs = [wait_for(c, j, 600) for j in ids]
             assert [j["status"] for j in jobs] == ["succeeded"] * 8
+            # A batch that was running when the server died was finished by its worker, and its outputs
+            # adopted: none of its jobs ran a second time.
+            for j in jobs:
+                if j["id"] in running:
+                    assert [a["code"] for a in j["attempts"]] == [None], j["attempts"]
             # The same worker processes, found again by name: not new ones.
             after = {w["id"]: w["pid"] for w in wait_until(lambda: up_workers(c, 2), 180, "two workers up")}
             assert after == before
@@ -234,3 +241,29 @@ scale_down_delay_s = 3.0
         jobs = [wait_for(c, j, 600) for j in ids]
         assert all(j["status"] == "succeeded" and len(j["results"]) == 1 for j in jobs)
         wait_until(lambda: up_workers(c, 1), 240, "scaled back to one actor")
+
+
+def test_an_s3_model_source_is_fetched_into_the_node_cache_and_its_first_load_is_remote(demo_models, cluster, s3,
+                                                                                       tmp_path):
+    import boto3
+
+    cluster.ensure_devices(2)
+    client = boto3.client("s3", endpoint_url=s3, region_name="us-east-1")
+    src = demo_models / "demo-image"
+    for f in src.rglob("*"):
+        if f.is_file():
+            client.upload_file(str(f), "genserve-results", f"models/demo-image/{f.relative_to(src)}")
+    cache = tmp_path / "model-cache"
+    cfg = cluster_toml(demo_models, cluster, s3, name="e", workers=1)
+    cfg = cfg.replace(f'source = "{src}"', 'source = "s3://genserve-results/models/demo-image"')
+    cfg = cfg.replace('name = "e"\n', f'name = "e"\nmodel_cache = "{cache}"\n')
+    with LiveServer(tmp_path / "e", cfg) as srv, httpx.Client(base_url=srv.url, timeout=60) as c:
+        wait_until(lambda: up_workers(c, 1), 360, "one worker up")
+        job = wait_for(c, c.post("/v1/jobs", json={"model": "demo-image", "prompt": "from s3", "steps": 2}).json()["id"],
+                       360)
+        assert job["status"] == "succeeded", job
+        assert job["cold_start"]["waited"] and job["cold_start"]["tier"] == "remote"
+        [local] = [d for d in cache.iterdir() if not d.name.startswith(".")]  # one complete copy, nothing half-written
+        assert (local / "model_index.json").is_file()
+        assert {str(f.relative_to(local)) for f in local.rglob("*") if f.is_file()} == \
+            {str(f.relative_to(src)) for f in src.rglob("*") if f.is_file()}

@@ -17,7 +17,7 @@ SERVE_MODES = ("redirect", "proxy")
 @dataclass(frozen=True)
 class ClusterConfig:
     provider: str = "local"
-    address: str = "auto"  # "auto", "HOST:PORT" or "ray://HOST:10001"
+    address: str = "auto"  # "auto" or the GCS "HOST:PORT" (not Ray Client's ray://: no streaming calls)
     device_resource: str = "GPU"  # the Ray resource one worker takes one unit of
     workers: int | None = None  # initial Ray workers (default: server.workers); [autoscale] takes over
     namespace: str = "genserve"  # Ray namespace of the named worker actors
@@ -65,6 +65,11 @@ def parse_cluster(raw: Any) -> ClusterConfig:
     for k in ("address", "device_resource", "namespace", "name", "model_cache"):
         if k in raw:
             kw[k] = _str(f"cluster.{k}", raw[k])
+    if kw.get("address", "").startswith("ray://"):
+        # Workers stream their messages back (a streaming actor call), which Ray Client cannot carry
+        # (Ray 2.x: "Streaming actor methods are not currently supported when using Ray Client").
+        raise ConfigError("cluster.address", "Ray Client addresses (ray://) are not supported: run genserve on a "
+                          "node of the cluster and give \"auto\" or the GCS address \"HOST:6379\"")
     if "workers" in raw:
         v = raw["workers"]
         if isinstance(v, bool) or not isinstance(v, int) or v < 0:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import re
 import sqlite3
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -215,20 +216,29 @@ class JobStore:
         marks = ",".join("?" * len(job_ids))
         self.db.execute(f"UPDATE jobs SET {', '.join(cols)} WHERE id IN ({marks})", (*vals, *job_ids))
 
-    def requeue_unfinished(self, now: float) -> list[dict[str, Any]]:
+    def requeue_unfinished(self, now: float, *, keep: Collection[str] = (),
+                           only: Collection[str] | None = None) -> list[dict[str, Any]]:
         """On start: jobs that were running when the server stopped go back to queued: their worker
         died with the server, which counts as a failed attempt. (An output written just before the
-        crash is found by the caller, which then does not run the job again.)"""
+        crash is found by the caller, which then does not run the job again.) ``keep``: jobs left
+        running (a cluster worker that survived the server still runs them); ``only``: just these."""
+        where, args = "", []
+        if keep:
+            where += f" AND {{col}} NOT IN ({','.join('?' * len(keep))})"
+            args += list(keep)
+        if only is not None:
+            where += f" AND {{col}} IN ({','.join('?' * len(only))})"
+            args += list(only)
         with self.db:
             self.db.execute("BEGIN")
             self.db.execute(
                 "UPDATE attempts SET code = ?, message = 'the server stopped during the attempt',"
-                " ended = ? WHERE ended IS NULL", (ErrorCode.WORKER_CRASHED, now))
+                " ended = ? WHERE ended IS NULL" + where.format(col="job_id"), (ErrorCode.WORKER_CRASHED, now, *args))
             self.db.execute(
                 "UPDATE jobs SET status = ?, batch_id = NULL, batch_size = NULL, worker = NULL,"
                 " t_dispatched = NULL, t_load_start = NULL, t_load_end = NULL, load_tier = NULL, t_inference_start = NULL,"
-                " t_inference_end = NULL, attempts = attempts + 1 WHERE status = ?", (JobStatus.QUEUED, JobStatus.RUNNING)
-            )
+                " t_inference_end = NULL, attempts = attempts + 1 WHERE status = ?" + where.format(col="id"),
+                (JobStatus.QUEUED, JobStatus.RUNNING, *args))
         return self.unfinished()
 
     # ---- attempts ----------------------------------------------------------------------------------

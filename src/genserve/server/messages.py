@@ -25,8 +25,9 @@ def load_message(config: Config, d: LoadModel) -> dict[str, Any]:
     m = config.models[d.model]
     spec = {"path": str(config.model_dir(d.model)), "kind": m.kind, "dtype": m.dtype,
             "true_cfg_scale": m.family.true_cfg_scale, "max_sequence_length": m.family.max_sequence_length}
-    if m.source.startswith("s3://"):  # each node downloads it once into its cache
-        spec.update(source=m.source, endpoint_url=config.results.endpoint_url, region=config.results.region)
+    if m.source.startswith("s3://"):  # each node downloads it once into its cache (any provider)
+        spec.update(source=m.source, endpoint_url=config.results.endpoint_url, region=config.results.region,
+                    cache=config.cluster.model_cache)
     return {"op": P.LOAD, "model": d.model, "spec": spec, "reason": d.reason}
 
 

@@ -58,6 +58,7 @@ from .messages import join_message, load_message, run_message
 from .jobstore import JobStore
 from .listeners import Event, Listener
 from .observe import Observer
+from .reattach import HeldJobs
 from .records import JobRecords
 from .retention import Retention
 from .ssrf import WebhookGuard
@@ -163,12 +164,12 @@ class Runtime:
         self.devices = initial_devices(config, detected)
         pool = pool or (ray_pool if ray else local_pool)(config, results_spec)
         # The pool reports to ``worker_events``, made below once the records exist it writes to.
-        self.pool: Pool = pool(self.devices, lambda w, m: self.worker_events.on_message(w, m),
-                               lambda w, code: self.worker_events.on_exit(w, code))
+        self.pool: Pool = pool(self.devices, self._on_worker_message, self._on_worker_exit)
         self.fleet = FleetState(self.engine, self.pool, config.prices)
         self.observer = Observer(config.prices, config.models, self.fleet, self.store, clock)
         self.listeners: list[Listener] = [self.events, self.webhooks, self.observer]
         self.records = JobRecords(self.store, self.results, config.models, self._publish)
+        self.held = HeldJobs(self.store, self.records, self._restore)  # see start()
         self.worker_events = WorkerEvents(self.engine, self.records, self.fleet, config.prices, clock, self._execute,
                                           self._pump, self._publish)
         self.retention = Retention(config.retention, self.store, self.results, self.observer.metrics.registry, clock)
@@ -185,34 +186,42 @@ class Runtime:
         self._loop = asyncio.get_running_loop()
         await self._loop.run_in_executor(None, build_demo_models, self.config)
         self.models_ready = True
+        # First the pool: cluster workers that outlived the old server say which of its jobs they
+        # still run; those are held (not run again) until the worker is ready or lost (reattach.py).
+        self.pool.start()
         now = self.clock()
+        held = self.held.hold(self.pool.in_flight())
         # Outputs written just before a crash (worker or server) are adopted, not produced again.
         for job in self.store.unfinished():
             self.records.adopt_output(job["id"], now, "found after a restart")
-        for job in self.store.requeue_unfinished(now):
-            try:
-                params = JobParams.from_dict(job["params"])
-                priority = Priority.parse(job["priority"])
-                params.key, self.config.models[params.model]  # noqa: B018 — a model no longer configured
-            except (TypeError, ValueError, KeyError) as e:
-                # Written by an older version, or for a model since removed: it cannot run, and must
-                # not stop the server from starting.
-                log.warning("job %s cannot be restored: %s: %s", job["id"], type(e).__name__, e)
-                self.records.finish(job["id"], JobStatus.FAILED, now, code=ErrorCode.INVALID_REQUEST,
-                                    message="the stored request can no longer be run by this server")
-                continue
-            self._watch_hooks(job["id"], params)
-            # Re-entered jobs keep their original queue time (their place in line), their deadline
-            # and the attempts they have used.
-            self.engine.submit(job["id"], params.key, priority, job["t_queued"] or now,
-                               force=True, deadline=self._deadline(params, job["t_received"]),
-                               attempts=job["attempts"], tenant=job["tenant"],
-                               weight=self.config.access.tenant(job["tenant"]).weight)
-            self.records.restored(job, now)
+        for job in self.store.requeue_unfinished(now, keep=held):
+            if job["id"] not in held:
+                self._restore(job, now)
         self.webhooks.start()
         self.retention.start()
-        self.pool.start()
         self._pump(now)
+
+    def _restore(self, job: dict[str, Any], now: float) -> None:
+        """A queued job from the store re-enters the engine (after a restart)."""
+        try:
+            params = JobParams.from_dict(job["params"])
+            priority = Priority.parse(job["priority"])
+            params.key, self.config.models[params.model]  # noqa: B018 — a model no longer configured
+        except (TypeError, ValueError, KeyError) as e:
+            # Written by an older version, or for a model since removed: it cannot run, and must
+            # not stop the server from starting.
+            log.warning("job %s cannot be restored: %s: %s", job["id"], type(e).__name__, e)
+            self.records.finish(job["id"], JobStatus.FAILED, now, code=ErrorCode.INVALID_REQUEST,
+                                message="the stored request can no longer be run by this server")
+            return
+        self._watch_hooks(job["id"], params)
+        # Re-entered jobs keep their original queue time (their place in line), their deadline
+        # and the attempts they have used.
+        self.engine.submit(job["id"], params.key, priority, job["t_queued"] or now,
+                           force=True, deadline=self._deadline(params, job["t_received"]),
+                           attempts=job["attempts"], tenant=job["tenant"],
+                           weight=self.config.access.tenant(job["tenant"]).weight)
+        self.records.restored(job, now)
 
     async def drain(self, drain_s: float) -> None:
         """Graceful shutdown, before the HTTP server stops (docs/operations.md): unready at once,
@@ -247,6 +256,16 @@ class Runtime:
         await self.pool.close()
         await self.webhooks.close()
         self.store.close()
+
+    def _on_worker_message(self, worker_id: str, msg: dict[str, Any]) -> None:
+        if msg["ev"] == "ready" and self.held:  # after a re-attach: what it ran for the old server is done
+            self.held.release(worker_id, self.clock())
+        self.worker_events.on_message(worker_id, msg)
+
+    def _on_worker_exit(self, worker_id: str, code: int | None) -> None:
+        if self.held:
+            self.held.release(worker_id, self.clock())
+        self.worker_events.on_exit(worker_id, code)
 
     # ---- Control: what the API asks -------------------------------------------------------------------
 

@@ -55,6 +55,9 @@ class FakePool:
     def all_ready(self) -> bool:
         return all(w.ready for w in self.workers.values())
 
+    def in_flight(self) -> dict[str, str]:
+        return {}
+
     # ---- the test's side: playing the workers ---------------------------------------------------------
 
     def ready(self, worker_id: str, capacity_bytes: int = 4 * GIB) -> None:

@@ -151,6 +151,9 @@ class LocalPool:
             self._started_once = all(w.ready or w.quarantined for w in self.workers.values())
         return self._started_once
 
+    def in_flight(self) -> dict[str, str]:
+        return {}  # local workers never outlive the server that started them
+
     # ---- the local provider: autoscaling starts and retires worker processes ------------------------
 
     def active(self) -> list[WorkerHandle]:

@@ -185,7 +185,8 @@ def _load(runner: Any, model: str, spec: dict[str, Any]) -> dict[str, Any]:
     from ..storage.model_cache import fetch_model
 
     t0 = time.time()
-    path, downloaded = fetch_model(spec["source"], endpoint_url=spec.get("endpoint_url"), region=spec.get("region"))
+    path, downloaded = fetch_model(spec["source"], spec.get("cache"), endpoint_url=spec.get("endpoint_url"),
+                                   region=spec.get("region"))
     info = runner.load(model, {**spec, "path": str(path)})
     if downloaded and not info.get("cached"):
         info.update(tier="remote", load_start=t0)

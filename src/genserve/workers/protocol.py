@@ -1,7 +1,8 @@
 """The server <-> worker message protocol. Messages are plain dicts sent over a multiprocessing Pipe.
 
 server -> worker (``op``):
-  load     {model, spec: {path, kind, dtype, true_cfg_scale?, max_sequence_length?}, reason}
+  load     {model, spec: {path, kind, dtype, true_cfg_scale?, max_sequence_length?,
+                   source?, endpoint_url?, region?, cache?}, reason}   (source: s3://…, fetched into cache)
   unload   {model}                        (GPU: kept in the host-RAM tier when it fits)
   run      {batch_id, model, kind, params: {width, height, num_frames, steps, guidance, fps},
             jobs: [{id, prompt, negative_prompt, seed, image?}]}   (image: a data URL)

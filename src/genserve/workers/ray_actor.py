@@ -9,7 +9,10 @@ worker emits it, so progress, results and heartbeats reach the server's event lo
 ``gen`` is the attachment: a restarted server attaches to a surviving (named, detached) actor with
 a higher one. The actor then forgets the old server's stream and its batches (their messages
 would describe batches the new server never dispatched), and the new server says ``hello`` so the
-worker starts clean and announces itself again.
+worker starts clean and announces itself again. The worker finishes what it had been given first
+(the ``hello`` waits behind it), so before attaching, a new server asks ``in_flight()`` which jobs
+those are: it holds them until the worker is ready again and adopts their outputs instead of
+running them a second time.
 """
 from __future__ import annotations
 
@@ -43,6 +46,7 @@ class WorkerActor:
         self.next_seq = 0
         self.held: dict[int, dict[str, Any]] = {}  # arrived early: waits for the ones before it
         self.batches: set[str] = set()  # dispatched by the current attachment
+        self.active: dict[str, list[str]] = {}  # batch id -> its job ids, until it ends (any attachment)
         ctx = ray.get_runtime_context()
         gpus = ray.get_gpu_ids()
         # Ray sets CUDA_VISIBLE_DEVICES to this actor's GPU, so it is always cuda:0 from in here.
@@ -67,8 +71,10 @@ class WorkerActor:
     def _emit(self, msg: dict[str, Any]) -> None:
         with self.lock:
             bid = msg.get("batch_id")
+            if msg.get("ev") in ("batch_done", "batch_failed"):
+                self.active.pop(bid, None)
             if bid is not None and bid not in self.batches:
-                return  # a batch of a server that is gone: the new one re-queued its jobs
+                return  # a batch of a server that is gone: the new one holds its jobs, adopts their outputs
             self.outbox.put(msg)
 
     def _attach(self, gen: int) -> None:
@@ -93,7 +99,15 @@ class WorkerActor:
                 self.next_seq += 1
                 if m["op"] == P.RUN:
                     self.batches.add(m["batch_id"])
+                    self.active[m["batch_id"]] = [j["id"] for j in m["jobs"]]
+                elif m["op"] == P.JOIN and m["batch_id"] in self.active:
+                    self.active[m["batch_id"]] += [j["id"] for j in m["jobs"]]
                 self.inbox.put(m)
+
+    def in_flight(self) -> list[str]:
+        """The jobs of every batch the worker was given and has not finished (done or failed)."""
+        with self.lock:
+            return [j for jobs in self.active.values() for j in jobs]
 
     @ray.method(num_returns="streaming")
     def stream(self, gen: int):

@@ -76,6 +76,7 @@ class RayPool:
         self.closing = False
         self.loop: asyncio.AbstractEventLoop | None = None
         self._actor_cls: Any = None
+        self._in_flight: dict[str, str] = {}  # job id -> surviving worker still running it (found at start)
 
     # ---- lifecycle ----------------------------------------------------------------------------------
 
@@ -93,17 +94,34 @@ class RayPool:
         self._actor_cls = ray.remote(WorkerActor)
         pattern = re.compile(re.escape(self.s.name) + r"-(w\d+)")
         survivors = sorted(m.group(1) for n in ray.util.list_named_actors() if (m := pattern.fullmatch(n)))
+        found = []
         for wid in survivors:  # a restarted server: attach to the workers that outlived it
             try:
-                actor = ray.get_actor(self._actor_name(wid))
+                found.append((wid, ray.get_actor(self._actor_name(wid))))
             except ValueError:
                 continue
-            log.info("attaching to surviving worker %s", wid)
+        # First, what each still runs for the server that died (finished before our hello), asked of
+        # all at once: one that does not answer (dead, on a lost node) runs nothing; its stream says so.
+        asks = [actor.in_flight.remote() for _, actor in found]
+        answered = set(ray.wait(asks, num_returns=len(asks), timeout=60)[0]) if asks else set()
+        for (wid, actor), ask in zip(found, asks):
+            try:
+                jobs = ray.get(ask) if ask in answered else []
+            except Exception as e:
+                log.warning("worker %s: cannot ask what it runs: %s", wid, type(e).__name__)
+                jobs = []
+            log.info("attaching to surviving worker %s (%d job(s) in flight)", wid, len(jobs))
+            self._in_flight.update(dict.fromkeys(jobs, wid))
             w = self.workers[wid] = RayWorkerHandle(wid, "ray")
             self._attach(w, actor, hello=True)
         self._next_id = 1 + max((int(wid[1:]) for wid in self.workers), default=-1)
         for _ in range(self.count - len(self.workers)):
             self.add_worker("ray")
+
+    def in_flight(self) -> dict[str, str]:
+        """After ``start``: the jobs a surviving worker was running for a server that died (job id
+        -> worker id). The worker reports each of them finished with its next ``ready``."""
+        return dict(self._in_flight)
 
     def _actor_name(self, wid: str) -> str:
         return f"{self.s.name}-{wid}"
