@@ -186,6 +186,44 @@ def test_load_refuses_what_cannot_be_served(family_models, tmp_path):
     assert r.pipes == {} and r.adapters == {}
 
 
+def test_load_refuses_a_config_whose_sizes_the_model_cannot_produce(family_models, tmp_path):
+    """A source the server could not read at start-up (s3://, a Hugging Face id) keeps the default
+    size_multiple of 8; the worker compares it with the loaded pipeline's own and fails the load
+    naming the key, instead of SD3 failing every 72x64 job `internal` and FLUX rounding it."""
+    r = PipelineRunner("cpu", LocalResultStore(tmp_path))
+    for name in ("sd3", "flux-dev"):
+        with pytest.raises(UnsupportedPipeline, match="size_multiple = 8: .* multiples of 16"):
+            r.load("x", {"path": str(family_models[name]), "kind": "image", "dtype": "float32", "size_multiple": 8})
+    with pytest.raises(UnsupportedPipeline, match="frame_stride = 2: .* multiple of 4"):
+        r.load("x", {"path": str(family_models["wan"]), "kind": "video", "dtype": "float32", "size_multiple": 16,
+                     "frame_stride": 2})
+    assert r.pipes == {} and r.adapters == {}
+    # a multiple of the model's own values is fine
+    r.load("ok", {"path": str(family_models["wan"]), "kind": "video", "dtype": "float32", "size_multiple": 32,
+                  "frame_stride": 8})
+    assert "ok" in r.pipes
+
+
+def test_a_pipeline_that_rounds_the_size_fails_the_job_output_mismatch(runner):
+    """The issue's FLUX 72x64 case as the last line of defence sees it: a FLUX pipeline genserve
+    does not recognise (generic adapter: size multiple 8 from the VAE, unaware of the 2x2 packing)
+    rounds 72x64 down to 64x64; the job fails with output_mismatch and no output is written."""
+    from diffusers import FluxPipeline
+
+    from genserve.engine.errors import ErrorCode, classify_exception
+
+    class MyFlux(FluxPipeline):
+        pass
+
+    runner.pipes["my-flux"] = MyFlux(**runner.pipes["flux-dev-plain"].components)
+    runner.adapters["my-flux"] = adapter_for(runner.pipes["my-flux"], {"kind": "image", "max_sequence_length": 16})
+    assert runner.adapters["my-flux"].traits.size_multiple == 8
+    with pytest.raises(OutputMismatch, match="asked for 72x64, the pipeline returned 64x64") as e:
+        run_batch(runner, "my-flux", "image", [job("mm-a", 1)], width=72, height=64, guidance=3.5)
+    assert classify_exception(e.value) == ErrorCode.OUTPUT_MISMATCH
+    assert not runner.store.exists("mm-a/output.png")
+
+
 class NeedsAMask:
     """A pipeline (as far as genserve can tell) with a required input genserve cannot supply."""
 
