@@ -267,6 +267,7 @@ def test_the_worker_refuses_inputs_a_generic_pipeline_would_ignore(runner):
 
     runner.pipes["my-sd3"] = MySD3(**runner.pipes["sd3"].components)
     runner.adapters["my-sd3"] = adapter_for(runner.pipes["my-sd3"], {"kind": "image", "max_sequence_length": 16})
+    assert runner.adapters["my-sd3"].traits.size_multiple == 16  # VAE 8 × the transformer's 2×2 patches
     with pytest.raises(IgnoredInput, match="would ignore negative_prompt"):
         run_batch(runner, "my-sd3", "image", [job("ig-a", 1, "blurry")], guidance=1.0)
     with pytest.raises(IgnoredInput, match="would ignore image"):
