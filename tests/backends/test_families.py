@@ -342,3 +342,23 @@ def test_step_mode_without_a_driver_runs_one_request_level_call_per_steps_and_gu
     for j, alone in zip(jobs, ("gr1", "gr2")):
         run_batch(runner, "sdxl", "image", [job(alone, j["seed"])], steps=j["steps"], guidance=j["guidance"])
         assert diff(out(runner, j["id"]), out(runner, alone)) <= 1
+
+
+def test_runtime_packages_of_the_families_are_declared_and_checked_at_load(runner, monkeypatch):
+    """Wan's pipelines clean prompts with ftfy, imported only if installed (a NameError per job
+    otherwise): it is a declared dependency, and a worker without it fails the load saying so."""
+    import tomllib
+    from pathlib import Path
+
+    from genserve.backends import families
+
+    deps = tomllib.loads((Path(__file__).parents[2] / "pyproject.toml").read_text())["project"]["dependencies"]
+    for mod in set(families.FAMILIES.values()):
+        for pkg in getattr(mod, "PACKAGES", ()):
+            assert any(d.split(">")[0].split("=")[0].split("[")[0].strip() == pkg for d in deps), pkg
+    assert families.wan.PACKAGES == ("ftfy",)
+    assert families.missing_packages(("ftfy", "genserve_no_such_package")) == ["genserve_no_such_package"]
+    # a worker environment without the package: the load fails naming it (model_load_failed)
+    monkeypatch.setattr(families.wan, "PACKAGES", ("genserve_no_such_package",))
+    with pytest.raises(UnsupportedPipeline, match="needs the Python package.* genserve_no_such_package"):
+        adapter_for(runner.pipes["wan"], {"kind": "video"})

@@ -71,6 +71,12 @@ def pipe_configs(pipe: Any) -> dict[str, Any]:
     return configs
 
 
+def missing_packages(names) -> list[str]:
+    import importlib.util
+
+    return [n for n in names if importlib.util.find_spec(n) is None]
+
+
 def adapter_for(pipe: Any, spec: dict[str, Any]) -> FamilyAdapter:
     """The adapter for a loaded pipeline; raises UnsupportedPipeline if genserve cannot serve it
     as configured (kind mismatch, required inputs it cannot supply, knobs the family lacks)."""
@@ -80,6 +86,10 @@ def adapter_for(pipe: Any, spec: dict[str, Any]) -> FamilyAdapter:
     mod = FAMILIES.get(name)
     kind = spec.get("kind", "image")
     if mod is not None:
+        missing_pkgs = missing_packages(getattr(mod, "PACKAGES", ()))
+        if missing_pkgs:  # diffusers imports them lazily: without this, every job fails with a NameError
+            raise UnsupportedPipeline(f"{name} needs the Python package(s) {', '.join(missing_pkgs)} at run time; "
+                                      "install them in the worker's environment")
         traits = mod.traits(name, configs)
         adapter: FamilyAdapter = mod.Adapter(traits, configs, options)
     else:
