@@ -100,3 +100,14 @@ def test_wan_image_to_video(client):
     assert len(frames) == 5 and frames[0].shape == (32, 32, 3)
     r = client.post("/v1/jobs", json={"model": "i2v", "prompt": "waves"})
     assert r.status_code == 400 and "image" in r.text
+
+
+def test_diffusers_warnings_reach_the_server_log(server, client):
+    """The worker lets diffusers' warnings through (they are how a misconfigured model shows
+    itself): a prompt longer than the model's max_sequence_length (16 here) is truncated, and the
+    pipeline's warning saying so is in the log."""
+    prompt = " ".join(f"lighthouse{i}" for i in range(40))
+    r = client.post("/v1/jobs", json={"model": "flux", "prompt": prompt, "seed": 11})
+    assert r.status_code == 202, r.text
+    assert wait_for(client, r.json()["id"], timeout=180)["status"] == "succeeded"
+    assert "truncated" in server.log_path.read_text(errors="replace")
