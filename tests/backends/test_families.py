@@ -23,6 +23,7 @@ pytestmark = pytest.mark.slow
 TOLERANCE = 1  # uint8 levels
 # name -> (model directory, spec options)
 SERVED = {
+    "sd": ("sd", {}),
     "sdxl": ("sdxl", {}),
     "sdxl-nozeros": ("sdxl-nozeros", {}),
     "flux-dev": ("flux-dev", {"true_cfg_scale": 4.0, "max_sequence_length": 16}),
@@ -32,7 +33,7 @@ SERVED = {
     "wan": ("wan", {"max_sequence_length": 16}),
     "wan-i2v": ("wan-i2v", {"max_sequence_length": 16}),
 }
-NEGATIVE_HONOURED = ["sdxl", "sdxl-nozeros", "flux-dev", "sd3", "wan", "wan-i2v"]
+NEGATIVE_HONOURED = ["sd", "sdxl", "sdxl-nozeros", "flux-dev", "sd3", "wan", "wan-i2v"]
 
 
 def raw_encode(kind, output, fps):
@@ -304,10 +305,10 @@ def test_a_call_group_canceled_before_it_starts_is_skipped(runner):
 # ---- step-level batching over the family adapters (backends/stepping.py, step_runner.py) ---------
 
 
-def test_step_drivers_exist_for_wan_text_to_video_only_among_these_families(runner):
+def test_step_drivers_exist_for_sd_and_wan_text_to_video_only_among_these_families(runner):
     # (the SD 1.x/2.x demo model's driver is tested in tests/backends/test_stepping.py)
     drivers = {name: runner.adapters[name].step_driver(runner.pipes[name]) for name in SERVED}
-    assert {n for n, d in drivers.items() if d is not None} == {"wan"}
+    assert {n for n, d in drivers.items() if d is not None} == {"sd", "wan"}
 
 
 def step_msg(model, kind, jobs):
