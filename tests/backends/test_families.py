@@ -205,6 +205,21 @@ def test_load_refuses_a_config_whose_sizes_the_model_cannot_produce(family_model
     assert "ok" in r.pipes
 
 
+def test_the_worker_refuses_sizes_the_pipeline_cannot_produce(runner):
+    """SD3's positional embedding covers pos_embed_max_size × patch × VAE scale pixels (128 for
+    the tiny model): beyond it diffusers raises at run time (`internal`); the worker refuses it
+    first with invalid_request (not retried), as for a size that is not a multiple."""
+    from genserve.backends.runner import UnsupportedSize
+    from genserve.engine.errors import ErrorCode, classify_exception
+
+    with pytest.raises(UnsupportedSize, match="covers sides up to 128") as e:
+        run_batch(runner, "sd3", "image", [job("us-a", 1)], width=144, height=32)
+    assert classify_exception(e.value) == ErrorCode.INVALID_REQUEST
+    with pytest.raises(UnsupportedSize, match="multiples of 16"):
+        run_batch(runner, "flux-dev", "image", [job("us-b", 1)], width=72, height=64)
+    assert not runner.store.exists("us-a/output.png") and not runner.store.exists("us-b/output.png")
+
+
 def test_a_pipeline_that_rounds_the_size_fails_the_job_output_mismatch(runner):
     """The issue's FLUX 72x64 case as the last line of defence sees it: a FLUX pipeline genserve
     does not recognise (generic adapter: size multiple 8 from the VAE, unaware of the 2x2 packing)
