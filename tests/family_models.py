@@ -7,7 +7,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from genserve.backends.demo import _write_tokenizer, build_video, vocab_size
+from genserve.backends.demo import _write_tokenizer, build_image, build_video, vocab_size
 
 V = vocab_size()
 
@@ -138,6 +138,7 @@ def build_wan_i2v(out: Path) -> None:
 
 
 BUILDERS = {
+    "sd": build_image,  # SD 1.x/2.x: the demo image model (StableDiffusionPipeline)
     "sdxl": build_sdxl,
     "sdxl-nozeros": lambda out: build_sdxl(out, force_zeros=False),
     "flux-dev": build_flux,

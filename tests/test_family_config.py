@@ -147,3 +147,19 @@ def test_demo_catalog_and_unreadable_sources_are_unchanged(tmp_path):
     ms = parse_config({"models": {"m": {"kind": "image", "source": str(tmp_path / "not-there-yet")}}}).models
     assert ms["m"].family.traits is None and ms["m"].size_multiple == 8  # checked when a worker loads it
     assert req(ms, negative_prompt="x", guidance=1.0).key.variant == "neg"  # unknown: kept apart
+
+
+def test_the_load_message_carries_what_the_worker_checks(tmp_path):
+    """A source the server cannot read at start-up is checked by the worker at load: the load spec
+    carries the size_multiple / frame_stride requests are validated against."""
+    from genserve.engine import LoadModel
+    from genserve.server.messages import load_message
+
+    cfg = parse_config({"models": {
+        "img": {"kind": "image", "source": "s3://bucket/flux"},
+        "vid": {"kind": "video", "source": str(tmp_path / "later"), "frame_stride": 4, "size_multiple": 16,
+                "default_size": "64x64", "default_frames": 9, "max_frames": 33}}})
+    img = load_message(cfg, LoadModel("w0", "img"))["spec"]
+    vid = load_message(cfg, LoadModel("w0", "vid"))["spec"]
+    assert (img["size_multiple"], img["frame_stride"]) == (8, None)
+    assert (vid["size_multiple"], vid["frame_stride"]) == (16, 4)

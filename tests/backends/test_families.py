@@ -23,6 +23,7 @@ pytestmark = pytest.mark.slow
 TOLERANCE = 1  # uint8 levels
 # name -> (model directory, spec options)
 SERVED = {
+    "sd": ("sd", {}),
     "sdxl": ("sdxl", {}),
     "sdxl-nozeros": ("sdxl-nozeros", {}),
     "flux-dev": ("flux-dev", {"true_cfg_scale": 4.0, "max_sequence_length": 16}),
@@ -32,7 +33,7 @@ SERVED = {
     "wan": ("wan", {"max_sequence_length": 16}),
     "wan-i2v": ("wan-i2v", {"max_sequence_length": 16}),
 }
-NEGATIVE_HONOURED = ["sdxl", "sdxl-nozeros", "flux-dev", "sd3", "wan", "wan-i2v"]
+NEGATIVE_HONOURED = ["sd", "sdxl", "sdxl-nozeros", "flux-dev", "sd3", "wan", "wan-i2v"]
 
 
 def raw_encode(kind, output, fps):
@@ -186,6 +187,59 @@ def test_load_refuses_what_cannot_be_served(family_models, tmp_path):
     assert r.pipes == {} and r.adapters == {}
 
 
+def test_load_refuses_a_config_whose_sizes_the_model_cannot_produce(family_models, tmp_path):
+    """A source the server could not read at start-up (s3://, a Hugging Face id) keeps the default
+    size_multiple of 8; the worker compares it with the loaded pipeline's own and fails the load
+    naming the key, instead of SD3 failing every 72x64 job `internal` and FLUX rounding it."""
+    r = PipelineRunner("cpu", LocalResultStore(tmp_path))
+    for name in ("sd3", "flux-dev"):
+        with pytest.raises(UnsupportedPipeline, match="size_multiple = 8: .* multiples of 16"):
+            r.load("x", {"path": str(family_models[name]), "kind": "image", "dtype": "float32", "size_multiple": 8})
+    with pytest.raises(UnsupportedPipeline, match="frame_stride = 2: .* multiple of 4"):
+        r.load("x", {"path": str(family_models["wan"]), "kind": "video", "dtype": "float32", "size_multiple": 16,
+                     "frame_stride": 2})
+    assert r.pipes == {} and r.adapters == {}
+    # a multiple of the model's own values is fine
+    r.load("ok", {"path": str(family_models["wan"]), "kind": "video", "dtype": "float32", "size_multiple": 32,
+                  "frame_stride": 8})
+    assert "ok" in r.pipes
+
+
+def test_the_worker_refuses_sizes_the_pipeline_cannot_produce(runner):
+    """SD3's positional embedding covers pos_embed_max_size × patch × VAE scale pixels (128 for
+    the tiny model): beyond it diffusers raises at run time (`internal`); the worker refuses it
+    first with invalid_request (not retried), as for a size that is not a multiple."""
+    from genserve.backends.runner import UnsupportedSize
+    from genserve.engine.errors import ErrorCode, classify_exception
+
+    with pytest.raises(UnsupportedSize, match="covers sides up to 128") as e:
+        run_batch(runner, "sd3", "image", [job("us-a", 1)], width=144, height=32)
+    assert classify_exception(e.value) == ErrorCode.INVALID_REQUEST
+    with pytest.raises(UnsupportedSize, match="multiples of 16"):
+        run_batch(runner, "flux-dev", "image", [job("us-b", 1)], width=72, height=64)
+    assert not runner.store.exists("us-a/output.png") and not runner.store.exists("us-b/output.png")
+
+
+def test_a_pipeline_that_rounds_the_size_fails_the_job_output_mismatch(runner):
+    """The issue's FLUX 72x64 case as the last line of defence sees it: a FLUX pipeline genserve
+    does not recognise (generic adapter: size multiple 8 from the VAE, unaware of the 2x2 packing)
+    rounds 72x64 down to 64x64; the job fails with output_mismatch and no output is written."""
+    from diffusers import FluxPipeline
+
+    from genserve.engine.errors import ErrorCode, classify_exception
+
+    class MyFlux(FluxPipeline):
+        pass
+
+    runner.pipes["my-flux"] = MyFlux(**runner.pipes["flux-dev-plain"].components)
+    runner.adapters["my-flux"] = adapter_for(runner.pipes["my-flux"], {"kind": "image", "max_sequence_length": 16})
+    assert runner.adapters["my-flux"].traits.size_multiple == 8
+    with pytest.raises(OutputMismatch, match="asked for 72x64, the pipeline returned 64x64") as e:
+        run_batch(runner, "my-flux", "image", [job("mm-a", 1)], width=72, height=64, guidance=3.5)
+    assert classify_exception(e.value) == ErrorCode.OUTPUT_MISMATCH
+    assert not runner.store.exists("mm-a/output.png")
+
+
 class NeedsAMask:
     """A pipeline (as far as genserve can tell) with a required input genserve cannot supply."""
 
@@ -229,6 +283,7 @@ def test_the_worker_refuses_inputs_a_generic_pipeline_would_ignore(runner):
 
     runner.pipes["my-sd3"] = MySD3(**runner.pipes["sd3"].components)
     runner.adapters["my-sd3"] = adapter_for(runner.pipes["my-sd3"], {"kind": "image", "max_sequence_length": 16})
+    assert runner.adapters["my-sd3"].traits.size_multiple == 16  # VAE 8 × the transformer's 2×2 patches
     with pytest.raises(IgnoredInput, match="would ignore negative_prompt"):
         run_batch(runner, "my-sd3", "image", [job("ig-a", 1, "blurry")], guidance=1.0)
     with pytest.raises(IgnoredInput, match="would ignore image"):
@@ -265,10 +320,10 @@ def test_a_call_group_canceled_before_it_starts_is_skipped(runner):
 # ---- step-level batching over the family adapters (backends/stepping.py, step_runner.py) ---------
 
 
-def test_step_drivers_exist_for_wan_text_to_video_only_among_these_families(runner):
+def test_step_drivers_exist_for_sd_and_wan_text_to_video_only_among_these_families(runner):
     # (the SD 1.x/2.x demo model's driver is tested in tests/backends/test_stepping.py)
     drivers = {name: runner.adapters[name].step_driver(runner.pipes[name]) for name in SERVED}
-    assert {n for n, d in drivers.items() if d is not None} == {"wan"}
+    assert {n for n, d in drivers.items() if d is not None} == {"sd", "wan"}
 
 
 def step_msg(model, kind, jobs):
@@ -303,3 +358,23 @@ def test_step_mode_without_a_driver_runs_one_request_level_call_per_steps_and_gu
     for j, alone in zip(jobs, ("gr1", "gr2")):
         run_batch(runner, "sdxl", "image", [job(alone, j["seed"])], steps=j["steps"], guidance=j["guidance"])
         assert diff(out(runner, j["id"]), out(runner, alone)) <= 1
+
+
+def test_runtime_packages_of_the_families_are_declared_and_checked_at_load(runner, monkeypatch):
+    """Wan's pipelines clean prompts with ftfy, imported only if installed (a NameError per job
+    otherwise): it is a declared dependency, and a worker without it fails the load saying so."""
+    import tomllib
+    from pathlib import Path
+
+    from genserve.backends import families
+
+    deps = tomllib.loads((Path(__file__).parents[2] / "pyproject.toml").read_text())["project"]["dependencies"]
+    for mod in set(families.FAMILIES.values()):
+        for pkg in getattr(mod, "PACKAGES", ()):
+            assert any(d.split(">")[0].split("=")[0].split("[")[0].strip() == pkg for d in deps), pkg
+    assert families.wan.PACKAGES == ("ftfy",)
+    assert families.missing_packages(("ftfy", "genserve_no_such_package")) == ["genserve_no_such_package"]
+    # a worker environment without the package: the load fails naming it (model_load_failed)
+    monkeypatch.setattr(families.wan, "PACKAGES", ("genserve_no_such_package",))
+    with pytest.raises(UnsupportedPipeline, match="needs the Python package.* genserve_no_such_package"):
+        adapter_for(runner.pipes["wan"], {"kind": "video"})

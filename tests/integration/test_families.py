@@ -1,6 +1,7 @@
 """A non-demo family served through the real server: tiny FLUX (dev style) and Wan image-to-video
 checkpoints from a genserve.toml, over HTTP, with a real worker process."""
 import io
+import shutil
 
 import av
 import httpx
@@ -100,3 +101,42 @@ def test_wan_image_to_video(client):
     assert len(frames) == 5 and frames[0].shape == (32, 32, 3)
     r = client.post("/v1/jobs", json={"model": "i2v", "prompt": "waves"})
     assert r.status_code == 400 and "image" in r.text
+
+
+def test_diffusers_warnings_reach_the_server_log(server, client):
+    """The worker lets diffusers' warnings through (they are how a misconfigured model shows
+    itself): a prompt longer than the model's max_sequence_length (16 here) is truncated, and the
+    pipeline's warning saying so is in the log."""
+    prompt = " ".join(f"lighthouse{i}" for i in range(40))
+    r = client.post("/v1/jobs", json={"model": "flux", "prompt": prompt, "seed": 11})
+    assert r.status_code == 202, r.text
+    assert wait_for(client, r.json()["id"], timeout=180)["status"] == "succeeded"
+    assert "truncated" in server.log_path.read_text(errors="replace")
+
+
+def test_a_model_the_server_could_not_read_at_start_is_checked_at_load(family_models, tmp_path):
+    """A source that was not there when the config was read (as an s3:// source or a Hugging Face
+    id) keeps the default size_multiple 8; the worker compares it with the SD3 pipeline it loads
+    (16) and fails the load naming the key, so a 72x64 job ends model_load_failed with that
+    message instead of reaching the pipeline (which failed it `internal`)."""
+    late = tmp_path / "late-sd3"
+    toml = f"""
+[server]
+retry_backoff_s = 0.2
+retry_backoff_max_s = 1.0
+
+[models.late]
+kind = "image"
+source = "{late}"
+dtype = "float32"
+default_size = "72x64"
+default_steps = 2
+max_sequence_length = 16
+"""
+    with LiveServer(tmp_path / "srv", toml, workers=1) as srv, httpx.Client(base_url=srv.url, timeout=60) as c:
+        shutil.copytree(family_models["sd3"], late)
+        r = c.post("/v1/jobs", json={"model": "late", "prompt": "a lighthouse"})
+        assert r.status_code == 202, r.text  # the server could not know
+        job = wait_for(c, r.json()["id"], timeout=180)
+        assert job["status"] == "failed" and job["error"]["code"] == "model_load_failed", job
+        assert "size_multiple = 8" in job["error"]["message"] and "multiples of 16" in job["error"]["message"]

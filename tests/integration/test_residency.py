@@ -9,7 +9,7 @@ from genserve.testing import LiveServer, wait_for, wait_until
 pytestmark = pytest.mark.slow
 
 # One demo image model weighs ~4.8 MB and the SD family estimates a 64x64 job's working memory at
-# ~1.9 MB: 8 MiB holds one model and one job, never two models.
+# ~2.4 MB: 8 MiB holds one model and one job, never two models.
 BUDGET_GB = 8 / 1024
 
 

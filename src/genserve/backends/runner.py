@@ -70,6 +70,23 @@ class IgnoredInput(ValueError):
     genserve_code = "invalid_request"
 
 
+class UnsupportedSize(ValueError):
+    """A batch asks for a size the loaded pipeline cannot produce (the server checks requests
+    against the family when it could read the model; this is the worker's own check)."""
+
+    genserve_code = "invalid_request"
+
+
+def check_size(traits: Any, width: int, height: int) -> None:
+    m = traits.size_multiple
+    if width % m or height % m:
+        raise UnsupportedSize(f"{width}x{height}: {traits.pipeline} ({traits.family}) makes sizes that are multiples "
+                              f"of {m}")
+    if traits.max_side and max(width, height) > traits.max_side:
+        raise UnsupportedSize(f"{width}x{height}: {traits.pipeline} ({traits.family}) covers sides up to "
+                              f"{traits.max_side} pixels (its positional embedding)")
+
+
 class OutputMismatch(RuntimeError):
     """The pipeline returned an output of another size or frame count than asked for."""
 
@@ -232,6 +249,7 @@ class PipelineRunner:
                 raise BatchAborted()
 
         adapter = self.adapters[msg["model"]]
+        check_size(adapter.traits, p["width"], p["height"])
         for j in jobs if adapter.checks_inputs else ():
             ignored = adapter.ignored_inputs(j, p)
             if ignored:

@@ -24,7 +24,9 @@ def job_payload(jobs: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
 def load_message(config: Config, d: LoadModel) -> dict[str, Any]:
     m = config.models[d.model]
     spec = {"path": str(config.model_dir(d.model)), "kind": m.kind, "dtype": m.dtype,
-            "true_cfg_scale": m.family.true_cfg_scale, "max_sequence_length": m.family.max_sequence_length}
+            "true_cfg_scale": m.family.true_cfg_scale, "max_sequence_length": m.family.max_sequence_length,
+            # what requests are checked against: the worker refuses the load if the model cannot produce it
+            "size_multiple": m.size_multiple, "frame_stride": m.frame_stride if m.kind == "video" else None}
     if m.source.startswith("s3://"):  # each node downloads it once into its cache (any provider)
         spec.update(source=m.source, endpoint_url=config.results.endpoint_url, region=config.results.region,
                     cache=config.cluster.model_cache)

@@ -71,6 +71,12 @@ def pipe_configs(pipe: Any) -> dict[str, Any]:
     return configs
 
 
+def missing_packages(names) -> list[str]:
+    import importlib.util
+
+    return [n for n in names if importlib.util.find_spec(n) is None]
+
+
 def adapter_for(pipe: Any, spec: dict[str, Any]) -> FamilyAdapter:
     """The adapter for a loaded pipeline; raises UnsupportedPipeline if genserve cannot serve it
     as configured (kind mismatch, required inputs it cannot supply, knobs the family lacks)."""
@@ -80,6 +86,10 @@ def adapter_for(pipe: Any, spec: dict[str, Any]) -> FamilyAdapter:
     mod = FAMILIES.get(name)
     kind = spec.get("kind", "image")
     if mod is not None:
+        missing_pkgs = missing_packages(getattr(mod, "PACKAGES", ()))
+        if missing_pkgs:  # diffusers imports them lazily: without this, every job fails with a NameError
+            raise UnsupportedPipeline(f"{name} needs the Python package(s) {', '.join(missing_pkgs)} at run time; "
+                                      "install them in the worker's environment")
         traits = mod.traits(name, configs)
         adapter: FamilyAdapter = mod.Adapter(traits, configs, options)
     else:
@@ -94,4 +104,22 @@ def adapter_for(pipe: Any, spec: dict[str, Any]) -> FamilyAdapter:
         raise UnsupportedPipeline(f"{name} ({traits.family}) does not take true_cfg_scale")
     if options.max_sequence_length is not None and not traits.max_sequence_length:
         raise UnsupportedPipeline(f"{name} ({traits.family}) does not take max_sequence_length")
+    check_shape_keys(traits, spec)
     return adapter
+
+
+def check_shape_keys(traits: Traits, spec: dict[str, Any]) -> None:
+    """The config's ``size_multiple`` / ``frame_stride`` (in the load spec) against what the loaded
+    pipeline can produce. The server checks them when it can read the model's files at start-up;
+    a source it could not read then (``s3://``, a Hugging Face id, a directory that appeared later)
+    is checked here, so a size the family would round (FLUX) or refuse (SD3) is a load failure
+    naming the key, not a job that fails or comes back at another size."""
+    fam = f"{traits.pipeline} ({traits.family})"
+    sm = spec.get("size_multiple")
+    if sm and sm % traits.size_multiple:
+        raise UnsupportedPipeline(f"size_multiple = {sm}: {fam} needs sizes that are multiples of "
+                                  f"{traits.size_multiple}; set size_multiple to a multiple of it")
+    fs = spec.get("frame_stride")
+    if traits.kind == "video" and traits.frame_multiple and fs and fs % traits.frame_multiple:
+        raise UnsupportedPipeline(f"frame_stride = {fs}: {fam} needs num_frames - 1 to be a multiple of "
+                                  f"{traits.frame_multiple}; set frame_stride to a multiple of it")

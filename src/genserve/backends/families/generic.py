@@ -1,6 +1,7 @@
 """The fallback for pipelines no family module knows, built from ``inspect.signature`` of the
 pipeline's ``__call__``: it passes only the parameters the signature takes, takes the size
-multiple from the pipeline's VAE scale factor, and (knowing nothing of how the pipeline treats a
+multiple from the pipeline's VAE scale factor × its transformer's patch size (packing such as
+FLUX's is invisible here: the runner's output check catches what it rounds), and (knowing nothing of how the pipeline treats a
 missing negative prompt) keeps jobs with and without one in separate calls."""
 from __future__ import annotations
 
@@ -21,9 +22,18 @@ def required_inputs(pipe: Any) -> set[str]:
     return {n for n, p in call_parameters(pipe).items() if p.default is inspect.Parameter.empty}
 
 
+def patch_size(pipe: Any) -> int:
+    """The spatial patch size of the pipeline's transformer (1: none, or a UNet)."""
+    p = getattr(getattr(getattr(pipe, "transformer", None), "config", None), "patch_size", None)
+    if isinstance(p, (list, tuple)) and p:
+        p = p[-1]  # (t, h, w) for video transformers
+    return p if isinstance(p, int) and p > 0 else 1
+
+
 def traits_from_signature(pipe: Any, kind: str) -> Traits:
     params = call_parameters(pipe)
-    scale = int(getattr(pipe, "vae_scale_factor", 0) or getattr(pipe, "vae_scale_factor_spatial", 0) or 8)
+    vae = int(getattr(pipe, "vae_scale_factor", 0) or getattr(pipe, "vae_scale_factor_spatial", 0) or 8)
+    scale = vae * patch_size(pipe)  # a transformer over p×p latent patches needs sizes of vae × p
     msl = params.get("max_sequence_length")
     return Traits(
         "generic", type(pipe).__name__, kind, scale,

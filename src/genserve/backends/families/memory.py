@@ -11,10 +11,15 @@ The model, per phase (the peak is the larger phase, plus the decoded output):
   transformer block with GEGLU feed-forward: 18), plus the skip connections kept for the way up.
 - CFG copies: 2 where the pipeline batches the unconditional pass with the conditional one (SD,
   SDXL, SD3), 1 where it runs them one after another (Wan, FLUX's true CFG) or has none.
-- VAE decode (AutoencoderKL): at full resolution the upsampled input of the last block (3 live
-  buffers of its channels) plus the block's own output channels. Wan's causal VAE decodes one
-  latent frame (= temporal-factor output frames) at a time and keeps 2 cached frames per causal
-  convolution.
+- VAE decode (AutoencoderKL): at full resolution the upsampled input of the last block and what
+  its first resnet makes of it before the conv narrows it (4 live buffers of those channels:
+  the upsampled map, its conv, norm and activation outputs) plus the block's own output channels.
+  Wan's causal VAE decodes one latent frame (= temporal-factor output frames) at a time and keeps
+  2 cached frames per causal convolution.
+
+Checked on an H200 against one forward / decode of random-weight components at the published
+configs (peak allocated above the weights): the estimates are 0.80–1.12× the measured peaks
+(tests/backends/test_family_memory.py holds the figures).
 """
 from __future__ import annotations
 
@@ -22,6 +27,7 @@ from collections.abc import Mapping
 from typing import Any
 
 Cfg = Mapping[str, Any]
+DECODE_BUFFERS = 4  # live full-resolution buffers of the widest channels at the decoder's peak
 
 
 def dit_token_bytes(hidden: int, ffn: int, dtype_bytes: int) -> int:
@@ -49,7 +55,7 @@ def unet_bytes(unet: Cfg, lat_w: int, lat_h: int, n: int, copies: int, dtype_byt
 def kl_decode_bytes(vae: Cfg, width: int, height: int, n: int, dtype_bytes: int) -> int:
     chans = [int(c) for c in vae.get("block_out_channels") or (128, 256, 512, 512)]
     top_in = chans[1] if len(chans) > 1 else chans[0]
-    return n * width * height * (3 * top_in + chans[0]) * dtype_bytes
+    return n * width * height * (DECODE_BUFFERS * top_in + chans[0]) * dtype_bytes
 
 
 def wan_vae_bytes(vae: Cfg, width: int, height: int, frames: int, n: int, dtype_bytes: int) -> int:
@@ -59,7 +65,7 @@ def wan_vae_bytes(vae: Cfg, width: int, height: int, frames: int, n: int, dtype_
     t_factor = int(vae.get("scale_factor_temporal") or 4)
     pixels = width * height
     full, top_in = base * mult[0], base * (mult[1] if len(mult) > 1 else mult[0])
-    chunk = t_factor * pixels * (3 * top_in + full)
+    chunk = t_factor * pixels * (DECODE_BUFFERS * top_in + full)
     # Causal-conv caches: 2 frames per conv, (res_blocks + 1) resblocks × 2 convs per level.
     convs = 2 * (res_blocks + 1)
     cache = sum(2 * convs * (pixels >> (2 * lvl)) * base * m for lvl, m in enumerate(mult))

@@ -13,6 +13,7 @@ from .base import Configs, FamilyAdapter, Traits
 from .memory import dit_bytes, output_bytes, wan_vae_bytes
 
 CLASSES = ("WanPipeline", "WanImageToVideoPipeline")
+PACKAGES = ("ftfy",)  # prompt cleaning (a declared dependency); checked at load
 
 
 def traits(pipeline: str, configs: Configs) -> Traits:
