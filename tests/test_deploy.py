@@ -9,12 +9,11 @@ import re
 from pathlib import Path
 
 import pytest
+import yaml
 
 from genserve.auth.keys import KeyStore
 from genserve.config import load_config
 from genserve.server.auth import bind_refusal
-
-yaml = pytest.importorskip("yaml")
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCKERFILES = sorted((ROOT / "deploy" / "docker").glob("Dockerfile.*"))
