@@ -51,8 +51,26 @@ def rss_kib(pid: int) -> int:
     return 0
 
 
-async def one(client: httpx.AsyncClient, i: int) -> str:
-    r = await client.post("/v1/jobs", json={"model": "demo-image", "prompt": f"soak {i}", "seed": i})
+# A pooled keep-alive connection that the server closes (idle timeout) just as the client reuses it
+# ends a request without a response. That is the client's race, not the server's failure: the job is
+# submitted again under the same client id (never a duplicate) and its stream read again (replayed).
+RETRYABLE = (httpx.RemoteProtocolError, httpx.ConnectError, httpx.ReadError, httpx.WriteError)
+
+
+async def one(client: httpx.AsyncClient, i: int, retried: list[int]) -> str:
+    for attempt in range(4):
+        try:
+            return await _one(client, i)
+        except RETRYABLE:
+            retried[0] += 1
+            if attempt == 3:
+                raise
+    raise AssertionError("unreachable")
+
+
+async def _one(client: httpx.AsyncClient, i: int) -> str:
+    r = await client.post("/v1/jobs", json={"model": "demo-image", "prompt": f"soak {i}", "seed": i,
+                                            "id": f"soak-{i}"})
     r.raise_for_status()
     job_id = r.json()["id"]
     async with client.stream("GET", f"/v1/jobs/{job_id}/events") as s:
@@ -66,8 +84,9 @@ async def one(client: httpx.AsyncClient, i: int) -> str:
 
 
 async def soak(url: str, pid: int, jobs: int, every: int, concurrency: int) -> list[dict]:
-    samples = [{"jobs": 0, "rss_kib": rss_kib(pid), "t": 0.0, "failed": 0}]
+    samples = [{"jobs": 0, "rss_kib": rss_kib(pid), "t": 0.0, "failed": 0, "retried": 0}]
     done = failed = 0
+    retried = [0]
     next_i = 0
     t0 = time.monotonic()
     async with httpx.AsyncClient(base_url=url, timeout=httpx.Timeout(60, read=300)) as client:
@@ -76,12 +95,12 @@ async def soak(url: str, pid: int, jobs: int, every: int, concurrency: int) -> l
             while next_i < jobs:
                 i = next_i
                 next_i += 1
-                outcome = await one(client, i)
+                outcome = await one(client, i, retried)
                 done += 1
                 failed += outcome != "succeeded"
                 if done % every == 0:
                     samples.append({"jobs": done, "rss_kib": rss_kib(pid), "t": round(time.monotonic() - t0, 1),
-                                    "failed": failed})
+                                    "failed": failed, "retried": retried[0]})
                     print(json.dumps(samples[-1]), file=sys.stderr, flush=True)
 
         await asyncio.gather(*(lane() for _ in range(concurrency)))
@@ -106,14 +125,19 @@ def main() -> None:
         srv = LiveServer(Path(tmp) / "data", config(models, a.retention), workers=a.workers, env=env).start()
         try:
             samples = asyncio.run(soak(srv.url, srv.proc.pid, a.jobs, a.every, a.concurrency))
+        except BaseException:
+            print(f"soak failed; server exit code {srv.proc.poll()}; its log ends:\n{srv.log()[-3000:]}",
+                  file=sys.stderr)
+            raise
         finally:
             srv.stop()
     base = samples[1]["rss_kib"] if len(samples) > 1 else samples[0]["rss_kib"]
     print(f"\nmachine: {platform.machine()}, {os.cpu_count()} cores, {platform.python_version()}")
-    print("| jobs | RSS MiB | Δ since first sample MiB | elapsed s | not succeeded |")
-    print("|---:|---:|---:|---:|---:|")
+    print("| jobs | RSS MiB | Δ since first sample MiB | elapsed s | not succeeded | requests retried |")
+    print("|---:|---:|---:|---:|---:|---:|")
     for s in samples:
-        print(f"| {s['jobs']} | {s['rss_kib'] / 1024:.1f} | {(s['rss_kib'] - base) / 1024:+.1f} | {s['t']} | {s['failed']} |")
+        print(f"| {s['jobs']} | {s['rss_kib'] / 1024:.1f} | {(s['rss_kib'] - base) / 1024:+.1f} | {s['t']} "
+              f"| {s['failed']} | {s['retried']} |")
     if a.out:
         Path(a.out).write_text(json.dumps(samples, indent=1))
 

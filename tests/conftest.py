@@ -5,6 +5,12 @@ import os
 import pytest
 from hypothesis import settings
 
+# GENSERVE_SECTION__KEY overrides apply to every config genserve loads, the servers the tests start
+# included: the container images set some (GENSERVE_AUTH__REQUIRED=true), and a developer may have
+# some exported. Tests choose their settings themselves; those that test overrides pass them explicitly.
+for _name in [n for n in os.environ if n.startswith("GENSERVE_") and "__" in n]:
+    del os.environ[_name]
+
 settings.register_profile("ci", derandomize=True, database=None, print_blob=True)
 settings.load_profile("ci" if os.environ.get("CI") else "default")
 

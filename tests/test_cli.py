@@ -103,7 +103,8 @@ def test_every_option_has_help_and_every_command_a_description():
         assert p.description or len(path) == 1, path
         seen += 1
     assert seen >= 12
-    for cmd in ("serve", "submit", "jobs", "cancel", "result", "bench", "models", "config", "simulate"):
+    for cmd in ("serve", "submit", "jobs", "cancel", "result", "bench", "models", "config", "simulate", "keys",
+                "trace"):
         p = gs(cmd, "--help")
         assert p.returncode == 0 and "example" in p.stdout, cmd
 
@@ -114,3 +115,20 @@ def test_simulate_shows_progress(tmp_path):
     assert "sim s" in p.stderr and "requests=" in p.stderr
     q = gs("simulate", str(ROOT / "benchmarks" / "sim_1m.toml"), "--requests", "3000", "-q")
     assert "sim s" not in q.stderr
+
+
+def test_trace_export_finds_the_job_store_through_the_discovered_config(tmp_path):
+    """`genserve trace export` reads the data directory of ./genserve.toml's server (or --data-dir)."""
+    from genserve.server.jobstore import JobStore
+
+    store = JobStore(tmp_path / "store" / "jobs.db")
+    store.insert("j1", None, {"model": "m", "width": 64, "height": 64, "steps": 2, "priority": "high"}, 5.0)
+    store.close()
+    (tmp_path / "genserve.toml").write_text('[server]\ndata_dir = "store"\n[models.m]\nkind = "image"\nsource = "x"\n')
+    p = gs("trace", "export", cwd=tmp_path)
+    assert p.returncode == 0, p.stderr
+    assert '"model": "m"' in p.stdout and '"priority": "high"' in p.stdout and "exported 1 jobs" in p.stderr
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    assert "exported 1 jobs" in gs("trace", "export", "--data-dir", str(tmp_path / "store"), cwd=elsewhere).stderr
+    assert "no job store at genserve-data/jobs.db" in one_line_error(gs("trace", "export", cwd=elsewhere), 2)

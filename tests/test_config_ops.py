@@ -118,3 +118,25 @@ def test_examples_validate_and_bad_ones_do_not():
     for bad in ({"server": {"prot": 1}}, {"modles": {}}, {"models": {"m": {"kind": "audio", "source": "x"}}},
                 {"models": {"m": {"kind": "image", "source": "x", "sizes": ["big"]}}}, {"server": {"port": "80"}}):
         assert list(v.iter_errors(bad)), bad
+
+
+def test_a_misspelt_key_gets_a_suggestion_in_every_section():
+    """Every fixed table (not the open ones, nor [faults], refused as a whole outside tests) answers
+    a slip of two letters with "did you mean"."""
+    for name, sec in SECTIONS.items():
+        if sec.open or name == "faults":
+            continue
+        for key in sorted(k for k in sec.known_keys() if len(k) >= 6):
+            typo = key[:-2] + key[-1] + key[-2]  # last two letters swapped: "results_dasy"
+            if typo in sec.known_keys():
+                continue
+            raw = {"models": {"m": {"kind": "image", "source": "x"}}}
+            if sec.keyed:  # [models.m], [tenants.m]
+                target, prefix = raw.setdefault(name, {}).setdefault("m", {}), f"{name}.m"
+            else:
+                target, prefix = raw.setdefault(name, {}), name
+            target[typo] = 1
+            with pytest.raises(ConfigError) as e:
+                parse_config(raw)
+            errs = {x.key: message_of(x) for x in (e.value.errors if isinstance(e.value, ConfigErrors) else [e.value])}
+            assert f"did you mean {key!r}" in errs.get(f"{prefix}.{typo}", ""), (name, key, errs)

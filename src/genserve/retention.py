@@ -14,6 +14,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from .config_errors import suggest
+
 DAY_S = 86_400.0
 
 
@@ -60,7 +62,8 @@ def parse_retention(raw: Any) -> RetentionConfig:
         raise ConfigError("retention", f"must be a table, got {raw!r}")
     unknown = sorted(set(raw) - KEYS)
     if unknown:
-        raise ConfigError(f"retention.{unknown[0]}", f"unknown key (known: {', '.join(sorted(KEYS))})")
+        raise ConfigError(f"retention.{unknown[0]}", "unknown key" + (suggest(unknown[0], KEYS)
+                          or f" (known: {', '.join(sorted(KEYS))})"))
     kw: dict[str, Any] = {}
     for k, lo in (("results_days", 0.0), ("jobs_days", 0.0), ("sweep_interval_s", 0.05)):
         if k in raw:

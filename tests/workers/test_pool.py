@@ -1,8 +1,10 @@
 """LocalPool: device detection, worker states, readiness latch, exit handling (with fakes), and one
 real worker process that is killed and comes back."""
 import asyncio
+import multiprocessing
 import signal
 import subprocess
+import time
 
 import pytest
 
@@ -287,6 +289,51 @@ def test_kill_and_send(tmp_path):
     assert c1.sent == [{"op": "unload", "model": "m"}]
     c1.closed = True
     p.send("w1", {"op": "unload", "model": "m"})  # a dead pipe is not an error here: the reader sees EOF
+
+
+# ---- shutdown: every worker waited on together ------------------------------------------------------
+
+
+def _worker_stand_in(conn, busy: bool) -> None:
+    """A worker process's shutdown behaviour: an idle one exits on ``shutdown``; a busy one is
+    inside a batch and does not read its pipe (only the kill after the grace period ends it)."""
+    if busy:
+        time.sleep(120)
+    while conn.recv().get("op") != "shutdown":
+        pass
+
+
+def test_close_waits_for_all_workers_together_then_kills_the_busy_ones(tmp_path):
+    """Shutdown with several busy workers takes one grace period in all, not one per worker (the
+    issue: 8 busy GPUs x 5 s one after another, past Kubernetes' 30 s). Real processes and pipes."""
+    ctx = multiprocessing.get_context("fork")
+    busy, idle, grace = 4, 2, 1.0
+    p, _, exits = make_pool(["cpu"] * (busy + idle), tmp_path)
+    procs = []
+    for i, wid in enumerate(p.workers):
+        parent, child = ctx.Pipe()
+        proc = ctx.Process(target=_worker_stand_in, args=(child, i < busy), daemon=True)
+        proc.start()
+        child.close()
+        attach(p, wid, parent, proc)
+        procs.append(proc)
+
+    async def main() -> float:
+        p.loop = asyncio.get_running_loop()
+        t0 = time.monotonic()
+        await p.close(grace_s=grace)
+        return time.monotonic() - t0
+
+    try:
+        elapsed = asyncio.run(main())
+    finally:
+        for proc in procs:
+            proc.kill()
+    assert not any(proc.is_alive() for proc in procs)
+    assert [proc.exitcode for proc in procs] == [-signal.SIGKILL] * busy + [0] * idle
+    # one grace period (plus reaping), far below busy x grace
+    assert grace <= elapsed < grace + 1.5 < busy * grace, elapsed
+    assert exits == []  # a shutdown is not reported as crashes
 
 
 # ---- a real worker process --------------------------------------------------------------------------

@@ -66,8 +66,17 @@ def cmd_simulate(a: argparse.Namespace) -> int:
 
 
 def cmd_trace_export(a: argparse.Namespace) -> int:
-    """Job records -> JSON lines a scenario can replay (``workload.kind = "trace"``)."""
-    db = Path(a.data_dir) / "jobs.db"
+    """Job records -> JSON lines a scenario can replay (``workload.kind = "trace"``). The job store is
+    the one the server's config names (``--config``, else ./genserve.toml, else $GENSERVE_CONFIG),
+    unless ``--data-dir`` says where it is."""
+    if a.data_dir is not None:
+        data_dir = Path(a.data_dir)
+    else:
+        from ..config import load_config
+        from ..config_env import find_config
+
+        data_dir = load_config(find_config(a.config)).server.data_dir
+    db = Path(data_dir) / "jobs.db"
     if not db.exists():
         print(f"genserve: no job store at {db}", file=sys.stderr)
         return 2
@@ -100,10 +109,17 @@ def add_parsers(sub) -> None:
     s.add_argument("--requests", type=int, help="cap the number of requests")
     s.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
     s.set_defaults(func=cmd_simulate)
-    t = sub.add_parser("trace", help="traces of the job store", description="Traces of the job store.")
+    examples = ("examples:\n  genserve trace export -o trace.jsonl          # the job store of ./genserve.toml's server\n"
+                "  genserve trace export --data-dir /var/lib/genserve -o trace.jsonl")
+    t = sub.add_parser("trace", help="traces of the job store", description="Traces of the job store.",
+                       formatter_class=argparse.RawDescriptionHelpFormatter, epilog=examples)
     tsub = t.add_subparsers(dest="trace_cmd", required=True)
     what = "export the job store's requests as a replayable trace (JSON lines)"
-    e = tsub.add_parser("export", help=what, description=what)
-    e.add_argument("--data-dir", default="genserve-data", help="the server's data directory (default genserve-data)")
+    e = tsub.add_parser("export", help=what, description=what + "; replay it with a scenario's "
+                        'workload.kind = "trace" (docs/simulator.md).',
+                        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=examples)
+    e.add_argument("--config", metavar="FILE", help="the server's config, for its data directory (default: "
+                   "./genserve.toml, else $GENSERVE_CONFIG, else the demo catalog's genserve-data)")
+    e.add_argument("--data-dir", metavar="DIR", help="the server's data directory (overrides the config)")
     e.add_argument("-o", "--output", default="-", help="JSON-lines file (default: stdout)")
     e.set_defaults(func=cmd_trace_export)
