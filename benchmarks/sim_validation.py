@@ -64,13 +64,16 @@ def body(i: int, steps: int) -> dict:
     return {"model": MODEL, "prompt": f"validation {i}", "seed": i, "steps": steps, "width": SIZE, "height": SIZE}
 
 
-def calibrate(models: Path, tmp: Path, steps: int, short: int, wait_ms: int, reps: int) -> dict:
-    """Batches of 1, 2, 4 on an idle worker, each submitted at once so it fills in one window, at
-    ``steps`` and (if ``short``) at ``short`` steps. Two step counts split each batch's device time
-    T(B, S) = fixed(B) + S · c(B) into a per-step curve c(B) and a per-job fixed cost fixed(1)
-    (prompt encoding, latent set-up, decode, PNG, write): the simulator's ``job_overhead_s``."""
+def calibrate(models: Path, tmp: Path, steps: int, short: int, wait_ms: int, reps: int,
+              batching: str = "request") -> dict:
+    """Batches of 1, 2, 4 on an idle worker, each submitted at once so it fills in one window (step
+    level: one running set, the first job starting it and the others joining at the next step), at
+    ``steps`` and (if ``short``) at ``short`` steps, on a server in the mode being validated (a step
+    set's costs are the step loop's, not a pipeline call's). Two step counts split each batch's
+    device time T(B, S) = fixed(B) + S · c(B) into a per-step curve c(B) and a per-job fixed cost
+    fixed(1) (prompt encoding, latent set-up, decode, PNG, write): the simulator's ``job_overhead_s``."""
     counts = (steps, short) if short else (steps,)
-    with LiveServer(tmp / "calib", server_config(models, 4, wait_ms, steps), workers=1, env=ENV) as srv, \
+    with LiveServer(tmp / "calib", server_config(models, 4, wait_ms, steps, batching), workers=1, env=ENV) as srv, \
             httpx.Client(base_url=srv.url, timeout=120) as c:
         first = wait_for(c, c.post("/v1/jobs", json=body(0, steps)).json()["id"])
         ts = first["timestamps"]
@@ -86,10 +89,13 @@ def calibrate(models: Path, tmp: Path, steps: int, short: int, wait_ms: int, rep
                     rs = post_concurrently(srv.url, [body(i + k, n) for k in range(b)])
                     i += b
                     jobs = [wait_for(c, r.json()["id"]) for r in rs]
-                    if {j["batch"]["size"] for j in jobs} != {b}:  # the window split them: skip this sample
+                    together = ({j["batch"]["size"] for j in jobs} == {b} if batching == "request"
+                                else len({j["batch"]["id"] for j in jobs}) == 1)
+                    if not together:  # the window split them (or they ran in two sets): skip this sample
                         continue
                     t = jobs[0]["timestamps"]
-                    device_s[(b, n)].append(max(j["timestamps"]["finished"] for j in jobs) - t["dispatched"])
+                    device_s[(b, n)].append(max(j["timestamps"]["finished"] for j in jobs)
+                                            - min(j["timestamps"]["dispatched"] for j in jobs))
                     if n == steps:
                         infer_s[b].append(t["inference_end"] - t["inference_start"])
     med = {k: statistics.median(v) for k, v in device_s.items() if v}
@@ -209,7 +215,7 @@ def main() -> int:
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--batching", choices=("request", "step"), default="request",
-                    help="the live server's and the simulation's batching (calibration is request level)")
+                    help="the live server's, the calibration server's and the simulation's batching")
     ap.add_argument("--keep", help="copy the trace and scenario here")
     a = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmpd:
@@ -217,7 +223,7 @@ def main() -> int:
         models = tmp / "models"
         subprocess.run([sys.executable, "-m", "genserve.backends.demo", "image", str(models / MODEL)],
                        check=True, capture_output=True)
-        cal = calibrate(models, tmp, a.steps, a.short_steps, a.wait_ms, a.reps)
+        cal = calibrate(models, tmp, a.steps, a.short_steps, a.wait_ms, a.reps, a.batching)
         print(f"# calibration: load {cal['load_s']:.3f} s, t1 {cal['t1_s']:.3f} s, "
               f"f = {', '.join(f'f({b})={f:.2f}' for b, f in cal['f'].items())}, "
               f"inference-only medians {cal['inference_s']}, samples {cal['samples']}", file=sys.stderr)
