@@ -97,7 +97,7 @@ def test_jobs_run_through_ray_client_with_live_progress(demo_models, client_addr
         assert [j["status"] for j in jobs] == ["succeeded"] * 4
         assert len({j["batch"]["worker"] for j in jobs}) == 2  # both actors served
         assert c.get(f"/v1/jobs/{ids[0]}/result").content.startswith(b"\x89PNG")
-    assert "long poll (Ray Client)" in srv.log_path.read_text()  # not the stream, which Ray Client lacks
+    assert "long poll through Ray Client" in srv.log_path.read_text()
 
 
 def test_a_killed_actor_is_a_lost_worker_and_its_batch_runs_again(demo_models, client_address, tmp_path):

@@ -5,17 +5,16 @@ Server -> worker: ``send(gen, seq, msg)``. A threaded actor may start calls out 
 message carries a sequence number and the actor hands them to the worker strictly in order.
 Worker -> server, one of two transports (the pool picks one):
 
+- ``next_messages(gen, max_wait_s)``, a long poll (the default, and the only one Ray Client can
+  carry): it blocks until at least one message is ready and returns all that are; the pool keeps
+  one such call outstanding per actor. An empty list means ``max_wait_s`` passed with nothing to
+  say (the bound keeps a call that nobody awaits any more from holding one of the actor's threads).
 - ``stream(gen)``, a streaming generator: every message is yielded the moment the worker emits it.
-- ``next_messages(gen, max_wait_s)``, a long poll, for servers connected through Ray Client (which
-  carries no streaming calls): it blocks until at least one message is ready and returns all that
-  are, and the pool keeps one such call outstanding per actor. An empty list means ``max_wait_s``
-  passed with nothing to say (the bound keeps a call that nobody awaits any more from holding one
-  of the actor's threads for long).
 
 Either way progress, results and heartbeats reach the server's event loop as they happen.
 
 ``gen`` is the attachment: a restarted server attaches to a surviving (named, detached) actor with
-a higher one. The actor then forgets the old server's stream and its batches (their messages
+a higher one. The actor then forgets the old server's stream or poll and its batches (their messages
 would describe batches the new server never dispatched), and the new server says ``hello`` so the
 worker starts clean and announces itself again. The worker finishes what it had been given first
 (the ``hello`` waits behind it), so before attaching, a new server asks ``in_flight()`` which jobs

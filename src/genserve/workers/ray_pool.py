@@ -4,9 +4,10 @@ any node of the cluster (implements ``base.Pool``).
 Ray only places and runs the workers; the engine stays the only scheduler. Ray's own retries are
 off (``max_restarts=0``, ``max_task_retries=0``): an actor or node that dies is a dead worker for
 the engine, which retries its batch on another one. Each actor's messages arrive on the event loop
-through one asyncio task per actor that iterates the actor's streaming generator — or, through Ray
-Client (``ray://``), which carries no streaming calls, awaits one outstanding long-poll call at a
-time, each returning as soon as the worker has something to say: no timer, no threads in the server. Actors are named and detached, so a server restarted after a crash finds
+through one asyncio task per actor that keeps one long-poll call outstanding, each returning as soon
+as the worker has something to say: no timer, no threads in the server. It works the same over a
+direct connection and through Ray Client (``ray://``), which carries no streaming actor calls (the
+streaming transport, ``transport="stream"``, is kept for direct connections and benchmarks). Actors are named and detached, so a server restarted after a crash finds
 the workers that survived and attaches to them instead of starting new ones.
 """
 from __future__ import annotations
@@ -61,9 +62,9 @@ class RaySettings:
     heartbeat_s: float = 2.0
     memory_budget: int = 0
     host_cache_bytes: int = 0
-    # How messages come back: "stream" (a streaming actor call), "poll" (long polls) or "auto":
-    # polls through Ray Client, which cannot carry streaming calls, and the stream otherwise.
-    transport: str = "auto"
+    # How messages come back: "poll" (long polls), or "stream" (a streaming actor call; as fast in
+    # benchmarks/ray_dispatch.py, but Ray Client cannot carry it, so through Ray Client it polls anyway).
+    transport: str = "poll"
     poll_wait_s: float = 10.0  # longest a poll waits with nothing to say (heartbeats come sooner)
 
 
@@ -81,7 +82,7 @@ class RayPool:
         self.closing = False
         self.loop: asyncio.AbstractEventLoop | None = None
         self._actor_cls: Any = None
-        self.polls = settings.transport == "poll"  # long polls instead of a stream (decided in start)
+        self.polls = settings.transport != "stream"  # long polls instead of a stream (decided in start)
         self._in_flight: dict[str, str] = {}  # job id -> surviving worker still running it (found at start)
 
     # ---- lifecycle ----------------------------------------------------------------------------------
@@ -97,11 +98,12 @@ class RayPool:
             ray.init(address=self.s.address, namespace=self.s.namespace, log_to_driver=False,
                      configure_logging=False)
             signal.signal(signal.SIGTERM, term)  # ray.init takes SIGTERM over; the server's shutdown keeps it
-        if self.s.transport == "auto":
-            from ray.util.client import ray as ray_client
+        from ray.util.client import ray as ray_client
 
-            self.polls = ray_client.is_connected()  # Ray Client: no streaming calls
-        log.info("Ray pool: messages come back by %s", "long poll (Ray Client)" if self.polls else "stream")
+        client = ray_client.is_connected()
+        self.polls = self.polls or client  # Ray Client: no streaming calls
+        log.info("Ray pool: messages come back by %s%s", "long poll" if self.polls else "stream",
+                 " through Ray Client" if client else "")
         self._actor_cls = ray.remote(WorkerActor)
         pattern = re.compile(re.escape(self.s.name) + r"-(w\d+)")
         survivors = sorted(m.group(1) for n in ray.util.list_named_actors() if (m := pattern.fullmatch(n)))
@@ -190,7 +192,9 @@ class RayPool:
         gen = w.gen
         ref = actor.next_messages.remote(gen, self.s.poll_wait_s)
         while True:
-            msgs, over = await ref  # the actor's death (or its node's) raises here, as a stream's would
+            # The actor's death (or its node's) raises here, as a stream's would. Shielded: cancelling
+            # this task (close) must not cancel Ray Client's own future, which its reply thread sets later.
+            msgs, over = await asyncio.shield(asyncio.wrap_future(ref.future()))
             if not over:  # one call always outstanding: the next is on its way while these are handled
                 ref = actor.next_messages.remote(gen, self.s.poll_wait_s)
             for msg in msgs:
