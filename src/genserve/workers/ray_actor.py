@@ -141,13 +141,18 @@ class WorkerActor:
             if gen != self.gen:
                 return [], True
             q, placed, self.told_placed = self.outbox, not self.told_placed, True
-        out: list[dict[str, Any]] = [{"ev": "placed", **self.where}] if placed else []
-        try:
-            msg = q.get_nowait() if out else q.get(timeout=max_wait_s)
-            while True:
-                if msg is _END:
-                    return out, True
-                out.append(msg)
-                msg = q.get_nowait()
-        except queue.Empty:
-            return out, False
+        return drain(q, [{"ev": "placed", **self.where}] if placed else [], max_wait_s)
+
+
+def drain(q: queue.Queue, out: list[dict[str, Any]], max_wait_s: float) -> tuple[list[dict[str, Any]], bool]:
+    """``out`` and every message ready on ``q``, waiting up to ``max_wait_s`` for the first one when
+    ``out`` is empty; and whether the stream ended (``_END`` came; it is not returned)."""
+    try:
+        msg = q.get_nowait() if out else q.get(timeout=max_wait_s)
+        while True:
+            if msg is _END:
+                return out, True
+            out.append(msg)
+            msg = q.get_nowait()
+    except queue.Empty:
+        return out, False
