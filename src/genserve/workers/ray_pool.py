@@ -95,8 +95,7 @@ class RayPool:
         self.loop = asyncio.get_running_loop()
         if not ray.is_initialized():
             term = signal.getsignal(signal.SIGTERM)
-            ray.init(address=self.s.address, namespace=self.s.namespace, log_to_driver=False,
-                     configure_logging=False)
+            self._connect(ray)
             signal.signal(signal.SIGTERM, term)  # ray.init takes SIGTERM over; the server's shutdown keeps it
         from ray.util.client import ray as ray_client
 
@@ -130,6 +129,22 @@ class RayPool:
         self._next_id = 1 + max((int(wid[1:]) for wid in self.workers), default=-1)
         for _ in range(self.count - len(self.workers)):
             self.add_worker("ray")
+
+    def _connect(self, ray: Any, attempts: int = 3) -> None:
+        for attempt in range(1, attempts + 1):
+            try:
+                ray.init(address=self.s.address, namespace=self.s.namespace, log_to_driver=False,
+                         configure_logging=False)
+                return
+            except ConnectionAbortedError as e:
+                # Ray Client: the head's proxy could not start this client's server process. Seen
+                # as a transient on a busy machine (Ray 2.60: the next try starts one); a failed
+                # connect has already disconnected itself, so trying again is clean.
+                if attempt == attempts:
+                    raise
+                log.warning("Ray Client connection to %s failed (%s), trying again (%d/%d)", self.s.address,
+                            str(e).strip().splitlines()[-1][:200] if str(e).strip() else type(e).__name__,
+                            attempt + 1, attempts)
 
     def in_flight(self) -> dict[str, str]:
         """After ``start``: the jobs a surviving worker was running for a server that died (job id
