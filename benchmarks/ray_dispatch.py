@@ -7,8 +7,14 @@
    the Ray pool (2 actors on 2 simulated nodes); jobs per second and the ratio.
 3. Node loss: a node removed while its batch runs; the time until that batch runs again elsewhere.
 
+``--transports`` picks how the Ray actor's messages come back in (1): ``stream`` (the streaming
+actor call used when the server is a cluster driver), ``poll`` (the long-poll transport, over the
+same direct connection) and ``client`` (long polls through a Ray Client server on the head, as
+with ``address = "ray://HOST:PORT"``).
+
 Needs the cluster extra (ray, boto3, moto). Everything stays on 127.0.0.1.
-    python benchmarks/ray_dispatch.py [--batches 200] [--jobs 24]
+    python benchmarks/ray_dispatch.py [--batches 200] [--jobs 24] [--transports stream,poll,client]
+        [--dispatch-only]
 """
 from __future__ import annotations
 
@@ -26,7 +32,7 @@ os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # Ray on loopback only (r
 
 import httpx  # noqa: E402
 
-from genserve.testing import LiveServer, s3_server, wait_for, wait_until  # noqa: E402
+from genserve.testing import LiveServer, free_port, s3_server, wait_for, wait_until  # noqa: E402
 from genserve.workers import protocol as P  # noqa: E402
 
 DEVICE = "genserve_device"
@@ -37,7 +43,8 @@ def pct(xs: list[float], q: float) -> float:
     return xs[min(len(xs) - 1, int(q * len(xs)))]
 
 
-async def dispatch_latency(pool_factory, model_dir: Path, n: int) -> list[float]:
+async def dispatch_latency(pool_factory, model_dir: Path, n: int) -> tuple[list[float], list[float]]:
+    """(dispatch -> worker start, worker's ``started`` -> its arrival on the event loop), in ms."""
     loop = asyncio.get_running_loop()
     inbox: asyncio.Queue = asyncio.Queue()
     pool = pool_factory(lambda wid, msg: inbox.put_nowait(msg), lambda wid, code: inbox.put_nowait({"ev": "exit"}))
@@ -56,7 +63,7 @@ async def dispatch_latency(pool_factory, model_dir: Path, n: int) -> list[float]
     pool.send(wid, {"op": P.LOAD, "model": "m", "spec": {"path": str(model_dir), "kind": "image", "dtype": "auto"},
                     "reason": "bench"})
     await wait("loaded")
-    out = []
+    out, back = [], []
     for i in range(n + 3):
         job = {"id": f"j{i}", "prompt": "x", "negative_prompt": None, "seed": i}
         t0 = time.time()
@@ -64,12 +71,14 @@ async def dispatch_latency(pool_factory, model_dir: Path, n: int) -> list[float]
                         "params": {"width": 64, "height": 64, "num_frames": 0, "steps": 1, "guidance": 1.0, "fps": 8},
                         "jobs": [job]})
         started = await wait("started")
+        seen = time.time()
         await wait("batch_done")
         if i >= 3:  # warm-up batches excluded
             out.append((started["t"] - t0) * 1000)
+            back.append((seen - started["t"]) * 1000)
     await pool.close()
     del loop
-    return out
+    return out, back
 
 
 def server_toml(models: Path, s3: str | None, ray_address: str | None, name: str, extra: str = "") -> str:
@@ -128,6 +137,8 @@ def main() -> None:
     ap.add_argument("--jobs", type=int, default=24)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--skip-dispatch", action="store_true")
+    ap.add_argument("--dispatch-only", action="store_true", help="skip the throughput and node-loss parts")
+    ap.add_argument("--transports", default="stream", help="comma-separated: stream, poll, client")
     args = ap.parse_args()
     from ray.cluster_utils import Cluster
 
@@ -139,8 +150,10 @@ def main() -> None:
     subprocess.run([sys.executable, "-m", "genserve.backends.demo", "image", str(models / "demo-image")], check=True,
                    capture_output=True)
     with s3_server("bench") as s3:
-        cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "_system_config": {
-            "health_check_period_ms": 300, "health_check_failure_threshold": 3, "health_check_initial_delay_ms": 0}})
+        client_port = free_port()
+        cluster = Cluster(initialize_head=True, head_node_args={
+            "num_cpus": 0, "ray_client_server_port": client_port, "include_dashboard": False, "_system_config": {
+                "health_check_period_ms": 300, "health_check_failure_threshold": 3, "health_check_initial_delay_ms": 0}})
         nodes = [cluster.add_node(num_cpus=1, resources={DEVICE: 1}) for _ in range(2)]
         cluster.wait_for_nodes()
         res = {"store": "local", "root": str(tmp / "results")}
@@ -152,16 +165,27 @@ def main() -> None:
                 args.batches))
             import ray
 
-            ray.init(address=cluster.address, namespace="bench", log_to_driver=False)
-            rayl = asyncio.run(dispatch_latency(
-                lambda m, e: RayPool(1, res, m, e, RaySettings(cluster.address, "bench", "lat", DEVICE, 1.0,
-                                                                  memory_budget=4 << 30)),
-                models / "demo-image", args.batches))
-            ray.shutdown()
-            for name, xs in (("local pipe", local), ("ray actor", rayl)):
-                print(f"dispatch->start {name}: median {statistics.median(xs):.2f} ms, p99 {pct(xs, 0.99):.2f} ms "
+            results = {"local pipe": local}
+            for transport in args.transports.split(","):
+                address = f"ray://127.0.0.1:{client_port}" if transport == "client" else cluster.address
+                ray.init(address=address, namespace="bench", log_to_driver=False)
+                results[f"ray actor ({transport})"] = asyncio.run(dispatch_latency(
+                    lambda m, e: RayPool(1, res, m, e, RaySettings(
+                        address, "bench", f"lat-{transport}", DEVICE, 1.0, memory_budget=4 << 30,
+                        transport="stream" if transport == "stream" else "poll")),
+                    models / "demo-image", args.batches))
+                ray.shutdown()
+            for name, (xs, ys) in results.items():
+                print(f"dispatch->start {name}: median {statistics.median(xs):.2f} ms, p99 {pct(xs, 0.99):.2f} ms; "
+                      f"started->server median {statistics.median(ys):.2f} ms, p99 {pct(ys, 0.99):.2f} ms "
                       f"(n={len(xs)})")
-            print(f"added by Ray: median {statistics.median(rayl) - statistics.median(local):.2f} ms")
+            for name, (xs, ys) in results.items():
+                if name != "local pipe":
+                    print(f"added by {name}: dispatch median {statistics.median(xs) - statistics.median(local[0]):.2f} ms,"
+                          f" back median {statistics.median(ys) - statistics.median(local[1]):.2f} ms")
+        if args.dispatch_only:
+            cluster.shutdown()
+            return
 
         # Both servers up at once, measured alternately (the machine is shared: its load drifts).
         with LiveServer(tmp / "local", server_toml(models, None, None, "l"), workers=2) as loc, \

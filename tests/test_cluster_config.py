@@ -21,11 +21,21 @@ def test_ray_and_s3():
     assert spec["store"] == "s3" and spec["bucket"] == "b" and spec["serve"] == "proxy"
 
 
+@pytest.mark.parametrize("address", ["auto", "h:6379", "10.0.0.5:6379", "ray://h:10001", "ray://127.0.0.1:10001",
+                                     "ray://[::1]:10001"])
+def test_ray_address_forms(address):
+    assert parse_config({**MODEL, "cluster": {"provider": "ray", "address": address}}).cluster.address == address
+
+
 @pytest.mark.parametrize("section, raw, key", [
     ("cluster", {"provider": "k8s"}, "cluster.provider"),
     ("cluster", {"workers": -1}, "cluster.workers"),
     ("cluster", {"adress": "auto"}, "cluster.adress"),
-    ("cluster", {"provider": "ray", "address": "ray://head:10001"}, "cluster.address"),  # no streaming calls
+    ("cluster", {"provider": "ray", "address": "http://head:10001"}, "cluster.address"),
+    ("cluster", {"provider": "ray", "address": "ray://head"}, "cluster.address"),  # no port
+    ("cluster", {"provider": "ray", "address": "ray://:10001"}, "cluster.address"),  # no host
+    ("cluster", {"provider": "ray", "address": "head:0"}, "cluster.address"),
+    ("cluster", {"provider": "ray", "address": "head:6379/x"}, "cluster.address"),
     ("results", {"store": "s3"}, "results.bucket"),
     ("results", {"store": "gcs"}, "results.store"),
     ("results", {"serve": "inline"}, "results.serve"),

@@ -2,6 +2,7 @@
 with errors that name the key. Both default to this machine: local processes, a local directory."""
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -12,12 +13,14 @@ from ..config_values import _check_table
 PROVIDERS = ("local", "ray")
 STORES = ("local", "s3")
 SERVE_MODES = ("redirect", "proxy")
+# "auto", the GCS "HOST:PORT", or Ray Client's "ray://HOST:PORT"; HOST may be a bracketed IPv6 address.
+_ADDRESS = re.compile(r"(?:ray://)?(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.-]+):(\d{1,5})")
 
 
 @dataclass(frozen=True)
 class ClusterConfig:
     provider: str = "local"
-    address: str = "auto"  # "auto" or the GCS "HOST:PORT" (not Ray Client's ray://: no streaming calls)
+    address: str = "auto"  # "auto", the GCS "HOST:PORT" or Ray Client's "ray://HOST:PORT"
     device_resource: str = "GPU"  # the Ray resource one worker takes one unit of
     workers: int | None = None  # initial Ray workers (default: server.workers); [autoscale] takes over
     namespace: str = "genserve"  # Ray namespace of the named worker actors
@@ -57,6 +60,14 @@ def _choice(key: str, v: Any, options: tuple[str, ...]) -> str:
     return v
 
 
+def _address(v: str) -> str:
+    m = _ADDRESS.fullmatch(v)
+    if v != "auto" and not (m and 1 <= int(m.group(1)) <= 65535):
+        raise ConfigError("cluster.address", "must be \"auto\", the GCS address \"HOST:PORT\" or a Ray Client "
+                          f"address \"ray://HOST:PORT\", got {v!r}")
+    return v
+
+
 def parse_cluster(raw: Any) -> ClusterConfig:
     _check_table("cluster", raw, {f.name for f in fields(ClusterConfig)})
     kw: dict[str, Any] = {}
@@ -65,11 +76,8 @@ def parse_cluster(raw: Any) -> ClusterConfig:
     for k in ("address", "device_resource", "namespace", "name", "model_cache"):
         if k in raw:
             kw[k] = _str(f"cluster.{k}", raw[k])
-    if kw.get("address", "").startswith("ray://"):
-        # Workers stream their messages back (a streaming actor call), which Ray Client cannot carry
-        # (Ray 2.x: "Streaming actor methods are not currently supported when using Ray Client").
-        raise ConfigError("cluster.address", "Ray Client addresses (ray://) are not supported: run genserve on a "
-                          "node of the cluster and give \"auto\" or the GCS address \"HOST:6379\"")
+    if "address" in raw:
+        kw["address"] = _address(kw["address"])
     if "workers" in raw:
         v = raw["workers"]
         if isinstance(v, bool) or not isinstance(v, int) or v < 0:

@@ -3,11 +3,18 @@ with its messages carried by actor calls instead of a pipe.
 
 Server -> worker: ``send(gen, seq, msg)``. A threaded actor may start calls out of order, so each
 message carries a sequence number and the actor hands them to the worker strictly in order.
-Worker -> server: ``stream(gen)``, a streaming generator: every message is yielded the moment the
-worker emits it, so progress, results and heartbeats reach the server's event loop as they happen.
+Worker -> server, one of two transports (the pool picks one):
+
+- ``next_messages(gen, max_wait_s)``, a long poll (the default, and the only one Ray Client can
+  carry): it blocks until at least one message is ready and returns all that are; the pool keeps
+  one such call outstanding per actor. An empty list means ``max_wait_s`` passed with nothing to
+  say (the bound keeps a call that nobody awaits any more from holding one of the actor's threads).
+- ``stream(gen)``, a streaming generator: every message is yielded the moment the worker emits it.
+
+Either way progress, results and heartbeats reach the server's event loop as they happen.
 
 ``gen`` is the attachment: a restarted server attaches to a surviving (named, detached) actor with
-a higher one. The actor then forgets the old server's stream and its batches (their messages
+a higher one. The actor then forgets the old server's stream or poll and its batches (their messages
 would describe batches the new server never dispatched), and the new server says ``hello`` so the
 worker starts clean and announces itself again. The worker finishes what it had been given first
 (the ``hello`` waits behind it), so before attaching, a new server asks ``in_flight()`` which jobs
@@ -41,6 +48,7 @@ class WorkerActor:
                  memory_budget: int, host_cache_bytes: int, model_cache: str, device_resource: str) -> None:
         self.lock = threading.Lock()
         self.gen = 0
+        self.told_placed = False  # the current attachment's poll has said where the actor runs
         self.outbox: queue.Queue = queue.Queue()
         self.inbox: queue.Queue = queue.Queue()
         self.next_seq = 0
@@ -81,9 +89,10 @@ class WorkerActor:
         """Called with the lock held: a newer server takes over."""
         if gen <= self.gen:
             return
-        self.gen = gen
-        self.outbox.put(_END)  # ends the old stream, if one is still open
-        self.outbox = queue.Queue()
+        if self.gen:  # a fresh actor's first server keeps what the worker said already (its ``ready``)
+            self.outbox.put(_END)  # ends the old stream or poll, if one is still open
+            self.outbox = queue.Queue()
+        self.gen, self.told_placed = gen, False
         self.next_seq, self.held, self.batches = 0, {}, set()
 
     def send(self, gen: int, seq: int, msg: dict[str, Any]) -> None:
@@ -122,3 +131,28 @@ class WorkerActor:
             if msg is _END:
                 return
             yield msg
+
+    def next_messages(self, gen: int, max_wait_s: float) -> tuple[list[dict[str, Any]], bool]:
+        """The long-poll transport: (the messages ready now, waiting up to ``max_wait_s`` for the
+        first one; whether the stream of messages is over). Over means the worker ended or a newer
+        attachment took over, as when a stream ends."""
+        with self.lock:
+            self._attach(gen)
+            if gen != self.gen:
+                return [], True
+            q, placed, self.told_placed = self.outbox, not self.told_placed, True
+        return drain(q, [{"ev": "placed", **self.where}] if placed else [], max_wait_s)
+
+
+def drain(q: queue.Queue, out: list[dict[str, Any]], max_wait_s: float) -> tuple[list[dict[str, Any]], bool]:
+    """``out`` and every message ready on ``q``, waiting up to ``max_wait_s`` for the first one when
+    ``out`` is empty; and whether the stream ended (``_END`` came; it is not returned)."""
+    try:
+        msg = q.get_nowait() if out else q.get(timeout=max_wait_s)
+        while True:
+            if msg is _END:
+                return out, True
+            out.append(msg)
+            msg = q.get_nowait()
+    except queue.Empty:
+        return out, False

@@ -4,8 +4,10 @@ any node of the cluster (implements ``base.Pool``).
 Ray only places and runs the workers; the engine stays the only scheduler. Ray's own retries are
 off (``max_restarts=0``, ``max_task_retries=0``): an actor or node that dies is a dead worker for
 the engine, which retries its batch on another one. Each actor's messages arrive on the event loop
-through one asyncio task per actor that iterates the actor's streaming generator — no polling, no
-threads in the server. Actors are named and detached, so a server restarted after a crash finds
+through one asyncio task per actor that keeps one long-poll call outstanding, each returning as soon
+as the worker has something to say: no timer, no threads in the server. It works the same over a
+direct connection and through Ray Client (``ray://``), which carries no streaming actor calls (the
+streaming transport, ``transport="stream"``, is kept for direct connections and benchmarks). Actors are named and detached, so a server restarted after a crash finds
 the workers that survived and attaches to them instead of starting new ones.
 """
 from __future__ import annotations
@@ -60,6 +62,10 @@ class RaySettings:
     heartbeat_s: float = 2.0
     memory_budget: int = 0
     host_cache_bytes: int = 0
+    # How messages come back: "poll" (long polls), or "stream" (a streaming actor call; as fast in
+    # benchmarks/ray_dispatch.py, but Ray Client cannot carry it, so through Ray Client it polls anyway).
+    transport: str = "poll"
+    poll_wait_s: float = 10.0  # longest a poll waits with nothing to say (heartbeats come sooner)
 
 
 class RayPool:
@@ -76,6 +82,7 @@ class RayPool:
         self.closing = False
         self.loop: asyncio.AbstractEventLoop | None = None
         self._actor_cls: Any = None
+        self.polls = settings.transport != "stream"  # long polls instead of a stream (decided in start)
         self._in_flight: dict[str, str] = {}  # job id -> surviving worker still running it (found at start)
 
     # ---- lifecycle ----------------------------------------------------------------------------------
@@ -88,9 +95,14 @@ class RayPool:
         self.loop = asyncio.get_running_loop()
         if not ray.is_initialized():
             term = signal.getsignal(signal.SIGTERM)
-            ray.init(address=self.s.address, namespace=self.s.namespace, log_to_driver=False,
-                     configure_logging=False)
+            self._connect(ray)
             signal.signal(signal.SIGTERM, term)  # ray.init takes SIGTERM over; the server's shutdown keeps it
+        from ray.util.client import ray as ray_client
+
+        client = ray_client.is_connected()
+        self.polls = self.polls or client  # Ray Client: no streaming calls
+        log.info("Ray pool: messages come back by %s%s", "long poll" if self.polls else "stream",
+                 " through Ray Client" if client else "")
         self._actor_cls = ray.remote(WorkerActor)
         pattern = re.compile(re.escape(self.s.name) + r"-(w\d+)")
         survivors = sorted(m.group(1) for n in ray.util.list_named_actors() if (m := pattern.fullmatch(n)))
@@ -117,6 +129,22 @@ class RayPool:
         self._next_id = 1 + max((int(wid[1:]) for wid in self.workers), default=-1)
         for _ in range(self.count - len(self.workers)):
             self.add_worker("ray")
+
+    def _connect(self, ray: Any, attempts: int = 3) -> None:
+        for attempt in range(1, attempts + 1):
+            try:
+                ray.init(address=self.s.address, namespace=self.s.namespace, log_to_driver=False,
+                         configure_logging=False)
+                return
+            except ConnectionAbortedError as e:
+                # Ray Client: the head's proxy could not start this client's server process. Seen
+                # as a transient on a busy machine (Ray 2.60: the next try starts one); a failed
+                # connect has already disconnected itself, so trying again is clean.
+                if attempt == attempts:
+                    raise
+                log.warning("Ray Client connection to %s failed (%s), trying again (%d/%d)", self.s.address,
+                            str(e).strip().splitlines()[-1][:200] if str(e).strip() else type(e).__name__,
+                            attempt + 1, attempts)
 
     def in_flight(self) -> dict[str, str]:
         """After ``start``: the jobs a surviving worker was running for a server that died (job id
@@ -148,10 +176,9 @@ class RayPool:
         w.task = self.loop.create_task(self._consume(w, actor))
 
     async def _consume(self, w: RayWorkerHandle, actor: Any) -> None:
-        """Deliver the actor's messages as they are yielded; its death ends the loop."""
+        """Deliver the actor's messages as they come; its death ends the loop."""
         try:
-            async for ref in actor.stream.remote(w.gen):
-                msg = await ref
+            async for msg in (self._polled(w, actor) if self.polls else self._streamed(w, actor)):
                 if w.actor is not actor:
                     return  # replaced meanwhile
                 ev = msg.get("ev")
@@ -170,6 +197,25 @@ class RayPool:
                 log.warning("worker %s: actor lost: %s", w.id, type(e).__name__)
         if w.actor is actor and not self.closing:
             self._lost(w)
+
+    @staticmethod
+    async def _streamed(w: RayWorkerHandle, actor: Any):
+        async for ref in actor.stream.remote(w.gen):
+            yield await ref
+
+    async def _polled(self, w: RayWorkerHandle, actor: Any):
+        gen = w.gen
+        ref = actor.next_messages.remote(gen, self.s.poll_wait_s)
+        while True:
+            # The actor's death (or its node's) raises here, as a stream's would. Shielded: cancelling
+            # this task (close) must not cancel Ray Client's own future, which its reply thread sets later.
+            msgs, over = await asyncio.shield(asyncio.wrap_future(ref.future()))
+            if not over:  # one call always outstanding: the next is on its way while these are handled
+                ref = actor.next_messages.remote(gen, self.s.poll_wait_s)
+            for msg in msgs:
+                yield msg
+            if over:
+                return
 
     def _lost(self, w: RayWorkerHandle) -> None:
         import ray
