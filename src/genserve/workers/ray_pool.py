@@ -4,10 +4,11 @@ any node of the cluster (implements ``base.Pool``).
 Ray only places and runs the workers; the engine stays the only scheduler. Ray's own retries are
 off (``max_restarts=0``, ``max_task_retries=0``): an actor or node that dies is a dead worker for
 the engine, which retries its batch on another one. Each actor's messages arrive on the event loop
-through one asyncio task per actor that keeps one long-poll call outstanding, each returning as soon
-as the worker has something to say: no timer, no threads in the server. It works the same over a
-direct connection and through Ray Client (``ray://``), which carries no streaming actor calls (the
-streaming transport, ``transport="stream"``, is kept for direct connections and benchmarks). Actors are named and detached, so a server restarted after a crash finds
+through one asyncio task per actor, as the worker sends them: over a direct connection a streaming
+actor call (``transport="stream"``, the default); through Ray Client (``ray://``), which carries no
+streaming actor calls, one long-poll call kept outstanding that returns as soon as the worker has
+something to say (``"poll"``; as fast in benchmarks/ray_dispatch.py). No timer, no threads in the
+server. Actors are named and detached, so a server restarted after a crash finds
 the workers that survived and attaches to them instead of starting new ones.
 """
 from __future__ import annotations
@@ -62,9 +63,9 @@ class RaySettings:
     heartbeat_s: float = 2.0
     memory_budget: int = 0
     host_cache_bytes: int = 0
-    # How messages come back: "poll" (long polls), or "stream" (a streaming actor call; as fast in
-    # benchmarks/ray_dispatch.py, but Ray Client cannot carry it, so through Ray Client it polls anyway).
-    transport: str = "poll"
+    # How messages come back: "stream" (a streaming actor call), or "poll" (long polls; as fast in
+    # benchmarks/ray_dispatch.py). Ray Client cannot carry streaming calls: through it, it polls anyway.
+    transport: str = "stream"
     poll_wait_s: float = 10.0  # longest a poll waits with nothing to say (heartbeats come sooner)
 
 
