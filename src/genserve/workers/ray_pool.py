@@ -131,16 +131,17 @@ class RayPool:
         for _ in range(self.count - len(self.workers)):
             self.add_worker("ray")
 
-    def _connect(self, ray: Any, attempts: int = 3) -> None:
+    def _connect(self, ray: Any, attempts: int = 5) -> None:
         for attempt in range(1, attempts + 1):
             try:
                 ray.init(address=self.s.address, namespace=self.s.namespace, log_to_driver=False,
                          configure_logging=False)
                 return
-            except ConnectionAbortedError as e:
-                # Ray Client: the head's proxy could not start this client's server process. Seen
-                # as a transient on a busy machine (Ray 2.60: the next try starts one); a failed
-                # connect has already disconnected itself, so trying again is clean.
+            except ConnectionError as e:
+                # Ray Client: the head's proxy could not start this client's server process, or did
+                # not within Ray's ~35 s of connection retries. Both seen as transients on a busy
+                # machine (Ray 2.60: the next try starts one); a failed connect has already
+                # disconnected itself, so trying again is clean.
                 if attempt == attempts:
                     raise
                 log.warning("Ray Client connection to %s failed (%s), trying again (%d/%d)", self.s.address,
