@@ -44,7 +44,7 @@ default_guidance = 1.0
             ws = workers(c)
             return ws if len([w for w in ws if w.get("pid")]) == 2 else None
 
-        two = wait_until(two_up, 60, "a second worker process")
+        two = wait_until(two_up, 240, "a second worker process")  # a process start takes a minute on a loaded 2-core box
         pids = {w["id"]: w["pid"] for w in two}
         jobs = [wait_for(c, j, timeout=300) for j in ids]
         assert all(j["status"] == "succeeded" for j in jobs)
@@ -54,7 +54,7 @@ default_guidance = 1.0
             ws = workers(c)
             return ws if len(ws) == 1 else None
 
-        one = wait_until(one_left, 60, "scale down to 1")
+        one = wait_until(one_left, 180, "scale down to 1")
         gone = [pid for wid, pid in pids.items() if wid != one[0]["id"]]
         assert len(gone) == 1
         wait_until(lambda: not _alive(gone[0]), 20, "the retired process to exit")
