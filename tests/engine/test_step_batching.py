@@ -145,6 +145,20 @@ def test_joins_stop_when_the_working_memory_of_a_bigger_set_does_not_fit():
     assert eng.running_batch(run2.batch_id).most_at_once == total
 
 
+def test_a_set_whose_model_failed_to_load_takes_no_join():
+    # found by a property test: a join looked up the model's residency on the worker after the
+    # load had failed (KeyError in the engine's step, between load_failed and batch_failed)
+    eng = make()
+    eng.submit("a", key(), Priority.STANDARD, 0.0)
+    [run] = of(eng.step(0.0), RunBatch)
+    assert run.needs_load
+    eng.model_load_failed("w0", "img", 1.0)
+    eng.submit("b", key(), Priority.STANDARD, 1.0)
+    assert of(eng.step(1.0), JoinBatch) == []
+    eng.batch_failed(run.batch_id, "model_load_failed", "no such model", 2.0)
+    assert eng.is_queued("b")
+
+
 # ---- priority at step boundaries: a high job pauses a low one ------------------------------------
 
 

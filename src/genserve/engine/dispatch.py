@@ -78,8 +78,8 @@ class Dispatcher:
                 if room <= 0:
                     continue
             worker = self.fleet.workers.get(batch.worker)
-            if worker is None or self._idle_warm(key.model, killing):
-                continue
+            if worker is None or key.model not in worker.resident or self._idle_warm(key.model, killing):
+                continue  # (not resident: its load failed, and the set will fail with it)
             if protected is None:
                 protected = self.waiting.protected_models()
             if self.residency.fit(worker, key, len(batch.jobs) + 1, protected) is None:
