@@ -90,30 +90,33 @@ class Bench:
         self.sync()
         return out, setup, time.perf_counter() - t0
 
+    def intake(self, arrivals: list[tuple[float, int]], i: int, now: float, queue: deque, arrive: dict) -> int:
+        """Queue the jobs that have arrived by ``now`` (from index i); returns the next index."""
+        while i < len(arrivals) and arrivals[i][0] <= now:
+            j = self.job(arrivals[i][1])
+            arrive[j.id] = arrivals[i][0]
+            queue.append(j)
+            i += 1
+        return i
+
     def request_level(self, arrivals: list[tuple[float, int]]) -> dict:
         """arrivals: (seconds after start, steps). Runs in real time; returns the summary."""
-        queue: deque[tuple[int, float, StepJob]] = deque()
-        first, done = {}, {}
-        arrive = {}
+        queue: deque[StepJob] = deque()
+        first, done, arrive = {}, {}, {}
         i, t0 = 0, time.perf_counter()
         while len(done) < len(arrivals):
             now = time.perf_counter() - t0
-            while i < len(arrivals) and arrivals[i][0] <= now:
-                j = self.job(arrivals[i][1])
-                arrive[j.id] = arrivals[i][0]
-                queue.append((i, arrivals[i][0], j))
-                i += 1
+            i = self.intake(arrivals, i, now, queue, arrive)
             if not queue:
                 time.sleep(max(0.0, arrivals[i][0] - now))
                 continue
-            steps = queue[0][2].steps
-            batch = [x for x in queue if x[2].steps == steps][:self.cap]
-            for x in batch:
-                queue.remove(x)
+            batch = [j for j in queue if j.steps == queue[0].steps][:self.cap]  # the oldest job's step count
+            for j in batch:
+                queue.remove(j)
             start = time.perf_counter() - t0
-            self.call([x[2] for x in batch])
+            self.call(batch)
             end = time.perf_counter() - t0
-            for _, _, j in batch:
+            for j in batch:
                 first[j.id], done[j.id] = start, end
         return summary(arrive, first, done)
 
@@ -124,11 +127,7 @@ class Bench:
         i, t0 = 0, time.perf_counter()
         while len(done) < len(arrivals):
             now = time.perf_counter() - t0
-            while i < len(arrivals) and arrivals[i][0] <= now:
-                j = self.job(arrivals[i][1])
-                arrive[j.id] = arrivals[i][0]
-                queue.append(j)
-                i += 1
+            i = self.intake(arrivals, i, now, queue, arrive)
             while queue and not rs.full:
                 rs.admit(queue.popleft())
             if not rs.slots:
