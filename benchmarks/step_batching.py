@@ -109,9 +109,10 @@ def main() -> int:
     p.add_argument("--size", help="WxH (default: 32x32, where per-job overheads weigh most)")
     p.add_argument("--reps", type=int, default=3, help="overload bursts per mode (alternated; the median is reported)")
     p.add_argument("--max-batch", type=int, default=4, help="max_batch_size of every entry (the running set's cap)")
+    p.add_argument("--steps", help="short,long step counts, half the jobs each (default 4,20)")
     p.add_argument("--json", type=Path)
     a = p.parse_args()
-    steps = SHAPES[a.kind]["steps"]
+    steps = tuple(int(x) for x in a.steps.split(",")) if a.steps else SHAPES[a.kind]["steps"]
     with tempfile.TemporaryDirectory() as tmp:
         models = Path(tmp) / "models"
         subprocess.run([sys.executable, "-m", "genserve.backends.demo", a.kind, str(models / f"demo-{a.kind}")], check=True)

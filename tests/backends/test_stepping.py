@@ -80,10 +80,10 @@ def drive(pipe, shape, script, max_size=4):
     paused, outputs, steps_seen = {}, {}, {}
     tick = 0
     while True:
+        # the jobs admitted at one boundary are prepared together, as the worker does
+        rs.admit_many([arg for action, arg in script.get(tick, []) if action == "admit"])
         for action, arg in script.get(tick, []):
-            if action == "admit":
-                rs.admit(arg)
-            elif action == "cancel":
+            if action == "cancel":
                 rs.drop(arg)
             elif action == "pause":
                 paused[arg] = rs.drop(arg)
@@ -131,6 +131,35 @@ def test_jobs_finishing_at_the_same_step_are_decoded_together_and_equal_standalo
     for job in (b, late):
         diff = np.abs(as_array(outputs[job.id], kind) - standalone(pipe, job, shape, kind)).max()
         assert diff <= TOL, f"{job.id}: max diff {diff}"
+
+
+@pytest.mark.parametrize("kind", ["image", "video"])
+def test_jobs_joining_together_share_one_prompt_encoding_and_equal_standalone(kind, image_pipe, video_pipe):
+    # a and d use guidance, c does not (its unconditional row is dropped), b has a negative prompt
+    # where the others have none: one text-encoder call for all four, each output its own
+    pipe, shape = (image_pipe, IMAGE) if kind == "image" else (video_pipe, VIDEO)
+    calls = []
+    encode = pipe.encode_prompt
+    pipe.encode_prompt = lambda *a, **k: calls.append(a) or encode(*a, **k)
+    try:
+        outputs, steps, _ = drive(pipe, shape, {0: [("admit", job) for job in JOBS]})
+    finally:
+        del pipe.encode_prompt
+    assert len(calls) == 1 and len(calls[0][0]) == 4
+    assert steps == {j.id: j.steps for j in JOBS}
+    for job in JOBS:
+        diff = np.abs(as_array(outputs[job.id], kind) - standalone(pipe, job, shape, kind)).max()
+        assert diff <= TOL, f"{job.id}: max diff {diff}"
+
+
+def test_a_job_cannot_join_twice(image_pipe):
+    rs = RunningSet(image_pipe, adapter_for(image_pipe, {"kind": "image"}).step_driver(image_pipe), IMAGE, 4)
+    with pytest.raises(ValueError, match="already in the set"):
+        rs.admit_many([JOBS[0], JOBS[0]])
+    rs.admit(JOBS[1])
+    with pytest.raises(ValueError, match="already in the set"):
+        rs.admit(JOBS[1])
+    assert list(rs.slots) == ["b"]
 
 
 @pytest.mark.parametrize("kind", ["image", "video"])

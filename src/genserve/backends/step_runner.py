@@ -87,23 +87,31 @@ def run_steps(runner, msg: dict[str, Any], emit: Emit, canceled: set[str], joins
                 pending.extend(m["jobs"])
                 seen.update(j["id"] for j in m["jobs"])
 
+    def joined(j: dict[str, Any], resumed_from: int | None) -> None:
+        payloads[j["id"]] = j
+        started.setdefault(j["id"], time.time())
+        emit({"ev": "job_started", "batch_id": batch_id, "job_id": j["id"], "t": time.time(),
+              "joined_step": rs.steps_run, **({"resumed_from": resumed_from} if resumed_from is not None else {})})
+
     def canceled_now(job_id: str) -> None:
         emit({"ev": "job_canceled", "batch_id": batch_id, "job_id": job_id, "t": time.time()})
 
     while True:
         between()
         take_joins()
+        fresh: list[dict[str, Any]] = []
         for j in pending:
             if j["id"] in canceled:
                 canceled_now(j["id"])
                 continue
             back = parked.pop(j["id"], None)
-            resumed = back is not None and back[0] == where
-            slot = rs.resume(back[1]) if resumed else rs.admit(step_job(j))
-            payloads[j["id"]] = j
-            started.setdefault(j["id"], time.time())
-            emit({"ev": "job_started", "batch_id": batch_id, "job_id": j["id"], "t": time.time(),
-                  "joined_step": rs.steps_run, **({"resumed_from": slot.done} if resumed else {})})
+            if back is not None and back[0] == where:
+                joined(j, rs.resume(back[1]).done)
+            else:
+                fresh.append(j)
+        rs.admit_many([step_job(j) for j in fresh])  # the joiners' prompts in one text-encoder call
+        for j in fresh:
+            joined(j, None)
         pending.clear()
         for job_id in [i for i in rs.slots if i in canceled]:
             rs.drop(job_id)

@@ -67,7 +67,7 @@ class Slot:
 
 
 class StepFamily(Protocol):
-    def prepare(self, pipe, job: StepJob, shape: dict[str, int]) -> Slot: ...
+    def prepare(self, pipe, jobs: list[StepJob], shape: dict[str, int], device) -> list[Slot]: ...
     def denoise(self, pipe, slots: list[Slot]) -> list[Any]: ...
     def decode(self, pipe, slots: list[Slot]) -> list[Any]: ...
 
@@ -90,6 +90,23 @@ def _generator(seed: int):
     return torch.Generator(device="cpu").manual_seed(seed)
 
 
+def _negatives(jobs: list[StepJob], cfg: bool) -> list[str] | None:
+    # None means none: the pipelines then encode "" for the unconditional rows, as spelled here
+    return [j.negative_prompt or "" for j in jobs] if cfg else None
+
+
+def _slots(pipe, jobs: list[StepJob], device, latents, cond, uncond, gens) -> list[Slot]:
+    """One slot per job from rows prepared together (rows are independent in the text encoder, as in
+    the denoiser; each job's latents come from its own generator, as in a standalone call). A job
+    without guidance drops the unconditional row another job in the group needed."""
+    out = []
+    for i, (job, gen) in enumerate(zip(jobs, gens)):
+        sched, timesteps = _own_scheduler(pipe, job.steps, device)
+        neg = uncond[i:i + 1] if job.guidance > 1.0 else None
+        out.append(Slot(job, latents[i:i + 1], sched, timesteps, cond[i:i + 1], neg, gen, _step_kwargs(sched, [gen])))
+    return out
+
+
 def _guided(pred, slots: list[Slot]) -> list[Any]:
     """Split the denoiser's rows back per request and apply each one's guidance. Rows are laid out
     slot by slot: [cond] or [cond, uncond]."""
@@ -108,20 +125,18 @@ class UNetFamily:
     """StableDiffusionPipeline-style: CLIP text encoder, UNet2DConditionModel, AutoencoderKL, a
     scheduler with ``scale_model_input`` (guidance as CFG when > 1)."""
 
-    def prepare(self, pipe, job: StepJob, shape: dict[str, int]) -> Slot:
+    def prepare(self, pipe, jobs: list[StepJob], shape: dict[str, int], device) -> list[Slot]:
         import torch
 
-        device = pipe._execution_device
-        cfg = job.guidance > 1.0
-        with torch.inference_mode():
-            cond, uncond = pipe.encode_prompt(job.prompt, device, 1, cfg, job.negative_prompt)
-            gen = _generator(job.seed)
-            latents = pipe.prepare_latents(1, pipe.unet.config.in_channels, shape["height"], shape["width"],
-                                           cond.dtype, device, [gen], None)
-        sched, timesteps = _own_scheduler(pipe, job.steps, device)
         if getattr(pipe.unet.config, "time_cond_proj_dim", None) is not None:
             raise ValueError("guidance-embedded UNets (LCM-style) are not step-batched yet")
-        return Slot(job, latents, sched, timesteps, cond, uncond if cfg else None, gen, _step_kwargs(sched, [gen]))
+        cfg = any(j.guidance > 1.0 for j in jobs)
+        with torch.inference_mode():
+            cond, uncond = pipe.encode_prompt([j.prompt for j in jobs], device, 1, cfg, _negatives(jobs, cfg))
+            gens = [_generator(j.seed) for j in jobs]
+            latents = pipe.prepare_latents(len(jobs), pipe.unet.config.in_channels, shape["height"], shape["width"],
+                                           cond.dtype, device, gens, None)
+        return _slots(pipe, jobs, device, latents, cond, uncond, gens)
 
     def denoise(self, pipe, slots: list[Slot]) -> list[Any]:
         import torch
@@ -158,21 +173,18 @@ class WanFamily:
     def __init__(self, max_sequence_length: int = 512) -> None:
         self.max_sequence_length = max_sequence_length  # as the pipeline's __call__ default
 
-    def prepare(self, pipe, job: StepJob, shape: dict[str, int]) -> Slot:
+    def prepare(self, pipe, jobs: list[StepJob], shape: dict[str, int], device) -> list[Slot]:
         import torch
 
-        device = pipe._execution_device
-        cfg = job.guidance > 1.0
+        cfg = any(j.guidance > 1.0 for j in jobs)
         dtype = pipe.transformer.dtype
         with torch.inference_mode():
-            cond, uncond = pipe.encode_prompt(job.prompt, job.negative_prompt, cfg, 1, device=device,
+            cond, uncond = pipe.encode_prompt([j.prompt for j in jobs], _negatives(jobs, cfg), cfg, 1, device=device,
                                               max_sequence_length=self.max_sequence_length)
-            gen = _generator(job.seed)
-            latents = pipe.prepare_latents(1, pipe.transformer.config.in_channels, shape["height"], shape["width"],
-                                           shape["num_frames"], torch.float32, device, [gen], None)
-        sched, timesteps = _own_scheduler(pipe, job.steps, device)
-        return Slot(job, latents, sched, timesteps, cond.to(dtype), uncond.to(dtype) if cfg else None, gen,
-                    _step_kwargs(sched, [gen]))
+            gens = [_generator(j.seed) for j in jobs]
+            latents = pipe.prepare_latents(len(jobs), pipe.transformer.config.in_channels, shape["height"],
+                                           shape["width"], shape["num_frames"], torch.float32, device, gens, None)
+        return _slots(pipe, jobs, device, latents, cond.to(dtype), uncond.to(dtype) if cfg else None, gens)
 
     def denoise(self, pipe, slots: list[Slot]) -> list[Any]:
         import torch
@@ -212,6 +224,7 @@ class RunningSet:
         self.slots: dict[str, Slot] = {}
         self.steps_run = 0  # denoiser calls so far
         self.shared: dict[str, set[str]] = {}  # job id -> ids of the jobs it shared a step with
+        self.device = pipe._execution_device  # looked up once: it walks every module of the pipeline
 
     def __len__(self) -> int:
         return len(self.slots)
@@ -222,10 +235,15 @@ class RunningSet:
 
     def admit(self, job: StepJob) -> Slot:
         """Encode the prompt and set up the latents (between steps). The caller checks ``full``."""
-        if job.id in self.slots:
-            raise ValueError(f"job {job.id} is already in the set")
-        slot = self.family.prepare(self.pipe, job, self.shape)
-        return self.resume(slot)
+        return self.admit_many([job])[0]
+
+    def admit_many(self, jobs: list[StepJob]) -> list[Slot]:
+        """Admit the jobs joining at one step boundary, their prompts encoded in one call."""
+        ids = [job.id for job in jobs]
+        for job_id in ids:
+            if job_id in self.slots or ids.count(job_id) > 1:
+                raise ValueError(f"job {job_id} is already in the set")
+        return [self.resume(slot) for slot in self.family.prepare(self.pipe, jobs, self.shape, self.device)] if jobs else []
 
     def resume(self, slot: Slot) -> Slot:
         """Put a paused slot (or a freshly prepared one) into the set; it continues at its own step."""
