@@ -98,12 +98,14 @@ def _negatives(jobs: list[StepJob], cfg: bool) -> list[str] | None:
 def _slots(pipe, jobs: list[StepJob], device, latents, cond, uncond, gens) -> list[Slot]:
     """One slot per job from rows prepared together (rows are independent in the text encoder, as in
     the denoiser; each job's latents come from its own generator, as in a standalone call). A job
-    without guidance drops the unconditional row another job in the group needed."""
+    without guidance drops the unconditional row another job in the group needed. Rows are copied out,
+    so that a slot kept after the others left (paused, parked) holds only its own tensors."""
     out = []
     for i, (job, gen) in enumerate(zip(jobs, gens)):
         sched, timesteps = _own_scheduler(pipe, job.steps, device)
-        neg = uncond[i:i + 1] if job.guidance > 1.0 else None
-        out.append(Slot(job, latents[i:i + 1], sched, timesteps, cond[i:i + 1], neg, gen, _step_kwargs(sched, [gen])))
+        neg = uncond[i:i + 1].clone() if job.guidance > 1.0 else None
+        out.append(Slot(job, latents[i:i + 1].clone(), sched, timesteps, cond[i:i + 1].clone(), neg, gen,
+                        _step_kwargs(sched, [gen])))
     return out
 
 
