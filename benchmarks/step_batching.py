@@ -3,7 +3,7 @@ process, the demo image (and video) model. For each mode:
 
 - capacity: a burst of jobs at once (overload); throughput = jobs / (last finish - first arrival);
 - load: Poisson arrivals at ``--load`` × the request-level capacity, a 50/50 mix of short and long
-  step counts: P50/P99 time from arrival to the job's first denoising step (its
+  step counts (``--steps``; issue 13 names 8 and 40): P50/P99 time from arrival to the job's first denoising step (its
   ``t_inference_start``) and end to end;
 - low load: jobs one at a time (each alone): end-to-end latency vs request-level's lone batch of 1,
   with its 50 ms window and without one (a third entry, ``nowindow``).
@@ -12,7 +12,8 @@ Both modes run on the same server (two model entries over the same weights, ``ba
 "request"`` and ``"step"``, max 4 jobs at once by default (``--max-batch``); request-level with a 50 ms window), so the ratios are
 measured back to back on one machine.
 
-    .venv/bin/python benchmarks/step_batching.py [--kind image|video] [--jobs 80] [--json out.json]
+    .venv/bin/python benchmarks/step_batching.py [--kind image|video] [--jobs 80] [--steps 8,40] [--max-batch 8]
+        [--size 64x64] [--json out.json]
 """
 from __future__ import annotations
 
