@@ -213,5 +213,8 @@ def _wait_all(procs: list, timeout: float) -> None:
         done = mp_connection.wait(pending, timeout=left)
         pending = [s for s in pending if s not in done]
     for p in procs:
-        if not p.is_alive():
-            p.join(0)  # reap
+        if p.sentinel not in pending:
+            # Its sentinel fired: the process has closed its files and is exiting. It may not be a
+            # zombie yet (a busy kernel can preempt it between closing its files and its exit), so
+            # is_alive() could still say True: join with a timeout does a blocking waitpid and reaps it.
+            p.join(5.0)
