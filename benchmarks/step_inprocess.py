@@ -128,8 +128,8 @@ class Bench:
         while len(done) < len(arrivals):
             now = time.perf_counter() - t0
             i = self.intake(arrivals, i, now, queue, arrive)
-            while queue and not rs.full:
-                rs.admit(queue.popleft())
+            room = rs.max_size - len(rs)
+            rs.admit_many([queue.popleft() for _ in range(min(room, len(queue)))])  # as the worker: one encoding
             if not rs.slots:
                 time.sleep(max(0.0, arrivals[i][0] - now))
                 continue

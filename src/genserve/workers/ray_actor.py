@@ -5,9 +5,10 @@ Server -> worker: ``send(gen, seq, msg)``. A threaded actor may start calls out 
 message carries a sequence number and the actor hands them to the worker strictly in order.
 Worker -> server, one of two transports (the pool picks one):
 
-- ``next_messages(gen, max_wait_s)``, a long poll (the one Ray Client can carry): it blocks until at least one message is ready and returns all that are; the pool keeps
-  one such call outstanding per actor. An empty list means ``max_wait_s`` passed with nothing to
-  say (the bound keeps a call that nobody awaits any more from holding one of the actor's threads).
+- ``next_messages(gen, max_wait_s)``, a long poll (the one Ray Client can carry): it blocks until
+  at least one message is ready and returns all that are; the pool keeps one such call outstanding
+  per actor. An empty list means ``max_wait_s`` passed with nothing to say (the bound keeps a call
+  that nobody awaits any more from holding one of the actor's threads).
 - ``stream(gen)``, a streaming generator (the default over a direct connection): every message is
   yielded the moment the worker emits it.
 
