@@ -18,7 +18,7 @@ from pathlib import Path
 
 import httpx
 
-from genserve.testing import LiveServer
+from genserve.bench.live import LiveServer
 
 VARIANTS = [("off", 1, 0), ("on, max 4", 4, 50), ("on, max 8", 8, 50)]
 

@@ -2,7 +2,7 @@
 and server RSS meanwhile. Usage: PYTHONPATH=src python benchmarks/body_limit.py"""
 import socket, time, threading, httpx, tempfile, os
 from pathlib import Path
-from genserve.testing import LiveServer
+from genserve.bench.live import LiveServer
 d = Path(tempfile.mkdtemp())
 def rss(pid):
     for line in open(f"/proc/{pid}/status"):

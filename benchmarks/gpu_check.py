@@ -30,7 +30,7 @@ import torch
 
 from genserve.backends.demo import ensure_demo_model, vocab_size, _write_tokenizer
 from genserve.backends.runner import PipelineRunner
-from genserve.server.metrics import nvml_stats
+from genserve.server.observe.metrics import nvml_stats
 from genserve.storage.results import LocalResultStore
 
 MIB = 1 << 20

@@ -32,7 +32,7 @@ os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # Ray on loopback only (r
 
 import httpx  # noqa: E402
 
-from genserve.testing import LiveServer, free_port, s3_server, wait_for, wait_until  # noqa: E402
+from genserve.bench.live import LiveServer, free_port, s3_server, wait_for, wait_until  # noqa: E402
 from genserve.workers import protocol as P  # noqa: E402
 
 DEVICE = "genserve_device"

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import httpx
 
-from genserve.testing import LiveServer
+from genserve.bench.live import LiveServer
 
 # A follows B 80 % of the time, and so on: a Markov chain whose stationary mix is skewed to A.
 CHAIN = {"m-a": {"m-b": 0.8, "m-a": 0.2}, "m-b": {"m-c": 0.6, "m-a": 0.4}, "m-c": {"m-a": 0.9, "m-b": 0.1}}

@@ -32,10 +32,10 @@ from pathlib import Path
 
 import httpx
 
+from genserve.bench.live import LiveServer, post_concurrently, wait_for
 from genserve.sim.driver import simulate
 from genserve.sim.report import percentile, summarize
 from genserve.sim.scenario import parse_scenario
-from genserve.testing import LiveServer, post_concurrently, wait_for
 
 MODEL = "demo-image"
 # One torch thread per worker: on a shared 2-core VM, OpenMP threads spin against the neighbours' load

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import httpx
 
-from genserve.testing import LiveServer
+from genserve.bench.live import LiveServer
 
 
 def config(models: Path, retention: bool) -> str:

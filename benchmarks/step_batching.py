@@ -28,7 +28,7 @@ from pathlib import Path
 
 import httpx
 
-from genserve.testing import LiveServer
+from genserve.bench.live import LiveServer
 
 SHAPES = {"image": {"size": "32x32", "steps": (4, 20), "extra": ""},
           "video": {"size": "32x32", "steps": (4, 20), "extra": "default_frames = 5\nmax_frames = 9\nframe_stride = 4\n"}}

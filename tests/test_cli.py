@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from genserve.cli import build_parser
-from genserve.testing import free_port
+from genserve.bench.live import free_port
+from genserve.cli.main import build_parser
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -119,7 +119,7 @@ def test_simulate_shows_progress(tmp_path):
 
 def test_trace_export_finds_the_job_store_through_the_discovered_config(tmp_path):
     """`genserve trace export` reads the data directory of ./genserve.toml's server (or --data-dir)."""
-    from genserve.server.jobstore import JobStore
+    from genserve.server.jobs.jobstore import JobStore
 
     store = JobStore(tmp_path / "store" / "jobs.db")
     store.insert("j1", None, {"model": "m", "width": 64, "height": 64, "steps": 2, "priority": "high"}, 5.0)

@@ -1,7 +1,7 @@
 """[cluster] and [results]: defaults to this machine, errors that name the key."""
 import pytest
 
-from genserve.config import ConfigError, parse_config
+from genserve.config.load import ConfigError, parse_config
 
 MODEL = {"models": {"m": {"kind": "image", "source": "demo:image"}}}
 

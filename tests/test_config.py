@@ -1,6 +1,6 @@
 import pytest
 
-from genserve.config import ConfigError, load_config, parse_config
+from genserve.config.load import ConfigError, load_config, parse_config
 
 
 def base(**model):

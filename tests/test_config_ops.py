@@ -7,11 +7,11 @@ from pathlib import Path
 import jsonschema
 import pytest
 
-from genserve.config import SECTIONS, ConfigError, load_config, parse_config
-from genserve.config_env import find_config, overrides, scalar
-from genserve.config_errors import ConfigErrors, message_of
-from genserve.config_schema import json_schema
-from genserve.demo_catalog import DEMO_TOML
+from genserve.config.demo import DEMO_TOML
+from genserve.config.env import find_config, overrides, scalar
+from genserve.config.errors import ConfigErrors, message_of
+from genserve.config.load import SECTIONS, ConfigError, load_config, parse_config
+from genserve.config.schema import json_schema
 
 ROOT = Path(__file__).resolve().parents[1]
 SECRET = "whsec_" + "A" * 32

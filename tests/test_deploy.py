@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from genserve.auth.keys import KeyStore
-from genserve.config import load_config
-from genserve.server.auth import bind_refusal
+from genserve.config.load import load_config
+from genserve.server.security.auth import bind_refusal
+from genserve.server.security.keys import KeyStore
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCKERFILES = sorted((ROOT / "deploy" / "docker").glob("Dockerfile.*"))

@@ -4,9 +4,9 @@ import json
 
 import pytest
 
-from genserve.config import ConfigError, load_config, parse_config
-from genserve.image_input import data_url
-from genserve.requests import RequestError, validate
+from genserve.backends.image_input import data_url
+from genserve.config.load import ConfigError, load_config, parse_config
+from genserve.server.requests import RequestError, validate
 
 KL4 = {"block_out_channels": [128, 256, 512, 512]}
 LAYOUTS = {
@@ -153,7 +153,7 @@ def test_the_load_message_carries_what_the_worker_checks(tmp_path):
     """A source the server cannot read at start-up is checked by the worker at load: the load spec
     carries the size_multiple / frame_stride requests are validated against."""
     from genserve.engine import LoadModel
-    from genserve.server.messages import load_message
+    from genserve.server.runtime.messages import load_message
 
     cfg = parse_config({"models": {
         "img": {"kind": "image", "source": "s3://bucket/flux"},

@@ -3,7 +3,7 @@ import json
 import re
 from pathlib import Path
 
-from genserve.server.metrics import METRIC_NAMES
+from genserve.server.observe.metrics import METRIC_NAMES
 
 DASH = Path(__file__).resolve().parents[1] / "deploy" / "grafana" / "genserve-dashboard.json"
 SUFFIXES = ("_bucket", "_sum", "_count", "_total")

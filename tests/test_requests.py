@@ -1,7 +1,7 @@
 import pytest
 
-from genserve.config import load_config
-from genserve.requests import RequestError, validate
+from genserve.config.load import load_config
+from genserve.server.requests import RequestError, validate
 
 MODELS = load_config(None).models
 

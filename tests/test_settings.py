@@ -6,7 +6,7 @@ import tomllib
 
 import pytest
 
-from genserve.config import ConfigError, ServerConfig, engine_settings, parse_config
+from genserve.config.load import ConfigError, ServerConfig, engine_settings, parse_config
 from genserve.engine import Engine, EngineSettings, Liveness
 from genserve.engine.settings import ENGINE_KEYS
 from genserve.sim.scenario import parse_scenario

@@ -1,5 +1,5 @@
 """The job lifecycle's one definition."""
-from genserve.status import TERMINAL, JobStatus, is_terminal
+from genserve.server.status import TERMINAL, JobStatus, is_terminal
 
 
 def test_terminal_statuses_are_exactly_the_three_outcomes():

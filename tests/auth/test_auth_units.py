@@ -4,11 +4,10 @@ import tomllib
 
 import pytest
 
-from genserve.auth import KeyStore
-from genserve.auth.keys import hash_key
-from genserve.auth.limits import RateLimiter
-from genserve.auth.settings import TenantConfig
-from genserve.config import ConfigError, parse_config
+from genserve.config.auth import TenantConfig
+from genserve.config.load import ConfigError, parse_config
+from genserve.server.security.keys import KeyStore, hash_key
+from genserve.server.security.rate import RateLimiter
 
 BASE = """
 [models.img]

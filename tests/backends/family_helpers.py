@@ -6,7 +6,7 @@ import io
 import numpy as np
 from PIL import Image
 
-from genserve.image_input import data_url
+from genserve.backends.image_input import data_url
 
 
 def job(jid: str, seed: int, negative: str | None = None, prompt: str = "a red fox", image: str | None = None):

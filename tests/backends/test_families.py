@@ -153,7 +153,7 @@ def test_sdxl_mixed_batch_runs_as_two_calls_and_one_call_would_be_wrong(runner):
 def test_the_wan_i2v_image_conditions_the_video(runner):
     from PIL import Image
 
-    from genserve.image_input import data_url
+    from genserve.backends.image_input import data_url
 
     black, white = (data_url(Image.new("RGB", (64, 48), c)) for c in ((0, 0, 0), (255, 255, 255)))
     run_batch(runner, "wan-i2v", "video", [job("i2v-a", 3, image=black)])
@@ -210,7 +210,7 @@ def test_the_worker_refuses_sizes_the_pipeline_cannot_produce(runner):
     the tiny model): beyond it diffusers raises at run time (`internal`); the worker refuses it
     first with invalid_request (not retried), as for a size that is not a multiple."""
     from genserve.backends.runner import UnsupportedSize
-    from genserve.engine.errors import ErrorCode, classify_exception
+    from genserve.engine.types import ErrorCode, classify_exception
 
     with pytest.raises(UnsupportedSize, match="covers sides up to 128") as e:
         run_batch(runner, "sd3", "image", [job("us-a", 1)], width=144, height=32)
@@ -226,7 +226,7 @@ def test_a_pipeline_that_rounds_the_size_fails_the_job_output_mismatch(runner):
     rounds 72x64 down to 64x64; the job fails with output_mismatch and no output is written."""
     from diffusers import FluxPipeline
 
-    from genserve.engine.errors import ErrorCode, classify_exception
+    from genserve.engine.types import ErrorCode, classify_exception
 
     class MyFlux(FluxPipeline):
         pass

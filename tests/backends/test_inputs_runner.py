@@ -8,8 +8,8 @@ import pytest
 from PIL import Image
 
 from genserve.backends.demo import ensure_demo_model
+from genserve.backends.image_input import check_input
 from genserve.backends.runner import PipelineRunner
-from genserve.image_input import check_input
 from genserve.storage import LocalResultStore
 
 from .family_helpers import diff, output

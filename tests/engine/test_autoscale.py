@@ -1,6 +1,6 @@
 """Autoscaling policies on a fake timeline."""
 from genserve.engine import BatchKey, Engine, ModelLimits, Priority, RetireWorker, ScaleTo
-from genserve.engine.autoscale import Autoscaler, FleetSnapshot, ScaleLimits, budget_cap
+from genserve.engine.policies.autoscale import Autoscaler, FleetSnapshot, ScaleLimits, budget_cap
 
 IMG = BatchKey("img", 64, 64, 0, 10, 1.0)  # work units = 64·64·10/1e6
 

@@ -1,7 +1,7 @@
 """Failure handling on a fake timeline: retries, backoff, OOM splits, fallbacks, deadlines and
 liveness, as events and times in, decisions out. No torch, no event loop."""
 import pytest
-from genserve.engine.errors import classify_exception
+from genserve.engine.types import classify_exception
 
 from genserve.engine import (
     Backoff, BatchKey, CancelRunning, Engine, ErrorCode, FailJob, JobDequeued, KillWorker, Liveness, ModelLimits,

@@ -1,7 +1,7 @@
-"""WarmFirst placement (engine/placement.py) on hand-built worker states: which worker gets a batch,
+"""WarmFirst placement (engine/policies/placement.py) on hand-built worker states: which worker gets a batch,
 or None ("not yet"). No engine: utilization, evictions, waits and load times are given directly."""
 
-from genserve.engine.placement import PLACEMENT, WarmFirst
+from genserve.engine.policies.placement import PLACEMENT, WarmFirst
 from genserve.engine.types import Resident, WorkerState
 
 M = "m"

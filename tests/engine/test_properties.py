@@ -29,14 +29,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from hypothesis import HealthCheck, event, given, note, settings
-from hypothesis import strategies as st
+from hypothesis import HealthCheck, event, given, note, settings, strategies as st
 
 from genserve.engine import (
     Backoff, BatchKey, CancelRunning, Engine, ErrorCode, FailJob, JobDequeued, KillWorker, Liveness, LoadModel,
     ModelLimits, Priority, RetireWorker, RetryJob, RetryPolicy, RunBatch, ScaleTo, UnloadModel,
 )
-from genserve.engine.autoscale import Autoscaler, ScaleLimits
+from genserve.engine.policies.autoscale import Autoscaler, ScaleLimits
 
 # ---- the fake world's physics -----------------------------------------------------------------------
 

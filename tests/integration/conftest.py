@@ -5,7 +5,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from genserve.testing import LiveServer
+from genserve.bench.live import LiveServer
 
 
 @pytest.fixture(scope="session")

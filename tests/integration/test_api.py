@@ -8,7 +8,7 @@ import httpx
 import pytest
 from PIL import Image
 
-from genserve.testing import post_concurrently, sse_events, wait_for
+from genserve.bench.live import post_concurrently, sse_events, wait_for
 
 pytestmark = pytest.mark.slow
 

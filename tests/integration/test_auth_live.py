@@ -9,7 +9,7 @@ import sys
 import httpx
 import pytest
 
-from genserve.testing import LiveServer
+from genserve.bench.live import LiveServer
 
 pytestmark = pytest.mark.slow
 

@@ -5,7 +5,7 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from genserve.testing import LiveServer, wait_for, wait_until
+from genserve.bench.live import LiveServer, wait_for, wait_until
 
 pytestmark = pytest.mark.slow
 

@@ -16,7 +16,7 @@ ray = pytest.importorskip("ray")
 pytest.importorskip("moto")
 pytest.importorskip("boto3")
 
-from genserve.testing import LiveServer, s3_server, wait_for, wait_until  # noqa: E402
+from genserve.bench.live import LiveServer, s3_server, wait_for, wait_until  # noqa: E402
 
 pytestmark = pytest.mark.slow
 

@@ -11,8 +11,8 @@ import time
 import httpx
 import pytest
 
-from genserve.server.jobstore import JobStore
-from genserve.testing import LiveServer, wait_for, wait_until
+from genserve.bench.live import LiveServer, wait_for, wait_until
+from genserve.server.jobs.jobstore import JobStore
 
 from .conftest import catalog
 

@@ -8,8 +8,8 @@ import httpx
 import pytest
 from PIL import Image
 
-from genserve.image_input import data_url
-from genserve.testing import LiveServer, post_concurrently, wait_for
+from genserve.backends.image_input import data_url
+from genserve.bench.live import LiveServer, post_concurrently, wait_for
 
 pytestmark = pytest.mark.slow
 

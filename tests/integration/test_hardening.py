@@ -9,7 +9,7 @@ import time
 import httpx
 import pytest
 
-from genserve.testing import LiveServer, post_concurrently, wait_for
+from genserve.bench.live import LiveServer, post_concurrently, wait_for
 
 from .test_failures import FAULTS_ON, config
 

@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from genserve.image_input import MAX_PIXELS
-from genserve.testing import LiveServer, wait_for, wait_until
+from genserve.backends.image_input import MAX_PIXELS
+from genserve.bench.live import LiveServer, wait_for, wait_until
 
 pytestmark = pytest.mark.slow
 

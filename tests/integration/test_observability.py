@@ -5,9 +5,9 @@ import json
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from genserve.server.metrics import METRIC_NAMES, TIERS
-from genserve.server.stats import percentile
-from genserve.testing import post_concurrently, wait_for, wait_until
+from genserve.bench.live import post_concurrently, wait_for, wait_until
+from genserve.server.observe.metrics import METRIC_NAMES, TIERS
+from genserve.server.observe.stats import percentile
 
 from .conftest import OBS_PRICE_CPU
 

@@ -12,7 +12,7 @@ import httpx
 import pytest
 from PIL import Image
 
-from genserve.testing import LiveServer, wait_until
+from genserve.bench.live import LiveServer, wait_until
 
 from .conftest import catalog
 

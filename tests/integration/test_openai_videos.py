@@ -8,7 +8,7 @@ import openai
 import pytest
 from PIL import Image
 
-from genserve.testing import LiveServer, wait_until
+from genserve.bench.live import LiveServer, wait_until
 from tests.family_models import build_all
 
 pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore:The Sora API:DeprecationWarning")]

@@ -13,7 +13,7 @@ from PIL import Image
 pytest.importorskip("boto3")
 pytest.importorskip("moto")
 
-from genserve.testing import LiveServer, s3_server, wait_for  # noqa: E402
+from genserve.bench.live import LiveServer, s3_server, wait_for  # noqa: E402
 
 from ..backends.test_encode import decode_mp4, top_level_boxes  # noqa: E402
 from .conftest import catalog  # noqa: E402

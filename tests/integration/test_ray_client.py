@@ -16,7 +16,7 @@ import pytest
 os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # loopback only (read when ray is imported)
 ray = pytest.importorskip("ray")
 
-from genserve.testing import LiveServer, sse_events, wait_for, wait_until  # noqa: E402
+from genserve.bench.live import LiveServer, sse_events, wait_for, wait_until  # noqa: E402
 from genserve.workers.ray_pool import RaySettings  # noqa: E402
 
 pytestmark = pytest.mark.slow

@@ -4,7 +4,7 @@ import time
 import httpx
 import pytest
 
-from genserve.testing import LiveServer, wait_for, wait_until
+from genserve.bench.live import LiveServer, wait_for, wait_until
 
 pytestmark = pytest.mark.slow
 

@@ -5,7 +5,7 @@ import sys
 import httpx
 import pytest
 
-from genserve.testing import LiveServer, wait_for
+from genserve.bench.live import LiveServer, wait_for
 
 pytestmark = pytest.mark.slow
 

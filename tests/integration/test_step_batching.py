@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from genserve.testing import LiveServer, sse_events, wait_for, wait_until
+from genserve.bench.live import LiveServer, sse_events, wait_for, wait_until
 
 pytestmark = pytest.mark.slow
 

@@ -13,10 +13,10 @@ import threading
 import time
 from pathlib import Path
 
-from genserve.netconfig import WebhookPolicy
-from genserve.server.jobstore import JobStore
-from genserve.server.ssrf import WebhookGuard
-from genserve.server.webhooks import WebhookSender
+from genserve.config.network import WebhookPolicy
+from genserve.server.jobs.jobstore import JobStore
+from genserve.server.jobs.webhooks import WebhookSender
+from genserve.server.security.ssrf import WebhookGuard
 
 V4, V6 = "1.2.3.4", "2606:4700:10::1"
 HOOK_PORT, SERVER_PORT, TLS_PORT = 8080, 9000, 8443

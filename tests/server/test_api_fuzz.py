@@ -21,11 +21,11 @@ schemathesis = pytest.importorskip("schemathesis")
 
 from hypothesis import HealthCheck, Phase, given, settings  # noqa: E402
 
-from genserve.auth import KeyStore  # noqa: E402
-from genserve.config import parse_config  # noqa: E402
-from genserve.server.app import create_app  # noqa: E402
-from genserve.server.runtime import Runtime  # noqa: E402
-from genserve.testing import free_port  # noqa: E402
+from genserve.bench.live import free_port  # noqa: E402
+from genserve.config.load import parse_config  # noqa: E402
+from genserve.server.http.app import create_app  # noqa: E402
+from genserve.server.runtime.runtime import Runtime  # noqa: E402
+from genserve.server.security.keys import KeyStore  # noqa: E402
 
 from .auto_pool import auto_pool  # noqa: E402
 

@@ -5,7 +5,7 @@ import asyncio
 
 import httpx
 
-from genserve.server.app import create_app
+from genserve.server.http.app import create_app
 
 from .test_runtime import World
 

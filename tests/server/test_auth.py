@@ -11,10 +11,10 @@ import tomllib
 import httpx
 import pytest
 
-from genserve.auth import KeyStore
-from genserve.config import parse_config
-from genserve.server.app import create_app
-from genserve.server.runtime import Runtime
+from genserve.config.load import parse_config
+from genserve.server.http.app import create_app
+from genserve.server.runtime.runtime import Runtime
+from genserve.server.security.keys import KeyStore
 from genserve.workers.fake import FakePool
 
 from .test_runtime import Clock, Recorder, World, run
@@ -306,8 +306,8 @@ def test_cors_origins(tmp_path):
 
 
 def test_serve_refuses_a_public_address_without_keys(tmp_path):
-    from genserve.auth.settings import AccessConfig, AuthConfig
-    from genserve.server.auth import bind_refusal
+    from genserve.config.auth import AccessConfig, AuthConfig
+    from genserve.server.security.auth import bind_refusal
 
     store = KeyStore(tmp_path)
     open_ = AccessConfig()

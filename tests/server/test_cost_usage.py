@@ -1,9 +1,9 @@
 """Cost apportioning and the device usage ledger: pure, fed with fake times."""
 import pytest
 
-from genserve.config import DEFAULT_PRICES
-from genserve.server.cost import apportion, cost_usd, device_type, job_weight
-from genserve.server.usage import UsageLedger
+from genserve.config.load import DEFAULT_PRICES
+from genserve.server.jobs.cost import apportion, cost_usd, device_type, job_weight
+from genserve.server.observe.usage import UsageLedger
 
 
 def test_device_type_from_gpu_name():

@@ -1,8 +1,8 @@
 """The in-memory SSE hub: per-job ids, history for late subscribers, live queues, bounded memory."""
 import asyncio
 
-from genserve.server.events import EventHub
-from genserve.status import is_terminal
+from genserve.server.jobs.events import EventHub
+from genserve.server.status import is_terminal
 
 
 def test_ids_increase_per_job_from_one():
@@ -122,7 +122,7 @@ def test_late_subscriber_of_an_evicted_job_gets_no_history():
 
 
 def test_the_hub_listens_to_job_events_only():
-    from genserve.server.listeners import Event
+    from genserve.server.jobs.listeners import Event
 
     hub = EventHub()
     hub.on_event(Event("queued", 1.0, "j1", {"model": "m"}))

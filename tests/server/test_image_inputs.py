@@ -14,13 +14,13 @@ import httpx
 import pytest
 from PIL import Image
 
-from genserve.auth.keys import Principal
-from genserve.config import parse_config
-from genserve.image_input import MAX_PIXELS, check_input
-from genserve.requests import RequestError
-from genserve.server.app import create_app
-from genserve.server.job_inputs import read_inputs
-from genserve.server.runtime import Runtime
+from genserve.backends.image_input import MAX_PIXELS, check_input
+from genserve.config.load import parse_config
+from genserve.server.http.app import create_app
+from genserve.server.jobs.inputs import read_inputs
+from genserve.server.requests import RequestError
+from genserve.server.runtime.runtime import Runtime
+from genserve.server.security.keys import Principal
 from genserve.storage import LocalResultStore
 from genserve.workers.fake import FakePool
 

@@ -11,9 +11,9 @@ import tomllib
 import httpx
 import pytest
 
-from genserve.config import ConfigError, parse_config
-from genserve.server.app import create_app
-from genserve.server.runtime import Runtime
+from genserve.config.load import ConfigError, parse_config
+from genserve.server.http.app import create_app
+from genserve.server.runtime.runtime import Runtime
 from genserve.workers.fake import FakePool
 
 SECRET = "whsec_" + "Z2Vuc2VydmUtdGVzdC1rZXktMDEyMzQ1Njc4OWFiY2Q="
@@ -227,7 +227,7 @@ def test_returned_urls_never_come_from_the_host_header(tmp_path):
 
 
 def test_same_host_redirect_rewrite_leaves_other_hosts_alone():
-    from genserve.server.limits import _same_host_path
+    from genserve.server.security.limits import _same_host_path
 
     assert _same_host_path(b"http://evil.example/v1/jobs", b"evil.example") == b"/v1/jobs"
     assert _same_host_path(b"https://evil.example?x=1", b"evil.example") == b"?x=1"

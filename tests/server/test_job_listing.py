@@ -5,11 +5,10 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
+from hypothesis import HealthCheck, given, settings, strategies as st
 
-from genserve.auth import KeyStore
-from genserve.server.jobstore import JobStore
+from genserve.server.jobs.jobstore import JobStore
+from genserve.server.security.keys import KeyStore
 
 from .test_videos_api import VideoWorld
 

@@ -4,8 +4,8 @@ import sqlite3
 
 import pytest
 
-from genserve.server import jobstore
-from genserve.server.jobstore import JobStore
+from genserve.server.jobs import jobstore
+from genserve.server.jobs.jobstore import JobStore
 
 
 def params(model: str = "demo-image", priority: str = "normal", **extra) -> dict:

@@ -10,9 +10,9 @@ import tomllib
 import httpx
 import pytest
 
-from genserve.config import parse_config
-from genserve.server.app import create_app
-from genserve.server.runtime import Runtime
+from genserve.config.load import parse_config
+from genserve.server.http.app import create_app
+from genserve.server.runtime.runtime import Runtime
 from genserve.workers.fake import FakePool
 
 from .auto_pool import auto_pool
@@ -124,7 +124,7 @@ def test_output_fields_on_jobs_are_normalized_and_not_part_of_the_batch_key(tmp_
         v = (await c.post("/v1/jobs", json={"model": "vid", "prompt": "a"})).json()["params"]
         assert (v["output_format"], v["output_compression"]) == (None, None)
         # One batch key for all three images: the format is applied per job when encoding.
-        from genserve.requests import JobParams
+        from genserve.server.requests import JobParams
         assert len({JobParams.from_dict(x).key for x in p}) == 1
 
     with_app(tmp_path, test)
@@ -186,7 +186,7 @@ def test_a_generation_past_its_deadline_is_504_and_not_retried(tmp_path):
     ("canceled", None, 409),
 ])
 def test_every_failure_tells_the_client_not_to_retry(status, code, http):
-    from genserve.server.openai_wait import failure
+    from genserve.server.http.openai.wait import failure
 
     r = failure({"id": "j1", "status": status, "error_code": code, "error_message": "why"})
     assert r.status_code == http and r.headers["x-should-retry"] == "false"

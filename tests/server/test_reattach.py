@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 
-from genserve.server.runtime import Runtime
+from genserve.server.runtime.runtime import Runtime
 from genserve.workers.fake import FakePool
 
 from .test_runtime import MB, Clock, config
@@ -25,7 +25,7 @@ def first_server(tmp_path, clock) -> tuple[list[str], str]:
         rt = Runtime(config(tmp_path), devices=["cpu"], clock=clock, pool=FakePool)
         await rt.start()
         rt.pool.ready("w0", 1024 * MB)
-        from genserve.requests import validate
+        from genserve.server.requests import validate
 
         ids = [rt.submit(validate({"model": "img", "prompt": f"p{i}", "seed": i}, rt.config.models, random_seed=0),
                          None)[0]["id"] for i in range(2)]

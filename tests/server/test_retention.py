@@ -10,13 +10,13 @@ import httpx
 import pytest
 from prometheus_client import CollectorRegistry
 
-from genserve.config import ConfigError, parse_config
-from genserve.retention import DAY_S, RetentionConfig
-from genserve.server.app import create_app
-from genserve.server.jobstore import JobStore
-from genserve.server.listeners import Event
-from genserve.server.retention import Retention
-from genserve.status import JobStatus
+from genserve.config.load import ConfigError, parse_config
+from genserve.config.retention import DAY_S, RetentionConfig
+from genserve.server.http.app import create_app
+from genserve.server.jobs.jobstore import JobStore
+from genserve.server.jobs.listeners import Event
+from genserve.server.jobs.sweeper import Retention
+from genserve.server.status import JobStatus
 from genserve.storage import LocalResultStore
 
 from .test_runtime import World
@@ -134,7 +134,7 @@ def test_delete_route_and_expires_at(tmp_path):
             f'[server]\ndata_dir = "{tmp_path}"\n[retention]\nresults_days = 1\njobs_days = 2\n'
             f'[models.img]\nkind = "image"\nsource = "{tmp_path}/x"\nmax_batch_size = 4\ndefault_size = "64x64"\n'
             'default_steps = 2\n'))
-        from genserve.server.runtime import Runtime
+        from genserve.server.runtime.runtime import Runtime
         from genserve.workers.fake import FakePool
         w.rt = Runtime(w.cfg, devices=["cpu"], clock=w.clock, pool=FakePool)
         w.pool = w.rt.pool
@@ -180,7 +180,7 @@ def test_the_runtime_sweeps_on_its_own_timer(tmp_path):
     """Wiring: with [retention] the runtime sweeps at start and every sweep_interval_s."""
 
     async def go():
-        from genserve.server.runtime import Runtime
+        from genserve.server.runtime.runtime import Runtime
         from genserve.workers.fake import FakePool
 
         w = World(tmp_path)

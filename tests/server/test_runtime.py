@@ -6,10 +6,10 @@ import asyncio
 
 import pytest
 
-from genserve.config import parse_config
-from genserve.requests import validate
-from genserve.server.listeners import Event
-from genserve.server.runtime import Runtime
+from genserve.config.load import parse_config
+from genserve.server.jobs.listeners import Event
+from genserve.server.requests import validate
+from genserve.server.runtime.runtime import Runtime
 from genserve.storage import LocalResultStore, output_name
 from genserve.workers.fake import FakePool
 

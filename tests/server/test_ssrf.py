@@ -19,10 +19,10 @@ from pathlib import Path
 
 import pytest
 
-from genserve.netconfig import WebhookPolicy
-from genserve.server.jobstore import JobStore
-from genserve.server.ssrf import Refused, WebhookGuard, embedded_ipv4, is_public, literal_address
-from genserve.server.webhooks import WebhookSender
+from genserve.config.network import WebhookPolicy
+from genserve.server.jobs.jobstore import JobStore
+from genserve.server.jobs.webhooks import WebhookSender
+from genserve.server.security.ssrf import Refused, WebhookGuard, embedded_ipv4, is_public, literal_address
 
 from .test_input_hardening import SECRET, with_app
 

@@ -1,8 +1,8 @@
 """Percentiles, breakdowns, window stats and time series over hand-made job records."""
 import pytest
 
-from genserve.server.stats import breakdown, percentile, queue_depth_at, summarize, timeseries, window_stats
-from genserve.server.usage import UsageLedger
+from genserve.server.observe.stats import breakdown, percentile, queue_depth_at, summarize, timeseries, window_stats
+from genserve.server.observe.usage import UsageLedger
 
 
 def job(i, model="img", status="succeeded", t0=100.0, wait=1.0, load=0.0, infer=2.0, write=0.1, batch="b1",

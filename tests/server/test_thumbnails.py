@@ -14,13 +14,13 @@ from prometheus_client import CollectorRegistry
 
 from genserve.backends.encode import encode_png
 from genserve.backends.runner import with_thumbnail
-from genserve.retention import DAY_S, RetentionConfig
-from genserve.server.api import result_entry
-from genserve.server.app import create_app
-from genserve.server.jobstore import JobStore
-from genserve.server.listeners import Event
-from genserve.server.retention import Retention
-from genserve.status import JobStatus
+from genserve.config.retention import DAY_S, RetentionConfig
+from genserve.server.http.api import result_entry
+from genserve.server.http.app import create_app
+from genserve.server.jobs.jobstore import JobStore
+from genserve.server.jobs.listeners import Event
+from genserve.server.jobs.sweeper import Retention
+from genserve.server.status import JobStatus
 from genserve.storage import LocalResultStore
 
 from .test_runtime import World

@@ -1,4 +1,4 @@
-"""The OpenAI Videos API (server/openai_videos.py) and job listing pages, in process: the real app
+"""The OpenAI Videos API (server/http/openai/videos.py) and job listing pages, in process: the real app
 over a runtime on the fake pool, the test playing the worker (it writes a real MP4). The official
 ``openai`` client is used where the shape matters (it parses every response into its types)."""
 from __future__ import annotations
@@ -14,13 +14,13 @@ import openai
 import pytest
 from PIL import Image
 
-from genserve.auth import KeyStore
 from genserve.backends.encode import encode_mp4
-from genserve.config import parse_config
-from genserve.requests import RequestError
-from genserve.server.app import create_app
-from genserve.server.openai_videos import frames_for, seconds_of
-from genserve.server.runtime import Runtime
+from genserve.config.load import parse_config
+from genserve.server.http.app import create_app
+from genserve.server.http.openai.videos import frames_for, seconds_of
+from genserve.server.requests import RequestError
+from genserve.server.runtime.runtime import Runtime
+from genserve.server.security.keys import KeyStore
 from genserve.storage import LocalResultStore
 from genserve.workers.fake import FakePool
 

@@ -17,10 +17,10 @@ from datetime import datetime, timezone
 
 import pytest
 
-from genserve.server.jobstore import JobStore
-from genserve.netconfig import WebhookPolicy
-from genserve.server.ssrf import WebhookGuard
-from genserve.server.webhooks import PROGRESS_INTERVAL_S, WebhookSender, sign
+from genserve.config.network import WebhookPolicy
+from genserve.server.jobs.jobstore import JobStore
+from genserve.server.jobs.webhooks import PROGRESS_INTERVAL_S, WebhookSender, sign
+from genserve.server.security.ssrf import WebhookGuard
 
 SECRET = "whsec_" + base64.b64encode(b"genserve-test-key-0123456789abcd").decode()
 
@@ -361,7 +361,7 @@ def test_pending_rows_from_before_a_restart_are_delivered(store, receiver_factor
 
 
 def test_as_a_listener_it_forwards_a_watched_jobs_events_and_forgets_it_when_done(tmp_path):
-    from genserve.server.listeners import Event
+    from genserve.server.jobs.listeners import Event
 
     store = JobStore(tmp_path / "jobs.db")
     sender = WebhookSender(store, SECRET)

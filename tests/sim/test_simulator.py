@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from genserve.config import ConfigError
+from genserve.config.load import ConfigError
 from genserve.engine import ErrorCode
 from genserve.sim.driver import simulate
 from genserve.sim.report import summarize

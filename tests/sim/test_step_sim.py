@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from genserve.config_error import ConfigError
+from genserve.config.errors import ConfigError
 from genserve.sim.driver import simulate
 from genserve.sim.scenario import parse_scenario, variant
 

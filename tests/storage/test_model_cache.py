@@ -9,8 +9,8 @@ import pytest
 pytest.importorskip("boto3")
 pytest.importorskip("moto")
 
+from genserve.bench.live import s3_server  # noqa: E402
 from genserve.storage.model_cache import fetch_model, parse_s3  # noqa: E402
-from genserve.testing import s3_server  # noqa: E402
 
 
 def test_parse_s3():

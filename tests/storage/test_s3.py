@@ -7,9 +7,9 @@ import pytest
 pytest.importorskip("boto3")
 pytest.importorskip("moto")
 
+from genserve.bench.live import s3_server  # noqa: E402
 from genserve.storage.open import open_store  # noqa: E402
 from genserve.storage.s3 import S3ResultStore  # noqa: E402
-from genserve.testing import s3_server  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -58,11 +58,11 @@ def test_retention_and_delete_remove_objects_from_s3(endpoint, tmp_path):
     S3 store: the objects (outputs and thumbnails) leave the bucket, the byte gauge and counters follow."""
     from prometheus_client import CollectorRegistry
 
-    from genserve.retention import DAY_S, RetentionConfig
-    from genserve.server.jobstore import JobStore
-    from genserve.server.listeners import Event
-    from genserve.server.retention import Retention
-    from genserve.status import JobStatus
+    from genserve.config.retention import DAY_S, RetentionConfig
+    from genserve.server.jobs.jobstore import JobStore
+    from genserve.server.jobs.listeners import Event
+    from genserve.server.jobs.sweeper import Retention
+    from genserve.server.status import JobStatus
 
     t0 = 1_000_000.0
     s3 = S3ResultStore("results", "ret/", endpoint_url=endpoint, region="us-east-1")

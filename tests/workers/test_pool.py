@@ -8,8 +8,8 @@ import time
 
 import pytest
 
-from genserve.engine.liveness import RestartPolicy
-from genserve.engine.retry import Backoff
+from genserve.engine.policies.liveness import RestartPolicy
+from genserve.engine.policies.retry import Backoff
 from genserve.workers import pool as pool_mod
 from genserve.workers.pool import LocalPool, WorkerHandle, detect_devices
 

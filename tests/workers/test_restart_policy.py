@@ -5,9 +5,9 @@ import sys
 
 import pytest
 
-from genserve.engine.errors import ErrorCode, classify_exception
-from genserve.engine.liveness import RestartPolicy
-from genserve.engine.retry import Backoff
+from genserve.engine.policies.liveness import RestartPolicy
+from genserve.engine.policies.retry import Backoff
+from genserve.engine.types import ErrorCode, classify_exception
 from genserve.workers import faults as faults_mod
 from genserve.workers.faults import FaultInjector
 

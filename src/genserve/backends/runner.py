@@ -120,7 +120,7 @@ def dtype_bytes_of(pipe) -> int:
 
 def with_inputs(job: dict[str, Any], store: ResultStore) -> dict[str, Any]:
     """The job with its stored input images opened (``image_pil``, ``mask_pil``)."""
-    from ..image_input import open_input
+    from .image_input import open_input
 
     out = job
     for field in ("image", "mask"):

@@ -4,7 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from ..server.stats import PERCENTILES
+from ..server.observe.stats import PERCENTILES
 
 
 def plot(result: dict[str, Any], out: str | Path, bucket_s: float = 1.0) -> Path:

@@ -4,7 +4,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from ..server.stats import PERCENTILES, STAGE_SPANS, summarize
+from ..server.observe.stats import PERCENTILES, STAGE_SPANS, summarize
 
 STAGES = tuple(s for s in STAGE_SPANS if s != "total")
 

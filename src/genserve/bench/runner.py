@@ -15,7 +15,7 @@ from typing import Any
 
 import httpx
 
-from ..status import JobStatus, is_terminal
+from ..server.status import JobStatus, is_terminal
 from .report import summarize_run
 from .workload import Workload, arrival_offsets, draw
 

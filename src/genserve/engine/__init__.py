@@ -1,28 +1,15 @@
-"""The pure scheduling core. See DESIGN.md §1: events and ``now`` in, decisions out."""
+"""The pure scheduling core. See DESIGN.md §1: events and ``now`` in, decisions out.
+
+The facade (``engine.py``) routes events to components, each the only owner of its state (waiting, queues, fleet,
+residency_manager, memory, failures, work, scaling, dispatch); the small named policies they consult live in
+``policies/``. Imports nothing of genserve outside itself."""
 from .engine import Engine
-from .errors import ErrorCode, is_retryable
-from .liveness import Liveness, RestartPolicy
-from .retry import Backoff, RetryPolicy
+from .policies.liveness import Liveness, RestartPolicy
+from .policies.retry import Backoff, RetryPolicy
 from .settings import EngineSettings, engine_settings
-from .types import (
-    Admission,
-    BatchKey,
-    CancelRunning,
-    Decision,
-    FailJob,
-    JobDequeued,
-    JoinBatch,
-    PauseRunning,
-    KillWorker,
-    LoadModel,
-    ModelLimits,
-    Priority,
-    RetireWorker,
-    RetryJob,
-    RunBatch,
-    ScaleTo,
-    UnloadModel,
-)
+from .types import (Admission, BatchKey, CancelRunning, Decision, ErrorCode, FailJob, JobDequeued, JoinBatch,
+                    KillWorker, LoadModel, ModelLimits, PauseRunning, Priority, RetireWorker, RetryJob, RunBatch,
+                    ScaleTo, UnloadModel, is_retryable)
 
 __all__ = [
     "Admission", "Backoff", "BatchKey", "CancelRunning", "Decision", "Engine", "EngineSettings", "ErrorCode",

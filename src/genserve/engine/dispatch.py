@@ -9,9 +9,9 @@ import math
 
 from .failures import FailureTracker
 from .fleet import Fleet
-from .placement import PlacementPolicy
+from .policies.placement import PlacementPolicy
+from .policies.preempt import Preemption
 from .residency_manager import ResidencyManager
-from .preempt import Preemption
 from .types import BatchKey, Decision, JoinBatch, PauseRunning, Priority, QueuedJob, RunBatch, WorkerState
 from .waiting import Waiting
 from .work import WorkModel

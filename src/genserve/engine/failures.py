@@ -6,10 +6,10 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
 
-from .errors import ErrorCode
-from .liveness import BatchWatch, Liveness
-from .retry import RetryPolicy
-from .types import BatchKey, Decision, FailJob, JobDequeued, KillWorker, QueuedJob, RetryJob, RunningBatch, WorkerState
+from .policies.liveness import BatchWatch, Liveness
+from .policies.retry import RetryPolicy
+from .types import (BatchKey, Decision, ErrorCode, FailJob, JobDequeued, KillWorker, QueuedJob, RetryJob, RunningBatch,
+                    WorkerState)
 
 Shape = tuple[str, int, int, int, str]  # (model, width, height, frames, worker)
 

@@ -12,8 +12,8 @@ from collections.abc import Callable, Mapping
 
 from .fleet import Fleet
 from .memory import MemoryModel
-from .preload import TransitionPredictor
-from .residency import ResidencyPolicy
+from .policies.preload import TransitionPredictor
+from .policies.residency import ResidencyPolicy
 from .types import BatchKey, Decision, LoadModel, ModelLimits, Resident, UnloadModel, WorkerState
 
 # A failed warm-pool or preload load is not retried on that worker before 5 s, doubling per failure

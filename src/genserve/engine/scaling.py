@@ -3,8 +3,8 @@ asked of the provider, and which idle workers to retire. The policy itself is pu
 (``Autoscaler.decide(snapshot, state)``); this keeps its state between decisions."""
 from __future__ import annotations
 
-from .autoscale import Autoscaler, FleetSnapshot
 from .fleet import Fleet
+from .policies.autoscale import Autoscaler, FleetSnapshot
 from .types import Decision, RetireWorker, ScaleTo, WorkerState
 from .waiting import Waiting
 from .work import WorkModel

@@ -7,12 +7,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from .autoscale import Autoscaler
-from .batching import BATCHING
-from .liveness import Liveness
-from .placement import PLACEMENT
-from .residency import RESIDENCY
-from .retry import Backoff, RetryPolicy
+from .policies.autoscale import Autoscaler
+from .policies.batching import BATCHING
+from .policies.liveness import Liveness
+from .policies.placement import PLACEMENT
+from .policies.residency import RESIDENCY
+from .policies.retry import Backoff, RetryPolicy
 from .types import ModelLimits
 
 

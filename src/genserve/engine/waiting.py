@@ -5,7 +5,7 @@ from __future__ import annotations
 import heapq
 from collections.abc import Callable, Iterable, Mapping
 
-from .batching import BatchingPolicy
+from .policies.batching import BatchingPolicy
 from .queues import FairShare, KeyedQueues
 from .types import BatchKey, ModelLimits, QueuedJob
 

@@ -7,10 +7,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..config import ConfigError
-from ..engine.autoscale import POLICIES, Autoscaler, ScaleLimits
-from ..engine.placement import PLACEMENT
-from ..engine.residency import RESIDENCY
+from ..config.load import ConfigError
+from ..engine.policies.autoscale import POLICIES, Autoscaler, ScaleLimits
+from ..engine.policies.placement import PLACEMENT
+from ..engine.policies.residency import RESIDENCY
 from ..engine.settings import ENGINE_KEYS, EngineSettings, engine_settings
 from ..engine.types import ModelLimits
 
@@ -293,7 +293,7 @@ def parse_scenario(raw: dict[str, Any], base: Path = Path(".")) -> Scenario:
         pol = auto.get("policy", "queue_depth")
         if pol not in POLICIES:
             raise ConfigError("fleet.autoscale.policy", f"unknown policy {pol!r}; one of {', '.join(POLICIES)}")
-        from ..config import AUTOSCALE_PARAMS
+        from ..config.load import AUTOSCALE_PARAMS
 
         known = {"policy", "min_devices", "max_devices", "budget_per_hour", "scale_down_delay_s", "interval_s",
                  *AUTOSCALE_PARAMS}

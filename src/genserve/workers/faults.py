@@ -1,6 +1,6 @@
 """Fault injection inside a worker process, for recovery drills with real processes.
 
-Off unless the config has a ``[faults]`` table *and* ``$GENSERVE_ENABLE_FAULTS=1`` (see config.py);
+Off unless the config has a ``[faults]`` table *and* ``$GENSERVE_ENABLE_FAULTS=1`` (see config/load.py);
 the pool hands each worker process only the faults meant for it. The faults go through the same
 paths real failures take: an OutOfMemoryError raised by the batch, SIGKILL of the process, a step
 that never returns, a load that raises.

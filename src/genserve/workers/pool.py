@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from ..engine.liveness import RestartPolicy
+from ..engine.policies.liveness import RestartPolicy
 from .base import OnExit, OnMessage, WorkerHandle
 from .process import worker_main
 

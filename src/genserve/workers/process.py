@@ -11,7 +11,7 @@ from collections.abc import Callable
 from multiprocessing.connection import Connection
 from typing import Any
 
-from ..engine.errors import ErrorCode, classify_exception
+from ..engine.types import ErrorCode, classify_exception
 from . import protocol as P
 from .faults import FaultInjector
 

@@ -21,9 +21,9 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from ..engine.liveness import RestartPolicy
-from .base import OnExit, OnMessage, WorkerHandle
+from ..engine.policies.liveness import RestartPolicy
 from . import protocol as P
+from .base import OnExit, OnMessage, WorkerHandle
 
 log = logging.getLogger("genserve.ray_pool")
 

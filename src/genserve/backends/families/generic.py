@@ -62,7 +62,7 @@ class Adapter(FamilyAdapter):
     def call_kwargs(self, jobs, params):
         kw = super().call_kwargs(jobs, params)
         if self.traits.image_input:
-            from ...image_input import fit_cover
+            from ..image_input import fit_cover
 
             kw["image"] = fit_cover(jobs[0]["image_pil"].convert("RGB"), params["width"], params["height"])
         return {k: v for k, v in kw.items() if k in self.params}

@@ -41,7 +41,7 @@ class Adapter(FamilyAdapter):
         kw = super().call_kwargs(jobs, params)
         task = jobs[0].get("task") or "text"
         if task in TASK_PIPELINES:
-            from ...image_input import fit_cover
+            from ..image_input import fit_cover
 
             w, h = params["width"], params["height"]
             kw["image"] = [fit_cover(j["image_pil"].convert("RGB"), w, h) for j in jobs]

@@ -1,0 +1,209 @@
+"""The CLI's HTTP side: following a job's event stream (reconnecting), and ``genserve jobs``,
+``cancel`` and ``result``.
+
+A job is durable on the server, so a dropped stream (a restart, a drain, a proxy timeout) is no
+reason to give up: :func:`follow` reconnects with ``Last-Event-ID`` and the server replays what was
+missed, until ``reconnect_s`` passes without a connection.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from ..server.status import JobStatus, is_terminal
+
+DEFAULT_RECONNECT_S = 300.0
+STATUSES = [s.value for s in JobStatus]
+
+
+class CLIError(Exception):
+    """An expected failure: ``main`` prints ``genserve: <message>`` and exits with ``code``."""
+
+    def __init__(self, message: str, code: int = 1) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def auth_headers(a: argparse.Namespace) -> dict[str, str]:
+    """``--api-key`` (or ``$GENSERVE_API_KEY``) as a Bearer token."""
+    key = getattr(a, "api_key", None) or os.environ.get("GENSERVE_API_KEY")
+    return {"Authorization": f"Bearer {key}"} if key else {}
+
+
+def api_error(resp: httpx.Response) -> CLIError:
+    try:
+        err = resp.json()["error"]
+        return CLIError(f"{resp.status_code} {err.get('code')}: {err.get('message')}")
+    except (ValueError, KeyError, TypeError):
+        return CLIError(f"HTTP {resp.status_code}: {resp.text[:200].strip()}")
+
+
+def expect(resp: httpx.Response, *ok: int) -> httpx.Response:
+    if resp.status_code not in (ok or (200,)):
+        raise api_error(resp)
+    return resp
+
+
+def follow(client: httpx.Client, job_id: str, on_event: Callable[[str, dict[str, Any]], None],
+           reconnect_s: float = DEFAULT_RECONNECT_S, on_reconnect: Callable[[str], None] | None = None) -> str:
+    """Feed the job's events to ``on_event`` until a terminal one, whose name is returned."""
+    from httpx_sse import connect_sse
+
+    last_id = 0
+    down_since: float | None = None
+    backoff = 0.25
+    while True:
+        reason = "the stream ended"
+        try:
+            headers = {"Last-Event-ID": str(last_id)} if last_id else {}
+            with connect_sse(client, "GET", f"/v1/jobs/{job_id}/events", headers=headers) as source:
+                if source.response.status_code != 200:
+                    source.response.read()
+                    raise api_error(source.response)
+                down_since, backoff = None, 0.25
+                for sse in source.iter_sse():
+                    if sse.id:
+                        last_id = max(last_id, int(sse.id))
+                    if not sse.event or sse.event == "message":
+                        continue
+                    if sse.event == "reconnect":  # the server is draining: come back with Last-Event-ID
+                        reason = "the server is restarting"
+                        break
+                    data = json.loads(sse.data) if sse.data else {}
+                    on_event(sse.event, data)
+                    if is_terminal(sse.event):
+                        return sse.event
+        except httpx.TransportError as e:
+            reason = f"connection lost ({type(e).__name__})"
+        now = time.monotonic()
+        down_since = down_since if down_since is not None else now
+        if now - down_since > reconnect_s:
+            raise CLIError(f"lost the event stream of job {job_id} for {reconnect_s:g}s; the job is kept on the "
+                           f"server: `genserve jobs` / `genserve result {job_id}`")
+        if on_reconnect:
+            on_reconnect(f"{reason}; reconnecting (last event {last_id})")
+        time.sleep(backoff)
+        backoff = min(backoff * 2, 5.0)
+
+
+class QueueWatch:
+    """While a job waits, poll its queue position (the event stream only says when it starts)."""
+
+    def __init__(self, base_url: str, job_id: str, show: Callable[[int | None], None], every: float = 1.0,
+                 headers: dict[str, str] | None = None) -> None:
+        self.stop = threading.Event()
+        self._args = (base_url, job_id, show, every)
+        self._headers = headers or {}
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> "QueueWatch":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop.set()
+        self._thread.join(timeout=5)
+
+    def _run(self) -> None:
+        base_url, job_id, show, every = self._args
+        with httpx.Client(base_url=base_url, timeout=5, headers=self._headers) as c:
+            while not self.stop.is_set():
+                try:
+                    job = c.get(f"/v1/jobs/{job_id}").json()
+                    if job.get("status") != JobStatus.QUEUED:
+                        return
+                    if not self.stop.is_set():
+                        show(job.get("queue_position"))
+                except (httpx.HTTPError, ValueError):
+                    pass  # the server may be restarting; the stream side reports that
+                self.stop.wait(every)
+
+
+def save_result(client: httpx.Client, job_id: str, out: str | None, index: int = 0) -> tuple[Path, int]:
+    res = expect(client.get(f"/v1/jobs/{job_id}/result", params={"index": index} if index else None))
+    ext = ".mp4" if res.headers.get("content-type", "").startswith("video/") else ".png"
+    path = Path(out or f"{job_id}{'-%d' % index if index else ''}{ext}")
+    path.write_bytes(res.content)
+    return path, len(res.content)
+
+
+def cmd_jobs(a: argparse.Namespace) -> int:
+    params: dict[str, Any] = {"limit": a.limit}
+    if a.status:
+        params["status"] = a.status
+    if a.model:
+        params["model"] = a.model
+    with httpx.Client(base_url=a.url, timeout=30, headers=auth_headers(a)) as c:
+        rows = expect(c.get("/v1/jobs", params=params)).json()["data"]
+    if a.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    print(f"{'ID':<34} {'STATUS':<9} {'MODEL':<16} {'SIZE':>9} {'STEPS':>5} {'QUEUE':>5} {'TOTAL s':>8}  RECEIVED")
+    for j in rows:
+        p = j["params"]
+        total = j["breakdown"].get("total_s")
+        received = j["timestamps"].get("received")
+        print(f"{j['id']:<34} {j['status']:<9} {j['model']:<16} {'%dx%d' % (p['width'], p['height']):>9} "
+              f"{p['steps']:>5} {j['queue_position'] if j['queue_position'] is not None else '-':>5} "
+              f"{'-' if total is None else f'{total:.2f}':>8}  "
+              f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(received)) if received else '-'}")
+    if not rows:
+        print("(no jobs)", file=sys.stderr)
+    return 0
+
+
+def cmd_cancel(a: argparse.Namespace) -> int:
+    with httpx.Client(base_url=a.url, timeout=30, headers=auth_headers(a)) as c:
+        job = expect(c.post(f"/v1/jobs/{a.id}/cancel")).json()
+    state = job["status"] if is_terminal(job["status"]) else f"{job['status']}, cancel requested"
+    print(f"job {job['id']}: {state}")
+    return 0
+
+
+def cmd_result(a: argparse.Namespace) -> int:
+    with httpx.Client(base_url=a.url, timeout=httpx.Timeout(30.0, read=300.0), headers=auth_headers(a)) as c:
+        path, size = save_result(c, a.id, a.out, a.index)
+    print(f"saved {path} ({size} bytes)", file=sys.stderr)
+    print(path)
+    return 0
+
+
+def add_parsers(sub, url_default: str, formatter: type) -> None:
+    url_help = "server URL (default: $GENSERVE_URL or http://127.0.0.1:8000)"
+    key_help = "sent as a Bearer token (default: $GENSERVE_API_KEY)"
+    j = sub.add_parser("jobs", help="list recent jobs, newest first", formatter_class=formatter,
+                       description="List recent jobs, newest first.",
+                       epilog="examples:\n  genserve jobs\n  genserve jobs --status queued --model demo-image\n"
+                              "  genserve jobs --status failed -n 200 --json")
+    j.add_argument("--status", choices=STATUSES, help="only jobs in this status")
+    j.add_argument("--model", help="only jobs for this model")
+    j.add_argument("-n", "--limit", type=int, default=50, help="at most this many jobs (1-1000, default 50)")
+    j.add_argument("--json", action="store_true", help="print the job records as JSON")
+    j.add_argument("--url", default=url_default, help=url_help)
+    j.add_argument("--api-key", help=key_help)
+    j.set_defaults(func=cmd_jobs)
+    c = sub.add_parser("cancel", help="cancel a job", formatter_class=formatter,
+                       description="Cancel a queued or running job (a running one stops at its next step).",
+                       epilog="example:\n  genserve cancel 0f3c…")
+    c.add_argument("id", help="the job id")
+    c.add_argument("--url", default=url_default, help=url_help)
+    c.add_argument("--api-key", help=key_help)
+    c.set_defaults(func=cmd_cancel)
+    r = sub.add_parser("result", help="download a finished job's output", formatter_class=formatter,
+                       description="Download a succeeded job's output (PNG or MP4).",
+                       epilog="examples:\n  genserve result 0f3c… -o cat.png\n  genserve result 0f3c… --index 1")
+    r.add_argument("id", help="the job id")
+    r.add_argument("-o", "--out", metavar="FILE", help="output file (default: <job id>.png|.mp4)")
+    r.add_argument("--index", type=int, default=0, help="which output, for jobs with several (default 0)")
+    r.add_argument("--url", default=url_default, help=url_help)
+    r.add_argument("--api-key", help=key_help)
+    r.set_defaults(func=cmd_result)

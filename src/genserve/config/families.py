@@ -1,0 +1,107 @@
+"""The model-family part of a ``[models.NAME]`` table: its keys (``true_cfg_scale``,
+``max_sequence_length``) and the checks of a model's config against what its family can produce
+(read from the model directory's JSON files, or the demo catalog; no weights, no torch).
+
+A size multiple, frame stride or size the family cannot honour is an error naming the key; when
+the config does not set ``size_multiple`` / ``frame_stride``, the model's own values are taken.
+A model directory genserve cannot read yet (not there at start-up) is checked when a worker loads it.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from ..backends.families import DEMO_TRAITS, MAX_SEQUENCE_LENGTH, Traits, inspect_model_dir
+
+KEYS = ("true_cfg_scale", "max_sequence_length")
+DEFAULT_SIZE_MULTIPLE = 8
+
+
+@dataclass(frozen=True)
+class ModelFamily:
+    """A model's family: its traits (None: not readable when the config was loaded; the worker
+    checks at load) and the family keys of its table."""
+
+    traits: Traits | None = None
+    true_cfg_scale: float | None = None  # FLUX-style true CFG (> 1: negative prompts are used)
+    max_sequence_length: int | None = None  # T5 tokens (FLUX, SD3, Wan); None: the pipeline's default
+
+    def public(self) -> dict[str, Any]:
+        return {"family": self.traits.describe() if self.traits else None, "true_cfg_scale": self.true_cfg_scale,
+                "max_sequence_length": self.max_sequence_length}
+
+
+def build(cls: Any, kw: dict[str, Any], raw: dict[str, Any], error: Any) -> Any:
+    """``cls(**kw)`` (a ModelConfig) with its family keys parsed, checked against and completed
+    from its family's traits; ``error(key, message)`` makes the config error to raise."""
+    try:
+        return apply(cls(**kw, family=ModelFamily(None, **parse_keys(raw))), raw)
+    except FamilyConfigError as e:
+        raise error(e.key, e.message) from None
+
+
+class FamilyConfigError(ValueError):
+    def __init__(self, key: str, message: str) -> None:  # key: relative to the model's table
+        super().__init__(f"{key}: {message}")
+        self.key, self.message = key, message
+
+
+def model_traits(source: str) -> Traits | None:
+    if source in DEMO_TRAITS:
+        return DEMO_TRAITS[source]
+    path = Path(source)
+    return inspect_model_dir(path) if path.is_dir() else None
+
+
+def parse_keys(raw: dict[str, Any]) -> dict[str, Any]:
+    """The family keys of a model table, type- and range-checked."""
+    kw: dict[str, Any] = {}
+    if "true_cfg_scale" in raw:
+        v = raw["true_cfg_scale"]
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not 1.0 <= v <= 50.0:
+            raise FamilyConfigError("true_cfg_scale", f"must be a number between 1 and 50, got {v!r}")
+        kw["true_cfg_scale"] = float(v)
+    if "max_sequence_length" in raw:
+        v = raw["max_sequence_length"]
+        if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= MAX_SEQUENCE_LENGTH:
+            raise FamilyConfigError("max_sequence_length", f"must be an integer between 1 and {MAX_SEQUENCE_LENGTH}, "
+                                                           f"got {v!r}")
+        kw["max_sequence_length"] = v
+    return kw
+
+
+def apply(m: Any, raw: dict[str, Any]) -> Any:
+    """``m`` (a ModelConfig) checked against, and completed from, its family's traits."""
+    t = model_traits(m.source)
+    if t is None:
+        return m
+    fam = f"{t.family} ({t.pipeline})"
+    if t.kind != m.kind:
+        raise FamilyConfigError("kind", f"{fam} makes {t.kind}s, not {m.kind}s")
+    kw: dict[str, Any] = {"family": replace(m.family, traits=t)}
+    if "size_multiple" in raw:
+        if m.size_multiple % t.size_multiple:
+            raise FamilyConfigError("size_multiple", f"{fam} needs sizes that are multiples of {t.size_multiple} "
+                                                     f"(VAE scale × patch size / packing)")
+    else:  # the model's, and never below the old default of 8 (tiny test models have smaller VAEs)
+        kw["size_multiple"] = math.lcm(DEFAULT_SIZE_MULTIPLE, t.size_multiple)
+    if t.kind == "video" and t.frame_multiple:
+        if "frame_stride" in raw:
+            if m.frame_stride % t.frame_multiple:
+                raise FamilyConfigError("frame_stride", f"{fam} needs num_frames - 1 to be a multiple of "
+                                                        f"{t.frame_multiple} (the VAE's temporal factor)")
+        else:
+            kw["frame_stride"] = t.frame_multiple
+    if t.max_side:
+        for i, (w, h) in enumerate(m.sizes):
+            if max(w, h) > t.max_side:
+                raise FamilyConfigError(f"sizes[{i}]", f"{fam} covers sides up to {t.max_side} pixels")
+        if max(m.default_size) > t.max_side and "default_size" in raw:
+            raise FamilyConfigError("default_size", f"{fam} covers sides up to {t.max_side} pixels")
+    if m.family.true_cfg_scale is not None and not t.true_cfg:
+        raise FamilyConfigError("true_cfg_scale", f"{fam} has no true CFG (only FLUX-style pipelines take it)")
+    if m.family.max_sequence_length is not None and not t.max_sequence_length:
+        raise FamilyConfigError("max_sequence_length", f"{fam} has no T5-style text encoder length to set")
+    return replace(m, **kw)
