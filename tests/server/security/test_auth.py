@@ -17,7 +17,7 @@ from genserve.server.runtime.runtime import Runtime
 from genserve.server.security.keys import KeyStore
 from genserve.workers.fake import FakePool
 
-from .test_runtime import Clock, Recorder, World, run
+from ..runtime.test_runtime import Clock, Recorder, World, run
 
 EXTRA = """
 [auth]

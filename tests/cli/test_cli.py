@@ -11,7 +11,7 @@ import pytest
 from genserve.bench.live import free_port
 from genserve.cli.main import build_parser
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def gs(*args, cwd=None, env=None, timeout=120):

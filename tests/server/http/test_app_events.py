@@ -7,7 +7,7 @@ import httpx
 
 from genserve.server.http.app import create_app
 
-from .test_runtime import World
+from ..runtime.test_runtime import World
 
 
 def _ids_and_events(text: str) -> list[tuple[int, str]]:

@@ -207,7 +207,7 @@ def row(store, delivery_id):
 
 
 # The receivers are on 127.0.0.1: these tests opt in to private receivers, as an operator with an
-# internal receiver would (the default refuses them: tests/server/test_ssrf.py).
+# internal receiver would (the default refuses them: tests/server/security/test_ssrf.py).
 LOOPBACK_OK = WebhookGuard(WebhookPolicy(allow_private=True))
 
 

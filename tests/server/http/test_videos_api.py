@@ -24,7 +24,7 @@ from genserve.server.security.keys import KeyStore
 from genserve.storage import LocalResultStore
 from genserve.workers.fake import FakePool
 
-from .test_runtime import MB, Clock
+from ..runtime.test_runtime import MB, Clock
 
 pytestmark = pytest.mark.filterwarnings("ignore:The Sora API:DeprecationWarning")  # the client's deprecation
 

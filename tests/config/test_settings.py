@@ -11,7 +11,7 @@ from genserve.engine import Engine, EngineSettings, Liveness
 from genserve.engine.settings import ENGINE_KEYS
 from genserve.sim.scenario import parse_scenario
 
-from .sim.test_simulator import TINY
+from ..sim.test_simulator import TINY
 
 ENGINE = {"aging_s": 7.0, "max_attempts": 5, "retry_backoff_s": 2.0, "retry_backoff_max_s": 9.0,
           "fallback_after": 1, "saturation": 0.5, "preload": True, "preload_min_probability": 0.4}

@@ -15,7 +15,7 @@ from genserve.config.load import load_config
 from genserve.server.security.auth import bind_refusal
 from genserve.server.security.keys import KeyStore
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 DOCKERFILES = sorted((ROOT / "deploy" / "docker").glob("Dockerfile.*"))
 
 

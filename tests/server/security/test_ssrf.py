@@ -24,7 +24,7 @@ from genserve.server.jobs.jobstore import JobStore
 from genserve.server.jobs.webhooks import WebhookSender
 from genserve.server.security.ssrf import Refused, WebhookGuard, embedded_ipv4, is_public, literal_address
 
-from .test_input_hardening import SECRET, with_app
+from ..http.test_input_hardening import SECRET, with_app
 
 
 class Listener:
@@ -275,7 +275,7 @@ def test_public_addresses_are_delivered_to_inside_a_private_network_namespace(tm
     if probe.returncode != 0:
         pytest.skip(f"cannot create a network namespace: {probe.stderr.decode()[:200]}")
     script = Path(__file__).with_name("netns_delivery.py")
-    env = {"PYTHONPATH": str(Path(__file__).resolve().parents[2] / "src"), "PATH": "/usr/sbin:/usr/bin:/sbin:/bin"}
+    env = {"PYTHONPATH": str(Path(__file__).resolve().parents[3] / "src"), "PATH": "/usr/sbin:/usr/bin:/sbin:/bin"}
     out = subprocess.run(["unshare", "-rn", sys.executable, str(script), str(tmp_path), SECRET],
                          capture_output=True, text=True, timeout=120, env=env)
     assert out.returncode == 0, out.stderr[-3000:]

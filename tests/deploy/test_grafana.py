@@ -5,7 +5,7 @@ from pathlib import Path
 
 from genserve.server.observe.metrics import METRIC_NAMES
 
-DASH = Path(__file__).resolve().parents[1] / "deploy" / "grafana" / "genserve-dashboard.json"
+DASH = Path(__file__).resolve().parents[2] / "deploy" / "grafana" / "genserve-dashboard.json"
 SUFFIXES = ("_bucket", "_sum", "_count", "_total")
 
 

@@ -23,7 +23,7 @@ from genserve.server.jobs.sweeper import Retention
 from genserve.server.status import JobStatus
 from genserve.storage import LocalResultStore
 
-from .test_runtime import World
+from ..runtime.test_runtime import World
 
 T0 = 1_000_000.0
 

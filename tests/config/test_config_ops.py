@@ -13,7 +13,7 @@ from genserve.config.errors import ConfigErrors, message_of
 from genserve.config.load import SECTIONS, ConfigError, load_config, parse_config
 from genserve.config.schema import json_schema
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SECRET = "whsec_" + "A" * 32
 
 

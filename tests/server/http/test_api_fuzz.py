@@ -27,7 +27,7 @@ from genserve.server.http.app import create_app  # noqa: E402
 from genserve.server.runtime.runtime import Runtime  # noqa: E402
 from genserve.server.security.keys import KeyStore  # noqa: E402
 
-from .auto_pool import auto_pool  # noqa: E402
+from ..auto_pool import auto_pool  # noqa: E402
 
 pytestmark = pytest.mark.slow
 

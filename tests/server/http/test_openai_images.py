@@ -15,7 +15,7 @@ from genserve.server.http.app import create_app
 from genserve.server.runtime.runtime import Runtime
 from genserve.workers.fake import FakePool
 
-from .auto_pool import auto_pool
+from ..auto_pool import auto_pool
 
 
 def make_config(tmp_path):
