@@ -20,6 +20,7 @@ from typing import Any
 import httpx
 
 from ..server.status import JobStatus, is_terminal
+from .common import DEFAULT_URL, FORMATTER, URL_HELP, size_arg
 
 DEFAULT_RECONNECT_S = 300.0
 STATUSES = [s.value for s in JobStatus]
@@ -177,10 +178,37 @@ def cmd_result(a: argparse.Namespace) -> int:
     return 0
 
 
-def add_parsers(sub, url_default: str, formatter: type) -> None:
-    url_help = "server URL (default: $GENSERVE_URL or http://127.0.0.1:8000)"
+def add_parsers(sub) -> None:
+    j = sub.add_parser("submit", help="submit a job, follow its progress, save the output", formatter_class=FORMATTER,
+                       description="Submit a job, follow its progress (reconnecting if the stream drops) and save "
+                                   "the output.",
+                       epilog="examples:\n  genserve submit \"a lighthouse at dusk\" --size 64x64 --steps 8 -o out.png\n"
+                              "  genserve submit \"waves\" --model demo-video --frames 9\n"
+                              "  genserve submit \"a cat\" --no-wait              # print the job id and return\n"
+                              "  genserve submit \"a cat\" --json > job.json      # the final job record as JSON")
+    j.add_argument("prompt", help="the text prompt")
+    j.add_argument("--model", default="demo-image", help="model name (see `genserve models`; default demo-image)")
+    j.add_argument("--size", type=size_arg, metavar="WxH", help="output size, e.g. 512x512 (default: the model's)")
+    j.add_argument("--steps", type=int, help="denoising steps (default: the model's)")
+    j.add_argument("--frames", type=int, help="video models: number of frames")
+    j.add_argument("--guidance", type=float, help="classifier-free guidance scale (default: the model's)")
+    j.add_argument("--negative-prompt", help="what the image should not show")
+    j.add_argument("--seed", type=int, help="random seed (default: random; the job record keeps it)")
+    j.add_argument("--priority", choices=["high", "standard", "low"], help="queue class (default standard)")
+    j.add_argument("--id", help="client-supplied id: resubmitting with it never duplicates the job")
+    j.add_argument("--timeout", type=float, metavar="SECONDS", help="deadline from submission (≤ the model's timeout_s)")
+    j.add_argument("--webhook", metavar="URL", help="POST signed job events here (needs server.webhook_secret)")
+    j.add_argument("--no-wait", action="store_true", help="print the job id (or JSON with --json) and return at once")
+    j.add_argument("--json", action="store_true", help="print the job record as JSON on stdout; no progress bar")
+    j.add_argument("--out", "-o", metavar="FILE", help="output file (default: <job id>.png|.mp4)")
+    j.add_argument("--reconnect-timeout", type=float, default=300.0, metavar="SECONDS",
+                   help="keep reconnecting a dropped event stream this long (default 300)")
+    j.add_argument("--url", default=DEFAULT_URL, help=URL_HELP)
+    j.add_argument("--api-key", help="sent as a Bearer token (default: $GENSERVE_API_KEY)")
+    j.add_argument("--quiet", "-q", action="store_true", help="no progress bar or summary; print only the output path")
+    j.set_defaults(func=cmd_submit)
     key_help = "sent as a Bearer token (default: $GENSERVE_API_KEY)"
-    j = sub.add_parser("jobs", help="list recent jobs, newest first", formatter_class=formatter,
+    j = sub.add_parser("jobs", help="list recent jobs, newest first", formatter_class=FORMATTER,
                        description="List recent jobs, newest first.",
                        epilog="examples:\n  genserve jobs\n  genserve jobs --status queued --model demo-image\n"
                               "  genserve jobs --status failed -n 200 --json")
@@ -188,22 +216,80 @@ def add_parsers(sub, url_default: str, formatter: type) -> None:
     j.add_argument("--model", help="only jobs for this model")
     j.add_argument("-n", "--limit", type=int, default=50, help="at most this many jobs (1-1000, default 50)")
     j.add_argument("--json", action="store_true", help="print the job records as JSON")
-    j.add_argument("--url", default=url_default, help=url_help)
+    j.add_argument("--url", default=DEFAULT_URL, help=URL_HELP)
     j.add_argument("--api-key", help=key_help)
     j.set_defaults(func=cmd_jobs)
-    c = sub.add_parser("cancel", help="cancel a job", formatter_class=formatter,
+    c = sub.add_parser("cancel", help="cancel a job", formatter_class=FORMATTER,
                        description="Cancel a queued or running job (a running one stops at its next step).",
                        epilog="example:\n  genserve cancel 0f3c…")
     c.add_argument("id", help="the job id")
-    c.add_argument("--url", default=url_default, help=url_help)
+    c.add_argument("--url", default=DEFAULT_URL, help=URL_HELP)
     c.add_argument("--api-key", help=key_help)
     c.set_defaults(func=cmd_cancel)
-    r = sub.add_parser("result", help="download a finished job's output", formatter_class=formatter,
+    r = sub.add_parser("result", help="download a finished job's output", formatter_class=FORMATTER,
                        description="Download a succeeded job's output (PNG or MP4).",
                        epilog="examples:\n  genserve result 0f3c… -o cat.png\n  genserve result 0f3c… --index 1")
     r.add_argument("id", help="the job id")
     r.add_argument("-o", "--out", metavar="FILE", help="output file (default: <job id>.png|.mp4)")
     r.add_argument("--index", type=int, default=0, help="which output, for jobs with several (default 0)")
-    r.add_argument("--url", default=url_default, help=url_help)
+    r.add_argument("--url", default=DEFAULT_URL, help=URL_HELP)
     r.add_argument("--api-key", help=key_help)
     r.set_defaults(func=cmd_result)
+
+
+def cmd_submit(a: argparse.Namespace) -> int:
+    import httpx
+    from tqdm import tqdm
+
+    from ..server.status import JobStatus
+
+    body = {k: v for k, v in {
+        "model": a.model, "prompt": a.prompt, "negative_prompt": a.negative_prompt, "steps": a.steps,
+        "num_frames": a.frames, "guidance": a.guidance, "seed": a.seed, "priority": a.priority, "id": a.id,
+        "webhook": a.webhook, "timeout_s": a.timeout,
+    }.items() if v is not None}
+    if a.size:
+        body["width"], body["height"] = a.size
+    with httpx.Client(base_url=a.url, timeout=httpx.Timeout(30.0, read=None), headers=auth_headers(a)) as client:
+        job = expect(client.post("/v1/jobs", json=body), 202).json()
+        if a.no_wait:
+            print(json.dumps(job, indent=2) if a.json else job["id"])
+            return 0
+        say = (lambda msg: None) if a.quiet or a.json else (lambda msg: tqdm.write(msg, file=sys.stderr))
+        say(f"job {job['id']} queued (model {job['model']})")
+        bar = tqdm(total=job["params"]["steps"], unit="step", file=sys.stderr, disable=a.quiet or a.json)
+
+        def queued(pos: int | None) -> None:
+            if bar.n == 0:
+                bar.set_description("queued" + (f" ({pos} ahead)" if pos is not None else ""))
+
+        def on_event(event: str, data: dict) -> None:
+            if event == "progress":
+                bar.total, bar.n = data["total"], data["step"]
+                bar.refresh()
+            elif event == "started":
+                watch.stop.set()
+                bar.set_description(f"batch of {data.get('batch_size')} on {data.get('worker')}")
+            elif event == "queued" and bar.n:  # retried: back in the queue
+                bar.set_description("queued again")
+
+        with QueueWatch(a.url, job["id"], queued, headers=auth_headers(a)) as watch:
+            final = follow(client, job["id"], on_event, reconnect_s=a.reconnect_timeout, on_reconnect=say)
+        bar.close()
+        job = expect(client.get(f"/v1/jobs/{job['id']}")).json()
+        if final != JobStatus.SUCCEEDED:
+            if a.json:
+                print(json.dumps(job, indent=2))
+            err = job.get("error") or {}
+            print(f"genserve: job {job['id']} {job['status']}: {err.get('code') or ''} {err.get('message') or ''}".rstrip(),
+                  file=sys.stderr)
+            return 1
+        out, size = save_result(client, job["id"], a.out)
+        if a.json:
+            print(json.dumps({**job, "output": str(out)}, indent=2))
+            return 0
+        b = {k: "-" if v is None else f"{v:.3f}s" for k, v in job["breakdown"].items()}
+        say(f"saved {out} ({size} bytes); queue {b['queue_wait_s']}, cold start {b['cold_start_s']}, "
+            f"inference {b['inference_s']}, total {b['total_s']}, batch of {job['batch']['size']}")
+        print(out)
+    return 0
