@@ -4,7 +4,7 @@ FastAPI documents 422 for every route with parameters, but genserve answers 400 
 validation handler), and it knows nothing of 401/403 (``auth.py``), 404, 409, 413 or 429. This
 module rewrites the generated schema once: model names as enums, the error schema on every
 documented error status, the real content types of results and event streams, Bearer security.
-``tests/server/test_api_fuzz.py`` holds the server to it with schemathesis.
+``tests/server/http/test_api_fuzz.py`` holds the server to it with schemathesis.
 """
 from __future__ import annotations
 

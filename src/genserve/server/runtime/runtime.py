@@ -311,7 +311,7 @@ class Runtime:
         return self.store.get(job_id)
 
     def delete_job(self, job_id: str) -> bool:
-        """Delete a finished job's results and record (config/retention.py). False: no such finished job."""
+        """Delete a finished job's results and record (server/jobs/sweeper.py). False: no such finished job."""
         job = self.store.get(job_id)
         return job is not None and is_terminal(job["status"]) and self.retention.delete_job(job)
 

@@ -1,5 +1,5 @@
 """The OpenAI Images API over genserve jobs: each image is one job; the call waits for them
-(openai_wait.py: deadline, disconnect, failures). docs/api.md lists what each field does."""
+(wait.py: deadline, disconnect, failures). docs/api.md lists what each field does."""
 from __future__ import annotations
 
 import asyncio
