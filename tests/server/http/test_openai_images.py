@@ -207,3 +207,28 @@ def test_stream_true_answers_one_completed_event_per_image(tmp_path):
         assert all(e["b64_json"] for e in events)
 
     with_app(tmp_path, test, pool=auto_pool(str(tmp_path / "results")))
+
+
+@pytest.mark.parametrize("n", [1, 3])
+def test_a_cancelled_wait_leaves_no_unretrieved_task_error(tmp_path, n):
+    """Issue 22, item 6: a call cancelled while it waits (its client went away mid-request, the
+    server shutting down) once left ``_GatheringFuture exception was never retrieved`` behind."""
+    import gc
+
+    async def test(c, rt):
+        loop = asyncio.get_running_loop()
+        unobserved: list[dict] = []
+        loop.set_exception_handler(lambda _loop, ctx: unobserved.append(ctx))
+        call = asyncio.ensure_future(c.post("/v1/images/generations", json=gen(n=n)))
+        while len(rt.store.recent(10)) < n:  # the FakePool never runs them: the call waits
+            await asyncio.sleep(0)
+        call.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await call
+        for _ in range(5):  # let the cancelled waits finish, then collect what they left
+            await asyncio.sleep(0)
+        gc.collect()
+        await asyncio.sleep(0)
+        assert unobserved == [], [ctx.get("message") for ctx in unobserved]
+
+    with_app(tmp_path, test)
