@@ -12,6 +12,7 @@ two cores.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import re
 import threading
@@ -223,3 +224,49 @@ def test_405_carries_allow_and_openapi_documents_the_real_statuses(tmp_path):
         assert {"500", "502", "503", "504"} <= set(spec["paths"]["/v1/images/edits"]["post"]["responses"])
 
     asyncio.run(go())
+
+
+def _sse(text: str) -> list[dict]:
+    """Events as schemathesis reads them: {event, data, id?, retry?} (comments and blanks skipped)."""
+    out = []
+    for block in text.split("\n\n"):
+        ev: dict = {}
+        for line in block.splitlines():
+            if line and not line.startswith(":"):
+                k, _, v = line.partition(": ")
+                ev[k] = int(v) if k == "retry" else v
+        if ev:
+            out.append(ev)
+    return out
+
+
+def test_every_event_of_both_streams_matches_its_documented_schema(tmp_path):
+    """The job events stream and the Images API's stream, against the document (issue 22, item 6:
+    both were documented as plain strings). The stream ends at the job's terminal event."""
+    import httpx
+    import jsonschema
+
+    async def go():
+        config = _config(tmp_path)
+        rt = Runtime(config, devices=["cpu"], pool=auto_pool(str(tmp_path / "results")))
+        app = create_app(config, rt)
+        await rt.start()
+        try:
+            async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
+                spec = (await c.get("/openapi.json")).json()
+                jid = (await c.post("/v1/jobs", json={"model": "img", "prompt": "x"})).json()["id"]
+                jobs = (await c.get(f"/v1/jobs/{jid}/events")).text
+                images = (await c.post("/v1/images/generations", json={"prompt": "x", "n": 2, "stream": True})).text
+        finally:
+            await rt.close()
+        return spec, jobs, images
+
+    spec, jobs, images = asyncio.run(go())
+    for path, method, text, kinds in (("/v1/jobs/{job_id}/events", "get", jobs, {"queued", "succeeded"}),
+                                      ("/v1/images/generations", "post", images, {"image_generation.completed"})):
+        schema = spec["paths"][path][method]["responses"]["200"]["content"]["text/event-stream"]["schema"]
+        events = _sse(text)
+        assert kinds <= {e["event"] for e in events}, events
+        for ev in events:
+            jsonschema.validate(ev, schema)
+            jsonschema.validate(json.loads(ev["data"]), schema["properties"]["data"]["contentSchema"])
