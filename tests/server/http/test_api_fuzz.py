@@ -77,8 +77,8 @@ frame_stride = 4
 # looser than the server: fix the document (server/http/openapi_rules.py), not this list.
 INEXPRESSIBLE: list[tuple[str, str, str]] = [
     (r".", r"^(width|height|size|steps|num_frames|seconds|timeout_s)$",
-     r"multiple of|exceeds|not allowed for|must be between 1 and|at most \d+ frames|must be greater than 0 and at "
-     r"most|the largest side"),  # the model's limits
+     (r"multiple of|exceeds|not allowed for|must be between 1 and|at most \d+ frames|must be greater than 0 and at "
+      r"most|the largest side")),  # the model's limits
     (r".", r"^(guidance|negative_prompt)$", r"has no guidance input|negative prompt|ignores negative"),  # family
     (r".", r"^(image|mask|input_reference|strength)$", r"."),  # file contents, the model's task, image × strength
     (r".", r"^(output_format|output_compression)$", r"is for image models|applies to jpeg and webp only"),
