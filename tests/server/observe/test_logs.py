@@ -29,17 +29,20 @@ TOKEN = "metrics-T0ken-0123456789"
 def logs(capsys):
     """configure() for the test (the handler writes to the captured stderr), undone afterwards."""
     root = logging.getLogger()
-    saved = root.handlers[:], root.level, {n: logging.getLogger(n).filters[:] for n in ("uvicorn.access",
-                                                                                        "uvicorn.error")}
+    names = ("uvicorn", "uvicorn.access", "uvicorn.error")
+    saved = root.handlers[:], root.level, {n: (lg.filters[:], lg.handlers[:], lg.propagate, lg.level)
+                                           for n in names for lg in [logging.getLogger(n)]}
 
     def read() -> str:
         return capsys.readouterr().err
 
     yield read
-    root.handlers[:], level, filters = saved
+    root.handlers[:], level, state = saved
     root.setLevel(level)
-    for n, f in filters.items():
-        logging.getLogger(n).filters[:] = f
+    for n, (filters, handlers, propagate, lvl) in state.items():
+        lg = logging.getLogger(n)
+        lg.filters[:], lg.handlers[:], lg.propagate = filters, handlers, propagate
+        lg.setLevel(lvl)
 
 
 @pytest.mark.parametrize("fmt", ["text", "json"])

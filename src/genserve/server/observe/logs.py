@@ -111,12 +111,16 @@ def configure(fmt: str = "text", level: int = logging.INFO) -> None:
         raise ValueError(f"log format must be one of {', '.join(FORMATS)}")
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
-    # On the handler: every record it writes, whichever logger it came from. On uvicorn's loggers
-    # too, for any handler attached to them directly (uvicorn's own log config does that).
+    # On the handler: every record it writes, whichever logger it came from. uvicorn's loggers go
+    # through it (whatever configured them before: uvicorn's own log config gives them handlers of
+    # their own and stops propagation), and redact on their own too, for any handler added later.
     handler.addFilter(Redact())
-    for name in ("uvicorn.access", "uvicorn.error"):
+    for name in ("uvicorn", "uvicorn.error", "uvicorn.access"):
         lg = logging.getLogger(name)
-        if not any(isinstance(f, Redact) for f in lg.filters):
+        lg.handlers.clear()
+        lg.propagate = True
+        lg.setLevel(logging.NOTSET)  # uvicorn sets its own level from --log-level when it starts
+        if name != "uvicorn" and not any(isinstance(f, Redact) for f in lg.filters):
             lg.addFilter(Redact())
     root = logging.getLogger()
     root.handlers[:] = [handler]
