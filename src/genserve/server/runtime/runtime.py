@@ -57,6 +57,7 @@ from ..jobs.sweeper import Retention
 from ..jobs.webhooks import WebhookSender
 from ..observe.observer import Observer
 from ..requests import JobParams
+from ..security.files import private_dir
 from ..security.ssrf import WebhookGuard
 from ..status import JobStatus, is_terminal
 from .fleet import FleetState
@@ -145,7 +146,7 @@ class Runtime:
         self.config = config
         self.clock = clock
         s = config.server
-        s.data_dir.mkdir(parents=True, exist_ok=True)
+        private_dir(s.data_dir)
         self.store = JobStore(s.data_dir / "jobs.db")
         results_spec = config.results.spec(s.data_dir)
         self.results = open_store(results_spec)
