@@ -233,7 +233,7 @@ def s_poisson(ctx: Ctx, m: str) -> None:
     b, sh, cap = ctx.bare[m], ctx.shape(m), ctx.cap("poisson", m)
     ensure_loaded(ctx, m, cap)
     rate = 0.7 * b["limit_per_s"]
-    n = max(6, min(MAX_JOBS[ctx.mode], int(rate * 0.5 * cap)))
+    n = max(4, min(MAX_JOBS[ctx.mode], int(rate * 0.6 * cap)))  # arrivals over ~60 % of the cap
     res = bench(ctx.url, m, sh, n, Arrival("poisson", rate=rate), timeout=2 * cap, seed=1)
     for f in check_ok(res, f"poisson {m}"):
         ctx.rep.fail(f)

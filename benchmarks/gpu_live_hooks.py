@@ -60,11 +60,12 @@ def hook_tables(ctx: Any) -> str:
     sh, path, best = ctx.shape("sdxl"), ctx.paths["sdxl"], ctx.bare["sdxl"]["best_batch"]
     out = ""
     if ctx.feats.get("lora"):
+        files = [build_lora(path / "unet", path.parent / "loras" / f"gl{i}.safetensors", seed=i)
+                 for i in range(ADAPTERS)]
         for mode in ("mixed", "split"):
             out += model_table(f"sdxl-lora-{mode}", path, sh, max_batch=best, wait_ms=100)
             out += f'lora_batching = "{mode}"\n\n'
-            for i in range(ADAPTERS):
-                f = build_lora(path / "unet", path.parent / "loras" / f"gl{i}.safetensors", seed=i)
+            for i, f in enumerate(files):  # the same adapter files, registered for each entry
                 out += f'[loras.gl{i}-{mode}]\nmodel = "sdxl-lora-{mode}"\nsource = "{f}"\n\n'
     if ctx.feats.get("compile") or ctx.feats.get("cache"):
         out += model_table("sdxl-speed", path, sh, max_batch=best, wait_ms=100)
