@@ -4,6 +4,7 @@ job records). The sections themselves are in gpu_live.py."""
 from __future__ import annotations
 
 import asyncio
+import os
 import statistics
 import tempfile
 import time
@@ -229,10 +230,30 @@ def load(c: httpx.Client, model: str, timeout: float) -> dict[str, Any]:
     return entry if entry is not None and entry != before else {"tier": "?"}
 
 
+def drop_page_cache(path: Path) -> bool:
+    """Ask the kernel to drop ``path``'s files from the page cache (after an fsync: dirty pages would
+    stay), so that the next load reads the disk. False where the platform cannot."""
+    if not hasattr(os, "posix_fadvise"):
+        return False
+    for f in Path(path).rglob("*"):
+        if f.is_file():
+            fd = os.open(f, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
+    return True
+
+
 def ensure_loaded(ctx: Any, model: str, timeout: float) -> dict[str, Any]:
-    """``load`` through ``ctx.client``, remembering each model's first load (from disk) in ``ctx.loads``."""
+    """``load`` through ``ctx.client``. A model's first load is remembered in ``ctx.loads``, and its
+    files are dropped from the page cache before it (the in-process run has just read them), so it
+    is a real disk read: the figure the host-RAM reload is compared with."""
+    first = model not in ctx.loads and model in ctx.paths
+    cold = drop_page_cache(ctx.paths[model]) if first else False
     info = load(ctx.client, model, timeout)
-    ctx.loads.setdefault(model, info)
+    ctx.loads.setdefault(model, {**info, "page_cache_dropped": cold})
     return info
 
 
