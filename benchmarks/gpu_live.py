@@ -63,9 +63,10 @@ SHAPES = {
             "wan": Shape("video", "32x32", 2, 5.0, 5, (1, 2), "float32"),
             "flux": Shape("image", "64x64", 2, None, 0, (1, 2), "float32", (("max_sequence_length", 256),))},
 }
-# step vs request: (size, frames, the cap of a batch / running set) per model that may run it
-STEP_SHAPES = {"gpu": {"sdxl": ("1024x1024", 0, 8), "wan": ("480x272", 17, 4)},
-               "dry": {"sdxl": ("64x64", 0, 4), "wan": ("32x32", 5, 4)}}
+# step vs request: (size, frames, the cap of a batch / running set, jobs per phase) per model that may
+# run it; on the GPU sized so that both modes' four phases fit the section's cap
+STEP_SHAPES = {"gpu": {"sdxl": ("1024x1024", 0, 8, 6), "wan": ("480x272", 17, 4, 8)},
+               "dry": {"sdxl": ("64x64", 0, 4, 4), "wan": ("32x32", 5, 4, 4)}}
 STEP_MIX = {"gpu": (8, 40), "dry": (2, 6)}  # the dry run checks the code path, cheaply
 CAPS = {  # seconds per section (per model where it says so); a section runs only if its cap fits
     "gpu": {"bare": {"sdxl": 50, "wan": 50, "flux": 50}, "server": 60, "overload": {"sdxl": 50, "wan": 50, "flux": 40},
@@ -74,7 +75,6 @@ CAPS = {  # seconds per section (per model where it says so); a section runs onl
             "poisson": {"sdxl": 20, "wan": 20, "flux": 20}, "step": 60, "memory": 20, "lora": 30, "speed": 30},
 }
 MAX_JOBS = {"gpu": 16, "dry": 6}
-STEP_JOBS = {"gpu": 8, "dry": 4}
 
 
 @dataclass
@@ -89,6 +89,7 @@ class Ctx:
     loads: dict[str, dict[str, Any]] = field(default_factory=dict)
     feats: dict[str, Any] = field(default_factory=dict)
     step_model: str | None = None
+    summary: list[str] = field(default_factory=list)  # the headline figures, repeated at the end
     url: str = ""
     client: httpx.Client | None = None
 
@@ -127,8 +128,9 @@ def environment(device: str) -> list[str]:
     driver = "–"
     if cuda:
         try:
-            driver = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-                                    check=False, capture_output=True, text=True, timeout=20).stdout.strip().splitlines()[0]
+            smi = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                                 check=False, capture_output=True, text=True, timeout=20)
+            driver = smi.stdout.strip().splitlines()[0]
         except (OSError, IndexError, subprocess.SubprocessError):
             pass
     mem = f"{torch.cuda.mem_get_info(device)[1] / GIB:.1f} GiB" if cuda else "–"
@@ -180,6 +182,7 @@ def s_bare(ctx: Ctx, m: str) -> None:
     if r["not_run"]:
         ctx.rep.say(f"Batch sizes {r['not_run']} not run: they would not have fit the section's cap.\n")
     ctx.rep.say(f"**Limit ({m}): {r['limit_per_s']:.3f} jobs/s at batch {r['best_batch']}.**")
+    ctx.summary.append(f"bare {m}: {r['limit_per_s']:.3f} jobs/s at batch {r['best_batch']}")
 
 
 def server_config(ctx: Ctx) -> str:
@@ -189,7 +192,7 @@ def server_config(ctx: Ctx) -> str:
             out += model_table(m, ctx.paths[m], ctx.shape(m), max_batch=ctx.bare[m]["best_batch"], wait_ms=100) + "\n"
     sm = ctx.step_model
     if sm is not None:
-        size, frames, cap = STEP_SHAPES[ctx.mode][sm]
+        size, frames, cap, _ = STEP_SHAPES[ctx.mode][sm]
         for mode, wait in (("request", 50), ("step", 0)):
             out += model_table(f"{sm}-{mode}", ctx.paths[sm], ctx.shape(sm), max_batch=cap, wait_ms=wait,
                                batching=mode, size=size, frames=frames) + "\n"
@@ -222,13 +225,15 @@ def s_overload(ctx: Ctx, m: str) -> None:
     tp = s["throughput_per_s"] or 0.0
     ratio = tp / b["limit_per_s"]
     cold = ", its files dropped from the page cache first" if ctx.loads[m].get("page_cache_dropped") else ""
-    ctx.rep.say(f"{m}: loaded through the API ({ld.get('tier')}, {fmt(ld.get('seconds'), 1)} s{cold}); {n} jobs, closed loop "
-                f"with {2 * b['best_batch']} in flight, max batch {b['best_batch']}, 100 ms window.\n")
+    ctx.rep.say(f"{m}: loaded through the API ({ld.get('tier')}, {fmt(ld.get('seconds'), 1)} s{cold}); {n} jobs, "
+                f"closed loop with {2 * b['best_batch']} in flight, max batch {b['best_batch']}, 100 ms window.\n")
     ctx.rep.table(["model", "jobs ok", "genserve jobs/s", "bare limit jobs/s", "ratio", "target", "mean batch",
                    "P50 s", "P99 s"],
                   [[m, f"{s['ok']}/{s['count']}", tp, b["limit_per_s"], f"{ratio:.3f}x",
                     "met" if ratio >= 0.95 else "**missed** (>= 0.95x)", s.get("mean_batch_size"),
                     s["latency_s"]["p50"], s["latency_s"]["p99"]]])
+    ctx.summary.append(f"overload {m}: {tp:.3f} jobs/s = {ratio:.3f}x the bare limit (target >= 0.95x: "
+                       f"{'met' if ratio >= 0.95 else 'missed'})")
 
 
 def s_poisson(ctx: Ctx, m: str) -> None:
@@ -243,19 +248,23 @@ def s_poisson(ctx: Ctx, m: str) -> None:
     ctx.rep.say(f"{m}: {n} jobs, Poisson arrivals at {rate:.3f}/s (70 % of the limit). Latency client-side "
                 "(POST to the terminal event); the rest from the job records' breakdowns.\n")
     ctx.rep.table(["model", "jobs ok", "P50 s", "P99 s", "overhead median s (total - inference - output write)",
-                   "of which queue wait s", "without queue wait s", "inference median s", "output write median s"],
+                   "queue wait median s", "overhead without queue wait, median s", "inference median s",
+                   "output write median s"],
                   [[m, f"{s['ok']}/{s['count']}", s["latency_s"]["p50"], s["latency_s"]["p99"], o["overhead"],
                     o["queue"], o["rest"], o["inference"], o["output_write"]]])
+    ctx.summary.append(f"Poisson {m} at {rate:.3f}/s: P50 {fmt(s['latency_s']['p50'])} s, P99 "
+                       f"{fmt(s['latency_s']['p99'])} s, overhead median {fmt(o['overhead'])} s "
+                       f"({fmt(o['rest'])} s without the queue wait)")
 
 
 def s_step(ctx: Ctx) -> None:
     sm = ctx.step_model
-    size, frames, cap = STEP_SHAPES[ctx.mode][sm]
+    size, frames, cap, n = STEP_SHAPES[ctx.mode][sm]
     if sm != "sdxl":
         ctx.rep.say("SDXL's family adapter has no step-level driver in this build (`batching = \"step\"` would run "
                     "request-level calls per step-count group), so this section runs on **Wan 2.1 1.3B** instead, "
                     "the published-size model whose family is step-batched.\n")
-    sh, n, mix = ctx.shape(sm), STEP_JOBS[ctx.mode], STEP_MIX[ctx.mode]
+    sh, mix = ctx.shape(sm), STEP_MIX[ctx.mode]
     budget_s = ctx.cap("step")
     res: dict[str, dict[str, Any]] = {}
     for mode in ("request", "step"):
@@ -288,9 +297,11 @@ def s_step(ctx: Ctx) -> None:
     ttfs = s["ttfs_p99"] / q["ttfs_p99"] if q["ttfs_p99"] and s["ttfs_p99"] is not None else None
     tput = ((res["step/overload"]["throughput"] or 0) / res["request/overload"]["throughput"]
             if res["request/overload"]["throughput"] else None)
-    ctx.rep.say(f"**Step / request: P99 time to first step at 70 % load {fmt(ttfs)}x (target <= 0.1x: "
-                f"{'met' if ttfs is not None and ttfs <= 0.1 else 'missed'}); overload throughput {fmt(tput)}x "
-                f"(target >= 1: {'met' if tput is not None and tput >= 1 else 'missed'}).**")
+    line = (f"step / request ({sm}): P99 time to first step at 70 % load {fmt(ttfs)}x (target <= 0.1x: "
+            f"{'met' if ttfs is not None and ttfs <= 0.1 else 'missed'}); overload throughput {fmt(tput)}x "
+            f"(target >= 1: {'met' if tput is not None and tput >= 1 else 'missed'})")
+    ctx.rep.say(f"**{line[0].upper()}{line[1:]}.**")
+    ctx.summary.append(line)
 
 
 def s_memory(ctx: Ctx) -> None:
@@ -304,6 +315,9 @@ def s_memory(ctx: Ctx) -> None:
                 "reports and the engine plans with before a shape is measured) vs the allocator's peak above the "
                 "weights in the bare runs (what a CUDA worker measures and reports after a batch).\n")
     ctx.rep.table(["model", "batch", "estimate", "device peak", "estimate / peak"], rows)
+    ratios = [c["estimate_bytes"] / c["peak_bytes"] for r in ctx.bare.values() for c in r["curve"] if c["peak_bytes"]]
+    if ratios:
+        ctx.summary.append(f"memory: family estimate / device peak {min(ratios):.2f}-{max(ratios):.2f}")
     view = workers(ctx.client)["data"][0]
     served = {r["model"]: r["bytes"] for r in view.get("resident_models") or []}
     ctx.rep.table(["model", "weights, bare load", "weights, server's worker"],
@@ -322,6 +336,8 @@ def s_memory(ctx: Ctx) -> None:
                    [m, "after an unload", again.get("tier"), again.get("seconds"), gib(again.get("bytes"))]])
     if not ctx.device.startswith("cuda"):
         ctx.rep.say("(CPU workers keep no host-RAM copy: the reload's tier is `page_cache`; `host` needs CUDA.)")
+    ctx.summary.append(f"{m} load: first {fmt(first.get('seconds'), 2)} s ({first.get('tier')}), after an unload "
+                       f"{fmt(again.get('seconds'), 2)} s ({again.get('tier')})")
 
 
 # ---- main ----------------------------------------------------------------------------------------
@@ -379,7 +395,8 @@ def missing_packages() -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--dry-run", action="store_true", help="CPU, tiny family configs, a few jobs (CI)")
-    ap.add_argument("--flux", action="store_true", help="also FLUX.1-schnell (~34 GB on disk; ~3 more minutes: give --budget-s 620)")
+    ap.add_argument("--flux", action="store_true",
+                    help="also FLUX.1-schnell (~34 GB on disk; ~3 more minutes: give --budget-s 620)")
     ap.add_argument("--device", help="default cuda:0 (cpu with --dry-run)")
     ap.add_argument("--budget-s", type=float, help="wall-clock budget (default 440 on a GPU, 300 dry)")
     ap.add_argument("--work", type=Path, help="checkpoints and server data (default: a temporary directory; "
@@ -410,6 +427,8 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:  # noqa: BLE001 - the report is written whatever happened
         rep.fail(f"{type(e).__name__}: {e}")
         rep.say("```\n" + traceback.format_exc()[-3000:] + "```")
+    if ctx.summary:
+        rep.say("\n## Summary\n\n" + "\n".join(f"- {x}" for x in ctx.summary))
     rep.say(f"\n## Result\n\nWall time {budget.used():.0f} s of a {budget.total_s:.0f} s budget. "
             + ("**Run failed:** " + "; ".join(rep.failures) if rep.failures else "Run completed: every job succeeded."))
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -46,8 +46,9 @@ def build_lora(unet_dir: Path, out: Path, seed: int) -> Path:
     tensors = {}
     for name, mod in unet.named_modules():
         if isinstance(mod, torch.nn.Linear) and name.endswith(LORA_TARGETS):
-            tensors[f"unet.{name}.lora_A.weight"] = (torch.randn(LORA_RANK, mod.in_features, generator=g) * 0.01).half()
-            tensors[f"unet.{name}.lora_B.weight"] = (torch.randn(mod.out_features, LORA_RANK, generator=g) * 0.01).half()
+            a = torch.randn(LORA_RANK, mod.in_features, generator=g) * 0.01
+            b = torch.randn(mod.out_features, LORA_RANK, generator=g) * 0.01
+            tensors[f"unet.{name}.lora_A.weight"], tensors[f"unet.{name}.lora_B.weight"] = a.half(), b.half()
     out.parent.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(out))
     return out

@@ -129,3 +129,10 @@ def check_report(text: str) -> None:
     for title in ("8a. LoRA", "8b. Speed"):
         hook = _section(text, title)
         assert "Not available in this build" in hook or "| run |" in hook
+
+    summary = _section(text, "Summary")
+    for line in (rf"overload sdxl: {NUM} jobs/s = {NUM}x the bare limit", rf"overload wan: {NUM} jobs/s",
+                 rf"Poisson sdxl at {NUM}/s: P50 {NUM} s, P99 {NUM} s, overhead median {NUM} s",
+                 rf"step / request \(wan\): P99 time to first step at 70 % load {NUM}x",
+                 rf"sdxl load: first {NUM} s \(disk\), after an unload {NUM} s \(page_cache\)"):
+        assert re.search(line, summary), line
