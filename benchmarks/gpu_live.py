@@ -5,8 +5,9 @@ One command on a GPU machine (one H100 / H200): about 6 minutes expected, sectio
 
 1. builds random-weight checkpoints with the published configurations (benchmarks/gpu_live_models.py):
    SDXL base 1.0 (fp16, served at 1024x1024) and Wan 2.1 T2V 1.3B (bf16, 832x480, 33 frames); with
-   ``--flux`` also FLUX.1-schnell (bf16, 12B + a 4.7B T5: ~34 GB on disk, ~2.5 more minutes; off by
-   default to keep the 8-minute call), built on the device and saved with ``save_pretrained``;
+   ``--flux`` also FLUX.1-schnell (bf16, 12B + a 4.7B T5: ~34 GB on disk, ~3 more minutes, so
+   ``--budget-s 620``; off by default to keep the 8-minute call), built on the device and saved with
+   ``save_pretrained``;
 2. the bare pipeline in this process (the worker's loader and call arguments, nothing else): the
    batch curve, its best throughput (the limit), the allocator's peak per batch size;
 3. a real ``genserve serve`` on the device (one worker per GPU) with a generated genserve.toml whose
@@ -25,7 +26,8 @@ benchmarks/results/gpu-live-<date>.md). Exit status 1 on a failed run (an error,
 never on a missed target.
 
     python benchmarks/gpu_live.py [--flux] [--out FILE] [--work DIR] [--budget-s 440]
-    python benchmarks/gpu_live.py --dry-run     # the same code on the CPU: tiny configs, a few jobs
+    python benchmarks/gpu_live.py --dry-run     # the same code on the CPU: tiny configs, a few jobs,
+                                                # a 2/6-step mix instead of 8/40
 """
 from __future__ import annotations
 
@@ -382,8 +384,7 @@ def run(ctx: Ctx, work: Path) -> None:
 
 # What the server and its worker import beyond torch / diffusers / transformers (the device machine
 # has no network: a missing one must stop the run before minutes of building, not after).
-SERVER_PACKAGES = ("fastapi", "uvicorn", "httpx", "httpx_sse", "av", "ftfy", "multipart", "prometheus_client",
-                   "accelerate", "safetensors")
+SERVER_PACKAGES = ("fastapi", "uvicorn", "httpx", "av", "ftfy", "prometheus_client", "safetensors")
 
 
 def missing_packages() -> list[str]:
