@@ -101,7 +101,7 @@ def s_lora(ctx: Any) -> None:
     listed = ctx.client.get("/v1/loras")
     if listed.status_code != 200:
         raise RuntimeError(f"config has [loras] but GET /v1/loras answered {listed.status_code}")
-    cap, n = ctx.cap("lora"), 2 * ctx.bare["sdxl"]["best_batch"] * 2
+    cap, n = ctx.cap("lora"), 2 * ctx.bare["sdxl"]["best_batch"]
     rows = []
     for mode in ("mixed", "split"):
         model = f"sdxl-lora-{mode}"
@@ -121,7 +121,8 @@ def s_speed(ctx: Any) -> None:
     if ctx.feats.get("compile"):
         rows.append(_row("compile = regional", _burst(ctx, "sdxl-speed", n, None, cap)))
     if ctx.feats.get("cache"):
-        rows.append(_row(f"cache {DEEP_CACHE}", _burst(ctx, "sdxl-speed", n, [{"cache": DEEP_CACHE}], cap)))
+        label = ("compile = regional + " if ctx.feats.get("compile") else "") + f"cache {DEEP_CACHE}"
+        rows.append(_row(label, _burst(ctx, "sdxl-speed", n, [{"cache": DEEP_CACHE}], cap)))
     ctx.rep.say(f"SDXL at {ctx.shape('sdxl').size}, {n} jobs per run, closed loop; sdxl-speed loaded in "
                 f"{ld.get('seconds')} s ({ld.get('tier')}).\n")
     ctx.rep.table(HEAD, rows)
