@@ -173,11 +173,12 @@ def params(n: int | None) -> str:
 
 def s_bare(ctx: Ctx, m: str) -> None:
     sh = ctx.shape(m)
-    r = bare(m, ctx.paths[m], sh, ctx.device, time.monotonic() + ctx.cap("bare", m) * 0.8)
+    reps = 1 if ctx.mode == "gpu" else 2
+    r = bare(m, ctx.paths[m], sh, ctx.device, time.monotonic() + ctx.cap("bare", m) * 0.8, reps)
     ctx.bare[m] = r
     frames = f" x {sh.frames} frames" if sh.frames else ""
-    ctx.rep.say(f"{m}: {sh.size}{frames}, {sh.steps} steps, guidance {fmt(sh.guidance, 1)}, one call per batch size "
-                f"after a 1-job warm-up; load from disk "
+    ctx.rep.say(f"{m}: {sh.size}{frames}, {sh.steps} steps, guidance {fmt(sh.guidance, 1)}; per batch size the "
+                f"fastest of {reps} call(s) after a 1-job warm-up; load from disk "
                 f"{r['load_s']:.1f} s, weights {gib(r['weights_bytes'])} (allocator delta on CUDA, parameter "
                 f"bytes on CPU); step-level driver in this build: {'yes' if r['step_capable'] else 'no'}\n")
     ctx.rep.table(["batch", "s / call", "jobs / s", "peak above the weights", "family estimate"],

@@ -106,11 +106,12 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize(device)
 
 
-def bare(name: str, path: Path, shape: Shape, device: str, deadline: float) -> dict[str, Any]:
+def bare(name: str, path: Path, shape: Shape, device: str, deadline: float, reps: int = 1) -> dict[str, Any]:
     """The pipeline alone: loaded with the worker's own loader (``PipelineRunner.load``), called with
     the worker's own arguments (the family adapter's ``call_kwargs``), no server, no encoding, no
     writes. Per batch size: seconds per call, jobs/s, the allocator's peak above the weights (CUDA)
-    and the family's working-memory estimate (what the engine plans with before a measurement)."""
+    and the family's working-memory estimate (what the engine plans with before a measurement).
+    ``reps``: calls per batch size, the fastest kept (a shared CPU is noisy; a GPU is not)."""
     import torch
 
     from genserve.backends.runner import PipelineRunner, dtype_bytes_of
@@ -150,10 +151,11 @@ def bare(name: str, path: Path, shape: Shape, device: str, deadline: float) -> d
     for n in shape.batches:
         last = out["curve"][-1] if out["curve"] else None
         # the next call costs about (n / last n) × the last one where the device is compute-bound
-        if last and time.monotonic() + last["seconds"] * n / last["batch"] > deadline:
+        if last and time.monotonic() + reps * last["seconds"] * n / last["batch"] > deadline:
             out["not_run"].append(n)
             continue
-        secs, peak = call(n, shape.steps)
+        runs = [call(n, shape.steps) for _ in range(reps)]
+        secs, peak = min(r[0] for r in runs), max(r[1] for r in runs)
         est = adapter.working_bytes(n, w, h, shape.frames, shape.guidance or 0.0, dtype_bytes_of(pipe))
         out["curve"].append({"batch": n, "seconds": secs, "per_s": n / secs, "peak_bytes": peak, "estimate_bytes": est})
     best = max(out["curve"], key=lambda r: r["per_s"])
