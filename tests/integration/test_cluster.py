@@ -207,6 +207,10 @@ def test_server_kill_9_reattaches_to_its_workers_and_finishes_queued_jobs(demo_m
             for j in jobs:
                 if j["id"] in running:
                     assert [a["code"] for a in j["attempts"]] == [None], j["attempts"]
+                    # It keeps the inference time its worker measured; the wait for a server to hear
+                    # of it is its downtime, not inference (issue 22.3).
+                    b = j["breakdown"]
+                    assert b["inference_s"] is not None and b["inference_s"] > 0 and b["downtime_s"] is not None, b
             # The same worker processes, found again by name: not new ones.
             after = {w["id"]: w["pid"] for w in wait_until(lambda: up_workers(c, 2), 180, "two workers up")}
             assert after == before

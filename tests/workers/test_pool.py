@@ -126,7 +126,7 @@ def test_worker_handle_state():
     assert w.state == "quarantined"  # wins over everything
 
 
-# ---- construction, active(), all_ready() -----------------------------------------------------------
+# ---- construction, active() -----------------------------------------------------------------------
 
 
 def make_pool(devices, tmp_path, **kw):
@@ -158,22 +158,6 @@ def test_active_excludes_retiring_and_quarantined(tmp_path):
     p.workers["w1"].retiring = True
     p.workers["w2"].quarantined = True
     assert [w.id for w in p.active()] == ["w0", "w3"]
-
-
-def test_all_ready_is_a_latch(tmp_path):
-    p, _, _ = make_pool(["cpu", "cpu", "cpu"], tmp_path)
-    w0, w1, w2 = p.workers.values()
-    assert not p.all_ready()
-    w0.ready = True
-    w1.ready = True
-    assert not p.all_ready()
-    w2.quarantined = True  # a benched worker does not hold the server back
-    assert p.all_ready()
-    w0.ready = w1.ready = False  # restarts later on do not make the server unready
-    w2.quarantined = False
-    assert p.all_ready()
-    p.workers["w9"] = WorkerHandle("w9", "cpu")  # nor do scale-ups
-    assert p.all_ready()
 
 
 def test_add_worker_ids_are_never_reused(monkeypatch, tmp_path):
@@ -382,12 +366,12 @@ def test_real_worker_comes_up_heartbeats_and_is_restarted_after_a_kill(tmp_path)
         try:
             w = pool.workers["w0"]
             first_pid = w.process.pid
-            assert w.state == "starting" and not pool.all_ready()
+            assert w.state == "starting" and not w.ready
             await until(lambda: len(readies()) == 1, 240, "the first ready")
             r = readies()[0]
             assert (r["worker"], r["device"], r["device_name"], r["pid"]) == ("w0", "cpu", "cpu", first_pid)
             assert r["capacity_bytes"] == 1 << 30 and r["threads"] == pool.threads
-            assert w.state == "ready" and pool.all_ready()
+            assert w.state == "ready" and w.ready
             await until(lambda: heartbeats_after(1) >= 2, 60, "two heartbeats")
             assert all(wid == "w0" for wid, _ in msgs)
 
@@ -395,7 +379,7 @@ def test_real_worker_comes_up_heartbeats_and_is_restarted_after_a_kill(tmp_path)
             await until(lambda: exits, 60, "on_exit")
             assert exits == [("w0", -signal.SIGKILL)]
             assert w.restarts == 1 and not w.quarantined
-            assert pool.all_ready()  # the latch holds while it restarts
+            assert not w.ready  # restarting: the runtime's readiness counts it out until it is back
             await until(lambda: len(readies()) == 2, 240, "the second ready")
             second = readies()[1]
             assert second["pid"] == w.process.pid != first_pid

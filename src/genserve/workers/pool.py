@@ -63,7 +63,6 @@ class LocalPool:
         self.host_cache_bytes = host_cache_bytes
         self.workers = {f"w{i}": WorkerHandle(f"w{i}", d) for i, d in enumerate(devices)}
         self._next_id = len(devices)
-        self._started_once = False  # readiness latch: every initial worker has been up
         self.loop: asyncio.AbstractEventLoop | None = None
         self.closing = False
         self.heartbeat_s = heartbeat_s
@@ -143,13 +142,6 @@ class LocalPool:
             w.conn.send(msg)
         except (OSError, ValueError):
             pass  # the reader callback sees the EOF and reports the worker lost
-
-    def all_ready(self) -> bool:
-        """Every initial worker has come up once (later scale-ups and restarts do not make the
-        server unready: it keeps accepting and queueing)."""
-        if not self._started_once:
-            self._started_once = all(w.ready or w.quarantined for w in self.workers.values())
-        return self._started_once
 
     def in_flight(self) -> dict[str, str]:
         return {}  # local workers never outlive the server that started them

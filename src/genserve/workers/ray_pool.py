@@ -79,7 +79,6 @@ class RayPool:
         self.restart = restart or RestartPolicy()
         self.workers: dict[str, RayWorkerHandle] = {}
         self._next_id = 0
-        self._started_once = False
         self.closing = False
         self.loop: asyncio.AbstractEventLoop | None = None
         self._actor_cls: Any = None
@@ -292,10 +291,3 @@ class RayPool:
 
     def active(self) -> list[WorkerHandle]:
         return [w for w in self.workers.values() if not w.retiring and not w.quarantined]
-
-    def all_ready(self) -> bool:
-        """Ready once every initial worker has been up (or when none could be placed yet, once
-        Ray has been asked: the server accepts and queues while nodes come up)."""
-        if not self._started_once:
-            self._started_once = all(w.ready or w.quarantined for w in self.workers.values())
-        return self._started_once

@@ -176,6 +176,9 @@ class Runtime:
         self.listeners.append(self.retention)
         self.models_ready = False
         self.draining = False
+        # Readiness needs a worker unless the fleet may be empty by design: an API-only node
+        # (workers = 0) or autoscaling down to zero (a first job is what brings a worker up).
+        self.needs_workers = bool(self.devices) and (config.autoscale is None or config.autoscale.min_devices > 0)
         self._drained: asyncio.Event | None = None  # set when a drain has no batch left running
         self._timer: asyncio.TimerHandle | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -259,7 +262,7 @@ class Runtime:
 
     def _on_worker_message(self, worker_id: str, msg: dict[str, Any]) -> None:
         if msg["ev"] == "ready" and self.held:  # after a re-attach: what it ran for the old server is done
-            self.held.release(worker_id, self.clock())
+            self.held.release(worker_id, self.clock(), msg.get("finished_before"))
         self.worker_events.on_message(worker_id, msg)
 
     def _on_worker_exit(self, worker_id: str, code: int | None) -> None:
@@ -271,7 +274,17 @@ class Runtime:
 
     @property
     def ready(self) -> bool:
-        return self.models_ready and self.pool.all_ready() and not self.draining
+        """The API accepts jobs (models built, not draining) and at least one worker can run them:
+        ready, or held (a cluster worker that outlived the old server, finishing its batch: it is
+        up and will be ready next). With every worker down, not ready, whatever came before."""
+        if not self.models_ready or self.draining:
+            return False
+        return not self.needs_workers or any(self.worker_readiness().values())
+
+    def worker_readiness(self) -> dict[str, bool]:
+        """Each worker not being retired: ready or held."""
+        held = self.held.workers()
+        return {wid: h.ready or wid in held for wid, h in self.pool.workers.items() if not h.retiring}
 
     def submit(self, params: JobParams, client_id: str | None, tenant: str = DEFAULT_TENANT,
                job_id: str | None = None) -> tuple[dict[str, Any], bool]:
