@@ -1,5 +1,5 @@
-"""LocalPool: device detection, worker states, readiness latch, exit handling (with fakes), and one
-real worker process that is killed and comes back."""
+"""LocalPool: device detection, worker states, thread and memory shares, exit handling (with fakes),
+and one real worker process that reports its thread settings, is killed and comes back."""
 import asyncio
 import multiprocessing
 import signal
@@ -149,7 +149,9 @@ def test_pool_splits_threads_and_memory_among_cpu_workers(monkeypatch, tmp_path)
     p, _, _ = make_pool(["cpu", "cpu"], tmp_path, cpu_memory_bytes=123)
     assert p.cpu_memory == 123  # configured wins
     p, _, _ = make_pool(["cuda:0", "cuda:1"], tmp_path)
-    assert p.threads == 0  # GPU workers keep torch's default
+    assert p.threads == 4  # GPU workers get their share of the cores too
+    p, _, _ = make_pool(["cpu", "cpu"], tmp_path, threads=3)
+    assert p.threads == 3  # [server] worker_threads wins
     assert all(not w.ready and w.process is None for w in p.workers.values())  # nothing spawned before start()
 
 
@@ -361,7 +363,7 @@ def test_real_worker_comes_up_heartbeats_and_is_restarted_after_a_kill(tmp_path)
 
         policy = RestartPolicy(backoff=Backoff(first_s=0.05, base_s=0.1, factor=2.0, max_s=1.0, jitter=0.0))
         pool = LocalPool(["cpu"], str(tmp_path / "results"), on_message, on_exit, heartbeat_s=0.2,
-                         restart=policy, cpu_memory_bytes=1 << 30)
+                         restart=policy, cpu_memory_bytes=1 << 30, threads=3)
         pool.start()
         try:
             w = pool.workers["w0"]
@@ -370,7 +372,12 @@ def test_real_worker_comes_up_heartbeats_and_is_restarted_after_a_kill(tmp_path)
             await until(lambda: len(readies()) == 1, 240, "the first ready")
             r = readies()[0]
             assert (r["worker"], r["device"], r["device_name"], r["pid"]) == ("w0", "cpu", "cpu", first_pid)
-            assert r["capacity_bytes"] == 1 << 30 and r["threads"] == pool.threads
+            assert r["capacity_bytes"] == 1 << 30
+            # [server] worker_threads = 3: torch and every OpenMP / MKL / BLAS pool, set before torch
+            # was imported (issue 22.8: a local worker's OpenMP pool took every core).
+            assert (r["threads"], r["interop_threads"]) == (3, 3)
+            assert r["thread_env"] == {k: "3" for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS",
+                                                        "NUMEXPR_NUM_THREADS", "VECLIB_MAXIMUM_THREADS")}
             assert w.state == "ready" and w.ready
             await until(lambda: heartbeats_after(1) >= 2, 60, "two heartbeats")
             assert all(wid == "w0" for wid, _ in msgs)

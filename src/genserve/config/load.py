@@ -131,6 +131,10 @@ class ServerConfig:
     # The bare server's connection guards (server/http/serve.py, docs/operations.md).
     header_timeout_s: float = 10.0  # a connection whose request headers are not complete by then is closed
     max_connections: int = 1000  # open connections beyond this: requests get 503 (/healthz still answers)
+    # Threads of torch and every OpenMP/MKL/BLAS pool in each worker, set before torch is imported
+    # (workers/process.py). None: the worker's share of the CPUs (local: cpu_count // workers; a Ray
+    # actor: its cpus_per_worker), at least 1.
+    worker_threads: int | None = None
 
 
 # US$ per device-hour, by device type: public on-demand list prices (rounded) for the GPUs, and a
@@ -194,7 +198,7 @@ SECTIONS: dict[str, Section] = {
         "residency": {"enum": sorted(RESIDENCY)}, "placement": {"enum": sorted(PLACEMENT)},
         "idle_unload_s": NEVER, "webhook_secret": {"type": "string", "pattern": "^whsec_"},
         "saturation": {"minimum": 0, "maximum": 1}, "port": {"minimum": 0, "maximum": 65535},
-        "header_timeout_s": {"minimum": 0.1}, "max_connections": {"minimum": 1}}),
+        "header_timeout_s": {"minimum": 0.1}, "max_connections": {"minimum": 1}, "worker_threads": {"minimum": 1}}),
     "models": Section(ModelConfig, keyed=True, exclude=("name", "family"), required=("kind", "source"), title="a model",
                       extra={"true_cfg_scale": {"type": "number", "minimum": 0},
                              "max_sequence_length": {"type": "integer", "minimum": 1, "maximum": 512}},
@@ -309,7 +313,8 @@ def _parse_server(raw: Any) -> ServerConfig:
     for k, lo in floats.items():
         if k in raw:
             kw[k] = _float(f"server.{k}", raw[k], lo)
-    for k in ("max_attempts", "fallback_after", "quarantine_after", "webhook_max_attempts", "max_connections"):
+    for k in ("max_attempts", "fallback_after", "quarantine_after", "webhook_max_attempts", "max_connections",
+              "worker_threads"):
         if k in raw:
             kw[k] = _int(f"server.{k}", raw[k], 1)
     if "cors_origins" in raw:

@@ -50,14 +50,16 @@ class LocalPool:
     def __init__(self, devices: list[str], results: dict[str, Any] | str, on_message: OnMessage, on_exit: OnExit, *,
                  heartbeat_s: float = 2.0, restart: RestartPolicy | None = None,
                  faults: Callable[[str, int], dict[str, Any] | None] | None = None,
-                 cpu_memory_bytes: int = 0, host_cache_bytes: int = 0) -> None:
+                 cpu_memory_bytes: int = 0, host_cache_bytes: int = 0, threads: int | None = None) -> None:
         self.ctx = mp.get_context("spawn")
         self.results = results  # a result-store spec: each worker opens the store
         self.on_message = on_message
         self.on_exit = on_exit
         cpu_count = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
         n_cpu = sum(1 for d in devices if d == "cpu")
-        self.threads = max(1, cpu_count // n_cpu) if n_cpu else 0
+        # Each worker's share of the cores (configured: [server] worker_threads), applied to torch and
+        # every OpenMP/MKL pool before the worker imports torch (process.limit_threads), as on Ray.
+        self.threads = threads or max(1, cpu_count // max(1, len(devices)))
         # A CPU worker's budget: configured, or an equal share of physical memory.
         self.cpu_memory = cpu_memory_bytes or (_physical_memory() // max(1, n_cpu))
         self.host_cache_bytes = host_cache_bytes
@@ -76,9 +78,8 @@ class LocalPool:
 
     def _spawn(self, w: WorkerHandle) -> None:
         parent, child = self.ctx.Pipe(duplex=True)
-        threads = self.threads if w.device == "cpu" else 0
         proc = self.ctx.Process(target=worker_main, name=f"genserve-worker-{w.id}", daemon=True,
-                                args=(child, w.id, w.device, self.results, threads, self.heartbeat_s,
+                                args=(child, w.id, w.device, self.results, self.threads, self.heartbeat_s,
                                       self.faults(w.id, w.restarts), self.cpu_memory, self.host_cache_bytes))
         proc.start()
         child.close()

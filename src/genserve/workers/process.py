@@ -15,6 +15,21 @@ from ..engine.types import ErrorCode, classify_exception
 from . import protocol as P
 from .faults import FaultInjector
 
+# The thread pools a worker's libraries size from the environment when they load (OpenMP, MKL,
+# OpenBLAS, numexpr, Accelerate): read once, at import, so they must be set before torch is imported.
+THREAD_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "NUMEXPR_NUM_THREADS",
+              "VECLIB_MAXIMUM_THREADS")
+
+
+def limit_threads(threads: int) -> None:
+    """Size every thread pool of this process to ``threads`` (0: leave the libraries' defaults).
+    Called by both pools' workers before torch is imported. Without it a local worker ran torch
+    with its share of threads while OpenMP and MKL took every core, oversubscribing a shared machine
+    (issue 22.8); a Ray actor got OMP_NUM_THREADS from Ray."""
+    if threads > 0:
+        for key in THREAD_ENV:
+            os.environ[key] = str(threads)
+
 
 def worker_main(conn: Connection, worker_id: str, device: str, results: dict[str, Any] | str, threads: int,
                 heartbeat_s: float = 2.0, faults: dict[str, Any] | None = None,
@@ -52,10 +67,15 @@ def run_worker(recv: Callable[[], dict[str, Any]], emit: Callable[[dict[str, Any
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    limit_threads(threads)
     import torch
 
     if threads > 0:
         torch.set_num_threads(threads)
+        try:
+            torch.set_num_interop_threads(threads)
+        except RuntimeError:  # torch ran parallel work in this process already (a reused Ray worker)
+            pass
     from diffusers.utils import logging as dlogging
 
     dlogging.set_verbosity_warning()
@@ -104,7 +124,8 @@ def run_worker(recv: Callable[[], dict[str, Any]], emit: Callable[[dict[str, Any
 
     def ready() -> None:
         emit({"ev": "ready", "worker": worker_id, "device": device, "pid": os.getpid(),
-              "threads": torch.get_num_threads(), "capacity_bytes": runner.capacity(memory_budget),
+              "threads": torch.get_num_threads(), "interop_threads": torch.get_num_interop_threads(),
+              "thread_env": {k: os.environ.get(k) for k in THREAD_ENV}, "capacity_bytes": runner.capacity(memory_budget),
               "device_name": torch.cuda.get_device_name(device) if device.startswith("cuda") else "cpu",  # prices
               **(ready_info or {})})
 

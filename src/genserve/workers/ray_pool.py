@@ -67,6 +67,7 @@ class RaySettings:
     # benchmarks/ray_dispatch.py). Ray Client cannot carry streaming calls: through it, it polls anyway.
     transport: str = "stream"
     poll_wait_s: float = 10.0  # longest a poll waits with nothing to say (heartbeats come sooner)
+    threads: int | None = None  # [server] worker_threads; None: the actor's CPUs (cpus_per_worker, ≥ 1)
 
 
 class RayPool:
@@ -157,7 +158,7 @@ class RayPool:
 
     def _create(self, w: RayWorkerHandle) -> None:
         resources = {} if self.s.device_resource == "GPU" else {self.s.device_resource: 1}
-        threads = max(1, int(self.s.cpus_per_worker))
+        threads = self.s.threads or max(1, int(self.s.cpus_per_worker))  # set as for a local worker
         actor = self._actor_cls.options(
             name=self._actor_name(w.id), namespace=self.s.namespace, lifetime="detached", get_if_exists=False,
             num_cpus=self.s.cpus_per_worker, num_gpus=1 if self.s.device_resource == "GPU" else 0,

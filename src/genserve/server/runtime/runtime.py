@@ -94,7 +94,7 @@ def local_pool(config: Config, results: dict[str, Any]) -> PoolFactory:
         return LocalPool(devices, results, on_message, on_exit, heartbeat_s=s.heartbeat_s,
                          restart=RestartPolicy(quarantine_after=s.quarantine_after, window_s=s.quarantine_window_s),
                          faults=faults.for_worker if faults else None, cpu_memory_bytes=int(s.worker_memory_gb * GIB),
-                         host_cache_bytes=int(s.host_cache_gb * GIB))
+                         host_cache_bytes=int(s.host_cache_gb * GIB), threads=s.worker_threads)
     return make
 
 
@@ -102,7 +102,8 @@ def ray_pool(config: Config, results: dict[str, Any]) -> PoolFactory:
     """``[cluster] provider = "ray"``: one Ray actor per worker, placed by Ray on any node."""
     s, c = config.server, config.cluster
     settings = RaySettings(c.address, c.namespace, c.name, c.device_resource, c.cpus_per_worker, c.model_cache,
-                           s.heartbeat_s, int(s.worker_memory_gb * GIB), int(s.host_cache_gb * GIB))
+                           s.heartbeat_s, int(s.worker_memory_gb * GIB), int(s.host_cache_gb * GIB),
+                           threads=s.worker_threads)
 
     def make(devices: list[str], on_message: OnMessage, on_exit: OnExit) -> Pool:
         return RayPool(len(devices), results, on_message, on_exit, settings,
