@@ -2,6 +2,7 @@
 and one real worker process that reports its thread settings, is killed and comes back."""
 import asyncio
 import multiprocessing
+import os
 import signal
 import subprocess
 import time
@@ -376,8 +377,10 @@ def test_real_worker_comes_up_heartbeats_and_is_restarted_after_a_kill(tmp_path)
             # [server] worker_threads = 3: torch and every OpenMP / MKL / BLAS pool, set before torch
             # was imported (issue 22.8: a local worker's OpenMP pool took every core).
             assert (r["threads"], r["interop_threads"]) == (3, 3)
-            assert r["thread_env"] == {k: "3" for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS",
-                                                        "NUMEXPR_NUM_THREADS", "VECLIB_MAXIMUM_THREADS")}
+            env = dict(r["thread_env"])
+            assert env.pop("OMP_WAIT_POLICY") == os.environ.get("OMP_WAIT_POLICY", "PASSIVE")  # idle threads sleep
+            assert env == {k: "3" for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS",
+                                            "NUMEXPR_NUM_THREADS", "VECLIB_MAXIMUM_THREADS")}
             assert w.state == "ready" and w.ready
             await until(lambda: heartbeats_after(1) >= 2, 60, "two heartbeats")
             assert all(wid == "w0" for wid, _ in msgs)

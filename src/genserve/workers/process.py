@@ -22,10 +22,17 @@ THREAD_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "NUM
 
 
 def limit_threads(threads: int) -> None:
-    """Size every thread pool of this process to ``threads`` (0: leave the libraries' defaults).
-    Called by both pools' workers before torch is imported. Without it a local worker ran torch
-    with its share of threads while OpenMP and MKL took every core, oversubscribing a shared machine
-    (issue 22.8); a Ray actor got OMP_NUM_THREADS from Ray."""
+    """Size every thread pool of this process to ``threads`` (0: leave the libraries' defaults) and
+    make idle OpenMP threads sleep instead of spinning (unless the environment already says).
+    Called by both pools' workers before torch is imported.
+
+    Why passive: OpenMP threads spin at every barrier by default. On a machine whose cores are
+    busy with other work, a worker with 2 threads on 2 cores then waits for a descheduled peer at
+    each of thousands of barriers per step: an 8-step demo batch took 18.5 s (median) against 0.2 s
+    with OMP_WAIT_POLICY=PASSIVE or with one thread (benchmarks/RESULTS.md, issue 22.8). That, not
+    the transport, was why a Ray actor (1 thread: Ray sets OMP_NUM_THREADS to its CPUs) ran the
+    same job 25x faster than a local worker (2 threads) on a loaded 2-core machine."""
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     if threads > 0:
         for key in THREAD_ENV:
             os.environ[key] = str(threads)
@@ -125,7 +132,7 @@ def run_worker(recv: Callable[[], dict[str, Any]], emit: Callable[[dict[str, Any
     def ready() -> None:
         emit({"ev": "ready", "worker": worker_id, "device": device, "pid": os.getpid(),
               "threads": torch.get_num_threads(), "interop_threads": torch.get_num_interop_threads(),
-              "thread_env": {k: os.environ.get(k) for k in THREAD_ENV}, "capacity_bytes": runner.capacity(memory_budget),
+              "thread_env": {k: os.environ.get(k) for k in (*THREAD_ENV, "OMP_WAIT_POLICY")}, "capacity_bytes": runner.capacity(memory_budget),
               "device_name": torch.cuda.get_device_name(device) if device.startswith("cuda") else "cpu",  # prices
               **(ready_info or {})})
 
