@@ -177,7 +177,7 @@ def main() -> None:
             results = {"local pipe": local}
             for t in filter(None, args.local_threads.split(",")):
                 results[f"local pipe, worker_threads={t}"] = asyncio.run(dispatch_latency(
-                    lambda m, e: LocalPool(["cpu"], res, m, e, cpu_memory_bytes=4 << 30, threads=int(t)),
+                    lambda m, e, t=t: LocalPool(["cpu"], res, m, e, cpu_memory_bytes=4 << 30, threads=int(t)),
                     models / "demo-image", args.batches, args.steps))
             for transport in args.transports.split(","):
                 address = f"ray://127.0.0.1:{client_port}" if transport == "client" else cluster.address

@@ -111,6 +111,9 @@ class FakeLoop:
     def call_later(self, delay, cb):
         self.later.append((delay, cb))
 
+    def run_in_executor(self, executor, fn, *args):
+        fn(*args)
+
 
 def test_worker_handle_state():
     w = WorkerHandle("w0", "cpu")
@@ -193,6 +196,22 @@ def test_messages_are_forwarded_and_ready_is_recorded(tmp_path):
     assert msgs == [("w0", ready), ("w0", {"ev": "heartbeat", "t": 1.0})]
     assert w.ready and w.info == ready and w.state == "ready"
     assert exits == [] and not conn.closed
+
+
+def test_retiring_a_worker_not_ready_yet_cancels_it_and_a_ready_one_is_asked_to_shut_down(tmp_path):
+    # issue 22.7: a scale-down cancels a pending worker: killed at once, never reported, never restarted.
+    p, msgs, exits = make_pool(["cpu", "cpu", "cpu"], tmp_path)
+    p.loop = loop = FakeLoop()
+    starting = attach(p, "w0", FakeConn(eof=False, fd=70), FakeProc())
+    ready = attach(p, "w1", FakeConn(eof=False, fd=71), FakeProc())
+    ready.ready = True
+    p.retire("w0")
+    assert "w0" not in p.workers and starting.process.killed == 1 and starting.process.joined == 1
+    assert loop.removed == [70] and starting.conn.closed  # its messages (a late ready) are never read
+    p.retire("w1")
+    assert ready.conn.sent == [{"op": "shutdown"}] and ready.process.killed == 0 and "w1" in p.workers
+    p.retire("w2")  # never started (or waiting to restart): dropped, and a scheduled restart skips it
+    assert list(p.workers) == ["w1"] and exits == [] and msgs == []
 
 
 def test_a_lost_worker_is_reported_and_restarted_after_the_backoff(monkeypatch, tmp_path):

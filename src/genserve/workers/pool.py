@@ -127,7 +127,7 @@ class LocalPool:
             return
         w.restarts += 1
         log.warning("worker %s exited with %s; restarting in %.1fs", w.id, code, delay)
-        self.loop.call_later(delay, lambda: None if self.closing else self._spawn(w))
+        self.loop.call_later(delay, lambda: None if self.closing or w.retiring else self._spawn(w))
 
     def kill(self, worker_id: str) -> None:
         """SIGKILL a hung or stuck worker. Its exit is reported like any crash (``on_exit``)."""
@@ -162,12 +162,28 @@ class LocalPool:
         return wid
 
     def retire(self, worker_id: str) -> None:
-        """Graceful shutdown of an idle worker; its exit is not a crash."""
+        """Graceful shutdown of an idle worker; its exit is not a crash. One not ready yet (starting,
+        or waiting to restart) is canceled at once: it holds nothing, and it must not come up
+        later and take a device the scale-down meant to free."""
         w = self.workers.get(worker_id)
         if w is None:
             return
         w.retiring = True
-        self.send(worker_id, {"op": "shutdown"})
+        if w.ready:
+            self.send(worker_id, {"op": "shutdown"})
+            return
+        del self.workers[worker_id]
+        if w.conn is not None:
+            try:
+                self.loop.remove_reader(w.conn.fileno())  # type: ignore[union-attr]
+            except (ValueError, OSError):
+                pass
+            w.conn.close()
+        if w.process is not None and w.process.is_alive():
+            w.process.kill()  # reaped below, off the event loop
+            assert self.loop is not None
+            self.loop.run_in_executor(None, w.process.join, 30.0)
+        log.info("worker %s canceled before it was ready (scale down)", worker_id)
 
     async def close(self, grace_s: float = 2.0) -> None:
         """Ask every worker to exit, wait for all of them together up to ``grace_s``, then kill

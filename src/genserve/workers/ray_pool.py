@@ -241,7 +241,7 @@ class RayPool:
             return
         w.restarts += 1
         assert self.loop is not None
-        self.loop.call_later(delay, lambda: None if self.closing or w.running else self._create(w))
+        self.loop.call_later(delay, lambda: None if self.closing or w.running or w.retiring else self._create(w))
 
     async def close(self) -> None:
         import ray
@@ -273,14 +273,28 @@ class RayPool:
             ray.kill(w.actor)  # its stream fails: reported as lost, like any crash
 
     def retire(self, worker_id: str) -> None:
+        """An idle worker shuts down after what it runs. One not ready yet is canceled at once: an
+        actor Ray has not placed (``provisioning``) is killed before it starts, so its device request
+        is withdrawn (on KubeRay, no pod is brought up for it) and it cannot take a freed device."""
+        import ray
+
         w = self.workers.get(worker_id)
         if w is None:
             return
         w.retiring = True
-        if w.actor is None:
-            self.workers.pop(worker_id, None)
+        if w.actor is not None and w.ready:
+            self.send(worker_id, {"op": P.SHUTDOWN})  # after the batch it runs, if any: ops run in order
             return
-        self.send(worker_id, {"op": P.SHUTDOWN})  # after the batch it runs, if any: ops run in order
+        self.workers.pop(worker_id, None)
+        actor, w.actor, w.running = w.actor, None, False  # its stream's end is then not a loss (_consume)
+        if w.task is not None:
+            w.task.cancel()
+        if actor is not None:
+            try:
+                ray.kill(actor)
+            except Exception as e:  # noqa: BLE001 — an actor already gone (its node lost) is canceled too
+                log.debug("worker %s: ray.kill: %s", worker_id, type(e).__name__)
+        log.info("worker %s canceled before it was ready (%s)", worker_id, "unplaced" if not w.placed else "starting")
 
     def add_worker(self, device: str) -> str:
         wid = f"w{self._next_id}"

@@ -66,3 +66,4 @@ default_size = "64x64"
         assert rt.ready
         await rt.close()
     run(go())
+

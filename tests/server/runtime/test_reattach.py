@@ -104,7 +104,7 @@ def test_held_jobs_of_a_survivor_lost_before_it_is_ready_are_queued_again(tmp_pa
 def test_a_server_is_ready_while_its_only_worker_finishes_a_held_batch(tmp_path):
     # issue 22.3: after a restart /readyz stayed 503 until the survivors finished their held batches.
     clock = Clock()
-    (a, b), c = first_server(tmp_path, clock)
+    (a, b), _ = first_server(tmp_path, clock)
 
     async def go():
         rt = Runtime(config(tmp_path), devices=["cpu"], clock=clock, pool=survivors({a: "w0", b: "w0"}))

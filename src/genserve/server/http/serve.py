@@ -79,8 +79,8 @@ class HeaderTimeoutProtocol(H11Protocol):
     def _headers_late(self) -> None:
         self._header_timer = None
         if self.conn.their_state is h11.IDLE and not self.transport.is_closing():
-            log.info("closing a connection from %s: request headers incomplete after %gs",
-                     "%s:%d" % self.client if self.client else "?", self.header_timeout_s)
+            who = f"{self.client[0]}:{self.client[1]}" if self.client else "?"
+            log.info("closing a connection from %s: request headers incomplete after %gs", who, self.header_timeout_s)
             self.transport.close()
 
 

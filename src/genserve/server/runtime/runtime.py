@@ -109,20 +109,23 @@ def ray_pool(config: Config, results: dict[str, Any]) -> PoolFactory:
         return RayPool(len(devices), results, on_message, on_exit, settings,
                        RestartPolicy(quarantine_after=s.quarantine_after, window_s=s.quarantine_window_s))
     return make
-def scale_local(pool: Pool, gpus: list[str], d: ScaleTo) -> None:
-    """The local provider: start workers until ``d.devices`` are up or starting (GPU workers
-    only on GPUs not already in use). Surplus ones are retired by the engine, one by one."""
+def scale_local(pool: Pool, gpus: list[str], d: ScaleTo) -> list[str]:
+    """The provider: start workers until ``d.devices`` are up or starting (GPU workers only on GPUs
+    not already in use). Returns the workers started. Surplus ones are retired by the engine,
+    pending ones first (a pool cancels a worker that is not ready yet)."""
     active = pool.active()
     log.info("autoscale: want %d devices, have %d (%s)", d.devices, len(active), d.reason)
+    started = []
     for _ in range(d.devices - len(active)):
         if gpus:
             used = {w.device for w in pool.workers.values() if not w.quarantined}  # retiring ones too
             free = [g for g in gpus if g not in used]
             if not free:
                 break
-            pool.add_worker(free[0])
+            started.append(pool.add_worker(free[0]))
         else:
-            pool.add_worker("cpu")
+            started.append(pool.add_worker("cpu"))
+    return started
 
 
 def build_demo_models(config: Config) -> None:
@@ -195,6 +198,9 @@ class Runtime:
         self.pool.start()
         now = self.clock()
         held = self.held.hold(self.pool.in_flight())
+        for wid in self.pool.workers:  # pending until ready (a survivor busy with held jobs is up)
+            if wid not in self.held.workers():
+                self.engine.worker_starting(wid)
         # Outputs written just before a crash (worker or server) are adopted, not produced again.
         for job in self.store.unfinished():
             self.records.adopt_output(job["id"], now, "found after a restart")
@@ -262,6 +268,8 @@ class Runtime:
         self.store.close()
 
     def _on_worker_message(self, worker_id: str, msg: dict[str, Any]) -> None:
+        if worker_id not in self.pool.workers:
+            return  # retired before it was ready (a canceled pending worker): the engine forgot it
         if msg["ev"] == "ready" and self.held:  # after a re-attach: what it ran for the old server is done
             self.held.release(worker_id, self.clock(), msg.get("finished_before"))
         self.worker_events.on_message(worker_id, msg)
@@ -410,7 +418,8 @@ class Runtime:
             case RetryJob():
                 self.records.retry(d, now)
             case ScaleTo():
-                scale_local(self.pool, self.gpus, d)
+                for wid in scale_local(self.pool, self.gpus, d):
+                    self.engine.worker_starting(wid)
             case RetireWorker():
                 log.info("retiring worker %s (%s)", d.worker, d.reason)
                 self.pool.retire(d.worker)
