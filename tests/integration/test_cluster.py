@@ -278,7 +278,9 @@ def test_the_ray_pool_cancels_an_actor_ray_cannot_place(cluster, tmp_path):
                         m["thread_env"]["MKL_NUM_THREADS"]) == (2, 2, "2", "2") for m in readies), readies
             pool.retire(pending.id)
             assert pending.id not in pool.workers and pending.actor is None
-            named = lambda: {a["name"] for a in ray.util.list_named_actors(all_namespaces=True)}  # noqa: E731
+            def named():
+                return {a["name"] for a in ray.util.list_named_actors(all_namespaces=True)}
+
             deadline = loop.time() + 60
             while f"pend-{pending.id}" in named() and loop.time() < deadline:
                 await asyncio.sleep(0.1)
