@@ -270,6 +270,7 @@ def test_retired_worker_is_removed_not_restarted(tmp_path):
     p.loop = loop = FakeLoop()
     conn = FakeConn(eof=False)
     w = attach(p, "w1", conn, FakeProc())
+    w.ready = True  # an idle worker that is up (one still starting is canceled: the test above)
     p.retire("w1")
     assert w.retiring and conn.sent == [{"op": "shutdown"}]
     assert [x.id for x in p.active()] == ["w0"]
