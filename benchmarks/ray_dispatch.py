@@ -2,7 +2,10 @@
 
 1. Dispatch overhead per batch: the time from the pool's ``send(run)`` to the worker's ``started``
    message (its own clock, same machine), for a local worker process (pipe) and a Ray actor on a
-   simulated node; median and P99 over N one-step batches of a tiny demo model.
+   simulated node; median and P99 over N one-step batches of a tiny demo model. Also each batch's
+   run time on the worker (``started`` -> ``batch_done``, worker clock): the same job on both pools,
+   so a difference there is the worker's threads, not the transport (``--steps``; ``--local-threads``
+   adds local runs with ``[server] worker_threads`` set).
 2. Throughput: one trace of jobs through a real server with the local pool (2 workers) and with
    the Ray pool (2 actors on 2 simulated nodes); jobs per second and the ratio.
 3. Node loss: a node removed while its batch runs; the time until that batch runs again elsewhere.
@@ -14,7 +17,7 @@ with ``address = "ray://HOST:PORT"``).
 
 Needs the cluster extra (ray, boto3, moto). Everything stays on 127.0.0.1.
     python benchmarks/ray_dispatch.py [--batches 200] [--jobs 24] [--transports stream,poll,client]
-        [--dispatch-only]
+        [--dispatch-only] [--steps 1] [--local-threads 1,2]
 """
 from __future__ import annotations
 
@@ -43,8 +46,10 @@ def pct(xs: list[float], q: float) -> float:
     return xs[min(len(xs) - 1, int(q * len(xs)))]
 
 
-async def dispatch_latency(pool_factory, model_dir: Path, n: int) -> tuple[list[float], list[float]]:
-    """(dispatch -> worker start, worker's ``started`` -> its arrival on the event loop), in ms."""
+async def dispatch_latency(pool_factory, model_dir: Path, n: int,
+                           steps: int = 1) -> tuple[list[float], list[float], list[float], dict]:
+    """(dispatch -> worker start, worker's ``started`` -> its arrival on the event loop, the batch's
+    run time on the worker), in ms, and the worker's ``ready`` message (its thread settings)."""
     loop = asyncio.get_running_loop()
     inbox: asyncio.Queue = asyncio.Queue()
     pool = pool_factory(lambda wid, msg: inbox.put_nowait(msg), lambda wid, code: inbox.put_nowait({"ev": "exit"}))
@@ -58,27 +63,29 @@ async def dispatch_latency(pool_factory, model_dir: Path, n: int) -> tuple[list[
             if msg["ev"] in ("exit", "batch_failed", "load_failed"):
                 raise RuntimeError(msg)
 
-    await wait("ready")
+    ready = await wait("ready")
     wid = next(iter(pool.workers))
     pool.send(wid, {"op": P.LOAD, "model": "m", "spec": {"path": str(model_dir), "kind": "image", "dtype": "auto"},
                     "reason": "bench"})
     await wait("loaded")
-    out, back = [], []
+    out, back, run = [], [], []
     for i in range(n + 3):
         job = {"id": f"j{i}", "prompt": "x", "negative_prompt": None, "seed": i}
         t0 = time.time()
         pool.send(wid, {"op": P.RUN, "batch_id": f"b{i}", "model": "m", "kind": "image",
-                        "params": {"width": 64, "height": 64, "num_frames": 0, "steps": 1, "guidance": 1.0, "fps": 8},
+                        "params": {"width": 64, "height": 64, "num_frames": 0, "steps": steps, "guidance": 1.0,
+                                   "fps": 8},
                         "jobs": [job]})
         started = await wait("started")
         seen = time.time()
-        await wait("batch_done")
+        done = await wait("batch_done")
         if i >= 3:  # warm-up batches excluded
             out.append((started["t"] - t0) * 1000)
             back.append((seen - started["t"]) * 1000)
+            run.append((done["t"] - started["t"]) * 1000)
     await pool.close()
     del loop
-    return out, back
+    return out, back, run, ready
 
 
 def server_toml(models: Path, s3: str | None, ray_address: str | None, name: str, extra: str = "") -> str:
@@ -139,6 +146,8 @@ def main() -> None:
     ap.add_argument("--skip-dispatch", action="store_true")
     ap.add_argument("--dispatch-only", action="store_true", help="skip the throughput and node-loss parts")
     ap.add_argument("--transports", default="stream", help="comma-separated: stream, poll, client")
+    ap.add_argument("--steps", type=int, default=1, help="denoising steps per dispatch-part batch")
+    ap.add_argument("--local-threads", default="", help="comma-separated worker_threads for extra local runs")
     args = ap.parse_args()
     from ray.cluster_utils import Cluster
 
@@ -162,10 +171,14 @@ def main() -> None:
         if not args.skip_dispatch:
             local = asyncio.run(dispatch_latency(
                 lambda m, e: LocalPool(["cpu"], res, m, e, cpu_memory_bytes=4 << 30), models / "demo-image",
-                args.batches))
+                args.batches, args.steps))
             import ray
 
             results = {"local pipe": local}
+            for t in filter(None, args.local_threads.split(",")):
+                results[f"local pipe, worker_threads={t}"] = asyncio.run(dispatch_latency(
+                    lambda m, e, t=t: LocalPool(["cpu"], res, m, e, cpu_memory_bytes=4 << 30, threads=int(t)),
+                    models / "demo-image", args.batches, args.steps))
             for transport in args.transports.split(","):
                 address = f"ray://127.0.0.1:{client_port}" if transport == "client" else cluster.address
                 ray.init(address=address, namespace="bench", log_to_driver=False)
@@ -173,14 +186,17 @@ def main() -> None:
                     lambda m, e: RayPool(1, res, m, e, RaySettings(
                         address, "bench", f"lat-{transport}", DEVICE, 1.0, memory_budget=4 << 30,
                         transport="stream" if transport == "stream" else "poll")),
-                    models / "demo-image", args.batches))
+                    models / "demo-image", args.batches, args.steps))
                 ray.shutdown()
-            for name, (xs, ys) in results.items():
+            for name, (xs, ys, rs, ready) in results.items():
                 print(f"dispatch->start {name}: median {statistics.median(xs):.2f} ms, p99 {pct(xs, 0.99):.2f} ms; "
                       f"started->server median {statistics.median(ys):.2f} ms, p99 {pct(ys, 0.99):.2f} ms "
                       f"(n={len(xs)})")
-            for name, (xs, ys) in results.items():
-                if name != "local pipe":
+                print(f"  run on the worker ({args.steps} steps): median {statistics.median(rs):.1f} ms, "
+                      f"p99 {pct(rs, 0.99):.1f} ms; threads {ready.get('threads')}, interop "
+                      f"{ready.get('interop_threads')}, OMP_NUM_THREADS {(ready.get('thread_env') or {}).get('OMP_NUM_THREADS')}")
+            for name, (xs, ys, _, _) in results.items():
+                if name.startswith("ray"):
                     print(f"added by {name}: dispatch median {statistics.median(xs) - statistics.median(local[0]):.2f} ms,"
                           f" back median {statistics.median(ys) - statistics.median(local[1]):.2f} ms")
         if args.dispatch_only:

@@ -44,6 +44,16 @@ def test_server_keys_and_missing_models(tmp_path):
     with pytest.raises(ConfigError) as e:
         parse_config({"server": {"port": 70000}, **base()})
     assert e.value.key == "server.port"
+    for bad in ({"header_timeout_s": 0}, {"max_connections": 0}, {"max_connections": "many"}, {"worker_threads": 0},
+                {"worker_threads": 1.5}):
+        with pytest.raises(ConfigError) as e:
+            parse_config({"server": bad, **base()})
+        assert e.value.key == "server." + next(iter(bad))
+    s = parse_config({"server": {"header_timeout_s": 2.5, "max_connections": 64}, **base()}).server
+    assert (s.header_timeout_s, s.max_connections) == (2.5, 64)
+    assert parse_config({"server": {"worker_threads": 2}, **base()}).server.worker_threads == 2
+    assert parse_config(base()).server.worker_threads is None  # each worker's share of the CPUs
+    assert (parse_config(base()).server.header_timeout_s, parse_config(base()).server.max_connections) == (10.0, 1000)
     with pytest.raises(ConfigError) as e:
         parse_config({"server": {"workers": 1}})
     assert e.value.key == "models"

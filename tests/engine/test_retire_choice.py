@@ -30,3 +30,11 @@ def test_never_a_warm_pool_copy_or_a_loading_worker():
     loading = WorkerState("l", resident={"m": Resident(10, 0.0, loading=True)})
     free = worker("f")
     assert choose_retirees([pinned, loading, free], [pinned, loading, free], set(), 3, now=0.0) == ["f"]
+
+
+def test_pending_workers_are_retired_before_idle_up_ones():
+    # issue 22.7: a scale-down retired idle up workers while a pending one went on to take a freed slot.
+    ws = [worker("a"), worker("b"), worker("c")]
+    assert choose_retirees(ws, ws, set(), 1, now=0.0, pending=["p1", "p2"]) == ["p2"]  # the newest first
+    assert choose_retirees(ws, ws, set(), 2, now=0.0, pending=["p1", "p2"]) == ["p2", "p1"]
+    assert choose_retirees(ws, ws, set(), 3, now=0.0, pending=["p1", "p2"]) == ["p2", "p1", "a"]

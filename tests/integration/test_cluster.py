@@ -207,6 +207,10 @@ def test_server_kill_9_reattaches_to_its_workers_and_finishes_queued_jobs(demo_m
             for j in jobs:
                 if j["id"] in running:
                     assert [a["code"] for a in j["attempts"]] == [None], j["attempts"]
+                    # It keeps the inference time its worker measured; the wait for a server to hear
+                    # of it is its downtime, not inference (issue 22.3).
+                    b = j["breakdown"]
+                    assert b["inference_s"] is not None and b["inference_s"] > 0 and b["downtime_s"] is not None, b
             # The same worker processes, found again by name: not new ones.
             after = {w["id"]: w["pid"] for w in wait_until(lambda: up_workers(c, 2), 180, "two workers up")}
             assert after == before
@@ -241,6 +245,54 @@ scale_down_delay_s = 3.0
         jobs = [wait_for(c, j, 600) for j in ids]
         assert all(j["status"] == "succeeded" and len(j["results"]) == 1 for j in jobs)
         wait_until(lambda: up_workers(c, 1), 240, "scaled back to one actor")
+
+
+def test_the_ray_pool_cancels_an_actor_ray_cannot_place(cluster, tmp_path):
+    # issue 22.7: scale-down must cancel a pending actor, or it keeps asking for a device (on KubeRay,
+    # a pod) and takes the first one freed. Two device nodes, three actors: the third is unplaced.
+    # (And issue 22.8: [server] worker_threads reaches an actor as it does a local worker.)
+    import asyncio
+
+    from genserve.workers.ray_pool import RayPool, RaySettings
+
+    cluster.ensure_devices(2)
+
+    async def go():
+        msgs, exits = [], []
+        readies = []
+        pool = RayPool(3, {"store": "local", "root": str(tmp_path)},
+                       lambda w, m: (msgs.append((w, m["ev"])), m["ev"] == "ready" and readies.append(m)),
+                       lambda w, code: exits.append(w), RaySettings(cluster.address, "genserve", "pend", DEVICE, 1.0,
+                                                                      memory_budget=1 << 30, heartbeat_s=0.5, threads=2))
+        pool.start()
+        try:
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + 360
+            while sum(1 for _, ev in msgs if ev == "ready") < 2 and loop.time() < deadline:
+                await asyncio.sleep(0.1)  # the actors' messages arrive on this loop while it waits
+            ready = [w for w in pool.workers.values() if w.ready]
+            [pending] = [w for w in pool.workers.values() if not w.ready]
+            assert len(ready) == 2 and pending.state == "provisioning"
+            # Ray set OMP_NUM_THREADS=1 (its CPUs); the worker sized every pool to worker_threads first.
+            assert all((m["threads"], m["interop_threads"], m["thread_env"]["OMP_NUM_THREADS"],
+                        m["thread_env"]["MKL_NUM_THREADS"]) == (2, 2, "2", "2") for m in readies), readies
+            pool.retire(pending.id)
+            assert pending.id not in pool.workers and pending.actor is None
+            def named():
+                return {a["name"] for a in ray.util.list_named_actors(all_namespaces=True)}
+
+            deadline = loop.time() + 60
+            while f"pend-{pending.id}" in named() and loop.time() < deadline:
+                await asyncio.sleep(0.1)
+            # Gone from Ray (no device asked for any more, none to take when one is freed), and a
+            # cancel is not a loss: not reported, not restarted.
+            assert f"pend-{pending.id}" not in named()
+            assert exits == [] and sorted(pool.workers) == sorted(w.id for w in ready)
+        finally:
+            await pool.close()
+            ray.shutdown()
+
+    asyncio.run(go())
 
 
 def test_an_s3_model_source_is_fetched_into_the_node_cache_and_its_first_load_is_remote(demo_models, cluster, s3,

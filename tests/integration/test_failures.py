@@ -11,6 +11,7 @@ import hashlib
 import hmac
 import json
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -144,6 +145,22 @@ def test_crash_mid_batch_with_two_workers_loses_nothing_and_quarantines_the_cras
         assert c.get("/readyz").status_code == 200  # w1 still serves
         figures = tally("worker-crash", c, tmp_path, ids + more)
         assert figures == {"submitted": 20, "completed": 20, "failed": 0, "lost": 0, "duplicated": 0}
+
+
+def test_readyz_is_503_while_the_only_worker_is_down_and_200_once_it_is_back(demo_models, tmp_path):
+    # issue 22.3: with every worker down a drill saw /readyz 200 ({"workers": {"w0": false}}).
+    with LiveServer(tmp_path, config(demo_models), workers=1) as srv, httpx.Client(base_url=srv.url, timeout=60) as c:
+        r = c.get("/readyz")
+        assert r.status_code == 200 and r.json()["workers"] == {"w0": True}
+        pid = workers(c)["w0"]["pid"]
+        os.kill(pid, signal.SIGKILL)
+        down = wait_until(lambda: (r := c.get("/readyz")).status_code == 503 and r, 30, what="/readyz 503",
+                          every=0.02)
+        assert down.json() == {"ready": False, "draining": False, "workers": {"w0": False}}
+        assert c.get("/healthz").status_code == 200  # alive, only not ready
+        assert submit(c)  # and it still accepts jobs meanwhile
+        up = wait_until(lambda: (r := c.get("/readyz")).status_code == 200 and r, 240, what="/readyz 200 again")
+        assert up.json()["workers"] == {"w0": True} and workers(c)["w0"]["pid"] != pid
 
 
 def test_hang_inside_a_step_times_out_within_deadline_plus_grace_then_next_jobs_run(demo_models, tmp_path):

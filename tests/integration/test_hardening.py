@@ -9,7 +9,7 @@ import time
 import httpx
 import pytest
 
-from genserve.bench.live import LiveServer, post_concurrently, wait_for
+from genserve.bench.live import LiveServer, post_concurrently, wait_for, wait_until
 
 from .test_failures import FAULTS_ON, config
 
@@ -75,3 +75,52 @@ def test_body_limit_on_a_real_socket(demo_models, tmp_path):
         assert got.startswith(b"HTTP/1.1 413"), got[:200]
         assert sent < 4 << 20  # it did not read on for megabytes
         assert c.get("/v1/jobs").json()["data"] == []  # nothing was stored
+
+
+def _read_response(s: socket.socket) -> bytes:
+    got = b""
+    while b"\r\n\r\n" not in got:
+        chunk = s.recv(4096)
+        if not chunk:
+            break
+        got += chunk
+    return got
+
+
+def test_half_open_connections_are_closed_and_connections_are_capped(demo_models, tmp_path):
+    # issue 22.4: headers never finished held a connection forever, and nothing capped their number.
+    cfg = config(demo_models, server="header_timeout_s = 1.0\nmax_connections = 6")
+    with LiveServer(tmp_path, cfg, workers=0) as srv, httpx.Client(base_url=srv.url, timeout=30) as c:
+        addr = ("127.0.0.1", srv.port)
+        # Half-open: a request line and one header, never the blank line that ends them; and a
+        # connection that sends nothing at all. Both are closed (recv sees EOF) after the timeout.
+        idle = socket.create_connection(addr, timeout=30)
+        with socket.create_connection(addr, timeout=30) as s:
+            start = time.monotonic()
+            s.sendall(b"GET /v1/models HTTP/1.1\r\nHost: x\r\n")
+            assert s.recv(4096) == b""  # closed by the server (the old server never closed it: a timeout here)
+            assert time.monotonic() - start >= 0.9  # not before header_timeout_s
+        assert idle.recv(4096) == b""
+        idle.close()
+        # Six connections held open the honest way (headers complete, the body still to come)...
+        held = []
+        for _ in range(6):
+            s = socket.create_connection(addr, timeout=30)
+            s.sendall(b"POST /v1/jobs HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                      b"Content-Length: 100\r\n\r\n")
+            held.append(s)
+        try:
+            # ...and a seventh connection's request gets 503 with Retry-After and is closed.
+            with socket.create_connection(addr, timeout=30) as s:
+                s.sendall(b"GET /v1/models HTTP/1.1\r\nHost: x\r\n\r\n")
+                head = _read_response(s)
+                assert head.startswith(b"HTTP/1.1 503"), head[:300]
+                assert b"retry-after: 1" in head.lower() and b"connection: close" in head.lower()
+                assert b"too_many_connections" in head or b"too_many_connections" in s.recv(4096)
+            # The probes still answer.
+            assert c.get("/healthz").status_code == 200
+        finally:
+            for s in held:
+                s.close()
+        # Once they are gone the API answers again.
+        assert wait_until(lambda: c.get("/v1/models").status_code == 200, timeout=30, what="API answers again")

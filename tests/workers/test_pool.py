@@ -1,7 +1,8 @@
-"""LocalPool: device detection, worker states, readiness latch, exit handling (with fakes), and one
-real worker process that is killed and comes back."""
+"""LocalPool: device detection, worker states, thread and memory shares, exit handling (with fakes),
+and one real worker process that reports its thread settings, is killed and comes back."""
 import asyncio
 import multiprocessing
+import os
 import signal
 import subprocess
 import time
@@ -110,6 +111,9 @@ class FakeLoop:
     def call_later(self, delay, cb):
         self.later.append((delay, cb))
 
+    def run_in_executor(self, executor, fn, *args):
+        fn(*args)
+
 
 def test_worker_handle_state():
     w = WorkerHandle("w0", "cpu")
@@ -126,7 +130,7 @@ def test_worker_handle_state():
     assert w.state == "quarantined"  # wins over everything
 
 
-# ---- construction, active(), all_ready() -----------------------------------------------------------
+# ---- construction, active() -----------------------------------------------------------------------
 
 
 def make_pool(devices, tmp_path, **kw):
@@ -149,7 +153,9 @@ def test_pool_splits_threads_and_memory_among_cpu_workers(monkeypatch, tmp_path)
     p, _, _ = make_pool(["cpu", "cpu"], tmp_path, cpu_memory_bytes=123)
     assert p.cpu_memory == 123  # configured wins
     p, _, _ = make_pool(["cuda:0", "cuda:1"], tmp_path)
-    assert p.threads == 0  # GPU workers keep torch's default
+    assert p.threads == 4  # GPU workers get their share of the cores too
+    p, _, _ = make_pool(["cpu", "cpu"], tmp_path, threads=3)
+    assert p.threads == 3  # [server] worker_threads wins
     assert all(not w.ready and w.process is None for w in p.workers.values())  # nothing spawned before start()
 
 
@@ -158,22 +164,6 @@ def test_active_excludes_retiring_and_quarantined(tmp_path):
     p.workers["w1"].retiring = True
     p.workers["w2"].quarantined = True
     assert [w.id for w in p.active()] == ["w0", "w3"]
-
-
-def test_all_ready_is_a_latch(tmp_path):
-    p, _, _ = make_pool(["cpu", "cpu", "cpu"], tmp_path)
-    w0, w1, w2 = p.workers.values()
-    assert not p.all_ready()
-    w0.ready = True
-    w1.ready = True
-    assert not p.all_ready()
-    w2.quarantined = True  # a benched worker does not hold the server back
-    assert p.all_ready()
-    w0.ready = w1.ready = False  # restarts later on do not make the server unready
-    w2.quarantined = False
-    assert p.all_ready()
-    p.workers["w9"] = WorkerHandle("w9", "cpu")  # nor do scale-ups
-    assert p.all_ready()
 
 
 def test_add_worker_ids_are_never_reused(monkeypatch, tmp_path):
@@ -206,6 +196,22 @@ def test_messages_are_forwarded_and_ready_is_recorded(tmp_path):
     assert msgs == [("w0", ready), ("w0", {"ev": "heartbeat", "t": 1.0})]
     assert w.ready and w.info == ready and w.state == "ready"
     assert exits == [] and not conn.closed
+
+
+def test_retiring_a_worker_not_ready_yet_cancels_it_and_a_ready_one_is_asked_to_shut_down(tmp_path):
+    # issue 22.7: a scale-down cancels a pending worker: killed at once, never reported, never restarted.
+    p, msgs, exits = make_pool(["cpu", "cpu", "cpu"], tmp_path)
+    p.loop = loop = FakeLoop()
+    starting = attach(p, "w0", FakeConn(eof=False, fd=70), FakeProc())
+    ready = attach(p, "w1", FakeConn(eof=False, fd=71), FakeProc())
+    ready.ready = True
+    p.retire("w0")
+    assert "w0" not in p.workers and starting.process.killed == 1 and starting.process.joined == 1
+    assert loop.removed == [70] and starting.conn.closed  # its messages (a late ready) are never read
+    p.retire("w1")
+    assert ready.conn.sent == [{"op": "shutdown"}] and ready.process.killed == 0 and "w1" in p.workers
+    p.retire("w2")  # never started (or waiting to restart): dropped, and a scheduled restart skips it
+    assert list(p.workers) == ["w1"] and exits == [] and msgs == []
 
 
 def test_a_lost_worker_is_reported_and_restarted_after_the_backoff(monkeypatch, tmp_path):
@@ -264,6 +270,7 @@ def test_retired_worker_is_removed_not_restarted(tmp_path):
     p.loop = loop = FakeLoop()
     conn = FakeConn(eof=False)
     w = attach(p, "w1", conn, FakeProc())
+    w.ready = True  # an idle worker that is up (one still starting is canceled: the test above)
     p.retire("w1")
     assert w.retiring and conn.sent == [{"op": "shutdown"}]
     assert [x.id for x in p.active()] == ["w0"]
@@ -377,17 +384,24 @@ def test_real_worker_comes_up_heartbeats_and_is_restarted_after_a_kill(tmp_path)
 
         policy = RestartPolicy(backoff=Backoff(first_s=0.05, base_s=0.1, factor=2.0, max_s=1.0, jitter=0.0))
         pool = LocalPool(["cpu"], str(tmp_path / "results"), on_message, on_exit, heartbeat_s=0.2,
-                         restart=policy, cpu_memory_bytes=1 << 30)
+                         restart=policy, cpu_memory_bytes=1 << 30, threads=3)
         pool.start()
         try:
             w = pool.workers["w0"]
             first_pid = w.process.pid
-            assert w.state == "starting" and not pool.all_ready()
+            assert w.state == "starting" and not w.ready
             await until(lambda: len(readies()) == 1, 240, "the first ready")
             r = readies()[0]
             assert (r["worker"], r["device"], r["device_name"], r["pid"]) == ("w0", "cpu", "cpu", first_pid)
-            assert r["capacity_bytes"] == 1 << 30 and r["threads"] == pool.threads
-            assert w.state == "ready" and pool.all_ready()
+            assert r["capacity_bytes"] == 1 << 30
+            # [server] worker_threads = 3: torch and every OpenMP / MKL / BLAS pool, set before torch
+            # was imported (issue 22.8: a local worker's OpenMP pool took every core).
+            assert (r["threads"], r["interop_threads"]) == (3, 3)
+            env = dict(r["thread_env"])
+            assert env.pop("OMP_WAIT_POLICY") == os.environ.get("OMP_WAIT_POLICY", "PASSIVE")  # idle threads sleep
+            assert env == {k: "3" for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS",
+                                            "NUMEXPR_NUM_THREADS", "VECLIB_MAXIMUM_THREADS")}
+            assert w.state == "ready" and w.ready
             await until(lambda: heartbeats_after(1) >= 2, 60, "two heartbeats")
             assert all(wid == "w0" for wid, _ in msgs)
 
@@ -395,7 +409,7 @@ def test_real_worker_comes_up_heartbeats_and_is_restarted_after_a_kill(tmp_path)
             await until(lambda: exits, 60, "on_exit")
             assert exits == [("w0", -signal.SIGKILL)]
             assert w.restarts == 1 and not w.quarantined
-            assert pool.all_ready()  # the latch holds while it restarts
+            assert not w.ready  # restarting: the runtime's readiness counts it out until it is back
             await until(lambda: len(readies()) == 2, 240, "the second ready")
             second = readies()[1]
             assert second["pid"] == w.process.pid != first_pid

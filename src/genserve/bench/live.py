@@ -37,7 +37,9 @@ class LiveServer:
         self.proc: subprocess.Popen | None = None
         self.log_path = self.data_dir / f"server-{self.port}.log"
 
-    def start(self, timeout: float = 360.0) -> "LiveServer":
+    def start(self, timeout: float = 360.0, all_workers: bool = True) -> "LiveServer":
+        """Start and wait until ``/readyz`` is 200 and (``all_workers``) every worker it lists is up:
+        the server is ready with one, tests and benchmarks usually want the whole fleet."""
         cmd = [sys.executable, "-m", "genserve.cli", "serve", "--port", str(self.port), "--host", "127.0.0.1",
                "--data-dir", str(self.data_dir), "--workers", str(self.workers)]
         if self.config_path:
@@ -51,7 +53,8 @@ class LiveServer:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log()}")
             try:
-                if httpx.get(self.url + "/readyz", timeout=2).status_code == 200:
+                r = httpx.get(self.url + "/readyz", timeout=2)
+                if r.status_code == 200 and (not all_workers or all(r.json()["workers"].values())):
                     return self
             except httpx.HTTPError:
                 pass

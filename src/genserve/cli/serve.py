@@ -47,6 +47,7 @@ def cmd_serve(a: argparse.Namespace) -> int:
     print(f"genserve: serving {', '.join(config.models)} on http://{s.host}:{s.port} (data in {s.data_dir})", flush=True)
     # log_config=None: uvicorn's loggers go through the root handler, so --log-format applies to them too.
     # SIGTERM / SIGINT drain first (server.drain_s), then exit 0: docs/operations.md.
-    serve(create_app(config), host=s.host, port=s.port, drain_s=s.drain_s, log_level=a.log_level,
+    serve(create_app(config), host=s.host, port=s.port, drain_s=s.drain_s, header_timeout_s=s.header_timeout_s,
+          max_connections=s.max_connections, log_level=a.log_level,
           access_log=a.access_log, log_config=None)
     return 0

@@ -129,6 +129,13 @@ class ServerConfig:
     webhook_backoff_s: float = 1.0  # first redelivery after this, doubling (≤ 5 min)
     drain_s: float = 25.0  # on SIGTERM: how long running batches may finish before they are requeued
     cors_origins: tuple[str, ...] = ()  # browser origins allowed to call the API (docs/security.md)
+    # The bare server's connection guards (server/http/serve.py, docs/operations.md).
+    header_timeout_s: float = 10.0  # a connection whose request headers are not complete by then is closed
+    max_connections: int = 1000  # open connections beyond this: requests get 503 (/healthz still answers)
+    # Threads of torch and every OpenMP/MKL/BLAS pool in each worker, set before torch is imported
+    # (workers/process.py). None: the worker's share of the CPUs (local: cpu_count // workers; a Ray
+    # actor: its cpus_per_worker), at least 1.
+    worker_threads: int | None = None
 
 
 # US$ per device-hour, by device type: public on-demand list prices (rounded) for the GPUs, and a
@@ -191,7 +198,8 @@ SECTIONS: dict[str, Section] = {
     "server": Section(ServerConfig, title="server settings", overrides={
         "residency": {"enum": sorted(RESIDENCY)}, "placement": {"enum": sorted(PLACEMENT)},
         "idle_unload_s": NEVER, "webhook_secret": {"type": "string", "pattern": "^whsec_"},
-        "saturation": {"minimum": 0, "maximum": 1}, "port": {"minimum": 0, "maximum": 65535}}),
+        "saturation": {"minimum": 0, "maximum": 1}, "port": {"minimum": 0, "maximum": 65535},
+        "header_timeout_s": {"minimum": 0.1}, "max_connections": {"minimum": 1}, "worker_threads": {"minimum": 1}}),
     "models": Section(ModelConfig, keyed=True, exclude=("name", "family"), required=("kind", "source"), title="a model",
                       extra={"true_cfg_scale": {"type": "number", "minimum": 0},
                              "max_sequence_length": {"type": "integer", "minimum": 1, "maximum": 512}},
@@ -302,11 +310,12 @@ def _parse_server(raw: Any) -> ServerConfig:
         kw["workers"] = _int("server.workers", raw["workers"], 0)
     floats = {"aging_s": 0.0, "retry_backoff_s": 0.0, "retry_backoff_max_s": 0.0, "hang_timeout_s": 0.1,
               "stop_grace_s": 0.1, "heartbeat_s": 0.05, "heartbeat_timeout_s": 0.1, "quarantine_window_s": 0.0,
-              "webhook_backoff_s": 0.0, "drain_s": 0.0}
+              "webhook_backoff_s": 0.0, "drain_s": 0.0, "header_timeout_s": 0.1}
     for k, lo in floats.items():
         if k in raw:
             kw[k] = _float(f"server.{k}", raw[k], lo)
-    for k in ("max_attempts", "fallback_after", "quarantine_after", "webhook_max_attempts"):
+    for k in ("max_attempts", "fallback_after", "quarantine_after", "webhook_max_attempts", "max_connections",
+              "worker_threads"):
         if k in raw:
             kw[k] = _int(f"server.{k}", raw[k], 1)
     if "cors_origins" in raw:

@@ -156,6 +156,9 @@ class Engine(EngineReads):
 
     # ---- workers, batches, models ------------------------------------------------------------------
 
+    def worker_starting(self, worker_id: str) -> None:
+        self.fleet.starting(worker_id)  # pending: a scale-down retires it first (scaling.py)
+
     def worker_up(self, worker_id: str, now: float, capacity: int | None = None) -> None:
         self.fleet.up(worker_id, capacity)
         self.failures.heard(worker_id, now)

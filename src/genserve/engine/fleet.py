@@ -1,5 +1,6 @@
-"""The fleet: workers that are up, the batches running on them, and batch ids. The one owner of
-"which job runs where". (Each worker's ``resident`` models are the residency manager's.)"""
+"""The fleet: workers that are up (and those started but not up yet), the batches running on them,
+and batch ids. The one owner of "which job runs where". (Each worker's ``resident`` models are the
+residency manager's.)"""
 from __future__ import annotations
 
 from .types import BatchKey, QueuedJob, RunningBatch, WorkerState
@@ -8,18 +9,25 @@ from .types import BatchKey, QueuedJob, RunningBatch, WorkerState
 class Fleet:
     def __init__(self, batch_id_prefix: str = "b") -> None:
         self.workers: dict[str, WorkerState] = {}
+        self.pending: dict[str, None] = {}  # started by the driver, not up yet: oldest first
         self.running: dict[str, RunningBatch] = {}
         self._batch_of: dict[str, str] = {}  # running job id -> batch id
         self._seq = 0
         self._prefix = batch_id_prefix
         self._largest: tuple[int | None] | None = None  # cache of largest_capacity(); None = recompute
 
+    def starting(self, worker_id: str) -> None:
+        if worker_id not in self.workers:
+            self.pending[worker_id] = None
+
     def up(self, worker_id: str, capacity: int | None) -> WorkerState:
+        self.pending.pop(worker_id, None)
         w = self.workers[worker_id] = WorkerState(worker_id, capacity)
         self._largest = None
         return w
 
     def remove(self, worker_id: str) -> None:
+        self.pending.pop(worker_id, None)
         self.workers.pop(worker_id, None)
         self._largest = None
 

@@ -1,7 +1,10 @@
 """The engine's side of autoscaling: when to ask the policy (every ``interval_s``), what was last
-asked of the provider, and which idle workers to retire. The policy itself is pure
-(``Autoscaler.decide(snapshot, state)``); this keeps its state between decisions."""
+asked of the provider, and which workers to retire: pending ones (started, not up yet) first, then
+idle ones. The policy itself is pure (``Autoscaler.decide(snapshot, state)``); this keeps its state
+between decisions."""
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 from .fleet import Fleet
 from .policies.autoscale import Autoscaler, FleetSnapshot
@@ -11,12 +14,15 @@ from .work import WorkModel
 
 
 def choose_retirees(workers: list[WorkerState], idle: list[WorkerState], queued_models: set[str], surplus: int,
-                    now: float) -> list[str]:
-    """Up to ``surplus`` idle workers to retire, the cheapest to lose first (holding the least, then
-    the least used). Never one that is loading, holds a warm-pool copy, or is the last worker holding
-    a model that has queued work (losing it would turn that work into a cold start)."""
+                    now: float, pending: Sequence[str] = ()) -> list[str]:
+    """Up to ``surplus`` workers to retire. First the ``pending`` ones (given oldest first; the
+    newest goes first): they hold nothing and have cost nothing yet, and one left pending would take the slot a
+    retired worker frees, cold-start, and be retired in turn (on a cluster, an unplaced actor keeps
+    asking for a device). Then idle workers, the cheapest to lose first (holding the least, then the
+    least used); never one that is loading, holds a warm-pool copy, or is the last worker holding a
+    model that has queued work (losing it would turn that work into a cold start)."""
     holders = {m: {w.id for w in workers if m in w.resident} for m in queued_models}
-    chosen: list[str] = []
+    chosen: list[str] = list(reversed(pending))[:surplus]
     for w in sorted(idle, key=lambda w: (w.used, w.busy.utilization(now), w.id)):
         if len(chosen) == surplus:
             break
@@ -50,7 +56,8 @@ class Scaling:
         """The fleet as the policy sees it; demand in expected device-seconds."""
         queued = sum(work.job_work(k) * sum(1 for _ in waiting.jobs(k)) for k in waiting.keys())
         up = len(fleet.workers)
-        return FleetSnapshot(now, up, max(0, (self.target_devices or 0) - up),
+        # Pending: asked for and not up; at least the workers the driver said are starting.
+        return FleetSnapshot(now, up, max(0, (self.target_devices or 0) - up, len(fleet.pending)),
                              sum(1 for x in fleet.workers.values() if not x.idle), queued,
                              work.running_work(fleet.running.values(), now), work.arrival_rate(now),
                              max((m.min_warm for m in waiting.models.values()), default=0))
@@ -69,11 +76,12 @@ class Scaling:
         if want != asked:
             out.append(ScaleTo(want, f"{self.autoscaler.policy.name}: queued {snap.queued_work_s:.1f} s of work, "
                                      f"arriving {snap.arrival_work_rate:.2f} dev-s/s, {snap.busy}/{snap.up} busy"))
-        surplus = len(fleet.workers) - want
+        surplus = len(fleet.workers) + len(fleet.pending) - want
         retired: list[str] = []
         if surplus > 0:
             queued = {k.model for k in waiting.keys() if any(True for _ in waiting.jobs(k))}
-            retired = choose_retirees(list(fleet.workers.values()), fleet.idle(excluded), queued, surplus, now)
+            retired = choose_retirees(list(fleet.workers.values()), fleet.idle(excluded), queued, surplus, now,
+                                      list(fleet.pending))
             out += [RetireWorker(w, "scale down") for w in retired]
         return out, retired
 

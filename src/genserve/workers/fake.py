@@ -52,18 +52,15 @@ class FakePool:
     def active(self) -> list[WorkerHandle]:
         return [w for w in self.workers.values() if not w.retiring and not w.quarantined]
 
-    def all_ready(self) -> bool:
-        return all(w.ready for w in self.workers.values())
-
     def in_flight(self) -> dict[str, str]:
         return {}
 
     # ---- the test's side: playing the workers ---------------------------------------------------------
 
-    def ready(self, worker_id: str, capacity_bytes: int = 4 * GIB) -> None:
+    def ready(self, worker_id: str, capacity_bytes: int = 4 * GIB, **extra: Any) -> None:
         w = self.workers[worker_id]
         msg = {"ev": "ready", "worker": worker_id, "device": w.device, "device_name": "cpu", "pid": 0,
-               "threads": 1, "capacity_bytes": capacity_bytes}
+               "threads": 1, "capacity_bytes": capacity_bytes, **extra}
         w.ready, w.info = True, msg
         self.on_message(worker_id, msg)
 

@@ -50,20 +50,21 @@ class LocalPool:
     def __init__(self, devices: list[str], results: dict[str, Any] | str, on_message: OnMessage, on_exit: OnExit, *,
                  heartbeat_s: float = 2.0, restart: RestartPolicy | None = None,
                  faults: Callable[[str, int], dict[str, Any] | None] | None = None,
-                 cpu_memory_bytes: int = 0, host_cache_bytes: int = 0) -> None:
+                 cpu_memory_bytes: int = 0, host_cache_bytes: int = 0, threads: int | None = None) -> None:
         self.ctx = mp.get_context("spawn")
         self.results = results  # a result-store spec: each worker opens the store
         self.on_message = on_message
         self.on_exit = on_exit
         cpu_count = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
         n_cpu = sum(1 for d in devices if d == "cpu")
-        self.threads = max(1, cpu_count // n_cpu) if n_cpu else 0
+        # Each worker's share of the cores (configured: [server] worker_threads), applied to torch and
+        # every OpenMP/MKL pool before the worker imports torch (process.limit_threads), as on Ray.
+        self.threads = threads or max(1, cpu_count // max(1, len(devices)))
         # A CPU worker's budget: configured, or an equal share of physical memory.
         self.cpu_memory = cpu_memory_bytes or (_physical_memory() // max(1, n_cpu))
         self.host_cache_bytes = host_cache_bytes
         self.workers = {f"w{i}": WorkerHandle(f"w{i}", d) for i, d in enumerate(devices)}
         self._next_id = len(devices)
-        self._started_once = False  # readiness latch: every initial worker has been up
         self.loop: asyncio.AbstractEventLoop | None = None
         self.closing = False
         self.heartbeat_s = heartbeat_s
@@ -77,9 +78,8 @@ class LocalPool:
 
     def _spawn(self, w: WorkerHandle) -> None:
         parent, child = self.ctx.Pipe(duplex=True)
-        threads = self.threads if w.device == "cpu" else 0
         proc = self.ctx.Process(target=worker_main, name=f"genserve-worker-{w.id}", daemon=True,
-                                args=(child, w.id, w.device, self.results, threads, self.heartbeat_s,
+                                args=(child, w.id, w.device, self.results, self.threads, self.heartbeat_s,
                                       self.faults(w.id, w.restarts), self.cpu_memory, self.host_cache_bytes))
         proc.start()
         child.close()
@@ -127,7 +127,7 @@ class LocalPool:
             return
         w.restarts += 1
         log.warning("worker %s exited with %s; restarting in %.1fs", w.id, code, delay)
-        self.loop.call_later(delay, lambda: None if self.closing else self._spawn(w))
+        self.loop.call_later(delay, lambda: None if self.closing or w.retiring else self._spawn(w))
 
     def kill(self, worker_id: str) -> None:
         """SIGKILL a hung or stuck worker. Its exit is reported like any crash (``on_exit``)."""
@@ -143,13 +143,6 @@ class LocalPool:
             w.conn.send(msg)
         except (OSError, ValueError):
             pass  # the reader callback sees the EOF and reports the worker lost
-
-    def all_ready(self) -> bool:
-        """Every initial worker has come up once (later scale-ups and restarts do not make the
-        server unready: it keeps accepting and queueing)."""
-        if not self._started_once:
-            self._started_once = all(w.ready or w.quarantined for w in self.workers.values())
-        return self._started_once
 
     def in_flight(self) -> dict[str, str]:
         return {}  # local workers never outlive the server that started them
@@ -169,12 +162,28 @@ class LocalPool:
         return wid
 
     def retire(self, worker_id: str) -> None:
-        """Graceful shutdown of an idle worker; its exit is not a crash."""
+        """Graceful shutdown of an idle worker; its exit is not a crash. One not ready yet (starting,
+        or waiting to restart) is canceled at once: it holds nothing, and it must not come up
+        later and take a device the scale-down meant to free."""
         w = self.workers.get(worker_id)
         if w is None:
             return
         w.retiring = True
-        self.send(worker_id, {"op": "shutdown"})
+        if w.ready:
+            self.send(worker_id, {"op": "shutdown"})
+            return
+        del self.workers[worker_id]
+        if w.conn is not None:
+            try:
+                self.loop.remove_reader(w.conn.fileno())  # type: ignore[union-attr]
+            except (ValueError, OSError):
+                pass
+            w.conn.close()
+        if w.process is not None and w.process.is_alive():
+            w.process.kill()  # reaped below, off the event loop
+            assert self.loop is not None
+            self.loop.run_in_executor(None, w.process.join, 30.0)
+        log.info("worker %s canceled before it was ready (scale down)", worker_id)
 
     async def close(self, grace_s: float = 2.0) -> None:
         """Ask every worker to exit, wait for all of them together up to ``grace_s``, then kill

@@ -15,6 +15,28 @@ from ..engine.types import ErrorCode, classify_exception
 from . import protocol as P
 from .faults import FaultInjector
 
+# The thread pools a worker's libraries size from the environment when they load (OpenMP, MKL,
+# OpenBLAS, numexpr, Accelerate): read once, at import, so they must be set before torch is imported.
+THREAD_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "NUMEXPR_NUM_THREADS",
+              "VECLIB_MAXIMUM_THREADS")
+
+
+def limit_threads(threads: int) -> None:
+    """Size every thread pool of this process to ``threads`` (0: leave the libraries' defaults) and
+    make idle OpenMP threads sleep instead of spinning (unless the environment already says).
+    Called by both pools' workers before torch is imported.
+
+    Why passive: OpenMP threads spin at every barrier by default. On a machine whose cores are
+    busy with other work, a worker with 2 threads on 2 cores then waits for a descheduled peer at
+    each of thousands of barriers per step: an 8-step demo batch took 18.5 s (median) against 0.2 s
+    with OMP_WAIT_POLICY=PASSIVE or with one thread (benchmarks/RESULTS.md, issue 22.8). That, not
+    the transport, was why a Ray actor (1 thread: Ray sets OMP_NUM_THREADS to its CPUs) ran the
+    same job 25x faster than a local worker (2 threads) on a loaded 2-core machine."""
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    if threads > 0:
+        for key in THREAD_ENV:
+            os.environ[key] = str(threads)
+
 
 def worker_main(conn: Connection, worker_id: str, device: str, results: dict[str, Any] | str, threads: int,
                 heartbeat_s: float = 2.0, faults: dict[str, Any] | None = None,
@@ -52,10 +74,15 @@ def run_worker(recv: Callable[[], dict[str, Any]], emit: Callable[[dict[str, Any
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    limit_threads(threads)
     import torch
 
     if threads > 0:
         torch.set_num_threads(threads)
+        try:
+            torch.set_num_interop_threads(threads)
+        except RuntimeError:  # torch ran parallel work in this process already (a reused Ray worker)
+            pass
     from diffusers.utils import logging as dlogging
 
     dlogging.set_verbosity_warning()
@@ -104,7 +131,8 @@ def run_worker(recv: Callable[[], dict[str, Any]], emit: Callable[[dict[str, Any
 
     def ready() -> None:
         emit({"ev": "ready", "worker": worker_id, "device": device, "pid": os.getpid(),
-              "threads": torch.get_num_threads(), "capacity_bytes": runner.capacity(memory_budget),
+              "threads": torch.get_num_threads(), "interop_threads": torch.get_num_interop_threads(),
+              "thread_env": {k: os.environ.get(k) for k in (*THREAD_ENV, "OMP_WAIT_POLICY")}, "capacity_bytes": runner.capacity(memory_budget),
               "device_name": torch.cuda.get_device_name(device) if device.startswith("cuda") else "cpu",  # prices
               **(ready_info or {})})
 

@@ -16,7 +16,10 @@ server -> worker (``op``):
   shutdown {}
   hello    {}                             (a restarted server re-attached: unload all, say ready again)
 worker -> server (``ev``):
-  ready        {worker, device, device_name, pid, threads, capacity_bytes}
+  ready        {worker, device, device_name, pid, threads, interop_threads, thread_env: {OMP_NUM_THREADS, …, OMP_WAIT_POLICY},
+                capacity_bytes,
+                finished_before?: {job_id: {inference_start, inference_end, output_written}}}
+                                      (a Ray actor after a re-attach: the jobs it finished for the old server)
   heartbeat    {t}                    (every heartbeat_s, from its own thread)
   loaded       {model, cached, load_start, load_end, bytes, tier: disk | page_cache | host | resident}
   unloaded     {model, freed_bytes, kept_in, used_bytes, resident}

@@ -20,7 +20,9 @@ would describe batches the new server never dispatched), and the new server says
 worker starts clean and announces itself again. The worker finishes what it had been given first
 (the ``hello`` waits behind it), so before attaching, a new server asks ``in_flight()`` which jobs
 those are: it holds them until the worker is ready again and adopts their outputs instead of
-running them a second time.
+running them a second time. Jobs the worker finished that no server heard of count as in flight
+too; the timings of their ``job_done`` ride on that ``ready`` (``finished_before``), so an adopted
+job keeps its inference time and the server's downtime shows as its own stage.
 """
 from __future__ import annotations
 
@@ -32,6 +34,7 @@ from typing import Any
 import ray
 
 _END = None  # on a stream's queue: the stream is over (worker shut down, or a newer attachment)
+TIMINGS = ("inference_start", "inference_end", "output_written")  # of a job_done kept for the next server
 
 
 def _memory_share(node_id: str, device_resource: str) -> int:
@@ -56,6 +59,9 @@ class WorkerActor:
         self.held: dict[int, dict[str, Any]] = {}  # arrived early: waits for the ones before it
         self.batches: set[str] = set()  # dispatched by the current attachment
         self.active: dict[str, list[str]] = {}  # batch id -> its job ids, until it ends (any attachment)
+        # job id -> timings of a job_done the old server never got (its batch outlived the server);
+        # they ride on the next ``ready``, so the new server that adopts the output keeps them.
+        self.finished_before: dict[str, dict[str, float]] = {}
         ctx = ray.get_runtime_context()
         gpus = ray.get_gpu_ids()
         # Ray sets CUDA_VISIBLE_DEVICES to this actor's GPU, so it is always cuda:0 from in here.
@@ -83,14 +89,25 @@ class WorkerActor:
             if msg.get("ev") in ("batch_done", "batch_failed"):
                 self.active.pop(bid, None)
             if bid is not None and bid not in self.batches:
-                return  # a batch of a server that is gone: the new one holds its jobs, adopts their outputs
+                # A batch of a server that is gone: the new one holds its jobs, adopts their outputs.
+                self._keep_timings(msg)
+                return
+            if msg.get("ev") == "ready" and self.finished_before:
+                msg, self.finished_before = {**msg, "finished_before": self.finished_before}, {}
             self.outbox.put(msg)
+
+    def _keep_timings(self, msg: dict[str, Any] | None) -> None:
+        if msg is not None and msg.get("ev") == "job_done":
+            self.finished_before[msg["job_id"]] = {k: msg[k] for k in TIMINGS}
 
     def _attach(self, gen: int) -> None:
         """Called with the lock held: a newer server takes over."""
         if gen <= self.gen:
             return
         if self.gen:  # a fresh actor's first server keeps what the worker said already (its ``ready``)
+            # What the old server never read: results among it are kept for the new one's adoption.
+            while not self.outbox.empty():
+                self._keep_timings(self.outbox.get_nowait())
             self.outbox.put(_END)  # ends the old stream or poll, if one is still open
             self.outbox = queue.Queue()
         self.gen, self.told_placed = gen, False
@@ -115,9 +132,12 @@ class WorkerActor:
                 self.inbox.put(m)
 
     def in_flight(self) -> list[str]:
-        """The jobs of every batch the worker was given and has not finished (done or failed)."""
+        """The jobs of every batch the worker was given and has not finished (done or failed), and
+        those it finished that no server has heard of: the new server holds them all until the
+        worker's next ``ready``, which carries the timings of the finished ones."""
         with self.lock:
-            return [j for jobs in self.active.values() for j in jobs]
+            unread = [m["job_id"] for m in list(self.outbox.queue) if m is not _END and m.get("ev") == "job_done"]
+            return [j for jobs in self.active.values() for j in jobs] + list(self.finished_before) + unread
 
     @ray.method(num_returns="streaming")
     def stream(self, gen: int):

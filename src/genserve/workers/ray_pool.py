@@ -67,6 +67,7 @@ class RaySettings:
     # benchmarks/ray_dispatch.py). Ray Client cannot carry streaming calls: through it, it polls anyway.
     transport: str = "stream"
     poll_wait_s: float = 10.0  # longest a poll waits with nothing to say (heartbeats come sooner)
+    threads: int | None = None  # [server] worker_threads; None: the actor's CPUs (cpus_per_worker, ≥ 1)
 
 
 class RayPool:
@@ -79,7 +80,6 @@ class RayPool:
         self.restart = restart or RestartPolicy()
         self.workers: dict[str, RayWorkerHandle] = {}
         self._next_id = 0
-        self._started_once = False
         self.closing = False
         self.loop: asyncio.AbstractEventLoop | None = None
         self._actor_cls: Any = None
@@ -158,7 +158,7 @@ class RayPool:
 
     def _create(self, w: RayWorkerHandle) -> None:
         resources = {} if self.s.device_resource == "GPU" else {self.s.device_resource: 1}
-        threads = max(1, int(self.s.cpus_per_worker))
+        threads = self.s.threads or max(1, int(self.s.cpus_per_worker))  # set as for a local worker
         actor = self._actor_cls.options(
             name=self._actor_name(w.id), namespace=self.s.namespace, lifetime="detached", get_if_exists=False,
             num_cpus=self.s.cpus_per_worker, num_gpus=1 if self.s.device_resource == "GPU" else 0,
@@ -241,7 +241,7 @@ class RayPool:
             return
         w.restarts += 1
         assert self.loop is not None
-        self.loop.call_later(delay, lambda: None if self.closing or w.running else self._create(w))
+        self.loop.call_later(delay, lambda: None if self.closing or w.running or w.retiring else self._create(w))
 
     async def close(self) -> None:
         import ray
@@ -273,14 +273,28 @@ class RayPool:
             ray.kill(w.actor)  # its stream fails: reported as lost, like any crash
 
     def retire(self, worker_id: str) -> None:
+        """An idle worker shuts down after what it runs. One not ready yet is canceled at once: an
+        actor Ray has not placed (``provisioning``) is killed before it starts, so its device request
+        is withdrawn (on KubeRay, no pod is brought up for it) and it cannot take a freed device."""
+        import ray
+
         w = self.workers.get(worker_id)
         if w is None:
             return
         w.retiring = True
-        if w.actor is None:
-            self.workers.pop(worker_id, None)
+        if w.actor is not None and w.ready:
+            self.send(worker_id, {"op": P.SHUTDOWN})  # after the batch it runs, if any: ops run in order
             return
-        self.send(worker_id, {"op": P.SHUTDOWN})  # after the batch it runs, if any: ops run in order
+        self.workers.pop(worker_id, None)
+        actor, w.actor, w.running = w.actor, None, False  # its stream's end is then not a loss (_consume)
+        if w.task is not None:
+            w.task.cancel()
+        if actor is not None:
+            try:
+                ray.kill(actor)
+            except Exception as e:  # noqa: BLE001 — an actor already gone (its node lost) is canceled too
+                log.debug("worker %s: ray.kill: %s", worker_id, type(e).__name__)
+        log.info("worker %s canceled before it was ready (%s)", worker_id, "unplaced" if not w.placed else "starting")
 
     def add_worker(self, device: str) -> str:
         wid = f"w{self._next_id}"
@@ -292,10 +306,3 @@ class RayPool:
 
     def active(self) -> list[WorkerHandle]:
         return [w for w in self.workers.values() if not w.retiring and not w.quarantined]
-
-    def all_ready(self) -> bool:
-        """Ready once every initial worker has been up (or when none could be placed yet, once
-        Ray has been asked: the server accepts and queues while nodes come up)."""
-        if not self._started_once:
-            self._started_once = all(w.ready or w.quarantined for w in self.workers.values())
-        return self._started_once

@@ -161,3 +161,17 @@ def test_decide_is_pure_state_in_state_out():
     assert (n1, s1) == (again, s1b)  # same snapshot and state: same answer
     assert s0 == a.initial_state() and s0.target is None and not s0.wishes  # the input state was not mutated
     assert s1.target == n1 and s1.wishes == ((0, n1),) and s1.policy != s0.policy  # the profile learned a reading
+
+
+def test_a_scale_down_cancels_a_pending_worker_before_retiring_idle_ones():
+    # issue 22.7: 3 device slots, max 4 workers: scale-down retired two idle up workers while the 4th,
+    # still pending, then took a freed slot, cold-started and was retired 3.5 s later.
+    eng = Engine({"img": ModelLimits()}, autoscaler=Autoscaler("queue_depth", ScaleLimits(1, 4, scale_down_delay_s=0,
+                                                                                          interval_s=5)))
+    for w in ("w0", "w1", "w2", "w3"):
+        eng.worker_starting(w)
+    for w in ("w0", "w1", "w2"):
+        eng.worker_up(w, 0.0)
+    retired = [d.worker for d in eng.step(0.0) if isinstance(d, RetireWorker)]
+    assert retired[0] == "w3" and len(retired) == 3  # 3 up + 1 pending, want 1: the pending one first
+    assert set(eng.workers) | set(retired) == {"w0", "w1", "w2", "w3"} and len(eng.workers) == 1

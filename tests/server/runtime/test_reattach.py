@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 
+from genserve.server.observe.stats import breakdown
 from genserve.server.runtime.runtime import Runtime
 from genserve.workers.fake import FakePool
 
@@ -31,8 +32,8 @@ def first_server(tmp_path, clock) -> tuple[list[str], str]:
                          None)[0]["id"] for i in range(2)]
         rt.kick()
         [(_, load)] = rt.pool.take("load")
-        rt.pool.say("w0", "loaded", model="img", cached=False, load_start=clock.t, load_end=clock.t, bytes=MB,
-                    tier="disk")
+        rt.pool.say("w0", "loaded", model="img", cached=False, load_start=clock.t - 2.0, load_end=clock.t,
+                    bytes=MB, tier="disk")  # the batch waited 2 s for its model: a cold start
         [(_, run)] = rt.pool.take("run")
         assert {j["id"] for j in run["jobs"]} == set(ids)
         third = rt.submit(validate({"model": "img", "prompt": "q", "seed": 9}, rt.config.models, random_seed=0),
@@ -96,5 +97,58 @@ def test_held_jobs_of_a_survivor_lost_before_it_is_ready_are_queued_again(tmp_pa
                     tier="disk")
         [(_, run)] = rt.pool.take("run")
         assert {j["id"] for j in run["jobs"]} == {a, c}
+        await rt.close()
+    asyncio.run(go())
+
+
+def test_a_server_is_ready_while_its_only_worker_finishes_a_held_batch(tmp_path):
+    # issue 22.3: after a restart /readyz stayed 503 until the survivors finished their held batches.
+    clock = Clock()
+    (a, b), _ = first_server(tmp_path, clock)
+
+    async def go():
+        rt = Runtime(config(tmp_path), devices=["cpu"], clock=clock, pool=survivors({a: "w0", b: "w0"}))
+        await rt.start()
+        assert not rt.pool.workers["w0"].ready  # busy with the old server's batch...
+        assert rt.ready and rt.worker_readiness() == {"w0": True}  # ...but up: the API takes jobs
+        rt.pool.crash("w0")  # lost before it was ready: nothing left to run jobs
+        assert not rt.ready and rt.worker_readiness() == {"w0": False}
+        await rt.close()
+    asyncio.run(go())
+
+
+def test_adopted_jobs_keep_inference_and_cold_start_and_the_downtime_is_its_own_stage(tmp_path):
+    clock = Clock()
+    t0 = clock.t
+    (a, b), c = first_server(tmp_path, clock)
+
+    async def go():
+        clock.t = t0 + 30  # the server was down meanwhile
+        rt = Runtime(config(tmp_path), devices=["cpu"], clock=clock, pool=survivors({a: "w0", b: "w0"}))
+        await rt.start()
+        write(rt, a)
+        write(rt, b)
+        # The worker kept what it reported to nobody (its job_done for a and b) and says it with
+        # its ready; the runtime finishes both with those timings.
+        kept = {a: {"inference_start": t0 + 1, "inference_end": t0 + 4, "output_written": t0 + 4.5},
+                b: {"inference_start": t0 + 1, "inference_end": t0 + 4, "output_written": t0 + 5}}
+        clock.t = t0 + 40
+        rt.pool.ready("w0", 1024 * MB, finished_before=kept)
+        ja, jb = rt.store.get(a), rt.store.get(b)
+        assert ja["status"] == jb["status"] == "succeeded"
+        st = breakdown(ja)
+        assert st["inference"] == 3.0 and st["cold_start"] == 2.0 and st["output_write"] == 0.5
+        assert st["downtime"] == 40 - 4.5  # output written -> finished: not folded into inference
+        assert breakdown(jb)["downtime"] == 35.0
+        assert st["total"] == 40.0
+        # A job that ran normally has no downtime.
+        clock.t += 1
+        rt.kick()
+        [(_, run)] = rt.pool.take("run")
+        assert [j["id"] for j in run["jobs"]] == [c]
+        rt.pool.say("w0", "job_done", batch_id=run["batch_id"], job_id=c,
+                    result={"key": f"{c}/output.png", "content_type": "image/png", "bytes": 1},
+                    inference_start=clock.t, inference_end=clock.t + 1, output_written=clock.t + 1)
+        assert rt.store.get(c)["status"] == "succeeded" and breakdown(rt.store.get(c))["downtime"] is None
         await rt.close()
     asyncio.run(go())

@@ -155,9 +155,10 @@ def create_app(config: Config, runtime: Runtime | None = None) -> FastAPI:
 
     @app.get("/readyz", tags=["health"])
     async def readyz():
-        ok = control.ready  # false from the first moment of a drain: load balancers stop sending
-        return JSONResponse({"ready": ok, "draining": control.draining,
-                             "workers": {v.id: v.up for v in fleet.worker_views(time.time())}},
+        # False from the first moment of a drain (load balancers stop sending) and while no worker
+        # is ready or held; the map says, per worker, whether it counts (runtime.ready).
+        ok = control.ready
+        return JSONResponse({"ready": ok, "draining": control.draining, "workers": control.worker_readiness()},
                             status_code=200 if ok else 503)
 
     return app

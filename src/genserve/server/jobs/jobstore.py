@@ -83,6 +83,7 @@ _ADDED_COLUMNS = {"jobs": {
     "step_batching": "TEXT",  # step mode: JSON {joined_step, shared_with} (NULL: request-level batch)
     "t_results_deleted": "REAL",  # when retention (or the API) deleted the job's result files
     "tenant": f"TEXT NOT NULL DEFAULT '{DEFAULT_TENANT}'",  # whose job (jobs from before tenants: default)
+    "adopted": "INTEGER",  # 1: finished with an output found after its report was lost (stats: downtime)
 }}
 _JSON_COLUMNS = {"results", "step_batching"}
 

@@ -126,9 +126,12 @@ class JobRecords:
             data["error"] = {"code": code, "message": message}
         self.publish(Event(status.value, now, job_id, data, record=self.store.get(job_id)))
 
-    def adopt_output(self, job_id: str, now: float, how: str) -> bool:
+    def adopt_output(self, job_id: str, now: float, how: str, report: Mapping[str, Any] | None = None) -> bool:
         """If the job's output is already in the result store (its worker or the server died
-        between writing it and reporting it), finish the job with it instead of running it again."""
+        between writing it and reporting it), finish the job with it instead of running it again.
+        ``report``: the worker's own ``job_done`` timings, when it kept them for the next server
+        (a cluster worker that outlived one): the job keeps its inference time. The wait from the
+        output to now is the job's downtime (``stats.breakdown``), never part of its inference."""
         job = self.store.get(job_id)
         if job is None or is_terminal(job["status"]):
             return False
@@ -145,7 +148,11 @@ class JobRecords:
         thumb = self.results.head(thumb_key)  # written after the output: there unless the crash came between
         ref = ResultRef(key, output_type(kind, fmt), info.bytes,
                         thumbnail=ResultRef(thumb_key, THUMBNAIL_TYPE, thumb.bytes) if thumb else None)
-        self.store.update([job_id], results=[ref.to_dict()], t_output_written=info.mtime)
+        times = {"t_output_written": info.mtime}
+        if report is not None:
+            times = {"t_inference_start": report["inference_start"], "t_inference_end": report["inference_end"],
+                     "t_output_written": report["output_written"]}
+        self.store.update([job_id], results=[ref.to_dict()], adopted=1, **times)
         self.finish(job_id, JobStatus.SUCCEEDED, now)
         return True
 

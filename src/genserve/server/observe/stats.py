@@ -47,11 +47,16 @@ def summarize(values: Sequence[float]) -> dict[str, float | int | None]:
 
 
 def breakdown(job: Record) -> dict[str, float | None]:
-    """Seconds spent in each stage (None where the job has not passed both ends)."""
+    """Seconds spent in each stage (None where the job has not passed both ends), and
+    ``downtime``: for a job whose output was adopted (written while no server heard of it: the
+    server was down), from the output being written to the job being finished; None otherwise."""
     out: dict[str, float | None] = {}
     for stage, (a, b) in STAGE_SPANS.items():
         ta, tb = job.get(f"t_{a}"), job.get(f"t_{b}")
         out[stage] = tb - ta if ta is not None and tb is not None else None
+    written, finished = job.get("t_output_written"), job.get("t_finished")
+    out["downtime"] = max(0.0, finished - written) if job.get("adopted") and written is not None \
+        and finished is not None else None
     return out
 
 

@@ -29,6 +29,10 @@ class HeldJobs:
     def __bool__(self) -> bool:
         return bool(self.held)
 
+    def workers(self) -> set[str]:
+        """The surviving workers still busy with the old server's batches (up, not yet ready)."""
+        return set(self.held.values())
+
     def hold(self, in_flight: Mapping[str, str]) -> dict[str, str]:
         """On start, before anything is re-queued: the running jobs that a surviving worker says it
         still runs (``pool.in_flight()``)."""
@@ -39,12 +43,13 @@ class HeldJobs:
                      len(self.held))
         return self.held
 
-    def release(self, worker_id: str, now: float) -> None:
-        """``worker_id`` is done with what it ran for the old server (ready again) or is lost."""
+    def release(self, worker_id: str, now: float, reports: Mapping[str, Mapping[str, Any]] | None = None) -> None:
+        """``worker_id`` is done with what it ran for the old server (ready again) or is lost.
+        ``reports``: job id -> the ``job_done`` timings it kept for us (its ``ready`` carries them)."""
         jobs = [j for j, w in self.held.items() if w == worker_id]
         for j in jobs:
             del self.held[j]
-            self.records.adopt_output(j, now, "written by a worker that outlived the server")
+            self.records.adopt_output(j, now, "written by a worker that outlived the server", (reports or {}).get(j))
         rest = [j for j in jobs if not is_terminal(self.store.get(j)["status"])]
         if not rest:
             return

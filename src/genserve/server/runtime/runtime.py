@@ -95,7 +95,7 @@ def local_pool(config: Config, results: dict[str, Any]) -> PoolFactory:
         return LocalPool(devices, results, on_message, on_exit, heartbeat_s=s.heartbeat_s,
                          restart=RestartPolicy(quarantine_after=s.quarantine_after, window_s=s.quarantine_window_s),
                          faults=faults.for_worker if faults else None, cpu_memory_bytes=int(s.worker_memory_gb * GIB),
-                         host_cache_bytes=int(s.host_cache_gb * GIB))
+                         host_cache_bytes=int(s.host_cache_gb * GIB), threads=s.worker_threads)
     return make
 
 
@@ -103,26 +103,30 @@ def ray_pool(config: Config, results: dict[str, Any]) -> PoolFactory:
     """``[cluster] provider = "ray"``: one Ray actor per worker, placed by Ray on any node."""
     s, c = config.server, config.cluster
     settings = RaySettings(c.address, c.namespace, c.name, c.device_resource, c.cpus_per_worker, c.model_cache,
-                           s.heartbeat_s, int(s.worker_memory_gb * GIB), int(s.host_cache_gb * GIB))
+                           s.heartbeat_s, int(s.worker_memory_gb * GIB), int(s.host_cache_gb * GIB),
+                           threads=s.worker_threads)
 
     def make(devices: list[str], on_message: OnMessage, on_exit: OnExit) -> Pool:
         return RayPool(len(devices), results, on_message, on_exit, settings,
                        RestartPolicy(quarantine_after=s.quarantine_after, window_s=s.quarantine_window_s))
     return make
-def scale_local(pool: Pool, gpus: list[str], d: ScaleTo) -> None:
-    """The local provider: start workers until ``d.devices`` are up or starting (GPU workers
-    only on GPUs not already in use). Surplus ones are retired by the engine, one by one."""
+def scale_local(pool: Pool, gpus: list[str], d: ScaleTo) -> list[str]:
+    """The provider: start workers until ``d.devices`` are up or starting (GPU workers only on GPUs
+    not already in use). Returns the workers started. Surplus ones are retired by the engine,
+    pending ones first (a pool cancels a worker that is not ready yet)."""
     active = pool.active()
     log.info("autoscale: want %d devices, have %d (%s)", d.devices, len(active), d.reason)
+    started = []
     for _ in range(d.devices - len(active)):
         if gpus:
             used = {w.device for w in pool.workers.values() if not w.quarantined}  # retiring ones too
             free = [g for g in gpus if g not in used]
             if not free:
                 break
-            pool.add_worker(free[0])
+            started.append(pool.add_worker(free[0]))
         else:
-            pool.add_worker("cpu")
+            started.append(pool.add_worker("cpu"))
+    return started
 
 
 def build_demo_models(config: Config) -> None:
@@ -177,6 +181,9 @@ class Runtime:
         self.listeners.append(self.retention)
         self.models_ready = False
         self.draining = False
+        # Readiness needs a worker unless the fleet may be empty by design: an API-only node
+        # (workers = 0) or autoscaling down to zero (a first job is what brings a worker up).
+        self.needs_workers = bool(self.devices) and (config.autoscale is None or config.autoscale.min_devices > 0)
         self._drained: asyncio.Event | None = None  # set when a drain has no batch left running
         self._timer: asyncio.TimerHandle | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -192,6 +199,9 @@ class Runtime:
         self.pool.start()
         now = self.clock()
         held = self.held.hold(self.pool.in_flight())
+        for wid in self.pool.workers:  # pending until ready (a survivor busy with held jobs is up)
+            if wid not in self.held.workers():
+                self.engine.worker_starting(wid)
         # Outputs written just before a crash (worker or server) are adopted, not produced again.
         for job in self.store.unfinished():
             self.records.adopt_output(job["id"], now, "found after a restart")
@@ -259,8 +269,10 @@ class Runtime:
         self.store.close()
 
     def _on_worker_message(self, worker_id: str, msg: dict[str, Any]) -> None:
+        if worker_id not in self.pool.workers:
+            return  # retired before it was ready (a canceled pending worker): the engine forgot it
         if msg["ev"] == "ready" and self.held:  # after a re-attach: what it ran for the old server is done
-            self.held.release(worker_id, self.clock())
+            self.held.release(worker_id, self.clock(), msg.get("finished_before"))
         self.worker_events.on_message(worker_id, msg)
 
     def _on_worker_exit(self, worker_id: str, code: int | None) -> None:
@@ -272,7 +284,17 @@ class Runtime:
 
     @property
     def ready(self) -> bool:
-        return self.models_ready and self.pool.all_ready() and not self.draining
+        """The API accepts jobs (models built, not draining) and at least one worker can run them:
+        ready, or held (a cluster worker that outlived the old server, finishing its batch: it is
+        up and will be ready next). With every worker down, not ready, whatever came before."""
+        if not self.models_ready or self.draining:
+            return False
+        return not self.needs_workers or any(self.worker_readiness().values())
+
+    def worker_readiness(self) -> dict[str, bool]:
+        """Each worker not being retired: ready or held."""
+        held = self.held.workers()
+        return {wid: h.ready or wid in held for wid, h in self.pool.workers.items() if not h.retiring}
 
     def submit(self, params: JobParams, client_id: str | None, tenant: str = DEFAULT_TENANT,
                job_id: str | None = None) -> tuple[dict[str, Any], bool]:
@@ -397,7 +419,8 @@ class Runtime:
             case RetryJob():
                 self.records.retry(d, now)
             case ScaleTo():
-                scale_local(self.pool, self.gpus, d)
+                for wid in scale_local(self.pool, self.gpus, d):
+                    self.engine.worker_starting(wid)
             case RetireWorker():
                 log.info("retiring worker %s (%s)", d.worker, d.reason)
                 self.pool.retire(d.worker)
