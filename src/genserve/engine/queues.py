@@ -13,7 +13,10 @@ class is promoted together, by the wait of its oldest job: classes age, tenants 
 """
 from __future__ import annotations
 
-from collections.abc import Iterable
+import heapq
+from collections.abc import Iterable, Iterator
+
+from sortedcontainers import SortedList
 
 from .types import BatchKey, QueuedJob
 
@@ -77,14 +80,50 @@ class FairShare:
             self.v = job.vstart
 
 
+def _fair_run(c: "_Class", rank: int) -> Iterator[tuple[tuple, str]]:
+    return (((rank, v, t, i), i) for v, t, i in c.by_tag)  # the class ages as one
+
+
+def _plain_run(c: "_Class", p: int, now: float, aging_s: float) -> Iterator[tuple[tuple, str]]:
+    return (((_promoted(p, t, now, aging_s), 0.0, t, i), i) for _, t, i in c.by_tag)  # each by its own wait
+
+
+class _Class:
+    """The jobs of one priority class of one batch key, kept sorted two ways (O(log n) per add and
+    remove): by (tag, queue time, id) — service order inside the class, with or without tenants —
+    and by (queue time, id) for the class's oldest job (which ages the class in a fair queue)."""
+
+    __slots__ = ("by_tag", "by_time")
+
+    def __init__(self) -> None:
+        self.by_tag: SortedList = SortedList()
+        self.by_time: SortedList = SortedList()
+
+    def add(self, job: QueuedJob) -> None:
+        self.by_tag.add((job.vstart, job.enqueued_at, job.id))
+        self.by_time.add((job.enqueued_at, job.id))
+
+    def remove(self, job: QueuedJob) -> None:
+        self.by_tag.remove((job.vstart, job.enqueued_at, job.id))
+        self.by_time.remove((job.enqueued_at, job.id))
+
+
 class KeyedQueues:
-    """Queued jobs grouped by batch key. Jobs of different keys are never mixed."""
+    """Queued jobs grouped by batch key. Jobs of different keys are never mixed.
+
+    The order index: each key keeps one ``_Class`` per priority class, each sorted by its service
+    order (the order key of a class's jobs is monotone in (tag, queue time, id): in a queue without
+    tenants every tag is 0 and a job's own aging only ever promotes older jobs; in a fair queue the
+    whole class shares one rank). So the next job of a key is the best of at most three class heads,
+    a key's service order is a merge of three sorted runs, and a job's position is a count, per
+    key and class, of the entries before it: a bisection. No read or event sorts the queue."""
 
     def __init__(self) -> None:
         self._by_key: dict[BatchKey, dict[str, QueuedJob]] = {}
         self._key_of: dict[str, BatchKey] = {}
         self._per_model: dict[str, int] = {}
-        self._oldest: dict[BatchKey, float] = {}  # cache; absent = recompute
+        self._keys_of_model: dict[str, set[BatchKey]] = {}
+        self._classes: dict[BatchKey, dict[int, _Class]] = {}
         self._fair: dict[BatchKey, int] = {}  # jobs with a tenant per key (absent: none)
 
     def __len__(self) -> int:
@@ -96,10 +135,13 @@ class KeyedQueues:
     def add(self, job: QueuedJob) -> None:
         self._by_key.setdefault(job.key, {})[job.id] = job
         self._key_of[job.id] = job.key
-        old = self._oldest.get(job.key)
-        if old is not None and job.enqueued_at < old:
-            self._oldest[job.key] = job.enqueued_at
+        classes = self._classes.setdefault(job.key, {})
+        p = int(job.priority)
+        if p not in classes:
+            classes[p] = _Class()
+        classes[p].add(job)
         self._per_model[job.key.model] = self._per_model.get(job.key.model, 0) + 1
+        self._keys_of_model.setdefault(job.key.model, set()).add(job.key)
         if job.tenant is not None:
             self._fair[job.key] = self._fair.get(job.key, 0) + 1
 
@@ -107,11 +149,15 @@ class KeyedQueues:
         key = self._key_of.pop(job_id)
         bucket = self._by_key[key]
         job = bucket.pop(job_id)
+        classes = self._classes[key]
+        p = int(job.priority)
+        classes[p].remove(job)
+        if not classes[p].by_tag:
+            del classes[p]
         if not bucket:
             del self._by_key[key]
-            self._oldest.pop(key, None)
-        elif self._oldest.get(key) == job.enqueued_at:
-            del self._oldest[key]
+            del self._classes[key]
+            self._keys_of_model[key.model].discard(key)
         self._per_model[key.model] -= 1
         if job.tenant is not None:
             left = self._fair[key] - 1
@@ -130,33 +176,71 @@ class KeyedQueues:
     def jobs(self, key: BatchKey) -> Iterable[QueuedJob]:
         return self._by_key.get(key, {}).values()
 
-    def ordered(self, key: BatchKey, now: float, aging_s: float) -> list[QueuedJob]:
-        if key in self._fair:
-            return [j for _, j in fair_ordered(self.jobs(key), now, aging_s)]
-        return sorted(self.jobs(key), key=lambda j: order_key(j, now, aging_s))
-
-    def head_order(self, key: BatchKey, now: float, aging_s: float) -> tuple:
-        """The order key of the job ``key``'s queue serves next, comparable across keys."""
-        if key in self._fair:
-            return fair_ordered(self.jobs(key), now, aging_s)[0][0]
-        return _wide(min(order_key(j, now, aging_s) for j in self.jobs(key)))
-
     def size(self, key: BatchKey) -> int:
         return len(self._by_key.get(key, ()))
 
     def oldest_enqueued(self, key: BatchKey) -> float:
-        old = self._oldest.get(key)
-        if old is None:
-            old = self._oldest[key] = min(j.enqueued_at for j in self.jobs(key))
-        return old
+        return min(c.by_time[0][0] for c in self._classes[key].values())
+
+    # ---- service order (the index) ---------------------------------------------------------------
+
+    def _runs(self, key: BatchKey, now: float, aging_s: float) -> list[Iterator[tuple[tuple, str]]]:
+        """One sorted run of (wide order key, job id) per priority class of ``key``."""
+        fair = key in self._fair
+        return [_fair_run(c, _promoted(p, c.by_time[0][0], now, aging_s)) if fair else _plain_run(c, p, now, aging_s)
+                for p, c in self._classes.get(key, {}).items()]
+
+    def iter_ordered(self, key: BatchKey, now: float, aging_s: float) -> Iterator[QueuedJob]:
+        """``key``'s jobs in service order, lazily: taking the first k costs O(k log n)."""
+        bucket = self._by_key.get(key, {})
+        return (bucket[i] for _, i in heapq.merge(*self._runs(key, now, aging_s)))
+
+    def ordered(self, key: BatchKey, now: float, aging_s: float) -> list[QueuedJob]:
+        return list(self.iter_ordered(key, now, aging_s))
+
+    def head_order(self, key: BatchKey, now: float, aging_s: float) -> tuple:
+        """The order key of the job ``key``'s queue serves next, comparable across keys."""
+        return min(next(run)[0] for run in self._runs(key, now, aging_s))
+
+    def order_of(self, job_id: str, now: float, aging_s: float) -> tuple:
+        """A queued job's wide order key (what ``head_order`` compares)."""
+        job = self._by_key[self._key_of[job_id]][job_id]
+        p = int(job.priority)
+        if job.key in self._fair:
+            return (_promoted(p, self._classes[job.key][p].by_time[0][0], now, aging_s), job.vstart,
+                    job.enqueued_at, job.id)
+        return (_promoted(p, job.enqueued_at, now, aging_s), 0.0, job.enqueued_at, job.id)
+
+    def position(self, job_id: str, now: float, aging_s: float) -> int:
+        """How many queued jobs of the same model come before ``job_id`` in service order (across
+        keys, by each job's own key, as ``all_ordered``): per key and class, a bisection of its sorted
+        run — O(keys · log² n), independent of how many jobs are queued elsewhere."""
+        target = self.order_of(job_id, now, aging_s)
+        before = 0
+        for key in self._keys_of_model[self._key_of[job_id].model]:
+            fair = key in self._fair
+            for p, c in self._classes[key].items():
+                if fair:
+                    r = _promoted(p, c.by_time[0][0], now, aging_s)
+                    if r < target[0]:
+                        before += len(c.by_tag)
+                    elif r == target[0]:
+                        before += c.by_tag.bisect_left(target[1:])
+                else:
+                    run = c.by_tag  # order keys (rank(t), 0, t, id) rise along it: bisect by predicate
+                    lo, hi = 0, len(run)
+                    while lo < hi:
+                        mid = (lo + hi) // 2
+                        _, t, i = run[mid]
+                        if (_promoted(p, t, now, aging_s), 0.0, t, i) < target:
+                            lo = mid + 1
+                        else:
+                            hi = mid
+                    before += lo
+        return before
 
     def all_ordered(self, now: float, aging_s: float) -> list[QueuedJob]:
-        """Every queued job in service order (approximately, across keys: by each job's own key)."""
-        keyed: list[tuple[tuple, QueuedJob]] = []
-        for key in self._by_key:
-            if key in self._fair:
-                keyed += fair_ordered(self.jobs(key), now, aging_s)
-            else:
-                keyed += [(_wide(order_key(j, now, aging_s)), j) for j in self.jobs(key)]
-        keyed.sort(key=lambda kj: kj[0])
-        return [j for _, j in keyed]
+        """Every queued job in service order (approximately, across keys: by each job's own key).
+        O(n log n): for tests and tools, never per event."""
+        merged = heapq.merge(*(run for key in self._by_key for run in self._runs(key, now, aging_s)))
+        return [self._by_key[self._key_of[i]][i] for _, i in merged]

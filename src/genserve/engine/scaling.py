@@ -48,7 +48,7 @@ class Scaling:
 
     def snapshot(self, now: float, waiting: Waiting, fleet: Fleet, work: WorkModel) -> FleetSnapshot:
         """The fleet as the policy sees it; demand in expected device-seconds."""
-        queued = sum(work.job_work(k) * sum(1 for _ in waiting.jobs(k)) for k in waiting.keys())
+        queued = sum(work.job_work(k) * waiting.queues.size(k) for k in waiting.keys())
         up = len(fleet.workers)
         return FleetSnapshot(now, up, max(0, (self.target_devices or 0) - up),
                              sum(1 for x in fleet.workers.values() if not x.idle), queued,
