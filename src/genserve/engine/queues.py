@@ -89,23 +89,36 @@ def _plain_run(c: "_Class", p: int, now: float, aging_s: float) -> Iterator[tupl
 
 
 class _Class:
-    """The jobs of one priority class of one batch key, kept sorted two ways (O(log n) per add and
-    remove): by (tag, queue time, id) — service order inside the class, with or without tenants —
-    and by (queue time, id) for the class's oldest job (which ages the class in a fair queue)."""
+    """The jobs of one priority class of one batch key: sorted by (tag, queue time, id) — service
+    order inside the class, with or without tenants — in O(log n) per add and remove; and the
+    class's oldest job (which ages the whole class in a fair queue) from a heap of queue times whose
+    entries for jobs that left are skipped when they come to the top (and dropped in one pass once
+    they are half the heap: amortized O(1), memory follows the live jobs)."""
 
-    __slots__ = ("by_tag", "by_time")
+    __slots__ = ("by_tag", "_times", "_live")
 
     def __init__(self) -> None:
         self.by_tag: SortedList = SortedList()
-        self.by_time: SortedList = SortedList()
+        self._times: list[tuple[float, str]] = []
+        self._live: dict[str, float] = {}  # job id -> queue time
 
     def add(self, job: QueuedJob) -> None:
         self.by_tag.add((job.vstart, job.enqueued_at, job.id))
-        self.by_time.add((job.enqueued_at, job.id))
+        heapq.heappush(self._times, (job.enqueued_at, job.id))
+        self._live[job.id] = job.enqueued_at
 
     def remove(self, job: QueuedJob) -> None:
         self.by_tag.remove((job.vstart, job.enqueued_at, job.id))
-        self.by_time.remove((job.enqueued_at, job.id))
+        del self._live[job.id]
+        if len(self._times) > 2 * len(self._live) + 16:
+            self._times = [(t, i) for i, t in self._live.items()]
+            heapq.heapify(self._times)
+
+    def oldest(self) -> float:
+        times, live = self._times, self._live
+        while live.get(times[0][1]) != times[0][0]:
+            heapq.heappop(times)
+        return times[0][0]
 
 
 class KeyedQueues:
@@ -125,6 +138,7 @@ class KeyedQueues:
         self._keys_of_model: dict[str, set[BatchKey]] = {}
         self._classes: dict[BatchKey, dict[int, _Class]] = {}
         self._fair: dict[BatchKey, int] = {}  # jobs with a tenant per key (absent: none)
+        self._oldest: dict[BatchKey, float] = {}  # cache; absent = recompute from the class heads
 
     def __len__(self) -> int:
         return len(self._key_of)
@@ -140,6 +154,9 @@ class KeyedQueues:
         if p not in classes:
             classes[p] = _Class()
         classes[p].add(job)
+        old = self._oldest.get(job.key)
+        if old is not None and job.enqueued_at < old:
+            self._oldest[job.key] = job.enqueued_at
         self._per_model[job.key.model] = self._per_model.get(job.key.model, 0) + 1
         self._keys_of_model.setdefault(job.key.model, set()).add(job.key)
         if job.tenant is not None:
@@ -158,6 +175,9 @@ class KeyedQueues:
             del self._by_key[key]
             del self._classes[key]
             self._keys_of_model[key.model].discard(key)
+            self._oldest.pop(key, None)
+        elif self._oldest.get(key) == job.enqueued_at:
+            del self._oldest[key]
         self._per_model[key.model] -= 1
         if job.tenant is not None:
             left = self._fair[key] - 1
@@ -180,34 +200,53 @@ class KeyedQueues:
         return len(self._by_key.get(key, ()))
 
     def oldest_enqueued(self, key: BatchKey) -> float:
-        return min(c.by_time[0][0] for c in self._classes[key].values())
+        old = self._oldest.get(key)
+        if old is None:
+            old = self._oldest[key] = min(c.oldest() for c in self._classes[key].values())
+        return old
 
     # ---- service order (the index) ---------------------------------------------------------------
 
     def _runs(self, key: BatchKey, now: float, aging_s: float) -> list[Iterator[tuple[tuple, str]]]:
         """One sorted run of (wide order key, job id) per priority class of ``key``."""
         fair = key in self._fair
-        return [_fair_run(c, _promoted(p, c.by_time[0][0], now, aging_s)) if fair else _plain_run(c, p, now, aging_s)
+        return [_fair_run(c, _promoted(p, c.oldest(), now, aging_s)) if fair else _plain_run(c, p, now, aging_s)
                 for p, c in self._classes.get(key, {}).items()]
 
     def iter_ordered(self, key: BatchKey, now: float, aging_s: float) -> Iterator[QueuedJob]:
         """``key``'s jobs in service order, lazily: taking the first k costs O(k log n)."""
         bucket = self._by_key.get(key, {})
+        classes = self._classes.get(key, {})
+        if len(classes) == 1:  # one class: its run is the order (the common case)
+            return (bucket[i] for _, _, i in next(iter(classes.values())).by_tag)
         return (bucket[i] for _, i in heapq.merge(*self._runs(key, now, aging_s)))
 
     def ordered(self, key: BatchKey, now: float, aging_s: float) -> list[QueuedJob]:
         return list(self.iter_ordered(key, now, aging_s))
 
     def head_order(self, key: BatchKey, now: float, aging_s: float) -> tuple:
-        """The order key of the job ``key``'s queue serves next, comparable across keys."""
-        return min(next(run)[0] for run in self._runs(key, now, aging_s))
+        """The order key of the job ``key``'s queue serves next, comparable across keys: the best
+        of its class heads."""
+        fair = key in self._fair
+        best = None
+        for p, c in self._classes[key].items():
+            v, t, i = c.by_tag[0]
+            k = ((_promoted(p, c.oldest(), now, aging_s), v, t, i) if fair
+                 else (_promoted(p, t, now, aging_s), 0.0, t, i))
+            if best is None or k < best:
+                best = k
+        return best
+
+    def first(self, key: BatchKey, now: float, aging_s: float) -> QueuedJob:
+        """The job ``key``'s queue serves next."""
+        return self._by_key[key][self.head_order(key, now, aging_s)[3]]
 
     def order_of(self, job_id: str, now: float, aging_s: float) -> tuple:
         """A queued job's wide order key (what ``head_order`` compares)."""
         job = self._by_key[self._key_of[job_id]][job_id]
         p = int(job.priority)
         if job.key in self._fair:
-            return (_promoted(p, self._classes[job.key][p].by_time[0][0], now, aging_s), job.vstart,
+            return (_promoted(p, self._classes[job.key][p].oldest(), now, aging_s), job.vstart,
                     job.enqueued_at, job.id)
         return (_promoted(p, job.enqueued_at, now, aging_s), 0.0, job.enqueued_at, job.id)
 
@@ -221,7 +260,7 @@ class KeyedQueues:
             fair = key in self._fair
             for p, c in self._classes[key].items():
                 if fair:
-                    r = _promoted(p, c.by_time[0][0], now, aging_s)
+                    r = _promoted(p, c.oldest(), now, aging_s)
                     if r < target[0]:
                         before += len(c.by_tag)
                     elif r == target[0]:

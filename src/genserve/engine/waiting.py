@@ -105,7 +105,7 @@ class Waiting:
 
     def first(self, key: BatchKey, now: float) -> QueuedJob:
         """The job ``key``'s queue serves next."""
-        return next(self.queues.iter_ordered(key, now, self.aging_s))
+        return self.queues.first(key, now, self.aging_s)
 
     def head_order(self, key: BatchKey, now: float) -> tuple:
         return self.queues.head_order(key, now, self.aging_s)
