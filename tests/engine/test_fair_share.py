@@ -117,3 +117,50 @@ def test_every_job_is_served_once_and_equal_weights_alternate(tenants):
             between = seq[a + 1:b]
             assert all(between.count(o) <= 1 for o in set(between))
         assert [j for j in order if j[0] == t] == [f"{t}{i}" for i, x in enumerate(tenants) if x == t]
+
+
+def test_a_flood_cannot_lock_another_tenant_out_of_a_models_queue():
+    """Issue 22: a tenant flooding a model (50 submits/s against a worker that serves 2 jobs/s)
+    filled its queue and another tenant then got ``queue_full``. Now the flood fills the queue
+    while alone, is refused beyond its share once the trickle (1/s) waits, and the trickle is
+    never refused; nothing accepted is dropped and the queue stays under twice its limit."""
+    q = 100
+    eng = Engine({"img": ModelLimits(1, 0.0, q)}, aging_s=30.0, liveness=Liveness.OFF)
+    eng.worker_up("w0", 0.0)
+    queued: dict[str, set[str]] = {"flood": set(), "trickle": set()}
+    refused = {"flood": 0, "trickle": 0}
+    sent = {"flood": 0, "trickle": 0}
+    over_share, ran = [], []
+    running = None  # (batch id, ends at)
+    for tick in range(1200):  # 120 s in steps of 0.1 s
+        now = tick / 10
+        if running is not None and now >= running[1]:
+            eng.batch_finished(running[0], now)
+            running = None
+        wave = [("flood", 5)] + ([("trickle", 1)] if tick >= 50 and tick % 10 == 0 else [])
+        for tenant, k in wave:
+            for _ in range(k):
+                sent[tenant] += 1
+                jid = f"{tenant}{sent[tenant]}"
+                adm = eng.submit(jid, IMG, Priority.STANDARD, now, tenant=tenant)
+                if not adm.accepted:
+                    assert adm.reason == "queue_full" and adm.retry_after_s > 0
+                    refused[tenant] += 1
+                    continue
+                queued[tenant].add(jid)
+                if tenant == "flood" and queued["trickle"] and len(queued["flood"]) > q // 2:
+                    over_share.append((now, len(queued["flood"])))
+        for d in eng.step(now):
+            if isinstance(d, RunBatch):
+                if d.needs_load:
+                    eng.model_loaded(d.worker, "img", 1, now)
+                running = (d.batch_id, now + 0.5)
+                for jid in d.job_ids:
+                    queued["flood" if jid.startswith("flood") else "trickle"].discard(jid)
+                    ran.append(jid)
+        assert len(queued["flood"]) + len(queued["trickle"]) <= 2 * q
+    assert sent["trickle"] == 115 and refused["trickle"] == 0  # the trickle: never queue_full
+    assert refused["flood"] > 0 and not over_share  # the flood: its share, no more, while others wait
+    assert sum(j.startswith("trickle") for j in ran) >= 110  # and the trickle's jobs are served
+    assert len(ran) + sum(map(len, queued.values())) == sent["flood"] + sent["trickle"] - sum(refused.values())
+

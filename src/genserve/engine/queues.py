@@ -139,6 +139,8 @@ class KeyedQueues:
         self._classes: dict[BatchKey, dict[int, _Class]] = {}
         self._fair: dict[BatchKey, int] = {}  # jobs with a tenant per key (absent: none)
         self._oldest: dict[BatchKey, float] = {}  # cache; absent = recompute from the class heads
+        # model -> tenant (None: jobs without one) -> [queued jobs, weight]: what admission weighs
+        self._tenants: dict[str, dict[str | None, list]] = {}
 
     def __len__(self) -> int:
         return len(self._key_of)
@@ -161,6 +163,9 @@ class KeyedQueues:
         self._keys_of_model.setdefault(job.key.model, set()).add(job.key)
         if job.tenant is not None:
             self._fair[job.key] = self._fair.get(job.key, 0) + 1
+        held = self._tenants.setdefault(job.key.model, {}).setdefault(job.tenant, [0, job.weight])
+        held[0] += 1
+        held[1] = job.weight
 
     def remove(self, job_id: str) -> QueuedJob:
         key = self._key_of.pop(job_id)
@@ -179,6 +184,10 @@ class KeyedQueues:
         elif self._oldest.get(key) == job.enqueued_at:
             del self._oldest[key]
         self._per_model[key.model] -= 1
+        tenants = self._tenants[key.model]
+        tenants[job.tenant][0] -= 1
+        if not tenants[job.tenant][0]:
+            del tenants[job.tenant]
         if job.tenant is not None:
             left = self._fair[key] - 1
             if left:
@@ -192,6 +201,17 @@ class KeyedQueues:
 
     def keys(self) -> list[BatchKey]:
         return list(self._by_key)
+
+    def tenant_load(self, model: str, tenant: str | None) -> tuple[int, float]:
+        """(``tenant``'s jobs queued for ``model``, the summed weights of the other tenants with
+        jobs queued for it): O(tenants present), whatever the depth."""
+        held = self._tenants.get(model)
+        if not held:
+            return 0, 0.0
+        entry = held.get(tenant)
+        if len(held) == (1 if entry is not None else 0):
+            return entry[0], 0.0  # alone (the fast path: one tenant, or none at all)
+        return (0 if entry is None else entry[0]), sum(w for t, (_, w) in held.items() if t != tenant)
 
     def jobs(self, key: BatchKey) -> Iterable[QueuedJob]:
         return self._by_key.get(key, {}).values()

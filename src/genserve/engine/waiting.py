@@ -116,6 +116,11 @@ class Waiting:
     def ready_at(self, key: BatchKey) -> float | None:
         return self.batching.ready_at(self.queues.size(key), self.queues.oldest_enqueued(key), self.models[key.model])
 
+    def tenant_load(self, model: str, tenant: str | None) -> tuple[int, float]:
+        """(``tenant``'s jobs queued for ``model``, the other tenants' summed weights): what
+        admission weighs. With fair share off every job counts as one tenant's: the plain limit."""
+        return self.queues.tenant_load(model, tenant if self.fair is not None else None)
+
     def protected_models(self) -> set[str]:
         """Models with queued work: never evicted or idle-unloaded (no needless reload)."""
         return {k.model for k in self.queues.keys()}
