@@ -31,34 +31,14 @@ def effective_rank(job: QueuedJob, now: float, aging_s: float) -> int:
 
 
 def order_key(job: QueuedJob, now: float, aging_s: float) -> tuple[int, float, str]:
-    """Service order inside a queue without tenants (the hot path: kept a 3-tuple)."""
+    """Service order inside a queue without tenants (what the index keeps, as a 3-tuple)."""
     return (effective_rank(job, now, aging_s), job.enqueued_at, job.id)
-
-
-def _wide(k: tuple[int, float, str]) -> tuple[int, float, float, str]:
-    """An ``order_key`` comparable with a fair-share key (tag 0: no tenant)."""
-    return (k[0], 0.0, k[1], k[2])
 
 
 def _promoted(priority: int, oldest: float, now: float, aging_s: float) -> int:
     if aging_s <= 0:
         return priority
     return max(0, priority - int(max(0.0, now - oldest) // aging_s))
-
-
-def fair_ordered(jobs: Iterable[QueuedJob], now: float, aging_s: float) -> list[tuple[tuple, QueuedJob]]:
-    """(order key, job) in service order for a queue with tenants' jobs: classes promoted by their
-    oldest job's wait, then tags, then queue time."""
-    jobs = list(jobs)
-    oldest: dict[int, float] = {}
-    for j in jobs:
-        p = int(j.priority)
-        if j.enqueued_at < oldest.get(p, float("inf")):
-            oldest[p] = j.enqueued_at
-    rank = {p: _promoted(p, t, now, aging_s) for p, t in oldest.items()}
-    keyed = [((rank[int(j.priority)], j.vstart, j.enqueued_at, j.id), j) for j in jobs]
-    keyed.sort(key=lambda kj: kj[0])
-    return keyed
 
 
 class FairShare:
