@@ -1,5 +1,7 @@
-"""Suite-wide settings. Property tests explore new random cases on every local run; in CI
-(``CI`` set, as .ci/run is) they replay a fixed sequence, so a landing never depends on luck."""
+"""Suite-wide settings. Property tests explore new random cases on every local run; in CI they
+replay a fixed sequence, so a landing never depends on luck. ``CI`` is set by the CI runner itself
+(GitHub Actions and most others export ``CI=true``), not by .ci/run: run the suite with ``CI=1`` to
+get the CI profile locally."""
 import os
 
 import pytest

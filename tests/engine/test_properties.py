@@ -70,6 +70,7 @@ class Job:
     worker: str | None = None  # where its latest batch ran
     failed_on: set[str] = field(default_factory=set)  # workers where an attempt failed (counted)
     cancel_sent: bool = False  # canceled while running (CancelRunning): it can only end canceled now
+    tenant: str | None = None
 
 
 @dataclass
@@ -360,13 +361,23 @@ class World:
              f"{'accepted' if adm.accepted else adm.reason}")
         if model not in self.limits:
             check(not adm.accepted and adm.reason == "unknown_model", f"unknown model admitted: {adm}")
-        elif depth >= self.limits[model].max_queue:
+        elif depth >= 2 * self.limits[model].max_queue:  # the ceiling, whoever asks
             check(not adm.accepted and adm.reason == "queue_full" and adm.retry_after_s > 0,
                   f"queue of {depth} admitted: {adm}")
-        else:
-            check(adm.accepted, f"rejected with room in the queue: {adm}")
+        elif not adm.accepted:
+            # Refused below the ceiling: a full queue with this tenant alone (share 0), or this
+            # tenant holding its share while another tenant waits. Jobs the world counts as
+            # queued include those parked for a retry, a superset of the engine's queue.
+            check(adm.reason == "queue_full" and adm.retry_after_s > 0, f"refused how? {adm}")
+            waiting = [j for j in self.jobs.values() if j.state == "queued" and j.key.model == model]
+            if adm.share == 0:
+                check(depth >= self.limits[model].max_queue, f"rejected with room in the queue: {adm}")
+            else:
+                check(any(j.tenant != tenant for j in waiting), f"share refusal with no one else waiting: {adm}")
+                check(sum(j.tenant == tenant for j in waiting) >= adm.share,
+                      f"refused under its share of {adm.share}: {adm}")
         if adm.accepted:
-            self.jobs[jid] = Job(jid, key)
+            self.jobs[jid] = Job(jid, key, tenant=tenant)
 
     def cancel(self, jid: str) -> None:
         note(f"t={self.now:g} cancel {jid} ({self.jobs[jid].state})")

@@ -248,3 +248,79 @@ def test_matches_a_plain_dict_under_any_add_remove_sequence(ops, now, aging_s):
     assert ids(q.all_ordered(now, aging_s)) == ids(expected)
     for key in KEYS:
         assert ids(q.ordered(key, now, aging_s)) == [j.id for j in expected if j.key == key]
+
+
+# ---- the order index: positions and orders against a brute-force reference ----------------------
+
+
+def _reference_order(jobs, now, aging_s):
+    """Every job's wide order key, from scratch: in a key holding a tenant's job each priority class
+    ages by its oldest job and orders by (tag, time, id); elsewhere each job ages by its own wait."""
+    keyed = []
+    for j in jobs:
+        same_key = [o for o in jobs if o.key == j.key]
+        if any(o.tenant is not None for o in same_key):
+            oldest = min(o.enqueued_at for o in same_key if o.priority == j.priority)
+            rank = max(0, int(j.priority) - int(max(0.0, now - oldest) // aging_s)) if aging_s > 0 else int(j.priority)
+            keyed.append(((rank, j.vstart, j.enqueued_at, j.id), j))
+        else:
+            keyed.append(((effective_rank(j, now, aging_s), 0.0, j.enqueued_at, j.id), j))
+    return sorted(keyed, key=lambda kj: kj[0])
+
+
+_wop = st.one_of(
+    st.tuples(st.just("enter"), st.sampled_from(KEYS), st.sampled_from(list(Priority)),
+              st.sampled_from([None, "t1", "t2", "t3"]), st.sampled_from([0.5, 1.0, 3.0])),
+    st.tuples(st.just("serve"), st.integers(0, 1000)),
+    st.tuples(st.just("cancel"), st.integers(0, 1000)),
+    st.tuples(st.just("retry"), st.integers(0, 1000)),
+    st.tuples(st.just("tick"), st.integers(1, 20).map(float)),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(ops=st.lists(_wop, max_size=80), aging_s=st.sampled_from([0.0, 5.0, 30.0]), later=st.floats(0, 200))
+def test_positions_and_orders_match_a_full_sort(ops, aging_s, later):
+    """Whatever jobs enter (with and without tenants, in every class, keys that switch between
+    plain and fair), are served (the virtual clock moves), canceled or retried (back with their
+    tag and queue time), every job's ``queue_position`` and every key's order, head and oldest job
+    equal what sorting all queued jobs from scratch gives, at the time of the events and later
+    (aging moves jobs and classes)."""
+    from genserve.engine.policies.batching import BATCHING
+    from genserve.engine.types import ModelLimits
+    from genserve.engine.waiting import Waiting
+
+    w = Waiting({"a": ModelLimits(4, 0.0, 10_000), "b": ModelLimits(4, 0.0, 10_000)}, BATCHING["greedy"](), aging_s)
+    now, seq, live = 0.0, 0, {}
+
+    def check(t):
+        for model in ("a", "b"):
+            ref = [j for _, j in _reference_order([j for j in live.values() if j.key.model == model], t, aging_s)]
+            assert [w.position(j.id, t) for j in ref] == list(range(len(ref)))
+        full = _reference_order(list(live.values()), t, aging_s)
+        for key in KEYS:
+            mine = [(k, j) for k, j in full if j.key == key]
+            assert ids(w.ordered(key, t)) == [j.id for _, j in mine]
+            if mine:
+                assert w.head_order(key, t) == mine[0][0] and w.first(key, t).id == mine[0][1].id
+                assert w.queues.oldest_enqueued(key) == min(j.enqueued_at for _, j in mine)
+
+    for op in ops:
+        if op[0] == "enter":
+            _, key, prio, tenant, weight = op
+            seq += 1
+            j = QueuedJob(f"j{seq:03d}", key, prio, now, tenant=tenant, weight=weight)
+            w.enter(j)
+            live[j.id] = j
+        elif op[0] == "tick":
+            now += op[1]
+        elif live:
+            victim = sorted(live)[op[1] % len(live)]
+            if op[0] == "retry":  # a failed attempt: out, then back in line (same tag, same time)
+                w.requeue(w.take(victim), now, now)
+            else:
+                w.take(victim, served=op[0] == "serve")
+                del live[victim]
+        check(now)
+    check(now + later)
+    assert w.position("nope", now) is None

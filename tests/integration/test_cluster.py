@@ -195,8 +195,13 @@ def test_server_kill_9_reattaches_to_its_workers_and_finishes_queued_jobs(demo_m
             # Two long jobs first (one batch each, still running when the new server attaches), then six.
             ids = [c.post("/v1/jobs", json={"model": "demo-image", "prompt": f"k{i}", "steps": 400 if i < 2 else 30}
                           ).json()["id"] for i in range(8)]
-            wait_until(lambda: any(_running_on(c, j) for j in ids[:2]), 360, "a long batch running")
-            running = [j for j in ids if _running_on(c, j)]  # on an actor that outlives the server
+            def long_running() -> list[str]:  # the jobs running now, once a long one is among them
+                now = [j for j in ids if _running_on(c, j)]
+                return now if set(now) & set(ids[:2]) else []
+            # On an actor that outlives the server: one snapshot, taken while a long batch runs, so the
+            # "none ran twice" check below is never vacuous.
+            running = wait_until(long_running, 360, "a long batch running")
+            assert running
         srv.stop(kill=True)
         srv = LiveServer(tmp_path / "c", cfg).start()
         with httpx.Client(base_url=srv.url, timeout=60) as c:

@@ -6,6 +6,7 @@ from them and from the facade's event routing."""
 from __future__ import annotations
 
 import math
+from itertools import chain, islice
 
 from .failures import FailureTracker
 from .fleet import Fleet
@@ -86,11 +87,12 @@ class Dispatcher:
                 continue  # not even one more fits (checked before ordering a long queue)
             if self.failures.any_alone and any(j.alone for j in batch.jobs.values()):
                 continue  # a job isolated after a failed batch keeps its set to itself
-            ordered = self.waiting.ordered(key, now)
-            jobs = [j for j in ordered if self._allowed(j, [worker])] if self.failures.any_avoid else ordered
+            jobs = self.waiting.ordered(key, now)  # lazily: only the first ``room`` are looked at
+            if self.failures.any_avoid:
+                jobs = (j for j in jobs if self._allowed(j, [worker]))
             if self.failures.any_alone:
-                jobs = [j for j in jobs if not j.alone]
-            jobs = jobs[:room]
+                jobs = (j for j in jobs if not j.alone)
+            jobs = list(islice(jobs, room))
             n = len(jobs)
             while n and self.residency.fit(worker, key, len(batch.jobs) + n, protected) is None:
                 n -= 1
@@ -111,7 +113,7 @@ class Dispatcher:
         """A full set and a ``high`` job waiting for its shape: pause a ``low`` job of the set."""
         if not any(j.priority == Priority.LOW for j in batch.jobs.values()):
             return []  # nothing to displace: no need to look at the queue
-        head = self.waiting.ordered(batch.key, now)[0]  # in service order (priority, aging, fair share)
+        head = self.waiting.first(batch.key, now)  # in service order (priority, aging, fair share)
         victim = self.preemption.victim(batch, head, self.failures.cancel_sent)
         if victim is None:
             return []
@@ -128,10 +130,10 @@ class Dispatcher:
         """Choose a worker for ``key``'s batch, size the batch to what fits, and plan evictions,
         the load if needed, and the run. None: not now."""
         limits = self.waiting.models[key.model]
-        ordered = self.waiting.ordered(key, now)
+        head = self.waiting.first(key, now)
         killing = self.failures.killing
         # Only workers the head job has not failed on (while one is up), and none being killed.
-        candidates = self._allowed(ordered[0], [w for w in self.fleet.workers.values() if w.id not in killing])
+        candidates = self._allowed(head, [w for w in self.fleet.workers.values() if w.id not in killing])
         if not candidates:
             return None
         protected = self.waiting.protected_models() if protect_queued else set()
@@ -148,10 +150,16 @@ class Dispatcher:
                 self._waiting_on_warm = True
             return None
         size = self.failures.batch_cap(key, worker.id, limits.max_batch_size)
-        jobs = [j for j in ordered if self._allowed(j, [worker])] if self.failures.any_avoid else ordered
+        jobs = self.waiting.ordered(key, now)  # lazily: only the first ``size`` are looked at
+        if self.failures.any_avoid:
+            jobs = (j for j in jobs if self._allowed(j, [worker]))
         if self.failures.any_alone:  # a job to run alone runs alone; the others batch without it
-            jobs = jobs[:1] if jobs and jobs[0].alone else [j for j in jobs if not j.alone]
-        jobs = jobs[:size]
+            first = next(jobs, None)
+            if first is not None and first.alone:
+                jobs = iter([first])
+            else:
+                jobs = (j for j in chain([first] if first is not None else [], jobs) if not j.alone)
+        jobs = list(islice(jobs, size))
         # The largest prefix of the batch that fits; shrinking beats an OOM.
         n = len(jobs)
         while n > 1 and self.residency.fit(worker, key, n, protected, evict_pinned=evict_pinned) is None:
@@ -182,7 +190,7 @@ class Dispatcher:
         avoid = self.failures.any_avoid
         idle = self.fleet.idle(self.failures.killing) if avoid else []
         for key in self.waiting.keys():
-            if avoid and not self._allowed(self.waiting.ordered(key, now)[0], idle):
+            if avoid and not self._allowed(self.waiting.first(key, now), idle):
                 continue  # waits for a worker it has not failed on: an event, not a time
             t = self.waiting.ready_at(key)
             if t is not None and t > now:

@@ -24,6 +24,7 @@ from collections.abc import Iterable, Mapping
 from .dispatch import Dispatcher
 from .failures import FailureTracker
 from .fleet import Fleet
+from .policies.admission import ACCEPTED, admits, refusal
 from .policies.batching import BATCHING
 from .policies.placement import PLACEMENT
 from .policies.preempt import Preemption
@@ -109,15 +110,18 @@ class Engine(EngineReads):
 
     # ---- jobs ------------------------------------------------------------------------------------
 
-    def admit(self, model: str) -> Admission:
-        """Would a new job for ``model`` be accepted now? Asked before the job is persisted."""
+    def admit(self, model: str, tenant: str | None = None, weight: float = 1.0, n: int = 1) -> Admission:
+        """Would ``n`` new jobs of ``tenant`` (fair-share ``weight``) for ``model`` be accepted now?
+        Asked before they are persisted. The rule, tenant-aware: policies/admission.py."""
         limits = self.models.get(model)
         if limits is None:
             return Admission(False, "unknown_model")
+        mine, others = self.waiting.tenant_load(model, tenant)
         depth = self.waiting.depth(model)
-        if depth >= limits.max_queue:
-            return Admission(False, "queue_full", self.work.drain_estimate(model, depth, len(self.fleet.workers)))
-        return Admission(True)
+        if admits(limits.max_queue, depth, mine, weight, others, n):
+            return ACCEPTED
+        return refusal(limits.max_queue, depth, mine, weight, others, n,
+                       lambda ahead: self.work.drain_estimate(model, ahead, len(self.fleet.workers)))
 
     def submit(self, job_id: str, key: BatchKey, priority: Priority, now: float, *, force: bool = False,
                deadline: float | None = None, attempts: int = 0, tenant: str | None = None,
@@ -126,7 +130,7 @@ class Engine(EngineReads):
         accepted (server restart) — an accepted job is never turned away later. ``deadline``: fail
         it with ``timeout`` if it has not finished by then; ``attempts``: failed attempts so far;
         ``tenant`` and ``weight``: its fair share inside the model's queue (None: no tenant)."""
-        adm = self.admit(key.model)
+        adm = self.admit(key.model, tenant, weight)
         if not adm.accepted and not (force and adm.reason == "queue_full"):
             return adm
         key = self.models[key.model].queue_key(key)

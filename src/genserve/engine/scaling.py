@@ -54,7 +54,7 @@ class Scaling:
 
     def snapshot(self, now: float, waiting: Waiting, fleet: Fleet, work: WorkModel) -> FleetSnapshot:
         """The fleet as the policy sees it; demand in expected device-seconds."""
-        queued = sum(work.job_work(k) * sum(1 for _ in waiting.jobs(k)) for k in waiting.keys())
+        queued = sum(work.job_work(k) * waiting.queues.size(k) for k in waiting.keys())
         up = len(fleet.workers)
         # Pending: asked for and not up; at least the workers the driver said are starting.
         return FleetSnapshot(now, up, max(0, (self.target_devices or 0) - up, len(fleet.pending)),

@@ -251,6 +251,7 @@ class Admission:
     accepted: bool
     reason: str = ""  # "queue_full" | "unknown_model"
     retry_after_s: float = 0.0
+    share: int = 0  # queue_full because the tenant holds its share (this many) while others wait; 0: the queue is full
 
 
 @dataclass

@@ -3,7 +3,7 @@ backoff is over, and the deadline heap. The one owner of "who is waiting, and in
 from __future__ import annotations
 
 import heapq
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 
 from .policies.batching import BatchingPolicy
 from .queues import FairShare, KeyedQueues
@@ -99,8 +99,13 @@ class Waiting:
     def depth(self, model: str) -> int:
         return self.queues.depth(model)
 
-    def ordered(self, key: BatchKey, now: float) -> list[QueuedJob]:
-        return self.queues.ordered(key, now, self.aging_s)
+    def ordered(self, key: BatchKey, now: float) -> Iterator[QueuedJob]:
+        """``key``'s jobs in service order, lazily (take what you need: no full sort)."""
+        return self.queues.iter_ordered(key, now, self.aging_s)
+
+    def first(self, key: BatchKey, now: float) -> QueuedJob:
+        """The job ``key``'s queue serves next."""
+        return self.queues.first(key, now, self.aging_s)
 
     def head_order(self, key: BatchKey, now: float) -> tuple:
         return self.queues.head_order(key, now, self.aging_s)
@@ -111,15 +116,18 @@ class Waiting:
     def ready_at(self, key: BatchKey) -> float | None:
         return self.batching.ready_at(self.queues.size(key), self.queues.oldest_enqueued(key), self.models[key.model])
 
+    def tenant_load(self, model: str, tenant: str | None) -> tuple[int, float]:
+        """(``tenant``'s jobs queued for ``model``, the other tenants' summed weights): what
+        admission weighs. With fair share off every job counts as one tenant's: the plain limit."""
+        return self.queues.tenant_load(model, tenant if self.fair is not None else None)
+
     def protected_models(self) -> set[str]:
         """Models with queued work: never evicted or idle-unloaded (no needless reload)."""
         return {k.model for k in self.queues.keys()}
 
     def position(self, job_id: str, now: float) -> int | None:
-        """0-based position among all queued jobs of the same model, in service order."""
+        """0-based position among all queued jobs of the same model, in service order. Computed
+        from the order index in O(keys · log² n): a status read never sorts the queue."""
         if job_id not in self.queues:
             return None
-        ordered = self.queues.all_ordered(now, self.aging_s)
-        model = next(j.key.model for j in ordered if j.id == job_id)
-        same = [j.id for j in ordered if j.key.model == model]
-        return same.index(job_id)
+        return self.queues.position(job_id, now, self.aging_s)

@@ -87,7 +87,7 @@ def create_app(config: Config, runtime: Runtime | None = None) -> FastAPI:
     @app.exception_handler(QueueFull)
     async def _queue_full(_req: Request, exc: QueueFull):
         retry = str(int(max(1, round(exc.retry_after_s))))
-        return error(429, "model", f"the queue for {exc.model} is full; retry after {retry}s",
+        return error(429, "model", exc.message(retry),
                      code="queue_full", headers={"Retry-After": retry})
 
     app.include_router(jobs_router(api))

@@ -71,9 +71,18 @@ Clock = Callable[[], float]
 
 
 class QueueFull(Exception):
-    def __init__(self, model: str, retry_after_s: float) -> None:
+    """429 ``queue_full``: the model's queue is full, or (``share`` > 0) the tenant holds its share
+    of it while other tenants wait (engine/policies/admission.py)."""
+
+    def __init__(self, model: str, retry_after_s: float, tenant: str | None = None, share: int = 0) -> None:
         super().__init__(f"queue for {model} is full")
-        self.model, self.retry_after_s = model, retry_after_s
+        self.model, self.retry_after_s, self.tenant, self.share = model, retry_after_s, tenant, share
+
+    def message(self, retry: str) -> str:
+        if self.share:
+            return (f"tenant {self.tenant} holds its share ({self.share} jobs) of the queue for {self.model} while "
+                    f"other tenants wait; retry after {retry}s")
+        return f"the queue for {self.model} is full; retry after {retry}s"
 
 
 def initial_devices(config: Config, detected: list[str]) -> list[str]:
@@ -304,24 +313,25 @@ class Runtime:
             existing = self.store.get_by_client_id(client_id, tenant)
             if existing is not None:
                 return existing, False
-        adm = self.engine.admit(params.model)
+        weight = self.config.access.tenant(tenant).weight
+        adm = self.engine.admit(params.model, tenant, weight)
         if not adm.accepted:
-            raise QueueFull(params.model, adm.retry_after_s)
+            raise QueueFull(params.model, adm.retry_after_s, tenant, adm.share)
         job_id = job_id or uuid.uuid4().hex
         now = self.clock()
         job = self.records.queued(job_id, client_id, params.to_dict(), now, tenant)
         self._watch_hooks(job_id, params)
         self.engine.submit(job_id, params.key, Priority.parse(params.priority), now,
                            deadline=self._deadline(params, now), tenant=tenant,
-                           weight=self.config.access.tenant(tenant).weight)
+                           weight=weight)
         return job, True
 
     def submit_many(self, params: list[JobParams], tenant: str = DEFAULT_TENANT) -> list[dict[str, Any]]:
         """Submit jobs that should share a batch: all are queued before the engine decides."""
         model = params[0].model
-        adm = self.engine.admit(model)
-        if not adm.accepted or self.engine.queue_depth(model) + len(params) > self.config.models[model].max_queue:
-            raise QueueFull(model, adm.retry_after_s or 1.0)
+        adm = self.engine.admit(model, tenant, self.config.access.tenant(tenant).weight, n=len(params))
+        if not adm.accepted:
+            raise QueueFull(model, adm.retry_after_s or 1.0, tenant, adm.share)
         return [self.submit(p, None, tenant)[0] for p in params]
 
     def cancel(self, job_id: str) -> dict[str, Any] | None:
