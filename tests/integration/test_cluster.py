@@ -132,6 +132,7 @@ def test_jobs_run_on_both_nodes_and_outputs_are_objects_in_the_bucket(demo_model
         nodes = {w["node"] for w in ws}
         assert len(nodes) == 2 and {n.node_id for n in cluster.nodes} == nodes  # one per node
         assert all(w["device_name"] == "cpu" and w["device_type"] == "cpu" for w in ws)
+        assert {w["node_ip"] for w in ws} == {n.node_ip_address for n in cluster.nodes}  # where each runs, by address
         # Long enough that two batches of two overlap: both workers get one.
         ids = [c.post("/v1/jobs", json={"model": "demo-image", "prompt": f"p{i}", "steps": 12}).json()["id"]
                for i in range(4)]
@@ -171,7 +172,9 @@ def test_a_lost_node_s_batch_runs_again_elsewhere_and_every_job_succeeds_once(de
         node = next(w["node"] for w in workers_of(c) if w["id"] == worker)
         cluster.remove(node)
         # The lost worker's replacement cannot be placed (no free device): it is provisioning.
-        wait_until(lambda: any(w["state"] == "provisioning" for w in workers_of(c)), 180, "a provisioning worker")
+        lost = wait_until(lambda: next((w for w in workers_of(c) if w["state"] == "provisioning"), None), 180,
+                          "a provisioning worker")
+        assert lost["node"] is None and lost["node_ip"] is None  # it runs nowhere: not the dead node
         done = [wait_for(c, j, 600) for j in [long["id"], *others]]
         assert [j["status"] for j in done] == ["succeeded"] * 4
         first = done[0]

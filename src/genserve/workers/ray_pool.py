@@ -223,6 +223,8 @@ class RayPool:
         import ray
 
         actor, w.actor, w.running, w.ready, w.placed = w.actor, None, False, False, False
+        for k in ("node", "node_ip"):  # until its replacement is placed, the worker runs nowhere (no stale node)
+            w.info.pop(k, None)
         try:
             ray.kill(actor)  # a retired worker's actor outlives its worker thread; never leave one behind
         except Exception:

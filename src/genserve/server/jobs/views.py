@@ -45,6 +45,7 @@ class WorkerView:
     device_name: str | None = None  # what the device says it is (GPU model, or "cpu")
     running_jobs: int = 0  # jobs in its running batch (step-level batching: the running set's size now)
     running_model: str | None = None
+    node_ip: str | None = None  # the Ray node's address on a cluster (None on this machine)
 
     @property
     def busy(self) -> bool:
@@ -53,7 +54,7 @@ class WorkerView:
     def to_dict(self) -> dict[str, Any]:
         if not self.up:  # starting, restarting or quarantined
             return {"id": self.id, "device": self.device, "state": self.state, "quarantined": self.quarantined,
-                    "restarts": self.restarts, "exits": self.exits, "resident_models": [], "node": self.node,
+                    "restarts": self.restarts, "exits": self.exits, "resident_models": [], "node": self.node, "node_ip": self.node_ip,
                     "device_name": self.device_name, "device_type": self.device_type}
         d = asdict(self)
         d.pop("up")

@@ -83,7 +83,7 @@ class FleetState:
             node, name = h.info.get("node"), h.info.get("device_name")
             if st is None or not h.ready:
                 out.append(WorkerView(wid, h.device, dtype, h.state, False, h.quarantined, h.restarts, len(h.exits),
-                                      node=node, device_name=name))
+                                      node=node, device_name=name, node_ip=h.info.get("node_ip")))
                 continue
             batch = self.engine.running_batch(st.batch_id) if st.batch_id is not None else None
             out.append(WorkerView(
@@ -92,7 +92,7 @@ class FleetState:
                 self._reported.get(wid, {}).get("used_bytes"), round(st.busy.utilization(now), 4), st.batch_id,
                 tuple(ResidentView(m, r.bytes, r.last_used, r.pinned, r.loading) for m, r in sorted(st.resident.items())),
                 node, name, len(batch.jobs) if batch is not None else 0,
-                batch.key.model if batch is not None else None))
+                batch.key.model if batch is not None else None, h.info.get("node_ip")))
         return out
 
     def queue_depth(self, model: str) -> int:
