@@ -43,6 +43,20 @@ class EngineReads:
     waiting: Waiting
     fleet: Fleet
     work: WorkModel
+    models: Mapping[str, ModelLimits]
+
+    def admit(self, model: str, tenant: str | None = None, weight: float = 1.0, n: int = 1) -> Admission:
+        """Would ``n`` new jobs of ``tenant`` (fair-share ``weight``) for ``model`` be accepted now?
+        Asked before they are persisted. The rule, tenant-aware: policies/admission.py."""
+        limits = self.models.get(model)
+        if limits is None:
+            return Admission(False, "unknown_model")
+        mine, others = self.waiting.tenant_load(model, tenant)
+        depth = self.waiting.depth(model)
+        if admits(limits.max_queue, depth, mine, weight, others, n):
+            return ACCEPTED
+        return refusal(limits.max_queue, depth, mine, weight, others, n,
+                       lambda ahead: self.work.drain_estimate(model, ahead, len(self.fleet.workers)))
 
     @property
     def workers(self) -> Mapping[str, WorkerState]:
@@ -109,19 +123,6 @@ class Engine(EngineReads):
         self.draining = False  # shutting down: no new batches, loads or scaling; running ones finish
 
     # ---- jobs ------------------------------------------------------------------------------------
-
-    def admit(self, model: str, tenant: str | None = None, weight: float = 1.0, n: int = 1) -> Admission:
-        """Would ``n`` new jobs of ``tenant`` (fair-share ``weight``) for ``model`` be accepted now?
-        Asked before they are persisted. The rule, tenant-aware: policies/admission.py."""
-        limits = self.models.get(model)
-        if limits is None:
-            return Admission(False, "unknown_model")
-        mine, others = self.waiting.tenant_load(model, tenant)
-        depth = self.waiting.depth(model)
-        if admits(limits.max_queue, depth, mine, weight, others, n):
-            return ACCEPTED
-        return refusal(limits.max_queue, depth, mine, weight, others, n,
-                       lambda ahead: self.work.drain_estimate(model, ahead, len(self.fleet.workers)))
 
     def submit(self, job_id: str, key: BatchKey, priority: Priority, now: float, *, force: bool = False,
                deadline: float | None = None, attempts: int = 0, tenant: str | None = None,
