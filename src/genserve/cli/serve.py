@@ -36,9 +36,13 @@ def cmd_serve(a: argparse.Namespace) -> int:
     configure(a.log_format, a.log_level.upper())
     s = config.server
     from ..server.security.auth import bind_refusal
-    from ..server.security.keys import KeyStore
+    from ..server.security.auth import open_key_store
 
-    keys = KeyStore(s.data_dir)
+    if config.store.backend == "postgres":
+        from .db import upgrade
+
+        upgrade(config)  # before anything reads the tables (the runtime would migrate too, later)
+    keys = open_key_store(config)
     refusal = bind_refusal(s.host, keys, config.access, a.insecure)
     keys.close()
     if refusal:

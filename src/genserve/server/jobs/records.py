@@ -21,7 +21,7 @@ from ...engine.types import RunningBatch
 from ...storage import THUMBNAIL_NAME, THUMBNAIL_TYPE, ResultRef, ResultStore, output_name, output_type
 from ..status import JobStatus, is_terminal
 from .cost import apportion, cost_usd, job_weight
-from .jobstore import JobStore
+from .store.interface import Store
 from .listeners import Event
 from .views import Record
 
@@ -29,7 +29,7 @@ log = logging.getLogger("genserve.runtime")
 
 
 class JobRecords:
-    def __init__(self, store: JobStore, results: ResultStore, models: Mapping[str, ModelConfig],
+    def __init__(self, store: Store, results: ResultStore, models: Mapping[str, ModelConfig],
                  publish: Callable[[Event], None]) -> None:
         self.store = store
         self.results = results

@@ -50,7 +50,7 @@ from ...workers.base import OnExit, OnMessage, Pool, PoolFactory
 from ...workers.pool import LocalPool, detect_devices
 from ...workers.ray_pool import RayPool, RaySettings
 from ..jobs.events import EventHub
-from ..jobs.jobstore import JobStore
+from ..jobs.store.open import open_job_store
 from ..jobs.listeners import Event, Listener
 from ..jobs.records import JobRecords
 from ..jobs.sweeper import Retention
@@ -146,7 +146,7 @@ class Runtime:
         self.clock = clock
         s = config.server
         s.data_dir.mkdir(parents=True, exist_ok=True)
-        self.store = JobStore(s.data_dir / "jobs.db")
+        self.store = open_job_store(config)  # [store]: SQLite in data_dir, or PostgreSQL
         results_spec = config.results.spec(s.data_dir)
         self.results = open_store(results_spec)
         # The batch-id prefix is unique per start: restarts share one database.
