@@ -155,7 +155,7 @@ def create_app(config: Config, runtime: Runtime | None = None) -> FastAPI:
     @app.get("/readyz", tags=["health"])
     async def readyz():
         ok = control.ready  # false from the first moment of a drain: load balancers stop sending
-        return JSONResponse({"ready": ok, "draining": control.draining,
+        return JSONResponse({"ready": ok, "draining": control.draining, "role": getattr(rt, "role", "all"),
                              "workers": {v.id: v.up for v in fleet.worker_views(time.time())}},
                             status_code=200 if ok else 503)
 

@@ -43,8 +43,9 @@ class JobRecords:
     # ---- transitions ----------------------------------------------------------------------------
 
     def queued(self, job_id: str, client_id: str | None, params: dict[str, Any], now: float,
-               tenant: str = DEFAULT_TENANT) -> Record:
-        self.store.insert(job_id, client_id, params, now, tenant)  # durable before acknowledged
+               tenant: str = DEFAULT_TENANT, *, max_queued: int | None = None) -> Record:
+        # durable before acknowledged; ``max_queued``: counted in the insert's transaction (store.interface)
+        self.store.insert(job_id, client_id, params, now, tenant, max_queued=max_queued)
         self.publish(Event("queued", now, job_id, {"model": params["model"], "priority": params["priority"],
                                                    "tenant": tenant}))
         return self.store.get(job_id)  # type: ignore[return-value]

@@ -201,8 +201,17 @@ class Runtime:
         self.retention.start()
         self._pump(now)
 
-    def _restore(self, job: dict[str, Any], now: float) -> None:
+    def take(self, job: dict[str, Any], now: float) -> None:
+        """A queued job another process stored (a gateway, docs/ha.md) enters the engine; its
+        insert announced it already."""
+        self._restore(job, now, announce=False)
+        self._pump(now)
+
+    def _restore(self, job: dict[str, Any], now: float, announce: bool = True) -> None:
         """A queued job from the store re-enters the engine (after a restart)."""
+        if job.get("cancel_requested"):  # asked while no engine held it (a gateway's cancel, docs/ha.md)
+            self.records.canceled(job["id"], now)
+            return
         try:
             params = JobParams.from_dict(job["params"])
             priority = Priority.parse(job["priority"])
@@ -221,7 +230,8 @@ class Runtime:
                            force=True, deadline=self._deadline(params, job["t_received"]),
                            attempts=job["attempts"], tenant=job["tenant"],
                            weight=self.config.access.tenant(job["tenant"]).weight)
-        self.records.restored(job, now)
+        if announce:
+            self.records.restored(job, now)
 
     async def drain(self, drain_s: float) -> None:
         """Graceful shutdown, before the HTTP server stops (docs/operations.md): unready at once,

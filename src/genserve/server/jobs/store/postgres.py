@@ -77,6 +77,29 @@ class PgJobStore:
         with self.pool.connection() as c:
             return c.execute(sql, args).rowcount
 
+    def notify(self, channel: str, payload: str) -> None:
+        """NOTIFY ``channel`` (bus.py): heard by every process LISTENing on it, in commit order."""
+        self._run("SELECT pg_notify(%s, %s)", (channel, payload))
+
+    def request_cancel(self, job_id: str, channel: str) -> None:
+        """Record a cancel request and wake the leading engine, in one transaction (a gateway's cancel)."""
+        with self.pool.connection() as c, c.transaction():
+            c.execute("UPDATE jobs SET cancel_requested = 1 WHERE id = %s", (job_id,))
+            c.execute("SELECT pg_notify(%s, %s)", (channel, job_id))
+
+    def ping(self) -> bool:
+        """Can this process use the database now? (a gateway's readiness)"""
+        try:
+            with self.pool.connection(timeout=2.0) as c:
+                c.execute("SELECT 1")
+            return True
+        except Exception:  # noqa: BLE001 — any failure means not ready
+            return False
+
+    def queued_for_model(self, model: str) -> int:
+        return self._one("SELECT COUNT(*) AS n FROM jobs WHERE model = %s AND status = %s",
+                         (model, JobStatus.QUEUED.value))["n"]  # type: ignore[index]
+
     # ---- jobs ------------------------------------------------------------------------------------
 
     def insert(self, job_id: str, client_id: str | None, params: dict[str, Any], now: float,

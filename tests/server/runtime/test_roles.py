@@ -1,0 +1,159 @@
+"""Gateways and engines over one PostgreSQL database, in one event loop (AutoPool workers: no
+pipelines run). The real processes, kill -9 included, are tests/integration/test_failover.py."""
+import asyncio
+import json
+import tomllib
+
+import httpx
+import pytest
+
+from genserve.config.load import parse_config
+from genserve.server.http.app import create_app
+from genserve.server.http.engine_app import create_engine_app
+from genserve.server.runtime.gateway import Gateway
+from genserve.server.runtime.leader import EngineRole
+from genserve.server.runtime.runtime import Runtime
+
+from ..auto_pool import auto_pool
+
+
+def make_config(tmp_path, dsn, extra=""):
+    return parse_config(tomllib.loads(f"""
+[server]
+data_dir = "{tmp_path}"
+[store]
+backend = "postgres"
+dsn = "{dsn}"
+[models.img]
+kind = "image"
+source = "{tmp_path}/no-weights-needed"
+sizes = ["64x64"]
+default_steps = 3
+{extra}
+"""))
+
+
+class Cluster:
+    """``gateways`` gateway apps and ``engines`` engine roles, their clients, started and closed together."""
+
+    def __init__(self, cfg, tmp_path, gateways=2, engines=2):
+        self.exits: list[int] = []
+        self.gateways = [Gateway(cfg) for _ in range(gateways)]
+        self.engines = [EngineRole(cfg, runtime_factory=lambda: Runtime(cfg, devices=["cpu"],
+                                                                       pool=auto_pool(str(tmp_path / "results"))),
+                                   exit=self.exits.append) for _ in range(engines)]
+        self.clients = [httpx.AsyncClient(transport=httpx.ASGITransport(app=create_app(cfg, g)), base_url="http://gw")
+                        for g in self.gateways]
+        self.engine_clients = [httpx.AsyncClient(transport=httpx.ASGITransport(app=create_engine_app(cfg, e)),
+                                                 base_url="http://engine") for e in self.engines]
+
+    async def __aenter__(self):
+        for g in self.gateways:
+            await g.start()
+        for e in self.engines:
+            await e.start()
+        return self
+
+    async def __aexit__(self, *exc):
+        for c in self.clients + self.engine_clients:
+            await c.aclose()
+        for e in self.engines:
+            await e.close()
+        for g in self.gateways:
+            await g.close()
+
+
+async def until(cond, timeout=20.0):
+    async def loop():
+        while not (v := await cond()):
+            await asyncio.sleep(0.02)
+        return v
+    return await asyncio.wait_for(loop(), timeout)
+
+
+def sse_events(text: str) -> list[dict]:
+    out = []
+    for block in text.strip().split("\n\n"):
+        fields = dict(line.split(": ", 1) for line in block.splitlines() if ": " in line and not line.startswith(":"))
+        if "event" in fields:
+            out.append({"id": fields.get("id"), "event": fields["event"], "data": json.loads(fields["data"])})
+    return out
+
+
+async def leader_of(cluster):
+    async def one():
+        leaders = [e for e in cluster.engines if e.leader]
+        return leaders[0] if len(leaders) == 1 and leaders[0].runtime.ready else None
+    return await until(one)
+
+
+def test_a_job_submitted_on_one_gateway_is_followed_on_the_other(tmp_path, pg_database):
+    cfg = make_config(tmp_path, pg_database)
+
+    async def go():
+        async with Cluster(cfg, tmp_path) as c:
+            leader = await leader_of(c)
+            standby = next(e for e in c.engines if e is not leader)
+            ready = [(await ec.get("/readyz")).json() for ec in c.engine_clients]
+            assert sorted(r["leader"] for r in ready) == [False, True] and all(r["role"] == "engine" for r in ready)
+            assert (await c.clients[0].get("/readyz")).json()["role"] == "gateway"
+            r = await c.clients[0].post("/v1/jobs", json={"model": "img", "prompt": "p"})
+            assert r.status_code == 202, r.text
+            jid = r.json()["id"]
+            stream = await c.clients[1].get(f"/v1/jobs/{jid}/events")  # ends with the terminal event
+            evs = sse_events(stream.text)
+            assert evs[0]["event"] == "queued" and evs[-1]["event"] == "succeeded", evs
+            assert [e["id"] for e in evs] == [str(i) for i in range(1, len(evs) + 1)]
+            # Last-Event-ID from gateway B's stream, presented to gateway A: only what came after
+            again = await c.clients[0].get(f"/v1/jobs/{jid}/events", headers={"last-event-id": evs[-2]["id"]})
+            assert [e["event"] for e in sse_events(again.text)] == ["succeeded"]
+            job = (await c.clients[1].get(f"/v1/jobs/{jid}")).json()
+            assert job["status"] == "succeeded" and len(job["attempts"]) == 1 and len(job["results"]) == 1
+            assert standby.runtime is None  # the standby never ran anything
+
+    asyncio.run(go())
+
+
+def test_the_standby_leads_when_the_leader_goes_and_runs_what_waits(tmp_path, pg_database):
+    cfg = make_config(tmp_path, pg_database)
+
+    async def go():
+        async with Cluster(cfg, tmp_path, gateways=1) as c:
+            leader = await leader_of(c)
+            standby = next(e for e in c.engines if e is not leader)
+            await leader.close()  # its lock connection ends: the standby's pg_advisory_lock returns
+            c.engines.remove(leader)
+            assert await leader_of(c) is standby
+            r = await c.clients[0].post("/v1/jobs", json={"model": "img", "prompt": "p"})
+            jid = r.json()["id"]
+            job = await until(lambda: _done(c.clients[0], jid))
+            assert job["status"] == "succeeded" and not c.exits
+
+    asyncio.run(go())
+
+
+async def _done(client, jid):
+    job = (await client.get(f"/v1/jobs/{jid}")).json()
+    return job if job["status"] in ("succeeded", "failed", "canceled") else None
+
+
+def test_max_queued_holds_across_gateways_and_cancels_reach_the_leader(tmp_path, pg_database):
+    cfg = make_config(tmp_path, pg_database, '[tenants.default]\nmax_queued = 5\n')
+
+    async def go():
+        async with Cluster(cfg, tmp_path, engines=0) as c:  # no engine: everything stays queued
+            body = {"model": "img", "prompt": "p"}
+            rs = await asyncio.gather(*[c.clients[i % 2].post("/v1/jobs", json=body) for i in range(16)])
+            codes = sorted(r.status_code for r in rs)
+            assert codes == [202] * 5 + [429] * 11, codes
+            queued = [r.json()["id"] for r in rs if r.status_code == 202]
+            r = await c.clients[1].post(f"/v1/jobs/{queued[0]}/cancel")
+            assert r.json()["cancel_requested"] is True and r.json()["status"] == "queued"
+            # an engine that starts later takes the queue and honours the cancel asked before it led
+            c.engines.append(EngineRole(cfg, runtime_factory=lambda: Runtime(
+                cfg, devices=["cpu"], pool=auto_pool(str(tmp_path / "results"))), exit=c.exits.append))
+            await c.engines[0].start()
+            jobs = [await until(lambda j=j: _done(c.clients[0], j)) for j in queued]
+            assert [j["status"] for j in jobs] == ["canceled"] + ["succeeded"] * 4
+
+    asyncio.run(go())
