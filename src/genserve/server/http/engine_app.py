@@ -2,7 +2,7 @@
 takes no jobs (gateways do), it answers whether it leads and is ready, and serves the fleet's
 Prometheus metrics while it leads.
 
-``/readyz``: 200 with ``{"role": "engine", "leader": false}`` for a standby (ready to take over);
+``/readyz``: 200 with ``{"role": "engine", "leader": false}`` for a standby waiting on the lock, runtime built;
 the leader answers 200 once its workers are up, 503 before and while it drains.
 """
 from __future__ import annotations

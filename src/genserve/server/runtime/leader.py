@@ -46,7 +46,9 @@ class EngineRole:
         self.dsn = config.store.dsn
         self._make_runtime = runtime_factory or (lambda: Runtime(config))
         self._exit = exit
-        self.runtime: Runtime | None = None
+        self.runtime: Runtime | None = None  # set once leading
+        self._prepared: Runtime | None = None
+        self.standing_by = False  # built and waiting on the lock
         self.leader = False
         self.became_leader_at: float | None = None
         self._task: asyncio.Task | None = None
@@ -55,8 +57,11 @@ class EngineRole:
 
     @property
     def ready(self) -> bool:
-        """A standby is ready (to take over); the leader once its runtime is."""
-        return not self.leader or (self.runtime is not None and self.runtime.ready)
+        """A standby once it waits on the lock with its runtime built (ready to take over at once);
+        the leader once its runtime is."""
+        if self.leader:
+            return self.runtime is not None and self.runtime.ready
+        return self.standing_by
 
     @property
     def draining(self) -> bool:
@@ -66,19 +71,23 @@ class EngineRole:
         self._task = asyncio.get_running_loop().create_task(self._lead())
 
     async def _lead(self) -> None:
+        # A warm standby: the runtime is built before waiting (devices probed in a child process,
+        # store pool open), so taking over only starts it. Built off the loop: /readyz answers meanwhile.
+        prepared = self._prepared = await asyncio.get_running_loop().run_in_executor(None, self._make_runtime)
         try:
             # Keepalives: a leader cut off by the network loses the lock (and exits) within ~15 s.
             self._lock_conn = await psycopg.AsyncConnection.connect(
                 self.dsn, autocommit=True, keepalives=1, keepalives_idle=5, keepalives_interval=2, keepalives_count=3)
             log.info("engine %d: waiting for the leader lock", os.getpid())
+            self.standing_by = True
             await self._lock_conn.execute("SELECT pg_advisory_lock(%s)", (LEADER_LOCK,))
         except psycopg.Error:
             log.exception("cannot reach the database for the leader election")
             self._exit(LOST_LEADERSHIP_EXIT)
             return
-        self.leader, self.became_leader_at = True, time.time()
+        self.leader, self.standing_by, self.became_leader_at = True, False, time.time()
         log.warning("engine %d: leading", os.getpid())
-        rt = self.runtime = self._make_runtime()
+        rt = self.runtime = prepared
         store = rt.store
         assert isinstance(store, PgJobStore)
         rt.listeners.append(bus.EventPublisher(store.notify))
@@ -149,5 +158,7 @@ class EngineRole:
             await self._intake.close()
         if self.runtime is not None:
             await self.runtime.close()
+        elif self._prepared is not None:  # a standby's, never started: only its store is open
+            self._prepared.store.close()
         if self._lock_conn is not None:
             await self._lock_conn.close()  # frees the lock: a standby leads
