@@ -157,3 +157,22 @@ def test_max_queued_holds_across_gateways_and_cancels_reach_the_leader(tmp_path,
             assert [j["status"] for j in jobs] == ["canceled"] + ["succeeded"] * 4
 
     asyncio.run(go())
+
+
+def test_the_publisher_thins_progress_but_never_drops_milestones():
+    from genserve.server.jobs.listeners import Event
+    from genserve.server.jobs.store.bus import EventPublisher, parse_event
+
+    sent = []
+    pub = EventPublisher(lambda ch, payload: sent.append(parse_event(payload)))
+    pub.on_event(Event("queued", 0.0, "j", {"model": "m"}))  # the insert trigger's: not again
+    pub.on_event(Event("started", 1.0, "j", {"worker": "w0"}))
+    for step in range(1, 11):  # 10 steps in 0.09 s
+        pub.on_event(Event("progress", 1.0 + step * 0.01, "j", {"step": step, "total": 10}))
+    pub.on_event(Event("progress", 2.0, "k", {"step": 1, "total": 10}))  # another job: its own clock
+    pub.on_event(Event("succeeded", 1.2, "j", {"status": "succeeded"}))
+    pub.on_event(Event("queued", 3.0, "j2", {"model": "m", "restored": True}))  # after a failover: again
+    pub.on_event(Event("synced", 3.0))  # fleet events stay in the engine
+    assert [(e["job_id"], e["kind"], e["data"].get("step")) for e in sent] == [
+        ("j", "started", None), ("j", "progress", 1), ("j", "progress", 10), ("k", "progress", 1),
+        ("j", "succeeded", None), ("j2", "queued", None)]

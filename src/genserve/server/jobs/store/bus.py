@@ -108,14 +108,26 @@ def parse_event(payload: str) -> dict[str, Any] | None:
 class EventPublisher:
     """A runtime listener on the leading engine: each job event to every gateway. ``queued`` of a
     new job is the insert trigger's; a job re-entered after a failover is announced again
-    (``restored``), so streams see that it waits once more."""
+    (``restored``), so streams see that it waits once more. ``progress`` goes out at most every
+    ``PROGRESS_INTERVAL_S`` per job (and always for the last step): one NOTIFY per denoising step of
+    every running job would be most of the database's traffic on a large fleet."""
+
+    PROGRESS_INTERVAL_S = 0.2
 
     def __init__(self, notify: Callable[[str, str], None]) -> None:
         self.notify = notify
+        self._last_progress: dict[str, float] = {}  # running job -> when its last progress went out
 
     def on_event(self, ev: Event) -> None:
         if ev.job_id is None or ev.kind not in JOB_EVENTS:
             return
         if ev.kind == "queued" and not ev.data.get("restored"):
             return
+        if ev.kind == "progress":
+            last = self._last_progress.get(ev.job_id)
+            if last is not None and ev.now - last < self.PROGRESS_INTERVAL_S and ev.data.get("step") != ev.data.get("total"):
+                return
+            self._last_progress[ev.job_id] = ev.now
+        else:
+            self._last_progress.pop(ev.job_id, None)
         self.notify(EVENTS, event_payload(ev))
