@@ -27,3 +27,9 @@ def test_db_upgrade_on_postgres_then_keys(pg_database, monkeypatch, capsys, tmp_
     assert key.startswith("gsk_") and not (tmp_path / "keys.db").exists()
     with psycopg.connect(pg_database) as db:
         assert db.execute("SELECT tenant, scope FROM api_keys").fetchall() == [("acme", "jobs")]
+
+
+def test_split_roles_need_postgres(tmp_path, capsys):
+    for role in ("gateway", "engine"):
+        assert main(["serve", "--role", role, "--data-dir", str(tmp_path)]) == 2
+        assert 'needs [store] backend = "postgres"' in capsys.readouterr().err

@@ -100,7 +100,8 @@ def test_a_job_submitted_on_one_gateway_is_followed_on_the_other(tmp_path, pg_da
             r = await c.clients[0].post("/v1/jobs", json={"model": "img", "prompt": "p"})
             assert r.status_code == 202, r.text
             jid = r.json()["id"]
-            stream = await c.clients[1].get(f"/v1/jobs/{jid}/events")  # ends with the terminal event
+            # ends with the terminal event, which only the bus brings to gateway B
+            stream = await asyncio.wait_for(c.clients[1].get(f"/v1/jobs/{jid}/events"), 30)
             evs = sse_events(stream.text)
             assert evs[0]["event"] == "queued" and evs[-1]["event"] == "succeeded", evs
             assert [e["id"] for e in evs] == [str(i) for i in range(1, len(evs) + 1)]
