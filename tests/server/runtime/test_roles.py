@@ -177,3 +177,24 @@ def test_the_publisher_thins_progress_but_never_drops_milestones():
     assert [(e["job_id"], e["kind"], e["data"].get("step")) for e in sent] == [
         ("j", "started", None), ("j", "progress", 1), ("j", "progress", 10), ("k", "progress", 1),
         ("j", "succeeded", None), ("j2", "queued", None)]
+
+
+def test_an_engine_that_cannot_build_its_runtime_exits(tmp_path, pg_database):
+    cfg = make_config(tmp_path, pg_database)
+
+    def broken():
+        raise RuntimeError("no devices")
+
+    async def go():
+        exits: list[int] = []
+        role = EngineRole(cfg, runtime_factory=broken, exit=exits.append)
+        await role.start()
+        await until(lambda: _ready(exits))
+        assert exits == [75] and not role.leader
+        await role.close()
+
+    asyncio.run(go())
+
+
+async def _ready(v):
+    return bool(v)

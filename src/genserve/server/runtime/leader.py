@@ -69,6 +69,14 @@ class EngineRole:
 
     async def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._lead())
+        self._task.add_done_callback(self._lead_ended)
+
+    def _lead_ended(self, task: asyncio.Task) -> None:
+        """Leading ends only by exiting or closing: a failure to start leading must not leave an
+        engine that holds the lock and runs nothing."""
+        if not task.cancelled() and task.exception() is not None:
+            log.error("leading failed: exiting", exc_info=task.exception())
+            self._exit(LOST_LEADERSHIP_EXIT)
 
     async def _lead(self) -> None:
         # A warm standby: the runtime is built before waiting (devices probed in a child process,
