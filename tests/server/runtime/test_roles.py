@@ -198,3 +198,28 @@ def test_an_engine_that_cannot_build_its_runtime_exits(tmp_path, pg_database):
 
 async def _ready(v):
     return bool(v)
+
+
+def test_a_gateway_that_lost_its_listen_connection_catches_up_its_streams(tmp_path, pg_database):
+    """The job ends while the gateway is not listening (its LISTEN backend terminated): after the
+    reconnect, the catch-up read gives the open stream its terminal event."""
+    import psycopg
+
+    cfg = make_config(tmp_path, pg_database)
+
+    async def go():
+        async with Cluster(cfg, tmp_path, gateways=1, engines=0) as c:
+            gw = c.gateways[0]
+            jid = (await c.clients[0].post("/v1/jobs", json={"model": "img", "prompt": "p"})).json()["id"]
+            stream = asyncio.create_task(c.clients[0].get(f"/v1/jobs/{jid}/events"))
+            await until(lambda: _ready(gw.events.subscribers.get(jid)))
+            connects = gw._listen.connects
+            with psycopg.connect(pg_database, autocommit=True) as db:
+                db.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE query LIKE 'LISTEN%'")
+                # finished meanwhile, by no one the gateway hears (as a leader's NOTIFY lost in the gap)
+                db.execute("UPDATE jobs SET status = 'succeeded', t_finished = 1.0 WHERE id = %s", (jid,))
+            await until(lambda: _ready(gw._listen.connects > connects))
+            evs = sse_events((await asyncio.wait_for(stream, 10)).text)
+            assert [e["event"] for e in evs] == ["queued", "succeeded"]
+
+    asyncio.run(go())
