@@ -223,3 +223,26 @@ def test_a_gateway_that_lost_its_listen_connection_catches_up_its_streams(tmp_pa
             assert [e["event"] for e in evs] == ["queued", "succeeded"]
 
     asyncio.run(go())
+
+
+def test_the_leader_takes_jobs_inserted_while_its_intake_reconnects(tmp_path, pg_database, monkeypatch):
+    import psycopg
+
+    from genserve.server.jobs.store import bus
+
+    monkeypatch.setattr(bus, "RECONNECT_S", (1.0,))  # a wide gap: the insert surely falls into it
+    cfg = make_config(tmp_path, pg_database)
+
+    async def go():
+        async with Cluster(cfg, tmp_path, gateways=1, engines=1) as c:
+            leader = await leader_of(c)
+            connects = leader._intake.connects
+            with psycopg.connect(pg_database, autocommit=True) as db:
+                db.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE query LIKE 'LISTEN%'")
+            await until(lambda: _ready(not leader._intake.connected.is_set()))
+            jid = (await c.clients[0].post("/v1/jobs", json={"model": "img", "prompt": "p"})).json()["id"]
+            assert leader._intake.connects == connects  # inserted while nobody listened: the NOTIFY is lost
+            job = await until(lambda: _done(c.clients[0], jid))
+            assert job["status"] == "succeeded" and leader._intake.connects == connects + 1
+
+    asyncio.run(go())
