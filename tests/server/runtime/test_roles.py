@@ -246,3 +246,50 @@ def test_the_leader_takes_jobs_inserted_while_its_intake_reconnects(tmp_path, pg
             assert job["status"] == "succeeded" and leader._intake.connects == connects + 1
 
     asyncio.run(go())
+
+
+def test_a_webhook_asked_on_a_gateway_is_delivered_once_by_the_leader(tmp_path, pg_database):
+    import base64
+
+    secret = "whsec_" + base64.b64encode(b"genserve-test-key-0123456789abcd").decode()
+    cfg = parse_config(tomllib.loads(f"""
+[server]
+data_dir = "{tmp_path}"
+webhook_secret = "{secret}"
+[store]
+backend = "postgres"
+dsn = "{pg_database}"
+[webhooks]
+allow_private = true
+[models.img]
+kind = "image"
+source = "{tmp_path}/no-weights-needed"
+sizes = ["64x64"]
+default_steps = 3
+"""))
+    got: list[tuple[str, dict]] = []
+
+    async def handle(reader, writer):
+        head = (await reader.readuntil(b"\r\n\r\n")).decode()
+        headers = dict(line.split(": ", 1) for line in head.split("\r\n")[1:] if ": " in line)
+        body = await reader.readexactly(int(headers.get("content-length", headers.get("Content-Length", "0"))))
+        got.append((headers.get("webhook-id"), json.loads(body)))
+        writer.write(b"HTTP/1.1 204 No Content\r\ncontent-length: 0\r\nconnection: close\r\n\r\n")
+        await writer.drain()
+        writer.close()
+
+    async def go():
+        rx = await asyncio.start_server(handle, "127.0.0.1", 0)
+        url = f"http://127.0.0.1:{rx.sockets[0].getsockname()[1]}/hook"
+        async with Cluster(cfg, tmp_path, gateways=1, engines=2) as c:
+            await leader_of(c)
+            r = await c.clients[0].post("/v1/jobs", json={"model": "img", "prompt": "p", "webhook": url})
+            assert r.status_code == 202, r.text
+            jid = r.json()["id"]
+            await until(lambda: _ready(got))
+            job = (await c.clients[0].get(f"/v1/jobs/{jid}")).json()
+            assert [d["status"] for d in job["webhook"]["deliveries"]] == ["delivered"]
+        rx.close()
+        assert [(p["type"], p["data"]["id"]) for _, p in got] == [("job.completed", jid)]
+
+    asyncio.run(go())
