@@ -85,7 +85,7 @@ def test_no_import_cycles():
 # listed here may import nothing of genserve outside itself (the engine: nothing at all).
 SERVER_VOCAB = ("genserve.server.requests", "genserve.server.status")
 ROOMS: dict[str, tuple[str, ...]] = {
-    "genserve.engine.policies": ("genserve.engine.types", "genserve.engine.types"),
+    "genserve.engine.policies": ("genserve.engine.types",),
     "genserve.engine": (),
     "genserve.storage": (),
     "genserve.backends": ("genserve.storage",),

@@ -104,8 +104,13 @@ default_steps = 2
         with httpx.Client(base_url=srv.url, timeout=10) as c:
             wait_until(lambda: any(j["client_id"] == "survivor-1" for j in c.get("/v1/jobs").json()["data"]), 60,
                        what="the job to be stored")
-            # the access log is on: request lines reach the server's log
+            # the access log is on: request lines reach the server's log, a key in a URL does not
             wait_until(lambda: '"GET /v1/jobs HTTP/1.1" 200' in srv.log(), 30, what="an access-log line")
+            secret = "gsk_" + "NotARealKeyButLooksLikeOne0123456789abcdefgh"
+            c.get(f"/v1/jobs?limit=1&api_key={secret}")
+            wait_until(lambda: '"GET /v1/jobs?limit=1&api_key=[REDACTED] HTTP/1.1"' in srv.log(), 30,
+                       what="the redacted access-log line")
+            assert secret not in srv.log()
         srv.stop(kill=True)
         wait_until(lambda: "reconnecting" in log.read_text(), 60, what="the client to notice and reconnect")
         srv.start()

@@ -83,6 +83,22 @@ def test_dashboard_shows_live_data_in_chromium(browser, obs_client):
     # (uPlot draws tick labels on the canvas; its instance keeps the labels it drew.)
     ticks = page("return window.genservePlots['chart-queue'].axes[0]._values")
     assert len(ticks) >= 2 and all(":" in str(t) for t in ticks), ticks  # wall-clock times: 11:36, 11:37, …
+    # Every value axis is wide enough for its labels, which are distinct and read plainly: at a
+    # realistic price the cost axis (about 1e-5 $ per inference) once drew "2.00e-5" in 52 px and
+    # showed ".00e-5", and ticks of 0.002 all read "0.00" (issue 22, item 10). The drawn axes, then
+    # the cost axis's own label and size functions over such small ticks.
+    fit = """const a = u.axes[1]; u.ctx.font = a.font[0];
+        const text = Math.max(0, ...labels.map(v => u.ctx.measureText(v).width)) / devicePixelRatio;
+        return [labels, text + a.ticks.size + a.gap, size];"""
+    axes = page(f"""return Object.fromEntries(Object.entries(window.genservePlots).map(([id, u]) => {{
+        const labels = u.axes[1]._values, size = u.axes[1]._size; return [id, (() => {{ {fit} }})()]; }}))""")
+    axes["small cost ticks"] = page(f"""const u = window.genservePlots['chart-cost'];
+        const labels = u.axes[1].values(u, [0, 1e-5, 2e-5, 3e-5], 1, 50, 1e-5);
+        const size = u.axes[1].size(u, labels, 1, 0); {fit}""")
+    for cid, (labels, needed, size) in axes.items():
+        assert len(labels) >= 2 and len(set(labels)) == len(labels) and needed <= size, (cid, labels, needed, size)
+        assert not any("e-" in v or v.startswith(".") for v in labels), (cid, labels)
+    assert axes["small cost ticks"][0] == ["0", "10µ", "20µ", "30µ"], axes["small cost ticks"]
     from selenium.webdriver.common.action_chains import ActionChains
 
     ActionChains(browser).move_to_element(browser.find_element("css selector", "#chart-throughput .u-over")).perform()

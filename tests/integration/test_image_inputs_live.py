@@ -168,6 +168,7 @@ def test_bad_inputs_get_a_4xx_naming_the_field(acme, globex):
     mine = done(acme, acme.post("/v1/jobs", json={"model": "demo-image", "prompt": "x", "steps": 1}))
     cases = [({"image": url(b"GIF89a not really")}, "image", 400),
              ({"image": url(bomb)}, "image", 400),
+             ({"image": url(png(Image.new("1", (2_097_152, 8))))}, "image", 400),  # a strip (issue 22)
              ({"image": url(PICTURE), "mask": url(png(Image.new("L", (40, 40))))}, "mask", 400),
              ({"image": {"job": "f" * 32}}, "image", 404)]
     for body, field, status in cases:

@@ -3,11 +3,13 @@
 An input arrives as a base64 ``data:`` URL (PNG, JPEG or WebP), as the bytes of a multipart file
 part, or as an earlier job's output (the server reads it from the result store; a video output
 gives its first frame). Whatever the form, ``check_input`` decodes it for real with Pillow at
-submit: at most ``MAX_BYTES`` encoded, at most ``MAX_PIXELS`` decoded (checked from the header,
-before a byte of pixel data is decoded: a decompression bomb is refused, not expanded), each side
-at least ``MIN_SIDE``. It is then normalized to PNG (RGB for an image, 8-bit grey for a mask) and
-stored with the job; the worker reads it back and fits it with ``fit_cover``: scaled (Lanczos) so
-it covers width × height with its aspect ratio kept, then centre-cropped to exactly that size.
+submit: at most ``MAX_BYTES`` encoded; decoded, each side between ``MIN_SIDE`` and ``MAX_SIDE``,
+at most ``MAX_PIXELS`` in total and an aspect ratio of at most ``MAX_ASPECT``:1 (all checked from
+the header, before a byte of pixel data is decoded: a decompression bomb, or a thin strip of a few
+hundred bytes, is refused, not expanded). It is then normalized to PNG (RGB for an image, 8-bit
+grey for a mask) and stored with the job; the worker reads it back and fits it with
+``fit_cover``: centre-cropped to the aspect ratio of width × height, then scaled (Lanczos) to
+exactly that size, so the work is bounded by the input and the output, never by their ratio.
 """
 from __future__ import annotations
 
@@ -20,8 +22,10 @@ from dataclasses import dataclass
 
 FORMATS = {"image/png": "PNG", "image/jpeg": "JPEG", "image/webp": "WEBP"}
 MAX_BYTES = 16 << 20  # encoded size
-MAX_PIXELS = 4096 * 4096  # decoded size (a decompression bomb is refused before it is decoded)
+MAX_SIDE = 4096  # each decoded side (a 2,097,152 x 8 strip is within MAX_PIXELS but not this)
+MAX_PIXELS = MAX_SIDE * MAX_SIDE  # decoded size (a decompression bomb is refused before it is decoded)
 MIN_SIDE = 8
+MAX_ASPECT = 16  # the long side over the short one: a panorama passes, a thin strip does not
 
 
 class ImageInputError(ValueError):
@@ -75,11 +79,7 @@ def decode_bytes(data: bytes, declared: str | None = None):
             img = Image.open(io.BytesIO(data), formats=list(FORMATS.values()))
             if declared is not None and img.format != FORMATS[declared]:
                 raise ImageInputError(f"says {declared} but holds {img.format or 'something else'}")
-            w, h = img.size
-            if w * h > MAX_PIXELS:
-                raise ImageInputError(f"is {w}x{h}; at most {MAX_PIXELS} pixels")
-            if min(w, h) < MIN_SIDE:
-                raise ImageInputError(f"is {w}x{h}; each side must be at least {MIN_SIDE} pixels")
+            check_size(*img.size)
             img.load()
     except ImageInputError:
         raise
@@ -88,6 +88,18 @@ def decode_bytes(data: bytes, declared: str | None = None):
     except Exception as e:  # not an image, truncated or corrupt data: Pillow raises several types
         raise ImageInputError(f"is not a PNG, JPEG or WebP image Pillow can decode ({type(e).__name__})") from None
     return img
+
+
+def check_size(w: int, h: int) -> None:
+    """The decoded size's limits (from the header: nothing is decoded yet)."""
+    if max(w, h) > MAX_SIDE:
+        raise ImageInputError(f"is {w}x{h}; each side must be at most {MAX_SIDE} pixels")
+    if w * h > MAX_PIXELS:
+        raise ImageInputError(f"is {w}x{h}; at most {MAX_PIXELS} pixels")
+    if min(w, h) < MIN_SIDE:
+        raise ImageInputError(f"is {w}x{h}; each side must be at least {MIN_SIDE} pixels")
+    if max(w, h) > MAX_ASPECT * min(w, h):
+        raise ImageInputError(f"is {w}x{h}; its aspect ratio must be at most {MAX_ASPECT}:1")
 
 
 def check_input(data: bytes, *, mask: bool = False, declared: str | None = None) -> InputImage:
@@ -141,15 +153,19 @@ def open_input(ref: str, read) -> "object":
 
 
 def fit_cover(img, width: int, height: int):
-    """Scale to cover width × height keeping the aspect ratio, then centre-crop to exactly it."""
+    """Centre-crop to width × height's aspect ratio, then scale (Lanczos) to exactly that size: the
+    same picture as scaling to cover and cropping, but the crop is the resize's source box, so the
+    only image made is the output. Scaling first made an image of the input's aspect at the
+    output's scale: a 131072 x 8 strip covering 128 x 128 became 2,097,152 x 128 pixels (1.7 GB)."""
     from PIL import Image
 
     w, h = img.size
-    scale = max(width / w, height / h)
-    nw, nh = max(width, round(w * scale)), max(height, round(h * scale))
-    img = img.resize((nw, nh), Image.Resampling.LANCZOS)
-    left, top = (nw - width) // 2, (nh - height) // 2
-    return img.crop((left, top, left + width, top + height))
+    if w * height > h * width:  # wider than the target: keep the full height
+        cw, ch = h * width / height, float(h)
+    else:
+        cw, ch = float(w), w * height / width
+    left, top = (w - cw) / 2, (h - ch) / 2
+    return img.resize((width, height), Image.Resampling.LANCZOS, box=(left, top, left + cw, top + ch))
 
 
 def data_url(img, fmt: str = "PNG") -> str:

@@ -25,7 +25,7 @@ class LiveServer:
                  extra_args: list[str] | None = None, env: dict[str, str] | None = None) -> None:
         self.data_dir = Path(data_dir)
         self.env = {**os.environ, **(env or {})}
-        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)  # as genserve makes its own
         self.config_path = None
         if config_text is not None:
             self.config_path = self.data_dir / "genserve.toml"

@@ -18,7 +18,8 @@ from ..engine.policies.placement import PLACEMENT
 from ..engine.policies.residency import RESIDENCY
 from ..engine.settings import ENGINE_KEYS, EngineSettings, engine_settings as build_engine_settings
 from ..engine.types import ModelLimits
-from . import env as config_env, families as family_config
+from . import env as config_env  # (a load_config parameter is called env)
+from . import families
 from .auth import AccessConfig, AuthConfig, TenantConfig, parse_access, parse_cors_origins
 from .cluster import ClusterConfig, ResultsConfig, StoreConfig, parse_cluster, parse_results, parse_store
 from .demo import DEMO_SOURCES, DEMO_TOML
@@ -64,7 +65,7 @@ class ModelConfig:
     timeout_s: float = 600.0  # a job's deadline: the default, and the most a request may ask for
     batching: str = "request"  # "step": requests join and leave a running set at step boundaries
     # The model family's traits (read from its files) and keys (true_cfg_scale, max_sequence_length).
-    family: family_config.ModelFamily = family_config.ModelFamily()
+    family: families.ModelFamily = families.ModelFamily()
 
     def limits(self, server: "ServerConfig") -> ModelLimits:
         idle = self.idle_unload_s if self.idle_unload_s is not None else server.idle_unload_s
@@ -269,7 +270,7 @@ def _parse_model(name: str, raw: Any) -> ModelConfig:
         kw["sizes"] = tuple(_size(f"{p}.sizes[{i}]", s) for i, s in enumerate(raw["sizes"]))
     if "default_size" in raw:
         kw["default_size"] = _size(f"{p}.default_size", raw["default_size"])
-    m = family_config.build(ModelConfig, kw, raw, lambda k, msg: ConfigError(f"{p}.{k}", msg))
+    m = families.build(ModelConfig, kw, raw, lambda k, msg: ConfigError(f"{p}.{k}", msg))
     for i, (w, h) in enumerate(m.sizes):
         if w % m.size_multiple or h % m.size_multiple:
             raise ConfigError(f"{p}.sizes[{i}]", f"must be a multiple of size_multiple ({m.size_multiple})")

@@ -152,13 +152,16 @@ def test_openai_fields_become_job_fields(tmp_path):
 
 @pytest.mark.parametrize("quality,steps,reported", [
     ("low", 2, "low"), ("medium", 4, "medium"), ("auto", 4, "medium"), ("standard", 4, "medium"),
-    ("high", 8, "high"), ("hd", 8, "high"), ("xhigh", 10, "xhigh"), ("max", 10, "max"),  # capped at max_steps
+    ("high", 8, "high"), ("hd", 8, "high"),
+    # xhigh wants 12 and max 16 steps; max_steps = 10 clamps both, and the response says what ran
+    # (issue 22, item 10: xhigh ran 4 steps on SDXL-Turbo and said xhigh)
+    ("xhigh", 10, "high"), ("max", 10, "high"),
 ])
 def test_quality_maps_to_steps(tmp_path, quality, steps, reported):
     async def test(c, rt):
         r = await c.post("/v1/images/generations", json=gen(quality=quality))
         assert r.status_code == 200, r.text
-        assert r.json()["quality"] == reported
+        assert (r.json()["quality"], r.json()["steps"]) == (reported, steps)
         assert rt.store.recent(1)[0]["params"]["steps"] == steps
         # An explicit steps wins over quality.
         r = await c.post("/v1/images/generations", json=gen(quality=quality, steps=3))
@@ -207,3 +210,28 @@ def test_stream_true_answers_one_completed_event_per_image(tmp_path):
         assert all(e["b64_json"] for e in events)
 
     with_app(tmp_path, test, pool=auto_pool(str(tmp_path / "results")))
+
+
+@pytest.mark.parametrize("n", [1, 3])
+def test_a_cancelled_wait_leaves_no_unretrieved_task_error(tmp_path, n):
+    """Issue 22, item 6: a call cancelled while it waits (its client went away mid-request, the
+    server shutting down) once left ``_GatheringFuture exception was never retrieved`` behind."""
+    import gc
+
+    async def test(c, rt):
+        loop = asyncio.get_running_loop()
+        unobserved: list[dict] = []
+        loop.set_exception_handler(lambda _loop, ctx: unobserved.append(ctx))
+        call = asyncio.ensure_future(c.post("/v1/images/generations", json=gen(n=n)))
+        while len(rt.store.recent(10)) < n:  # the FakePool never runs them: the call waits
+            await asyncio.sleep(0)
+        call.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await call
+        for _ in range(5):  # let the cancelled waits finish, then collect what they left
+            await asyncio.sleep(0)
+        gc.collect()
+        await asyncio.sleep(0)
+        assert unobserved == [], [ctx.get("message") for ctx in unobserved]
+
+    with_app(tmp_path, test)

@@ -151,6 +151,32 @@ def test_bad_inputs_are_refused_naming_the_field(tmp_path, body, field, status):
     with_app(tmp_path, t, "[http]\nmax_body_bytes = 4194304")
 
 
+STRIP = png((2_097_152, 8), 0, mode="1")  # within MAX_PIXELS, a few KB; 2M x 128 pixels when fitted to 64 x 64
+
+
+def test_a_thin_strip_is_refused_at_submit_and_never_reaches_a_worker(tmp_path):
+    """Issue 22, item 1: a worker once grew to 1.7 GB cover-fitting a 1,110-byte 131072 x 8 PNG."""
+    assert len(STRIP) < 20_000
+
+    async def t(c, rt):
+        for body, field in (({"image": url(STRIP)}, "image"),
+                            ({"image": url(png((48, 8))), "mask": url(STRIP)}, "mask"),
+                            ({"image": url(png((4096, 8)))}, "image")):
+            r = await c.post("/v1/jobs", json={"model": "img", "prompt": "x", **body})
+            assert r.status_code == 400 and field_of(r) == field, r.text
+            assert "aspect ratio" in r.text or "at most 4096" in r.text
+        r = await c.post("/v1/jobs", data={"model": "img", "prompt": "x"}, files={"image": ("s.png", STRIP)})
+        assert r.status_code == 400 and field_of(r) == "image", r.text
+        r = await c.post("/v1/images/edits", data={"prompt": "x"}, files={"image": ("s.png", STRIP)})
+        assert r.status_code == 400 and field_of(r) == "image", r.text
+        r = await c.post("/v1/images/edits", data={"prompt": "x"},
+                         files={"image": ("a.png", png()), "mask": ("m.png", STRIP)})
+        assert r.status_code == 400 and field_of(r) == "mask", r.text
+        assert rt.store.recent(10) == [] and rt.pool.take("run") == []  # nothing stored, nothing run
+
+    with_app(tmp_path, t)
+
+
 def test_video_models_take_a_frame_and_no_mask_or_strength(tmp_path):
     async def t(c, rt):
         for body, field in (({}, "image"), ({"image": url(png()), "mask": url(png(color=255, mode="L"))}, "mask"),

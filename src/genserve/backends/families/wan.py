@@ -6,7 +6,7 @@ activations); None and "" negative prompts are the same input.
 Image-to-video: the pipeline takes one conditioning image per call (its image embedding and the
 encoded first frame are repeated over the batch), so jobs share a call only when they share the
 image (its digest is part of the batch key). The image is fitted to the requested size by
-``genserve.backends.image_input.fit_cover``: scaled to cover it, keeping the aspect ratio, then centre-cropped."""
+``genserve.backends.image_input.fit_cover``: centre-cropped to its aspect ratio, then scaled to it."""
 from __future__ import annotations
 
 from .base import Configs, FamilyAdapter, Traits

@@ -1,5 +1,5 @@
 """What the HTTP routes share: the runtime's read models and control surface, the job view, the
-error shape. Routes live in routers (jobs_api.py, openai_images.py, ...) built over one ``Api``."""
+error shape. Routes live in routers (jobs_api.py, openai/images.py, ...) built over one ``Api``."""
 from __future__ import annotations
 
 import asyncio

@@ -10,7 +10,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from ..jobs.events import RECONNECT
 from ..jobs.jobstore import Page
-from ..requests import RequestError
+from ..requests import PRIORITIES, WEBHOOK_EVENTS, RequestError
 from ..security.auth import principal, visible
 from ..security.keys import Principal
 from ..status import JobStatus, is_terminal
@@ -24,10 +24,12 @@ FORM_KINDS = {**{f: "int" for f in ("width", "height", "num_frames", "steps", "s
               **{f: "float" for f in ("guidance", "timeout_s", "strength")},
               "webhook_events": "list", "image": "image", "mask": "image"}
 _FORM_SCHEMA = {"type": "object", "required": ["model", "prompt"], "properties": {
-    **{f: {"type": "string"} for f in ("model", "prompt", "negative_prompt", "priority", "id", "webhook")},
+    **{f: {"type": "string"} for f in ("model", "prompt", "negative_prompt", "id", "webhook")},
+    "priority": {"type": "string", "enum": list(PRIORITIES)},
     **{f: {"type": "integer"} for f, k in FORM_KINDS.items() if k == "int"},
     **{f: {"type": "number"} for f, k in FORM_KINDS.items() if k == "float"},
-    "webhook_events": {"type": "array", "items": {"type": "string"}},
+    "webhook_events": {"type": "array", "items": {"type": "string", "enum": list(WEBHOOK_EVENTS)},
+                       "maxItems": len(WEBHOOK_EVENTS)},
     "image": {"type": "string", "format": "binary"}, "mask": {"type": "string", "format": "binary"}}}
 
 

@@ -4,12 +4,12 @@ FastAPI documents 422 for every route with parameters, but genserve answers 400 
 validation handler), and it knows nothing of 401/403 (``auth.py``), 404, 409, 413 or 429. This
 module rewrites the generated schema once: model names as enums, the error schema on every
 documented error status, the real content types of results and event streams, Bearer security.
-``tests/server/test_api_fuzz.py`` holds the server to it with schemathesis.
+``tests/server/http/test_api_fuzz.py`` holds the server to it with schemathesis.
 """
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Mapping
 from typing import Any
 
 from fastapi import FastAPI
@@ -17,6 +17,7 @@ from fastapi.openapi.utils import get_openapi
 
 from ..security.auth import OPEN_PATHS, is_admin_route
 from ..security.limits import allowed_methods
+from . import openapi_rules as rules
 
 ERROR_SCHEMA: dict[str, Any] = {
     "type": "object", "required": ["error"],
@@ -84,14 +85,15 @@ class AllowMiddleware:
         await self.app(scope, receive, send_allow)
 
 
-def install_openapi(app: FastAPI, models: Iterable[str], auth: bool = True) -> None:
-    names = list(models)
+def install_openapi(app: FastAPI, models: Mapping[str, Any], auth: bool = True) -> None:
+    """``models``: name -> its config (what matters here: its ``kind``)."""
+    kinds = {name: getattr(m, "kind", None) for name, m in models.items()}
     app.add_middleware(AllowMiddleware, routes=lambda: app.router.routes)
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:
             schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
-            app.openapi_schema = truthful(schema, names, auth)
+            app.openapi_schema = truthful(schema, list(kinds), auth, kinds)
         return app.openapi_schema
 
     app.openapi = openapi  # type: ignore[method-assign]
@@ -105,7 +107,11 @@ def _error_response(status: int) -> dict[str, Any]:
     return r
 
 
-def truthful(schema: dict[str, Any], models: list[str], auth: bool = True) -> dict[str, Any]:
+def truthful(schema: dict[str, Any], models: list[str], auth: bool = True,
+             kinds: Mapping[str, str | None] | None = None) -> dict[str, Any]:
+    kinds = kinds or {}
+    images = [n for n in models if kinds.get(n, "image") == "image"]
+    videos = [n for n in models if kinds.get(n) == "video"]
     comps = schema.setdefault("components", {})
     schemas = comps.setdefault("schemas", {})
     for name in ("HTTPValidationError", "ValidationError"):
@@ -116,7 +122,7 @@ def truthful(schema: dict[str, Any], models: list[str], auth: bool = True) -> di
                                                "description": "an API key from `genserve keys create`"}}
         schema["security"] = [{"bearer": []}]
     _model_enum(schemas.get("JobRequest", {}).get("properties", {}).get("model"), models)
-    _model_enum(schemas.get("ImageGenerationRequest", {}).get("properties", {}).get("model"), models)
+    _model_enum(schemas.get("ImageGenerationRequest", {}).get("properties", {}).get("model"), images)
     for path, ops in schema.get("paths", {}).items():
         for method, op in ops.items():
             m = method.upper()
@@ -146,9 +152,13 @@ def truthful(schema: dict[str, Any], models: list[str], auth: bool = True) -> di
         "image/jpeg": {"schema": {"type": "string", "format": "binary"}},  # also variant=thumbnail
         "image/webp": {"schema": {"type": "string", "format": "binary"}},
         "video/mp4": {"schema": {"type": "string", "format": "binary"}}})
-    _content(schema, "get", "/v1/jobs/{job_id}/events", "200", {"text/event-stream": {"schema": {"type": "string"}}})
+    _content(schema, "get", "/v1/jobs/{job_id}/events", "200", {"text/event-stream": {"schema": rules.JOB_EVENT}})
     _content(schema, "post", "/v1/images/generations", "200", {  # stream: true answers Server-Sent Events
-        "application/json": {"schema": {}}, "text/event-stream": {"schema": {"type": "string"}}})
+        "application/json": {"schema": {}}, "text/event-stream": {"schema": rules.IMAGE_EVENT}})
+    rules.apply(schema)
+    _form_models(schema, "/v1/jobs", models)
+    _form_models(schema, "/v1/images/edits", images)
+    _form_models(schema, "/v1/videos", videos)
     load = schema.get("paths", {}).get("/v1/models/{name}/load", {}).get("post")
     if load is not None:
         load["responses"]["200"] = {"description": "Already loaded where asked",
@@ -167,6 +177,15 @@ def _model_enum(prop: dict[str, Any] | None, models: list[str]) -> None:
     else:
         prop.clear()
         prop.update({"type": "string", "enum": models, "title": "Model"})
+
+
+def _form_models(schema: dict[str, Any], path: str, models: list[str]) -> None:
+    """The model field of a hand-written body (the edits and videos routes): the models it takes."""
+    body = schema.get("paths", {}).get(path, {}).get("post", {}).get("requestBody", {})
+    for media in body.get("content", {}).values():
+        prop = media.get("schema", {}).get("properties", {}).get("model")
+        if prop is not None and models:  # none: every call is a 400 naming model, and an empty enum is invalid
+            prop["enum"] = models
 
 
 def _content(schema: dict[str, Any], method: str, path: str, status: str, content: dict[str, Any]) -> None:

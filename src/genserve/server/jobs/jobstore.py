@@ -15,6 +15,7 @@ from typing import Any
 
 from ...config.auth import DEFAULT_TENANT
 from ...engine.types import ErrorCode
+from ..security.files import narrow_db, private_db
 from ..status import JobStatus
 from .store.interface import Page, QueueLimitReached  # noqa: F401 — Page: importers of this module
 from .store.migrations import upgrade_sqlite
@@ -94,13 +95,14 @@ class JobStore:
     IntegrityError = sqlite3.IntegrityError  # a duplicate job id, or client id within a tenant
 
     def __init__(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        private_db(path)  # 0600 (and so its -wal / -shm), in a 0700 directory when created here
         self.db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
         self.db.row_factory = sqlite3.Row
         # Bytes that are not UTF-8 (written by something else, or an older bug) read as U+FFFD
         # instead of failing the read: no stored row may make a route answer 500.
         self.db.text_factory = lambda b: b.decode("utf-8", "replace")
         self.db.execute("PRAGMA journal_mode=WAL")
+        narrow_db(path)  # a -wal / -shm an older version left 0644
         # NORMAL in WAL mode: a committed job survives a crash of the process (kill -9); only a
         # power loss could roll back the last transactions.
         self.db.execute("PRAGMA synchronous=NORMAL")

@@ -27,7 +27,7 @@ from ..status import JobStatus, is_terminal
 from .store.interface import Store
 from .listeners import Event
 
-log = logging.getLogger("genserve.config.retention")
+log = logging.getLogger("genserve.retention")
 
 REASONS = ("results_days", "jobs_days", "max_data_bytes", "api")
 

@@ -57,6 +57,7 @@ from ..jobs.sweeper import Retention
 from ..jobs.webhooks import WebhookSender
 from ..observe.observer import Observer
 from ..requests import JobParams
+from ..security.files import private_dir
 from ..security.ssrf import WebhookGuard
 from ..status import JobStatus, is_terminal
 from .fleet import FleetState
@@ -145,7 +146,7 @@ class Runtime:
         self.config = config
         self.clock = clock
         s = config.server
-        s.data_dir.mkdir(parents=True, exist_ok=True)
+        private_dir(s.data_dir)
         self.store = open_job_store(config)  # [store]: SQLite in data_dir, or PostgreSQL
         results_spec = config.results.spec(s.data_dir)
         self.results = open_store(results_spec)
@@ -321,7 +322,7 @@ class Runtime:
         return self.store.get(job_id)
 
     def delete_job(self, job_id: str) -> bool:
-        """Delete a finished job's results and record (config/retention.py). False: no such finished job."""
+        """Delete a finished job's results and record (server/jobs/sweeper.py). False: no such finished job."""
         job = self.store.get(job_id)
         return job is not None and is_terminal(job["status"]) and self.retention.delete_job(job)
 

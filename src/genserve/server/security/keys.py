@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ...config.auth import TENANT_RE
+from .files import private_db
 
 SCOPES = ("jobs", "admin")
 KEY_PREFIX = "gsk_"
@@ -54,8 +55,7 @@ def hash_key(key: str) -> str:
 
 class KeyStore:
     def __init__(self, data_dir: Path) -> None:
-        data_dir.mkdir(parents=True, exist_ok=True)
-        self.path = data_dir / "keys.db"
+        self.path = private_db(data_dir / "keys.db")  # 0600, in a 0700 directory when created here
         self.db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
         self.db.row_factory = sqlite3.Row
         self.db.execute("PRAGMA busy_timeout=5000")

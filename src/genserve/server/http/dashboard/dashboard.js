@@ -28,6 +28,26 @@ function fmt(v, digits) {
   return Number(v).toFixed(digits === undefined ? 3 : digits);
 }
 
+// A value axis's tick labels: one unit for the whole axis, so small values read as 25µ or 1.5m
+// rather than 2.50e-5 (which did not fit the axis and showed cut, as ".50e-5"); digits by the step.
+function tickLabels(self, splits, _i, _space, incr) {
+  const top = Math.max(0, ...splits.map(Math.abs));
+  const [unit, suffix] = top === 0 || top >= 0.01 ? [1, ""]
+    : top >= 1e-3 ? [1e-3, "m"] : top >= 1e-6 ? [1e-6, "µ"] : [1e-9, "n"];
+  const step = incr / unit;
+  const digits = step >= 1 ? 0 : Math.min(6, Math.ceil(-Math.log10(step) - 1e-9));
+  return splits.map(v => v === 0 ? "0" : (v / unit).toFixed(digits) + suffix);
+}
+
+// The axis as wide as its longest label (uPlot's own autosize recipe): labels are never cut.
+function axisSize(self, values, axisIdx, cycleNum) {
+  const axis = self.axes[axisIdx];
+  if (cycleNum > 1) return axis._size;
+  const longest = (values || []).reduce((a, v) => (v.length > a.length ? v : a), "");
+  self.ctx.font = axis.font[0];
+  return Math.ceil(axis.ticks.size + axis.gap + self.ctx.measureText(longest).width / devicePixelRatio) + 2;
+}
+
 function fmtS(v) { return v === null || v === undefined ? "–" : fmt(v, v < 10 ? 3 : 1) + "s"; }
 
 // One time-series chart per figure, drawn by uPlot (vendored under /static/uplot: time axis,
@@ -63,7 +83,7 @@ function drawChart(fig, ts, series) {
       label: s.name, stroke: COLORS[i % COLORS.length], width: 1.6, spanGaps: false,
       points: {show: true, size: 4}, value: (self, v) => fmt(v),
     }))],
-    axes: [{grid: {stroke: "#e6e8ef"}, space: 45, values: (self, ticks, _i, _space, incr) => ticks.map(t => clock(t, incr))}, {size: 52, grid: {stroke: "#e6e8ef"}, values: (self, ticks) => ticks.map(v => fmt(v, v < 10 ? 2 : 0))}],
+    axes: [{grid: {stroke: "#e6e8ef"}, space: 45, values: (self, ticks, _i, _space, incr) => ticks.map(t => clock(t, incr))}, {size: axisSize, grid: {stroke: "#e6e8ef"}, values: tickLabels}],
     cursor: {points: {show: true}},
     legend: {live: true},
   }, data, fig);

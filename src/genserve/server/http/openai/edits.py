@@ -23,6 +23,7 @@ from ....config.load import parse_size
 from ...requests import RequestError
 from ...security.auth import principal
 from ...security.keys import Principal
+from .. import openapi_rules as rules
 from ..api import Api, draining
 from ..multipart import Part, is_multipart, parse_form, typed
 from .images import images_response
@@ -79,8 +80,10 @@ def openai_edits_router(api: Api) -> APIRouter:
     @router.post("/v1/images/edits", tags=["openai"], openapi_extra={"requestBody": {"required": True, "content": {
         "multipart/form-data": {"schema": {"type": "object", "required": ["image", "prompt"], "properties": {
             "image": {"type": "string", "format": "binary"}, "mask": {"type": "string", "format": "binary"},
-            "prompt": {"type": "string"}, "model": {"type": "string"}, "n": {"type": "integer"},
-            "size": {"type": "string"}, "response_format": {"type": "string", "enum": ["url", "b64_json"]}}}}}}})
+            "prompt": {"type": "string", **rules.NON_EMPTY}, "model": {"type": "string"},
+            "n": {"type": "integer", "minimum": 1, "maximum": MAX_OUTPUTS},
+            "size": {"type": "string", **rules.SIZE_OR_AUTO},
+            "response_format": {"type": "string", "enum": ["url", "b64_json"]}}}}}}})
     async def images_edits(request: Request, who: Principal = Depends(principal)):
         ctype = request.headers.get("content-type")
         if not is_multipart(ctype):

@@ -1,5 +1,5 @@
 """The OpenAI Images API over genserve jobs: each image is one job; the call waits for them
-(openai_wait.py: deadline, disconnect, failures). docs/api.md lists what each field does."""
+(wait.py: deadline, disconnect, failures). docs/api.md lists what each field does."""
 from __future__ import annotations
 
 import asyncio
@@ -29,7 +29,25 @@ QUALITY_STEPS = {"low": (0.5, "low"), "medium": (1.0, "medium"), "auto": (1.0, "
 
 
 def quality_steps(quality: str, m: ModelConfig) -> int:
-    return max(1, min(m.max_steps, round(m.default_steps * QUALITY_STEPS[quality][0])))
+    return max(1, min(m.max_steps, _wanted(quality, m)))
+
+
+def _wanted(quality: str, m: ModelConfig) -> int:
+    return round(m.default_steps * QUALITY_STEPS[quality][0])
+
+
+def quality_reported(quality: str, m: ModelConfig) -> str:
+    """The name the response reports: the level asked for, or, where ``max_steps`` (or the floor of
+    1 step) clamped it, the highest level whose own steps the run reached: ``xhigh`` on a model
+    with default 2 and max 4 steps ran 4 steps, what ``high`` asks for, and says ``high``."""
+    ran = quality_steps(quality, m)
+    if ran == _wanted(quality, m):
+        return QUALITY_STEPS[quality][1]
+    reached = [name for q, (_, name) in QUALITY_STEPS.items() if _wanted(q, m) <= ran]
+    return max(reached, key=_LEVELS.index, default="low")
+
+
+_LEVELS = ["low", "medium", "high", "xhigh", "max"]
 
 
 def _size(size: str | None) -> dict[str, int]:
@@ -64,6 +82,7 @@ def job_bodies(body: ImageGenerationRequest, models: dict[str, ModelConfig]) -> 
         quality = QUALITY_STEPS[body.quality][1]
         if steps is None:
             steps = quality_steps(body.quality, m)
+            quality = quality_reported(body.quality, m)
     base = {"model": model, "prompt": body.prompt, "negative_prompt": body.negative_prompt, **_size(body.size),
             "steps": steps, "guidance": body.guidance, "timeout_s": body.timeout_s, "priority": body.priority,
             "output_format": body.output_format, "output_compression": body.output_compression}
@@ -107,7 +126,7 @@ async def images_response(api: Api, request: Request, jobs: list[dict[str, Any]]
             data.append({"url": f"{api.base(request)}v1/jobs/{j['id']}/result", "revised_prompt": None})
     return {"created": int(time.time()), "data": data, "background": None,
             "output_format": p.get("output_format") or "png", "quality": quality,
-            "size": f"{p['width']}x{p['height']}", "usage": None}
+            "size": f"{p['width']}x{p['height']}", "steps": p.get("steps"), "usage": None}
 
 
 async def _read(api: Api, key: str) -> bytes:
@@ -123,5 +142,5 @@ async def completed_events(api: Api, jobs: list[dict[str, Any]], p: JobParams, q
         raw = await _read(api, j["results"][0]["key"])
         event = {"type": "image_generation.completed", "b64_json": base64.b64encode(raw).decode(),
                  "created_at": int(time.time()), "size": f"{p.width}x{p.height}", "quality": quality or "auto",
-                 "background": "auto", "output_format": p.output_format, "usage": zero}
+                 "steps": p.steps, "background": "auto", "output_format": p.output_format, "usage": zero}
         yield f"event: image_generation.completed\ndata: {json.dumps(event)}\n\n"

@@ -18,6 +18,7 @@ from ...requests import RequestError
 from ...security.auth import principal
 from ...security.keys import Principal
 from ...status import JobStatus, is_terminal
+from .. import openapi_rules as rules
 from ..api import Api
 from ..jobs_api import job_page, list_body
 from ..multipart import Part, file_data_url, parse_form
@@ -250,15 +251,20 @@ def _errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
                                                                                           "Error"}}}} for s in statuses}
 
 
+_JSON_FIELDS = {
+    "prompt": {"type": "string", **rules.NON_EMPTY}, "model": {"type": "string"},
+    "seconds": {"type": "string", **rules.SECONDS,
+                "description": "clip length; × the model's fps, rounded to its frame stride"},
+    "size": {"type": "string", **rules.SIZE},
+    "input_reference": {"type": "object", "properties": {"image_url": {"type": "string"}},
+                        "description": "image-to-video models: the first frame, as a data URL"},
+    "seed": {"type": "integer", **rules.SEED}, "steps": {"type": "integer", **rules.AT_LEAST_1},
+    "guidance": {"type": "number", "minimum": 0, "maximum": 50},
+    "negative_prompt": {"type": "string"}, "priority": {"type": "string", "enum": ["high", "standard", "low"]}}
 _CREATE_BODY = {"requestBody": {"required": True, "content": {
-    "application/json": {"schema": {"type": "object", "required": ["prompt"], "properties": {
-        "prompt": {"type": "string"}, "model": {"type": "string"},
-        "seconds": {"type": "string", "description": "clip length; × the model's fps, rounded to its frame stride"},
-        "size": {"type": "string", "example": "64x64"},
-        "input_reference": {"type": "object", "properties": {"image_url": {"type": "string"}},
-                            "description": "image-to-video models: the first frame, as a data URL"},
-        "seed": {"type": "integer"}, "steps": {"type": "integer"}, "guidance": {"type": "number"},
-        "negative_prompt": {"type": "string"}, "priority": {"type": "string", "enum": ["high", "standard", "low"]}}}},
-    "multipart/form-data": {"schema": {"type": "object", "required": ["prompt"], "properties": {
-        "prompt": {"type": "string"}, "model": {"type": "string"}, "seconds": {"type": "string"},
-        "size": {"type": "string"}, "input_reference": {"type": "string", "format": "binary"}}}}}}}
+    "application/json": {"schema": {"type": "object", "required": ["prompt"], "additionalProperties": False,
+                                    "properties": _JSON_FIELDS}},
+    "multipart/form-data": {"schema": {"type": "object", "required": ["prompt"], "additionalProperties": False,
+                                       "properties": {**{k: _JSON_FIELDS[k] for k in ("prompt", "model", "seconds",
+                                                                                        "size")},
+                                                      "input_reference": {"type": "string", "format": "binary"}}}}}}}

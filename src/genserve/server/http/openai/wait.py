@@ -46,6 +46,11 @@ async def _client_gone(request: Request) -> None:
         await asyncio.sleep(DISCONNECT_POLL_S)
 
 
+def _retrieve(f: asyncio.Future) -> None:
+    if not f.cancelled():
+        f.exception()
+
+
 def _cancel(api: Api, ids: list[str]) -> None:
     for i in ids:
         api.control.cancel(i)
@@ -66,6 +71,10 @@ async def wait_jobs(api: Api, request: Request, jobs: list[dict[str, Any]]) -> l
     finally:
         for f in (waits, gone):
             f.cancel()
+            # A cancelled gather ends with CancelledError set as its *exception* (not as cancelled),
+            # and a wait may end with Reconnect after we stopped listening: retrieve whatever it
+            # ends with, or asyncio logs "exception was never retrieved" when it is collected.
+            f.add_done_callback(_retrieve)
     if waits in done:
         try:
             finals = waits.result()
