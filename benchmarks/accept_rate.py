@@ -9,6 +9,7 @@ and the database. Starts its own throwaway PostgreSQL (tests/server/jobs/pg_serv
 from __future__ import annotations
 
 import argparse
+import shutil
 import asyncio
 import sys
 import tempfile
@@ -91,6 +92,7 @@ def main() -> int:
                     g.stop()
     finally:
         pg.stop()
+        shutil.rmtree(data, ignore_errors=True)
     print(f"{a.concurrency} concurrent clients, {a.seconds:g} s per setup")
     print("\n".join(rows))
     print("\n".join(sizes))

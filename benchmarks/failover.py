@@ -8,6 +8,7 @@ next standby. Starts its own throwaway PostgreSQL (tests/server/jobs/pg_server.p
 from __future__ import annotations
 
 import argparse
+import shutil
 import statistics
 import sys
 import tempfile
@@ -80,6 +81,7 @@ def main() -> int:
         for e in engines:
             e.stop(kill=True)
         pg.stop()
+        shutil.rmtree(data, ignore_errors=True)
     return 0
 
 
