@@ -24,3 +24,7 @@ def family_models(tmp_path_factory):
     from tests.family_models import build_all
 
     return build_all(tmp_path_factory.mktemp("family-models"))
+
+
+# A throwaway PostgreSQL server (session) and an empty database per test: tests/server/jobs/pg_server.py.
+from tests.server.jobs.pg_server import pg_database, pg_dsn  # noqa: E402,F401

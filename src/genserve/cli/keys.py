@@ -1,31 +1,33 @@
-"""``genserve keys create|list|revoke``: API keys in the data directory a server uses."""
+"""``genserve keys create|list|revoke``: API keys where the server keeps them (``keys.db`` in its data
+directory, or the PostgreSQL database of ``[store]``)."""
 from __future__ import annotations
 
 import argparse
 import sys
 import time
-from pathlib import Path
 
 
-def _data_dir(a: argparse.Namespace) -> Path | None:
+def _config(a: argparse.Namespace):
     from ..config.env import find_config
     from ..config.load import ConfigError, load_config
 
     try:
-        config = load_config(find_config(a.config)).with_overrides(data_dir=a.data_dir)
+        return load_config(find_config(a.config)).with_overrides(data_dir=a.data_dir)
     except ConfigError as e:
         print(f"genserve: invalid config: {e}", file=sys.stderr)
         return None
-    return config.server.data_dir
 
 
 def cmd_keys(a: argparse.Namespace) -> int:
-    from ..server.security.keys import KeyStore
+    from ..server.security.auth import open_key_store
+    from .db import upgrade
 
-    data_dir = _data_dir(a)
-    if data_dir is None:
+    config = _config(a)
+    if config is None:
         return 2
-    store = KeyStore(data_dir)
+    if config.store.backend == "postgres":
+        upgrade(config)  # the api_keys table comes with the store's migrations
+    store = open_key_store(config)
     try:
         if a.keys_cmd == "create":
             try:

@@ -28,9 +28,9 @@ def build_parser() -> argparse.ArgumentParser:
                "  genserve config check\n\nRun `genserve COMMAND --help` for a command's options.")
     p.add_argument("--version", action="version", version=f"genserve {_version()}")
     sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
-    from . import bench, config, jobs, keys, models, serve, simulate
+    from . import bench, config, db, jobs, keys, models, serve, simulate
 
-    for group in (serve, jobs, bench, models, config, simulate, keys):
+    for group in (serve, jobs, bench, models, config, simulate, keys, db):
         group.add_parsers(sub)
     return p
 

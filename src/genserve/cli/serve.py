@@ -11,8 +11,13 @@ def add_parsers(sub) -> None:
     s = sub.add_parser("serve", help="start the server", formatter_class=FORMATTER, description="Start the server.",
                        epilog="examples:\n  genserve serve\n  genserve serve --config prod.toml --host 0.0.0.0 --port 8000\n"
                               "  genserve serve --log-format json --log-level info --access-log\n"
-                              "  GENSERVE_SERVER__WEBHOOK_SECRET=whsec_… genserve serve")
+                              "  GENSERVE_SERVER__WEBHOOK_SECRET=whsec_… genserve serve\n"
+                              "  genserve serve --role gateway --port 8000   # [store] backend = \"postgres\"\n"
+                              "  genserve serve --role engine --port 9000    # /readyz, /metrics only")
     s.add_argument("--config", metavar="FILE", help=CONFIG_HELP)
+    s.add_argument("--role", choices=["all", "gateway", "engine"], default="all",
+                   help="all: one process (default); with [store] backend = postgres, gateway: HTTP only (no engine, "
+                        "no workers) or engine: the engine and workers, one leading (docs/ha.md)")
     s.add_argument("--host", help="bind address (overrides server.host; default 127.0.0.1)")
     s.add_argument("--port", type=int, help="port (overrides server.port; default 8000)")
     s.add_argument("--data-dir", metavar="DIR", help="job store, results and built demo models (overrides server.data_dir)")
@@ -35,19 +40,42 @@ def cmd_serve(a: argparse.Namespace) -> int:
 
     configure(a.log_format, a.log_level.upper())
     s = config.server
-    from ..server.security.auth import bind_refusal
-    from ..server.security.keys import KeyStore
+    if a.role != "all" and config.store.backend != "postgres":
+        print(f"genserve: --role {a.role} needs [store] backend = \"postgres\" (several processes share one "
+              "database; see docs/ha.md)", file=sys.stderr)
+        return 2
+    from ..server.security.auth import bind_refusal, open_key_store
 
-    keys = KeyStore(s.data_dir)
+    if config.store.backend == "postgres":
+        from .db import upgrade
+
+        upgrade(config)  # before anything reads the tables (the runtime would migrate too, later)
+    if a.role == "engine":
+        from ..server.http.engine_app import create_engine_app
+        from ..server.runtime.leader import EngineRole
+
+        print(f"genserve: engine on http://{s.host}:{s.port} (/readyz, /metrics); leading when it holds the lock",
+              flush=True)
+        serve(create_engine_app(config, EngineRole(config)), host=s.host, port=s.port, drain_s=s.drain_s,
+              log_level=a.log_level, access_log=a.access_log, log_config=None)
+        return 0
+    keys = open_key_store(config)
     refusal = bind_refusal(s.host, keys, config.access, a.insecure)
     keys.close()
     if refusal:
         print(f"genserve: {refusal}", file=sys.stderr)
         return 2
-    print(f"genserve: serving {', '.join(config.models)} on http://{s.host}:{s.port} (data in {s.data_dir})", flush=True)
+    where = "store: PostgreSQL" if config.store.backend == "postgres" else f"data in {s.data_dir}"
+    print(f"genserve: {'gateway ' if a.role == 'gateway' else ''}serving {', '.join(config.models)} on "
+          f"http://{s.host}:{s.port} ({where})", flush=True)
     # log_config=None: uvicorn's loggers go through the root handler, so --log-format applies to them too.
     # SIGTERM / SIGINT drain first (server.drain_s), then exit 0: docs/operations.md.
-    serve(create_app(config), host=s.host, port=s.port, drain_s=s.drain_s, header_timeout_s=s.header_timeout_s,
-          max_connections=s.max_connections, log_level=a.log_level,
+    runtime = None
+    if a.role == "gateway":
+        from ..server.runtime.gateway import Gateway
+
+        runtime = Gateway(config)
+    serve(create_app(config, runtime), host=s.host, port=s.port, drain_s=s.drain_s,
+          header_timeout_s=s.header_timeout_s, max_connections=s.max_connections, log_level=a.log_level,
           access_log=a.access_log, log_config=None)
     return 0

@@ -1,5 +1,6 @@
-"""``[cluster]`` (which worker provider) and ``[results]`` (which result store), parsed at the edge
-with errors that name the key. Both default to this machine: local processes, a local directory."""
+"""``[cluster]`` (which worker provider), ``[results]`` (which result store) and ``[store]`` (which
+job database), parsed at the edge with errors that name the key. All default to this machine: local
+processes, a local directory, SQLite files in the data directory."""
 from __future__ import annotations
 
 import re
@@ -13,6 +14,7 @@ from .values import _check_table
 PROVIDERS = ("local", "ray")
 STORES = ("local", "s3")
 SERVE_MODES = ("redirect", "proxy")
+BACKENDS = ("sqlite", "postgres")
 # "auto", the GCS "HOST:PORT", or Ray Client's "ray://HOST:PORT"; HOST may be a bracketed IPv6 address.
 _ADDRESS = re.compile(r"(?:ray://)?(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.-]+):(\d{1,5})")
 
@@ -46,6 +48,39 @@ class ResultsConfig:
             return {"store": "local", "root": str(data_dir / "results")}
         return {"store": "s3", "bucket": self.bucket, "prefix": self.prefix, "endpoint_url": self.endpoint_url,
                 "region": self.region, "serve": self.serve, "presign_expiry_s": self.presign_expiry_s}
+
+
+@dataclass(frozen=True)
+class StoreConfig:
+    """``[store]``: where jobs, attempts, webhook deliveries and API keys live. ``sqlite``: files in
+    the data directory (one server process); ``postgres``: one database that several gateways and
+    engines share (docs/ha.md)."""
+
+    backend: str = "sqlite"
+    dsn: str | None = None  # postgresql://user:pass@host:port/db (also GENSERVE_STORE__DSN)
+    pool_size: int = 8  # connections each process keeps to PostgreSQL (the LISTEN and leader ones extra)
+
+
+def parse_store(raw: Any) -> StoreConfig:
+    _check_table("store", raw, {f.name for f in fields(StoreConfig)})
+    kw: dict[str, Any] = {}
+    if "backend" in raw:
+        kw["backend"] = _choice("store.backend", raw["backend"], BACKENDS)
+    if "dsn" in raw:
+        dsn = _str("store.dsn", raw["dsn"])
+        if not dsn.startswith(("postgresql://", "postgres://")) and "=" not in dsn:
+            raise ConfigError("store.dsn", "must be a PostgreSQL URI (postgresql://user@host:port/db) or "
+                              f"a key=value connection string, got {dsn[:60]!r}")
+        kw["dsn"] = dsn
+    if "pool_size" in raw:
+        v = raw["pool_size"]
+        if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= 200:
+            raise ConfigError("store.pool_size", f"must be an integer between 1 and 200, got {v!r}")
+        kw["pool_size"] = v
+    s = StoreConfig(**kw)
+    if s.backend == "postgres" and not s.dsn:
+        raise ConfigError("store.dsn", 'required when store.backend = "postgres" (or set GENSERVE_STORE__DSN)')
+    return s
 
 
 def _str(key: str, v: Any) -> str:

@@ -21,7 +21,7 @@ from ..engine.types import ModelLimits
 from . import env as config_env  # (a load_config parameter is called env)
 from . import families
 from .auth import AccessConfig, AuthConfig, TenantConfig, parse_access, parse_cors_origins
-from .cluster import ClusterConfig, ResultsConfig, parse_cluster, parse_results
+from .cluster import ClusterConfig, ResultsConfig, StoreConfig, parse_cluster, parse_results, parse_store
 from .demo import DEMO_SOURCES, DEMO_TOML
 from .errors import Collector, ConfigError, unknown_key
 from .faults import FAULTS_ENV, FaultConfig, parse_faults  # noqa: F401 (FAULTS_ENV: re-exported)
@@ -174,6 +174,7 @@ class Config:
     access: AccessConfig = AccessConfig()  # [auth], [tenants.*] (genserve/config/auth.py)
     http: HttpConfig = field(default_factory=HttpConfig)  # [http]: body limit, public URL (config/network.py)
     webhooks: WebhookPolicy = field(default_factory=WebhookPolicy)  # [webhooks]: SSRF allowlist
+    store: StoreConfig = field(default_factory=StoreConfig)  # [store]: SQLite files or one PostgreSQL (docs/ha.md)
 
     def with_overrides(self, **kw: Any) -> "Config":
         kw = {k: v for k, v in kw.items() if v is not None}
@@ -216,6 +217,8 @@ SECTIONS: dict[str, Section] = {
                        overrides={"provider": {"enum": ["local", "ray"]}}),
     "results": Section(ResultsConfig, title="where outputs are stored (docs/cluster.md)",
                        overrides={"store": {"enum": ["local", "s3"]}, "serve": {"enum": ["redirect", "proxy"]}}),
+    "store": Section(StoreConfig, title="where jobs, attempts, deliveries and API keys live (docs/ha.md)",
+                     overrides={"backend": {"enum": ["sqlite", "postgres"]}, "pool_size": {"minimum": 1, "maximum": 200}}),
     "retention": Section(RetentionConfig, title="how long results and job records are kept (docs/operations.md)"),
     "auth": Section(AuthConfig, title="API keys (docs/security.md)"),
     "http": Section(HttpConfig, title="request limits and returned URLs (docs/security.md)",
@@ -382,10 +385,12 @@ def parse_config(data: dict[str, Any]) -> Config:
     cluster = c.run("cluster", parse_cluster, data.get("cluster", {}), ClusterConfig())
     results = c.run("results", parse_results, data.get("results", {}), ResultsConfig())
     retention = c.run("retention", _retention, data.get("retention", {}), RetentionConfig())
+    store = c.run("store", parse_store, data.get("store", {}), StoreConfig())
     access = c.guard(lambda: parse_access(data, ConfigError), AccessConfig())
     http, webhooks = c.guard(lambda: parse_net_sections(data, ConfigError), (HttpConfig(), WebhookPolicy()))
     c.check()
-    return Config(server, models, prices, faults, autoscale, cluster, results, retention, access, http, webhooks)
+    return Config(server, models, prices, faults, autoscale, cluster, results, retention, access, http, webhooks,
+                  store)
 
 
 def _retention(raw: Any) -> RetentionConfig:

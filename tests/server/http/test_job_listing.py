@@ -19,9 +19,15 @@ def params(model: str = "img") -> dict:
     return {"model": model, "priority": "standard", "prompt": "p"}
 
 
-@pytest.fixture
-def store(tmp_path):
-    s = JobStore(tmp_path / "jobs.sqlite")
+@pytest.fixture(params=["sqlite", "postgres"])
+def store(request, tmp_path):
+    """The listing query on both store backends (PostgreSQL's tie-break is its seq column)."""
+    if request.param == "sqlite":
+        s = JobStore(tmp_path / "jobs.sqlite")
+    else:
+        from genserve.server.jobs.store.postgres import PgJobStore
+
+        s = PgJobStore(request.getfixturevalue("pg_database"), 2)
     yield s
     s.close()
 

@@ -1,4 +1,6 @@
-"""Direct tests of the SQLite job store: rows, retries' attempts, webhook deliveries, migrations."""
+"""Direct tests of the job store: rows, retries' attempts, webhook deliveries, migrations. The
+same tests run on both backends (the ``store`` fixture: SQLite, and PostgreSQL on a throwaway
+server, tests/server/jobs/pg_server.py); those about SQLite files use ``sqlite_store``."""
 import json
 import sqlite3
 
@@ -12,11 +14,38 @@ def params(model: str = "demo-image", priority: str = "normal", **extra) -> dict
     return {"model": model, "priority": priority, "prompt": "a fox", "width": 64, "height": 64, **extra}
 
 
-@pytest.fixture
-def store(tmp_path):
-    s = JobStore(tmp_path / "db" / "jobs.sqlite")  # the parent directory does not exist yet
+@pytest.fixture(params=["sqlite", "postgres"])
+def store(request, tmp_path):
+    if request.param == "sqlite":
+        s = JobStore(tmp_path / "db" / "jobs.sqlite")  # the parent directory does not exist yet
+    else:
+        from genserve.server.jobs.store.postgres import PgJobStore
+
+        s = PgJobStore(request.getfixturevalue("pg_database"), 2)
     yield s
     s.close()
+
+
+@pytest.fixture
+def sqlite_store(tmp_path):
+    s = JobStore(tmp_path / "db" / "jobs.sqlite")
+    yield s
+    s.close()
+
+
+def other_connection_reads(store, sql: str) -> tuple:
+    """``sql``'s first row through a new connection (another process's view of what is committed)."""
+    if store.backend == "sqlite":
+        path = store.db.execute("PRAGMA database_list").fetchone()["file"]
+        other = sqlite3.connect(path)
+        try:
+            return other.execute(sql).fetchone()
+        finally:
+            other.close()
+    import psycopg
+
+    with psycopg.connect(store.dsn) as other:
+        return other.execute(sql).fetchone()
 
 
 # ---- jobs --------------------------------------------------------------------------------------------
@@ -38,7 +67,8 @@ def test_insert_and_get_round_trip(store):
     assert store.get("nope") is None
 
 
-def test_journal_is_wal(store):
+def test_journal_is_wal(sqlite_store):
+    store = sqlite_store
     assert store.db.execute("PRAGMA journal_mode").fetchone()[0].lower() == "wal"
 
 
@@ -48,14 +78,14 @@ def test_client_ids_are_unique_but_optional(store):
     assert store.get_by_client_id("client-a")["id"] == "j1"
     assert store.get_by_client_id("client-b")["model"] == "other"
     assert store.get_by_client_id("client-c") is None
-    with pytest.raises(sqlite3.IntegrityError):
+    with pytest.raises(store.IntegrityError):
         store.insert("j3", "client-a", params(), 3.0)
     assert store.get("j3") is None  # the failed insert left nothing behind
     # Most jobs carry no client id: NULLs never collide.
     store.insert("j4", None, params(), 4.0)
     store.insert("j5", None, params(), 5.0)
     assert store.get("j4") and store.get("j5")
-    with pytest.raises(sqlite3.IntegrityError):
+    with pytest.raises(store.IntegrityError):
         store.insert("j1", None, params(), 6.0)  # the job id is the primary key
 
 
@@ -67,7 +97,7 @@ def test_update_many_fields_and_json_results(store):
     store.update(("j0",), results=refs, status="succeeded", t_finished=9.5, cancel_requested=1)
     j0, j1, j2 = (store.get(f"j{i}") for i in range(3))
     assert j0["results"] == refs  # stored as JSON, read back as a list of dicts
-    assert json.loads(store.db.execute("SELECT results FROM jobs WHERE id='j0'").fetchone()[0]) == refs
+    assert json.loads(other_connection_reads(store, "SELECT results FROM jobs WHERE id='j0'")[0]) == refs
     assert j0["status"] == "succeeded" and j0["t_finished"] == 9.5 and j0["cancel_requested"] is True
     assert j0["worker"] == "w3" and j0["batch_size"] == 2
     assert j1["status"] == "running" and j1["batch_id"] == "b1" and j1["results"] == []
@@ -185,13 +215,8 @@ def test_requeue_unfinished_after_a_crash(store):
     [da] = store.attempts("done")
     assert (da["code"], da["ended"]) == (None, 6.0)
     # Committed as one transaction: another connection (a process after a crash) sees it all.
-    path = store.db.execute("PRAGMA database_list").fetchone()["file"]
-    other = sqlite3.connect(path)
-    try:
-        assert other.execute("SELECT status, attempts FROM jobs WHERE id = 'run2'").fetchone() == ("queued", 2)
-        assert other.execute("SELECT code FROM attempts WHERE job_id = 'run2'").fetchone() == ("worker_crashed",)
-    finally:
-        other.close()
+    assert other_connection_reads(store, "SELECT status, attempts FROM jobs WHERE id = 'run2'") == ("queued", 2)
+    assert other_connection_reads(store, "SELECT code FROM attempts WHERE job_id = 'run2'") == ("worker_crashed",)
     # A second start (nothing running any more) changes nothing.
     assert [j["id"] for j in store.requeue_unfinished(200.0)] == ["run1", "run2", "queued"]
     assert store.get("run1")["attempts"] == 2
@@ -320,5 +345,138 @@ def test_old_database_with_a_global_client_id_constraint_becomes_per_tenant(tmp_
     s = JobStore(path)  # opening again does not rebuild anything
     try:
         assert len(s.recent(10)) == 2
+    finally:
+        s.close()
+
+
+# ---- what both backends must agree on beyond single rows --------------------------------------------
+
+
+def test_usage_by_tenant_model_and_utc_day(store):
+    day1, day2 = 1_700_000_000.0, 1_700_000_000.0 + 86_400
+    store.insert("a", None, params(), day1, tenant="acme")
+    store.insert("b", None, params(), day1 + 1, tenant="acme")
+    store.insert("c", None, params(model="other"), day2, tenant="acme")
+    store.insert("d", None, params(), day1, tenant="zeta")
+    store.update(["a"], status="succeeded", device_seconds=1.5, cost_usd=0.25)
+    store.update(["b"], status="failed", device_seconds=0.5, cost_usd=0.05)
+    store.update(["d"], status="canceled")
+    rows = store.usage(0.0)
+    assert [(r["tenant"], r["model"], r["day"], r["jobs"], r["succeeded"], r["failed"], r["canceled"]) for r in rows] == [
+        ("acme", "demo-image", "2023-11-14", 2, 1, 1, 0), ("acme", "other", "2023-11-15", 1, 0, 0, 0),
+        ("zeta", "demo-image", "2023-11-14", 1, 0, 0, 1)]
+    assert rows[0]["device_seconds"] == pytest.approx(2.0) and rows[0]["cost_usd"] == pytest.approx(0.30)
+    assert rows[1]["device_seconds"] == 0.0
+    assert [r["tenant"] for r in store.usage(0.0, tenant="zeta")] == ["zeta"]
+    assert [r["model"] for r in store.usage(day2)] == ["other"]
+
+
+def test_retention_queries_and_delete(store):
+    store.insert("old", None, params(), 1.0)
+    store.insert("new", None, params(), 2.0)
+    store.insert("live", None, params(), 3.0)
+    ref = {"key": "old/output.png", "bytes": 100, "thumbnail": {"key": "old/thumb.webp", "bytes": 7}}
+    store.update(["old"], status="succeeded", t_finished=10.0, results=[ref])
+    store.update(["new"], status="succeeded", t_finished=20.0, results=[{"key": "new/o.png", "bytes": 50}])
+    assert store.stored_result_bytes() == 157
+    assert [r["id"] for r in store.finished_with_results(None, 10)] == ["old", "new"]
+    assert [r["id"] for r in store.finished_with_results(15.0, 10)] == ["old"]
+    assert store.finished_before(15.0, 10) == [{"id": "old", "results": [ref]}]
+    store.results_deleted("old", 30.0)
+    assert store.get("old")["results"] == [] and store.get("old")["t_results_deleted"] == 30.0
+    assert store.stored_result_bytes() == 50
+    store.start_attempts(("new",), "w0", "m", "b1", 5.0)
+    store.add_delivery("msg_done", "new", "http://127.0.0.1:1/", "completed", "{}", 6.0)
+    store.add_delivery("msg_pending", "new", "http://127.0.0.1:1/", "completed", "{}", 6.0)
+    store.update_delivery("msg_done", status="delivered")
+    assert store.delete_job("new") is True and store.delete_job("new") is False
+    assert store.get("new") is None and store.attempts("new") == []
+    assert [d["id"] for d in store.deliveries("new")] == ["msg_pending"]  # a pending one still goes out
+
+
+def test_max_queued_counts_and_inserts_in_one_transaction(store):
+    from genserve.server.jobs.store.interface import QueueLimitReached
+
+    store.insert("a", None, params(), 1.0, tenant="acme", max_queued=2)
+    store.insert("b", None, params(), 2.0, tenant="acme", max_queued=2)
+    with pytest.raises(QueueLimitReached) as e:
+        store.insert("c", None, params(), 3.0, tenant="acme", max_queued=2)
+    assert (e.value.queued, e.value.limit) == (2, 2) and store.get("c") is None
+    store.insert("z", None, params(), 3.0, tenant="other", max_queued=2)  # per tenant
+    store.update(["a"], status="running")  # only queued jobs count
+    store.insert("c", None, params(), 4.0, tenant="acme", max_queued=2)
+    assert store.queued_count("acme") == 2
+
+
+def test_max_queued_holds_for_writers_racing_on_one_postgres(pg_database):
+    """Two gateways (two pools) and many threads racing for the last slots: never more than the
+    limit. Without the advisory lock both would read "room" and insert (READ COMMITTED)."""
+    import threading
+
+    from genserve.server.jobs.store.interface import QueueLimitReached
+    from genserve.server.jobs.store.postgres import PgJobStore
+
+    gateways = [PgJobStore(pg_database, 4), PgJobStore(pg_database, 4)]
+    accepted, refused = [], []
+    start = threading.Barrier(8)
+
+    def submit(i: int) -> None:
+        start.wait()
+        for k in range(5):
+            try:
+                gateways[i % 2].insert(f"j{i}-{k}", None, params(), float(k), tenant="acme", max_queued=7)
+                accepted.append(i)
+            except QueueLimitReached:
+                refused.append(i)
+
+    threads = [threading.Thread(target=submit, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    try:
+        assert len(accepted) == 7 and len(refused) == 33
+        assert gateways[0].queued_count("acme") == 7
+    finally:
+        for g in gateways:
+            g.close()
+
+
+def test_migrations_are_versioned_and_applied_once(tmp_path, pg_database):
+    import psycopg
+
+    from genserve.server.jobs.store import migrations
+    from genserve.server.jobs.store.postgres import PgJobStore
+
+    s = JobStore(tmp_path / "v.sqlite")
+    assert migrations.applied_sqlite(s.db) == [m.version for m in migrations.SQLITE]
+    s.close()
+    s = JobStore(tmp_path / "v.sqlite")  # opening again applies nothing twice
+    assert migrations.applied_sqlite(s.db) == [m.version for m in migrations.SQLITE]
+    s.close()
+    with psycopg.connect(pg_database, autocommit=True) as c:
+        assert migrations.applied_postgres(c) == []
+        assert migrations.upgrade_postgres(c) == [m.version for m in migrations.POSTGRES]
+        assert migrations.upgrade_postgres(c) == []  # up to date: a no-op
+        assert migrations.applied_postgres(c) == [1, 2] == [m.version for m in migrations.POSTGRES]
+    PgJobStore(pg_database, 1).close()  # a store opened over an upgraded database does not fail
+
+
+def test_a_new_postgres_job_is_announced_when_its_insert_commits(pg_database):
+    import psycopg
+
+    from genserve.server.jobs.store.postgres import PgJobStore
+
+    s = PgJobStore(pg_database, 1)
+    try:
+        with psycopg.connect(pg_database, autocommit=True) as listener:
+            listener.execute("LISTEN genserve_jobs")
+            listener.execute("LISTEN genserve_events")
+            s.insert("j1", None, params(), 5.0, tenant="acme")
+            got = list(listener.notifies(timeout=10, stop_after=2))
+        assert [(n.channel, n.payload if n.channel == "genserve_jobs" else json.loads(n.payload)) for n in got] == [
+            ("genserve_jobs", "j1"),
+            ("genserve_events", {"kind": "queued", "job_id": "j1", "now": 5.0,
+                                 "data": {"model": "demo-image", "priority": "normal", "tenant": "acme"}})]
     finally:
         s.close()

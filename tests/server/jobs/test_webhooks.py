@@ -64,9 +64,15 @@ def test_sign_matches_an_independent_hmac(key, msg_id, ts, body):
 # ---- notify: what is queued -------------------------------------------------------------------------
 
 
-@pytest.fixture
-def store(tmp_path):
-    s = JobStore(tmp_path / "jobs.sqlite")
+@pytest.fixture(params=["sqlite", "postgres"])
+def store(request, tmp_path):
+    """Deliveries are rows of the job store: both backends (tests/server/jobs/pg_server.py)."""
+    if request.param == "sqlite":
+        s = JobStore(tmp_path / "jobs.sqlite")
+    else:
+        from genserve.server.jobs.store.postgres import PgJobStore
+
+        s = PgJobStore(request.getfixturevalue("pg_database"), 2)
     yield s
     s.close()
 
@@ -203,6 +209,9 @@ async def until(pred, timeout: float = 20.0, what: str = "condition"):
 
 
 def row(store, delivery_id):
+    if store.backend == "postgres":
+        with store.pool.connection() as c:
+            return c.execute("SELECT * FROM webhook_deliveries WHERE id = %s", (delivery_id,)).fetchone()
     return store.db.execute("SELECT * FROM webhook_deliveries WHERE id = ?", (delivery_id,)).fetchone()
 
 

@@ -108,3 +108,10 @@ default_size = "64x64"
     assert '"GET /v1/jobs?limit=1&api_key=[REDACTED] HTTP/1.1" 401' in out, out
     assert '"GET /v1/jobs?limit=2&token=[REDACTED] HTTP/1.1" 200' in out, out
     assert key not in out and key[4:20] not in out
+
+
+def test_a_database_url_keeps_its_host_and_loses_its_password():
+    assert redact("LISTEN connection lost (postgresql://genserve:s3cr3t-pw@db:5432/genserve)") == (
+        "LISTEN connection lost (postgresql://genserve:[REDACTED]@db:5432/genserve)")
+    for text in ("postgresql://genserve@db:5432/genserve", "http://example.com:8080/a", "see https://x.org/a:b@c"):
+        assert redact(text) == text

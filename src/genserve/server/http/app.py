@@ -16,7 +16,6 @@ from ..observe.tenant_usage import TenantMetrics, usage_router
 from ..requests import RequestError
 from ..runtime.runtime import QueueFull, Runtime
 from ..security import auth
-from ..security.keys import KeyStore
 from ..security.limits import BodyLimit, SameHostRedirects
 from .api import Api, error
 from .docs_assets import mount_docs
@@ -37,7 +36,7 @@ def create_app(config: Config, runtime: Runtime | None = None) -> FastAPI:
     control: Control = rt
     fleet: FleetView = rt.fleet
     jobs: JobReader = rt.store
-    keys = KeyStore(config.server.data_dir)
+    keys = auth.open_key_store(config)  # after the runtime opened (and migrated) the store
     api = Api(config, rt, auth.TenantGate(config.access, jobs.queued_count))
 
     @asynccontextmanager
@@ -158,7 +157,8 @@ def create_app(config: Config, runtime: Runtime | None = None) -> FastAPI:
         # False from the first moment of a drain (load balancers stop sending) and while no worker
         # is ready or held; the map says, per worker, whether it counts (runtime.ready).
         ok = control.ready
-        return JSONResponse({"ready": ok, "draining": control.draining, "workers": control.worker_readiness()},
+        return JSONResponse({"ready": ok, "draining": control.draining, "role": getattr(rt, "role", "all"),
+                             "workers": control.worker_readiness()},
                             status_code=200 if ok else 503)
 
     return app

@@ -1,4 +1,5 @@
-"""SQLite job store (WAL): the source of truth for jobs.
+"""SQLite job store (WAL): the source of truth for jobs (the default backend of
+``store.interface.Store``; PostgreSQL's is ``store.postgres``).
 
 Calls are short and synchronous; the asyncio driver makes them inline, which keeps every state
 change ordered with the engine's. A job row is committed before the API acknowledges it.
@@ -9,7 +10,6 @@ import json
 import re
 import sqlite3
 from collections.abc import Collection
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +17,9 @@ from ...config.auth import DEFAULT_TENANT
 from ...engine.types import ErrorCode
 from ..security.files import narrow_db, private_db
 from ..status import JobStatus
+from .store.interface import Page, QueueLimitReached  # noqa: F401 — Page: importers of this module
+from .store.migrations import upgrade_sqlite
+
 STAGES = (
     "received", "queued", "dispatched", "load_start", "load_end",
     "inference_start", "inference_end", "output_written", "finished",
@@ -88,15 +91,10 @@ _ADDED_COLUMNS = {"jobs": {
 _JSON_COLUMNS = {"results", "step_batching"}
 
 
-@dataclass(frozen=True)
-class Page:
-    """One page of a listing: the jobs, and whether more follow the last of them."""
-
-    items: list[dict[str, Any]]
-    has_more: bool
-
-
 class JobStore:
+    backend = "sqlite"
+    IntegrityError = sqlite3.IntegrityError  # a duplicate job id, or client id within a tenant
+
     def __init__(self, path: Path) -> None:
         private_db(path)  # 0600 (and so its -wal / -shm), in a 0700 directory when created here
         self.db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
@@ -122,18 +120,28 @@ class JobStore:
         self.db.execute("CREATE INDEX IF NOT EXISTS jobs_tenant ON jobs(tenant, status)")
         # Listing pages (page()): a tenant's jobs in submission order; the rowid tie-break is in every index.
         self.db.execute("CREATE INDEX IF NOT EXISTS jobs_tenant_received ON jobs(tenant, t_received)")
+        upgrade_sqlite(self.db)  # versions after the baseline above (store/migrations.py)
 
     def close(self) -> None:
         self.db.close()
 
     def insert(self, job_id: str, client_id: str | None, params: dict[str, Any], now: float,
-               tenant: str = DEFAULT_TENANT) -> None:
-        self.db.execute(
-            "INSERT INTO jobs (id, client_id, model, params, priority, status, t_received, t_queued, tenant)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (job_id, client_id, params["model"], json.dumps(params), params["priority"], JobStatus.QUEUED, now, now,
-             tenant),
-        )
+               tenant: str = DEFAULT_TENANT, *, max_queued: int | None = None) -> None:
+        """``max_queued``: refuse (``QueueLimitReached``) when the tenant already has that many
+        jobs queued, counted and inserted in one write transaction."""
+        sql = ("INSERT INTO jobs (id, client_id, model, params, priority, status, t_received, t_queued, tenant)"
+               " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)")
+        args = (job_id, client_id, params["model"], json.dumps(params), params["priority"], JobStatus.QUEUED, now,
+                now, tenant)
+        if max_queued is None:
+            self.db.execute(sql, args)
+            return
+        with self.db:
+            self.db.execute("BEGIN IMMEDIATE")
+            queued = self.queued_count(tenant)
+            if queued >= max_queued:
+                raise QueueLimitReached(tenant, queued, max_queued)
+            self.db.execute(sql, args)
 
     def get(self, job_id: str) -> dict[str, Any] | None:
         row = self.db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()

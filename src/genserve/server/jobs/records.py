@@ -21,7 +21,7 @@ from ...engine.types import RunningBatch
 from ...storage import THUMBNAIL_NAME, THUMBNAIL_TYPE, ResultRef, ResultStore, output_name, output_type
 from ..status import JobStatus, is_terminal
 from .cost import apportion, cost_usd, job_weight
-from .jobstore import JobStore
+from .store.interface import Store
 from .listeners import Event
 from .views import Record
 
@@ -29,7 +29,7 @@ log = logging.getLogger("genserve.runtime")
 
 
 class JobRecords:
-    def __init__(self, store: JobStore, results: ResultStore, models: Mapping[str, ModelConfig],
+    def __init__(self, store: Store, results: ResultStore, models: Mapping[str, ModelConfig],
                  publish: Callable[[Event], None]) -> None:
         self.store = store
         self.results = results
@@ -43,8 +43,9 @@ class JobRecords:
     # ---- transitions ----------------------------------------------------------------------------
 
     def queued(self, job_id: str, client_id: str | None, params: dict[str, Any], now: float,
-               tenant: str = DEFAULT_TENANT) -> Record:
-        self.store.insert(job_id, client_id, params, now, tenant)  # durable before acknowledged
+               tenant: str = DEFAULT_TENANT, *, max_queued: int | None = None) -> Record:
+        # durable before acknowledged; ``max_queued``: counted in the insert's transaction (store.interface)
+        self.store.insert(job_id, client_id, params, now, tenant, max_queued=max_queued)
         self.publish(Event("queued", now, job_id, {"model": params["model"], "priority": params["priority"],
                                                    "tenant": tenant}))
         return self.store.get(job_id)  # type: ignore[return-value]

@@ -24,7 +24,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 from ...config.retention import DAY_S, RetentionConfig
 from ...storage.results import ResultStore, stored_objects
 from ..status import JobStatus, is_terminal
-from .jobstore import JobStore
+from .store.interface import Store
 from .listeners import Event
 
 log = logging.getLogger("genserve.retention")
@@ -33,7 +33,7 @@ REASONS = ("results_days", "jobs_days", "max_data_bytes", "api")
 
 
 class Retention:
-    def __init__(self, config: RetentionConfig, store: JobStore, results: ResultStore, registry: CollectorRegistry,
+    def __init__(self, config: RetentionConfig, store: Store, results: ResultStore, registry: CollectorRegistry,
                  clock: Callable[[], float]) -> None:
         self.config = config
         self.store = store

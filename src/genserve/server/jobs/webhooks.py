@@ -31,7 +31,7 @@ from ...config.network import WebhookPolicy
 from ...engine.policies.retry import Backoff
 from ..security.ssrf import Refused, WebhookGuard
 from ..status import is_terminal
-from .jobstore import JobStore
+from .store.interface import Store
 from .listeners import Event
 
 log = logging.getLogger("genserve.webhooks")
@@ -52,7 +52,7 @@ def _retryable(status: int | None) -> bool:
 
 
 class WebhookSender:
-    def __init__(self, store: JobStore, secret: str | None, *, guard: WebhookGuard | None = None,
+    def __init__(self, store: Store, secret: str | None, *, guard: WebhookGuard | None = None,
                  max_attempts: int = 8, backoff_s: float = 1.0, timeout_s: float = 10.0,
                  tls_verify: Any = True) -> None:
         self.store = store

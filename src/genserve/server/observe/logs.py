@@ -30,6 +30,8 @@ _RULES = (
     (re.compile(r"\b(Bearer)\s+(?!tokens?\b)[^\s,;\"']+", re.I), rf"\1 {REDACTED}"),
     (re.compile(r"\b((?i:Basic))\s+(?![a-z]+\b)[A-Za-z0-9+/]{8,}={0,2}"), rf"\1 {REDACTED}"),  # not "Basic settings"
     (re.compile(r"\b(gsk|whsec)_[A-Za-z0-9_+/=-]+"), rf"\1_{REDACTED}"),
+    # the password in a URL's user info: postgresql://genserve:…@db:5432/genserve ([store] dsn)
+    (re.compile(r"\b([a-z][a-z0-9+.-]*://[^:/@\s]+:)[^@\s/]+@", re.I), rf"\1{REDACTED}@"),
     # authorization: …, "api_key": "…", token=… in free text (a header or a config dump)
     (re.compile(r"\b((?:x-)?(?:api[_-]?key|access[_-]?token|authorization|password|secret|token)[\"']?\s*[:=]\s*[\"']?)"
                 r"(?!Bearer\b|Basic\b|\[REDACTED\])[^\s,;&\"']+", re.I), rf"\1{REDACTED}"),

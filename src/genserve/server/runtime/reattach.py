@@ -13,7 +13,7 @@ import logging
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from ..jobs.jobstore import JobStore
+from ..jobs.store.interface import Store
 from ..jobs.records import JobRecords
 from ..status import JobStatus, is_terminal
 
@@ -21,7 +21,7 @@ log = logging.getLogger("genserve.runtime")
 
 
 class HeldJobs:
-    def __init__(self, store: JobStore, records: JobRecords,
+    def __init__(self, store: Store, records: JobRecords,
                  restore: Callable[[dict[str, Any], float], None]) -> None:
         self.store, self.records, self.restore = store, records, restore
         self.held: dict[str, str] = {}  # job id -> the surviving worker still running it

@@ -50,7 +50,7 @@ from ...workers.base import OnExit, OnMessage, Pool, PoolFactory
 from ...workers.pool import LocalPool, detect_devices
 from ...workers.ray_pool import RayPool, RaySettings
 from ..jobs.events import EventHub
-from ..jobs.jobstore import JobStore
+from ..jobs.store.open import open_job_store
 from ..jobs.listeners import Event, Listener
 from ..jobs.records import JobRecords
 from ..jobs.sweeper import Retention
@@ -160,7 +160,7 @@ class Runtime:
         self.clock = clock
         s = config.server
         private_dir(s.data_dir)
-        self.store = JobStore(s.data_dir / "jobs.db")
+        self.store = open_job_store(config)  # [store]: SQLite in data_dir, or PostgreSQL
         results_spec = config.results.spec(s.data_dir)
         self.results = open_store(results_spec)
         # The batch-id prefix is unique per start: restarts share one database.
@@ -221,8 +221,17 @@ class Runtime:
         self.retention.start()
         self._pump(now)
 
-    def _restore(self, job: dict[str, Any], now: float) -> None:
+    def take(self, job: dict[str, Any], now: float) -> None:
+        """A queued job another process stored (a gateway, docs/ha.md) enters the engine; its
+        insert announced it already."""
+        self._restore(job, now, announce=False)
+        self._pump(now)
+
+    def _restore(self, job: dict[str, Any], now: float, announce: bool = True) -> None:
         """A queued job from the store re-enters the engine (after a restart)."""
+        if job.get("cancel_requested"):  # asked while no engine held it (a gateway's cancel, docs/ha.md)
+            self.records.canceled(job["id"], now)
+            return
         try:
             params = JobParams.from_dict(job["params"])
             priority = Priority.parse(job["priority"])
@@ -241,7 +250,8 @@ class Runtime:
                            force=True, deadline=self._deadline(params, job["t_received"]),
                            attempts=job["attempts"], tenant=job["tenant"],
                            weight=self.config.access.tenant(job["tenant"]).weight)
-        self.records.restored(job, now)
+        if announce:
+            self.records.restored(job, now)
 
     async def drain(self, drain_s: float) -> None:
         """Graceful shutdown, before the HTTP server stops (docs/operations.md): unready at once,

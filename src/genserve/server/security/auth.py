@@ -203,3 +203,13 @@ def install(app: FastAPI, keys: KeyStore, access: AccessConfig, cors_origins: tu
 
 def audit(event: str, who: Principal, **fields: Any) -> None:
     log.info("%s by key %s (tenant %s): %s", event, who.key_id, who.tenant, json.dumps(fields, default=str))
+
+
+def open_key_store(config) -> KeyStore:
+    """The keys of ``config``'s store: ``keys.db`` in the data directory, or PostgreSQL's
+    ``api_keys`` table (pg_keys.py; its schema comes with the job store's migrations)."""
+    if config.store.backend == "postgres":
+        from .pg_keys import PgKeyStore
+
+        return PgKeyStore(config.store.dsn)
+    return KeyStore(config.server.data_dir)
