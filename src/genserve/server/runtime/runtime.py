@@ -153,6 +153,25 @@ def build_demo_models(config: Config) -> None:
                     raise RuntimeError(f"building demo model {m.source} failed:\n{proc.stderr[-4000:]}")
 
 
+
+def planned_devices(config: Config, devices: list[str] | None) -> list[str]:
+    """The devices to run workers on (given, else detected); with Ray, Ray finds the devices and
+    this is only how many workers to ask for."""
+    if config.cluster.provider == "ray":
+        n = config.cluster.workers if config.cluster.workers is not None else config.server.workers
+        return devices if devices is not None else ["ray"] * n
+    return devices if devices is not None else detect_devices(config.server.workers)
+
+
+def needs_workers(config: Config, devices: list[str]) -> bool:
+    """Readiness needs a worker unless the fleet may be empty by design: an API-only node
+    (workers = 0) or autoscaling down to zero (a first job is what brings a worker up)."""
+    return bool(devices) and (config.autoscale is None or config.autoscale.min_devices > 0)
+
+
+def deadline_of(config: Config, params: JobParams, received: float) -> float:
+    return received + (params.timeout_s or config.models[params.model].timeout_s)
+
 class Runtime:
     def __init__(self, config: Config, *, devices: list[str] | None = None, clock: Clock = time.time,
                  pool: PoolFactory | None = None) -> None:
@@ -169,11 +188,7 @@ class Runtime:
         self.webhooks = WebhookSender(self.store, s.webhook_secret, max_attempts=s.webhook_max_attempts,
                                       backoff_s=s.webhook_backoff_s, guard=WebhookGuard(config.webhooks, own_port=s.port))
         ray = config.cluster.provider == "ray"
-        if ray:  # Ray finds the devices: here, only how many workers to ask for
-            n = config.cluster.workers if config.cluster.workers is not None else s.workers
-            detected = devices if devices is not None else ["ray"] * n
-        else:
-            detected = devices if devices is not None else detect_devices(s.workers)
+        detected = planned_devices(config, devices)
         self.gpus = [d for d in detected if d.startswith("cuda")]
         self.devices = initial_devices(config, detected)
         pool = pool or (ray_pool if ray else local_pool)(config, results_spec)
@@ -190,9 +205,7 @@ class Runtime:
         self.listeners.append(self.retention)
         self.models_ready = False
         self.draining = False
-        # Readiness needs a worker unless the fleet may be empty by design: an API-only node
-        # (workers = 0) or autoscaling down to zero (a first job is what brings a worker up).
-        self.needs_workers = bool(self.devices) and (config.autoscale is None or config.autoscale.min_devices > 0)
+        self.needs_workers = needs_workers(config, self.devices)
         self._drained: asyncio.Event | None = None  # set when a drain has no batch left running
         self._timer: asyncio.TimerHandle | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -247,7 +260,7 @@ class Runtime:
         # Re-entered jobs keep their original queue time (their place in line), their deadline
         # and the attempts they have used.
         self.engine.submit(job["id"], params.key, priority, job["t_queued"] or now,
-                           force=True, deadline=self._deadline(params, job["t_received"]),
+                           force=True, deadline=deadline_of(self.config, params, job["t_received"]),
                            attempts=job["attempts"], tenant=job["tenant"],
                            weight=self.config.access.tenant(job["tenant"]).weight)
         if announce:
@@ -332,7 +345,7 @@ class Runtime:
         job = self.records.queued(job_id, client_id, params.to_dict(), now, tenant)
         self._watch_hooks(job_id, params)
         self.engine.submit(job_id, params.key, Priority.parse(params.priority), now,
-                           deadline=self._deadline(params, now), tenant=tenant,
+                           deadline=deadline_of(self.config, params, now), tenant=tenant,
                            weight=weight)
         return job, True
 
@@ -454,9 +467,6 @@ class Runtime:
         if d.waits_for_load:
             self.fleet.await_load(d.batch_id, d.worker, d.key.model, d.job_ids)
         self.pool.send(d.worker, run_message(self.config, d, self.records.dispatched(d, now)))
-
-    def _deadline(self, params: JobParams, received: float) -> float:
-        return received + (params.timeout_s or self.config.models[params.model].timeout_s)
 
     def _watch_hooks(self, job_id: str, params: JobParams) -> None:
         if params.webhook is not None:
