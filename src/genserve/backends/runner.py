@@ -10,6 +10,7 @@ from typing import Any
 from ..storage import THUMBNAIL_NAME, THUMBNAIL_TYPE, ResultRef, ResultStore, output_name, output_type
 from .encode import encode_image, encode_mp4, encode_thumbnail
 from .families import FamilyAdapter, UnsupportedPipeline, adapter_for
+from .prompt_cache import Embedder, embedded_call, make_embedder
 
 Emit = Callable[[dict[str, Any]], None]
 
@@ -147,6 +148,7 @@ class PipelineRunner:
         self.host_cache: OrderedDict[str, Any] = OrderedDict()  # GPU workers: unloaded models in host RAM
         self.host_cache_bytes = host_cache_bytes if device.startswith("cuda") else 0
         self.loaded_before: set[str] = set()
+        self.embedders: dict[str, Embedder] = {}  # per model: its prompt-embedding cache (absent: off)
 
     @property
     def cuda(self) -> bool:
@@ -201,6 +203,9 @@ class PipelineRunner:
         self.pipes[model] = pipe
         self.adapters[model] = adapter
         self.bytes[model] = nbytes
+        embedder = make_embedder(model, adapter, spec)
+        if embedder is not None:
+            self.embedders[model] = embedder
         self.loaded_before.add(model)
         return {"model": model, "cached": False, "load_start": t0, "load_end": time.time(), "bytes": nbytes,
                 "tier": tier}
@@ -208,6 +213,7 @@ class PipelineRunner:
     def unload(self, model: str) -> dict[str, Any]:
         pipe = self.pipes.pop(model, None)
         self.adapters.pop(model, None)
+        self.embedders.pop(model, None)
         freed = self.bytes.pop(model, 0)
         kept = None
         if pipe is not None and self.host_cache_bytes and module_bytes(pipe) <= self.host_cache_bytes:
@@ -275,21 +281,30 @@ class PipelineRunner:
         t_start = time.time()
         emit({"ev": "started", "batch_id": batch_id, "t": t_start})
         outputs: dict[str, Any] = {}
+        execution: dict[str, dict[str, Any]] = {}
+        embedder = self.embedders.get(msg["model"])
         for group in groups.values():
             if all(j["id"] in canceled for j in group):
                 done_steps += steps  # nobody left to run it for (reported below)
                 continue
             group = [with_inputs(j, self.store) for j in group]
             call = adapter.call_kwargs(group, p)
+            task_pipe = adapter.pipeline(pipe, group[0].get("task") or "text")
+            prompt_cache = [None] * len(group)
+            if embedder is not None:
+                cfg = embedder.path.cfg(task_pipe, p["guidance"])
+                prompt_cache = embedded_call(embedder, task_pipe, group, call, cfg, self.device)
             call["generator"] = [torch.Generator(device="cpu").manual_seed(j["seed"]) for j in group]
             call["callback_on_step_end"] = on_step_end
             call["output_type"] = "np" if kind == "video" else "pil"
             with torch.inference_mode():
-                out = adapter.pipeline(pipe, group[0].get("task") or "text")(**call)
+                out = task_pipe(**call)
             got = out.images if kind == "image" else out.frames
-            for j, o in zip(group, got):
+            for j, o, pc in zip(group, got, prompt_cache):
                 check_output(kind, o, p["width"], p["height"], p.get("num_frames", 0))
                 outputs[j["id"]] = o
+                execution[j["id"]] = {"cache": None, "steps_computed": steps, "steps_reused": 0, "prompt_cache": pc,
+                                      "compiled": None}
             done_steps += steps
         t_end = time.time()
         peak = int(torch.cuda.max_memory_allocated(self.device) - base) if self.cuda else 0
@@ -301,7 +316,8 @@ class PipelineRunner:
                 continue
             ref = self.write_output(kind, next(j for j in jobs if j["id"] == jid), outputs[jid], p["fps"])
             emit({"ev": "job_done", "batch_id": batch_id, "job_id": jid, "result": ref.to_dict(),
-                  "inference_start": t_start, "inference_end": t_end, "output_written": time.time()})
+                  "inference_start": t_start, "inference_end": t_end, "output_written": time.time(),
+                  "execution": execution[jid]})
         return peak
 
     def write_output(self, kind: str, job: dict[str, Any], output: Any, fps: int) -> ResultRef:

@@ -131,6 +131,8 @@ class Api:
                            "tier": job["load_tier"],
                            "seconds": None if stages["cold_start"] is None else round(stages["cold_start"], 4)},
             "breakdown": {f"{k}_s": None if v is None else round(v, 4) for k, v in stages.items()},
+            # what ran: {cache, steps_computed, steps_reused, prompt_cache, compiled} (docs/performance.md)
+            "execution": job.get("execution"),
             # the job's share of its batch's device time, and its price; set when the batch ends
             "cost": {"device_seconds": job["device_seconds"], "usd": job["cost_usd"], "device_type": job["device_type"]},
             "results": [result_entry(urls["result"], i, r) for i, r in enumerate(job["results"])],

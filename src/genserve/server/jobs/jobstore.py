@@ -82,8 +82,10 @@ _ADDED_COLUMNS = {"jobs": {
     "step_batching": "TEXT",  # step mode: JSON {joined_step, shared_with} (NULL: request-level batch)
     "t_results_deleted": "REAL",  # when retention (or the API) deleted the job's result files
     "tenant": f"TEXT NOT NULL DEFAULT '{DEFAULT_TENANT}'",  # whose job (jobs from before tenants: default)
+    # JSON {cache, steps_computed, steps_reused, prompt_cache, compiled}: what ran (docs/performance.md)
+    "execution": "TEXT",
 }}
-_JSON_COLUMNS = {"results", "step_batching"}
+_JSON_COLUMNS = {"results", "step_batching", "execution"}
 
 
 @dataclass(frozen=True)
@@ -342,9 +344,10 @@ def _decode(row: sqlite3.Row) -> dict[str, Any]:
     d["params"] = params if isinstance(params, dict) else {}
     results = _loads(d["results"], [])
     d["results"] = [r for r in results if isinstance(r, dict)] if isinstance(results, list) else []
-    if d.get("step_batching") is not None:
-        step = _loads(d["step_batching"], None)
-        d["step_batching"] = step if isinstance(step, dict) else None
+    for col in ("step_batching", "execution"):
+        if d.get(col) is not None:
+            value = _loads(d[col], None)
+            d[col] = value if isinstance(value, dict) else None
     d["cancel_requested"] = bool(d["cancel_requested"])
     return d
 

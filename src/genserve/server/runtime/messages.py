@@ -11,7 +11,8 @@ from ...workers import protocol as P
 
 _JOB_FIELDS = ("prompt", "negative_prompt", "seed", "steps", "guidance")
 _INPUT_FIELDS = ("image", "image_sha256", "mask", "task", "strength",  # absent from older records
-                 "output_format", "output_compression")  # how the worker encodes an image (absent: png)
+                 "output_format", "output_compression",
+                 "cache")  # the step cache the job asked for (one per batch: it is part of the batch key)  # how the worker encodes an image (absent: png)
 
 
 def job_payload(jobs: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
@@ -25,6 +26,7 @@ def load_message(config: Config, d: LoadModel) -> dict[str, Any]:
     m = config.models[d.model]
     spec = {"path": str(config.model_dir(d.model)), "kind": m.kind, "dtype": m.dtype,
             "true_cfg_scale": m.family.true_cfg_scale, "max_sequence_length": m.family.max_sequence_length,
+            **m.family.speed_spec(),  # prompt cache, compile, attention backend, quantize (docs/performance.md)
             # what requests are checked against: the worker refuses the load if the model cannot produce it
             "size_multiple": m.size_multiple, "frame_stride": m.frame_stride if m.kind == "video" else None}
     if m.source.startswith("s3://"):  # each node downloads it once into its cache (any provider)
