@@ -10,7 +10,9 @@ from typing import Any
 from ..storage import THUMBNAIL_NAME, THUMBNAIL_TYPE, ResultRef, ResultStore, output_name, output_type
 from .encode import encode_image, encode_mp4, encode_thumbnail
 from .families import FamilyAdapter, UnsupportedPipeline, adapter_for
+from .families.speed import DATA_DEPENDENT
 from .prompt_cache import Embedder, embedded_call, make_embedder
+from .step_cache import applied as step_cache
 
 Emit = Callable[[dict[str, Any]], None]
 
@@ -262,13 +264,18 @@ class PipelineRunner:
                 raise IgnoredInput(f"job {j['id']}: {msg['model']} ({adapter.traits.family}) would ignore "
                                    f"{', '.join(ignored)}")
         groups: dict[str, list[dict[str, Any]]] = {}
+        cache = jobs[0].get("cache")  # one per batch: it is part of the batch key
+        alone = bool(cache) and cache["method"] in DATA_DEPENDENT  # its skips look at the whole batch tensor
         for j in jobs:  # one pipeline call per group: jobs in a call must not change each other's output
-            groups.setdefault(adapter.group_key(j), []).append(j)
+            groups.setdefault(adapter.group_key(j) + (f"|{j['id']}" if alone else ""), []).append(j)
         steps = p["steps"]
         total = steps * len(groups)
         done_steps = 0
 
+        ran = [0]  # steps of the current call
+
         def on_step_end(_pipe, i, _t, kwargs):
+            ran[0] = i + 1
             on_step(done_steps + i)
             emit({"ev": "progress", "batch_id": batch_id, "step": done_steps + i + 1, "total": total})
             report_cancels()
@@ -297,14 +304,15 @@ class PipelineRunner:
             call["generator"] = [torch.Generator(device="cpu").manual_seed(j["seed"]) for j in group]
             call["callback_on_step_end"] = on_step_end
             call["output_type"] = "np" if kind == "video" else "pil"
-            with torch.inference_mode():
+            with torch.inference_mode(), step_cache(task_pipe, cache) as counts:
                 out = task_pipe(**call)
+            computed, reused = counts.steps(ran[0]) if counts is not None else (ran[0], 0)
             got = out.images if kind == "image" else out.frames
             for j, o, pc in zip(group, got, prompt_cache):
                 check_output(kind, o, p["width"], p["height"], p.get("num_frames", 0))
                 outputs[j["id"]] = o
-                execution[j["id"]] = {"cache": None, "steps_computed": steps, "steps_reused": 0, "prompt_cache": pc,
-                                      "compiled": None}
+                execution[j["id"]] = {"cache": cache or None, "steps_computed": computed, "steps_reused": reused,
+                                      "prompt_cache": pc, "compiled": None}
             done_steps += steps
         t_end = time.time()
         peak = int(torch.cuda.max_memory_allocated(self.device) - base) if self.cuda else 0

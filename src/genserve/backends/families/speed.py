@@ -12,11 +12,9 @@ two checks that need the installed torch / diffusers import them when called.
   blocks are skipped and their last residual is reused. The decision is data-dependent.
 - ``taylorseer`` (DiT families): diffusers' TaylorSeer: full steps every ``interval``, the blocks'
   outputs predicted by a Taylor expansion in between. The schedule depends on the step count.
-- ``pab`` (DiT families): diffusers' pyramid attention broadcast: self-attention outputs reused
-  for ``interval - 1`` steps in the middle of the schedule (timesteps 100..800).
-
-Others this diffusers ships do not apply here: MagCache needs per-model calibrated magnitude ratios;
-FasterCache assumes the conditional and unconditional passes share one call (Wan runs them in two).
+Others this diffusers ships are not offered: MagCache needs per-model calibrated magnitude ratios;
+FasterCache assumes the conditional and unconditional passes share one call (Wan runs them in two);
+pyramid attention broadcast and SeaCache are not wired up yet.
 """
 from __future__ import annotations
 
@@ -34,7 +32,6 @@ METHODS: dict[str, tuple[tuple[str, ...], dict[str, tuple[type, float, float, An
     "deep": (UNET_FAMILIES, {"interval": (int, 2, 10, 3)}),
     "first_block": (DIT_FAMILIES, {"threshold": (float, 0.0, 1.0, 0.1)}),
     "taylorseer": (DIT_FAMILIES, {"interval": (int, 2, 10, 3)}),
-    "pab": (DIT_FAMILIES, {"interval": (int, 2, 10, 2)}),
 }
 # Caches whose skip decision looks at the data: the diffusers hooks take it for the whole batch
 # tensor, so each job of such a batch runs in its own pipeline call (a batch == lone jobs).

@@ -91,7 +91,8 @@ class Api:
         # Only the job's own tenant's ids are shown; other tenants' jobs are counted, never named.
         own = [i for i in shared if (other := self.jobs.get(i)) is not None and other["tenant"] == job["tenant"]]
         stepped = (getattr(self.config.models.get(job["model"]), "batching", "") == "step"
-                   and not job["params"].get("variant"))  # jobs with image inputs: request level
+                   and not job["params"].get("variant")  # jobs with image inputs: request level
+                   and not job["params"].get("cache"))  # and jobs with a step cache
         mode = "step" if job["step_batching"] is not None or stepped else "request"
         return {"id": job["batch_id"], "size": job["batch_size"], "worker": job["worker"], "mode": mode,
                 # step mode: the running set's step count when it joined, who shared its denoiser

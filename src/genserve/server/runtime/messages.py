@@ -41,7 +41,7 @@ def run_message(config: Config, d: RunBatch, jobs: Iterable[Mapping[str, Any]]) 
               "steps": d.key.steps, "guidance": d.key.guidance, "fps": m.fps}
     msg = {"op": P.RUN, "batch_id": d.batch_id, "model": d.key.model, "kind": m.kind, "params": params,
            "jobs": job_payload(jobs)}
-    if m.batching == "step" and not d.key.variant:  # a running set: each job brings its own steps and guidance
+    if m.batching == "step" and not d.key.variant and not d.key.execution:  # a running set: each job brings its own steps and guidance
         msg.update(mode="step", max_size=m.max_batch_size)
     return msg
 
