@@ -10,6 +10,7 @@ from typing import Any
 from ..storage import THUMBNAIL_NAME, THUMBNAIL_TYPE, ResultRef, ResultStore, output_name, output_type
 from .encode import encode_image, encode_mp4, encode_thumbnail
 from .families import FamilyAdapter, UnsupportedPipeline, adapter_for
+from .compile import apply as apply_levers, graphs
 from .families.speed import DATA_DEPENDENT
 from .prompt_cache import Embedder, embedded_call, make_embedder
 from .step_cache import applied as step_cache
@@ -151,6 +152,8 @@ class PipelineRunner:
         self.host_cache_bytes = host_cache_bytes if device.startswith("cuda") else 0
         self.loaded_before: set[str] = set()
         self.embedders: dict[str, Embedder] = {}  # per model: its prompt-embedding cache (absent: off)
+        self.compiled: dict[str, str | None] = {}  # per model: its compile mode (None: eager)
+        self.compiles = 0  # graphs compiled during the last batch (a shape the load's warm-up missed)
 
     @property
     def cuda(self) -> bool:
@@ -202,6 +205,13 @@ class PipelineRunner:
             nbytes = int(torch.cuda.memory_allocated(self.device) - before)
         else:
             nbytes = module_bytes(pipe)
+        try:
+            levers = apply_levers(pipe, adapter, spec)  # compile + warm-up: part of the cold start
+        except UnsupportedPipeline as e:
+            pipe = None
+            gc.collect()
+            raise UnsupportedPipeline(str(e)) from None
+        self.compiled[model] = levers["compiled"]
         self.pipes[model] = pipe
         self.adapters[model] = adapter
         self.bytes[model] = nbytes
@@ -210,12 +220,13 @@ class PipelineRunner:
             self.embedders[model] = embedder
         self.loaded_before.add(model)
         return {"model": model, "cached": False, "load_start": t0, "load_end": time.time(), "bytes": nbytes,
-                "tier": tier}
+                "tier": tier, **levers}
 
     def unload(self, model: str) -> dict[str, Any]:
         pipe = self.pipes.pop(model, None)
         self.adapters.pop(model, None)
         self.embedders.pop(model, None)
+        self.compiled.pop(model, None)
         freed = self.bytes.pop(model, 0)
         kept = None
         if pipe is not None and self.host_cache_bytes and module_bytes(pipe) <= self.host_cache_bytes:
@@ -285,7 +296,7 @@ class PipelineRunner:
         if self.cuda:
             torch.cuda.reset_peak_memory_stats(self.device)
             base = torch.cuda.memory_allocated(self.device)
-        t_start = time.time()
+        t_start, graphs_before = time.time(), graphs()
         emit({"ev": "started", "batch_id": batch_id, "t": t_start})
         outputs: dict[str, Any] = {}
         execution: dict[str, dict[str, Any]] = {}
@@ -312,9 +323,10 @@ class PipelineRunner:
                 check_output(kind, o, p["width"], p["height"], p.get("num_frames", 0))
                 outputs[j["id"]] = o
                 execution[j["id"]] = {"cache": cache or None, "steps_computed": computed, "steps_reused": reused,
-                                      "prompt_cache": pc, "compiled": None}
+                                      "prompt_cache": pc, "compiled": self.compiled.get(msg["model"])}
             done_steps += steps
         t_end = time.time()
+        self.compiles = graphs() - graphs_before
         peak = int(torch.cuda.max_memory_allocated(self.device) - base) if self.cuda else 0
         for jid in ids:
             if jid in canceled:

@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from .compile import graphs
 from .runner import BatchAborted, check_output
 from .stepping import RunningSet, StepJob
 
@@ -77,6 +78,7 @@ def run_steps(runner, msg: dict[str, Any], emit: Emit, canceled: set[str], joins
         torch.cuda.reset_peak_memory_stats(runner.device)
         base = torch.cuda.memory_allocated(runner.device)
     emit({"ev": "started", "batch_id": batch_id, "t": time.time()})
+    graphs_before = graphs()
 
     def take_joins() -> None:
         while True:
@@ -144,5 +146,6 @@ def run_steps(runner, msg: dict[str, Any], emit: Emit, canceled: set[str], joins
                   "step": {"joined_step": s.joined_at, "shared_with": sorted(rs.shared.pop(s.job.id, set())),
                            "paused_at": s.paused_at},
                   "execution": {"cache": None, "steps_computed": s.done, "steps_reused": 0,
-                                "prompt_cache": s.prompt_cache, "compiled": None}})
+                                "prompt_cache": s.prompt_cache, "compiled": runner.compiled.get(msg["model"])}})
+    runner.compiles = graphs() - graphs_before
     return int(torch.cuda.max_memory_allocated(runner.device) - base) if runner.cuda else 0

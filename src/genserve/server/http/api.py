@@ -131,7 +131,8 @@ class Api:
             "cold_start": {"waited": job["t_load_start"] is not None, "worker": job["worker"] if job["t_load_start"] else None,
                            "tier": job["load_tier"],
                            "seconds": None if stages["cold_start"] is None else round(stages["cold_start"], 4)},
-            "breakdown": {f"{k}_s": None if v is None else round(v, 4) for k, v in stages.items()},
+            "breakdown": {**{f"{k}_s": None if v is None else round(v, 4) for k, v in stages.items()},
+                          "compile_s": job.get("compile_s")},  # part of cold_start_s (compile = ... models)
             # what ran: {cache, steps_computed, steps_reused, prompt_cache, compiled} (docs/performance.md)
             "execution": job.get("execution"),
             # the job's share of its batch's device time, and its price; set when the batch ends

@@ -84,6 +84,7 @@ _ADDED_COLUMNS = {"jobs": {
     "tenant": f"TEXT NOT NULL DEFAULT '{DEFAULT_TENANT}'",  # whose job (jobs from before tenants: default)
     # JSON {cache, steps_computed, steps_reused, prompt_cache, compiled}: what ran (docs/performance.md)
     "execution": "TEXT",
+    "compile_s": "REAL",  # of the load this job waited for: torch.compile and its warm-up (inside the load)
 }}
 _JSON_COLUMNS = {"results", "step_batching", "execution"}
 

@@ -71,6 +71,11 @@ class Observer:
         log.info("model loaded", extra={"worker": msg["worker"], "model": model, "stage": "loaded", "tier": tier,
                                         "timings": {"load_s": took, "bytes": msg.get("bytes")}})
 
+    def _recompiled(self, ev: Event) -> None:
+        self.metrics.compiles.labels(ev.data["model"], "recompile").inc(ev.data["compiles"])
+        log.warning("recompiled", extra={"worker": ev.data["worker"], "model": ev.data["model"], "stage": "recompiled",
+                                         "timings": {"compiles": ev.data["compiles"]}})
+
     def _retrying(self, ev: Event) -> None:
         if ev.record is None:
             return
@@ -176,6 +181,7 @@ class Observer:
 _HANDLERS: dict[str, Callable[[Observer, Event], None]] = {
     "queued": Observer._queued, "batch_dispatched": Observer._batch_dispatched, "model_loaded": Observer._model_loaded,
     "retrying": Observer._retrying, "batch_ended": Observer._batch_ended, "synced": Observer._synced,
+    "recompiled": Observer._recompiled,
 }
 
 

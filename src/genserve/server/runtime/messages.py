@@ -29,6 +29,11 @@ def load_message(config: Config, d: LoadModel) -> dict[str, Any]:
             **m.family.speed_spec(),  # prompt cache, compile, attention backend, quantize (docs/performance.md)
             # what requests are checked against: the worker refuses the load if the model cannot produce it
             "size_multiple": m.size_multiple, "frame_stride": m.frame_stride if m.kind == "video" else None}
+    if m.family.compile != "off":  # compiled at load for the default size at batch 1 and the largest batch
+        spec.update(compile_cache_dir=str(config.server.data_dir / "compile-cache"),
+                    warmup={"width": m.default_size[0], "height": m.default_size[1], "guidance": m.default_guidance,
+                            "num_frames": m.default_frames if m.kind == "video" else 0,
+                            "batch_sizes": sorted({1, m.max_batch_size})})
     if m.source.startswith("s3://"):  # each node downloads it once into its cache (any provider)
         spec.update(source=m.source, endpoint_url=config.results.endpoint_url, region=config.results.region,
                     cache=config.cluster.model_cache)
