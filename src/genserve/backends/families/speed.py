@@ -26,7 +26,9 @@ COMPILE_MODES = ("off", "regional", "full")
 QUANTIZE = ("float8", "int8")  # torchao weight-only schemes, CUDA only
 CPU_ATTENTION = ("native", "_native_math", "flex")  # the dispatcher's backends that run without CUDA
 UNET_FAMILIES = ("sd", "sdxl")
-DIT_FAMILIES = ("wan", "wan-i2v", "flux", "sd3")
+# SD3 is not among them: its SD3Transformer2DModel has no diffusers cache support (CacheMixin) in
+# the installed diffusers (0.42.1), and its joint blocks are not in the hooks' block registry.
+DIT_FAMILIES = ("wan", "wan-i2v", "flux")
 # method -> (families, {param: (type, low, high, default)}); low exclusive for floats
 METHODS: dict[str, tuple[tuple[str, ...], dict[str, tuple[type, float, float, Any]]]] = {
     "deep": (UNET_FAMILIES, {"interval": (int, 2, 10, 3)}),
