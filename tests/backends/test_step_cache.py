@@ -100,3 +100,17 @@ def test_a_cache_the_pipeline_has_no_denoiser_for_is_refused(runner):
     with pytest.raises(UnsupportedCache):
         run(runner, "image", [1], FIRST_BLOCK, steps=2)
 
+
+
+@pytest.mark.parametrize("family,cache", [("sdxl", DEEP), ("flux-dev", TAYLORSEER)])
+def test_the_other_families_caches_batch_like_lone_jobs(family_models, tmp_path, family, cache):
+    """SDXL's UNet takes the deep cache, FLUX's transformer diffusers' hooks (tiny checkpoints)."""
+    r = PipelineRunner("cpu", LocalResultStore(tmp_path / "results"), encode=raw)
+    r.load("image", {"path": str(family_models[family]), "kind": "image", "dtype": "float32"})
+    guidance = 5.0 if family == "sdxl" else 3.5
+    batch = run(r, "image", [1, 2], cache, guidance=guidance)
+    lone = run(r, "image", [1], cache, guidance=guidance)[1]
+    plain = run(r, "image", [1], None, guidance=guidance)[1]
+    assert np.abs(lone[0] - batch[1][0]).max() <= TOL
+    assert lone[1]["steps_reused"] == batch[1][1]["steps_reused"] > 0
+    assert np.abs(plain[0] - lone[0]).mean() > 0
