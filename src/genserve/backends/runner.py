@@ -10,6 +10,10 @@ from typing import Any
 from ..storage import THUMBNAIL_NAME, THUMBNAIL_TYPE, ResultRef, ResultStore, output_name, output_type
 from .encode import encode_image, encode_mp4, encode_thumbnail
 from .families import FamilyAdapter, UnsupportedPipeline, adapter_for
+from .compile import apply as apply_levers, graphs
+from .families.speed import DATA_DEPENDENT
+from .prompt_cache import Embedder, embedded_call, make_embedder
+from .step_cache import applied as step_cache
 
 Emit = Callable[[dict[str, Any]], None]
 
@@ -147,6 +151,9 @@ class PipelineRunner:
         self.host_cache: OrderedDict[str, Any] = OrderedDict()  # GPU workers: unloaded models in host RAM
         self.host_cache_bytes = host_cache_bytes if device.startswith("cuda") else 0
         self.loaded_before: set[str] = set()
+        self.embedders: dict[str, Embedder] = {}  # per model: its prompt-embedding cache (absent: off)
+        self.compiled: dict[str, str | None] = {}  # per model: its compile mode (None: eager)
+        self.compiles = 0  # graphs compiled during the last batch (a shape the load's warm-up missed)
 
     @property
     def cuda(self) -> bool:
@@ -198,16 +205,28 @@ class PipelineRunner:
             nbytes = int(torch.cuda.memory_allocated(self.device) - before)
         else:
             nbytes = module_bytes(pipe)
+        try:
+            levers = apply_levers(pipe, adapter, spec)  # compile + warm-up: part of the cold start
+        except UnsupportedPipeline as e:
+            pipe = None
+            gc.collect()
+            raise UnsupportedPipeline(str(e)) from None
+        self.compiled[model] = levers["compiled"]
         self.pipes[model] = pipe
         self.adapters[model] = adapter
         self.bytes[model] = nbytes
+        embedder = make_embedder(model, adapter, spec)
+        if embedder is not None:
+            self.embedders[model] = embedder
         self.loaded_before.add(model)
         return {"model": model, "cached": False, "load_start": t0, "load_end": time.time(), "bytes": nbytes,
-                "tier": tier}
+                "tier": tier, **levers}
 
     def unload(self, model: str) -> dict[str, Any]:
         pipe = self.pipes.pop(model, None)
         self.adapters.pop(model, None)
+        self.embedders.pop(model, None)
+        self.compiled.pop(model, None)
         freed = self.bytes.pop(model, 0)
         kept = None
         if pipe is not None and self.host_cache_bytes and module_bytes(pipe) <= self.host_cache_bytes:
@@ -256,13 +275,18 @@ class PipelineRunner:
                 raise IgnoredInput(f"job {j['id']}: {msg['model']} ({adapter.traits.family}) would ignore "
                                    f"{', '.join(ignored)}")
         groups: dict[str, list[dict[str, Any]]] = {}
+        cache = jobs[0].get("cache")  # one per batch: it is part of the batch key
+        alone = bool(cache) and cache["method"] in DATA_DEPENDENT  # its skips look at the whole batch tensor
         for j in jobs:  # one pipeline call per group: jobs in a call must not change each other's output
-            groups.setdefault(adapter.group_key(j), []).append(j)
+            groups.setdefault(adapter.group_key(j) + (f"|{j['id']}" if alone else ""), []).append(j)
         steps = p["steps"]
         total = steps * len(groups)
         done_steps = 0
 
+        ran = [0]  # steps of the current call
+
         def on_step_end(_pipe, i, _t, kwargs):
+            ran[0] = i + 1
             on_step(done_steps + i)
             emit({"ev": "progress", "batch_id": batch_id, "step": done_steps + i + 1, "total": total})
             report_cancels()
@@ -272,26 +296,37 @@ class PipelineRunner:
         if self.cuda:
             torch.cuda.reset_peak_memory_stats(self.device)
             base = torch.cuda.memory_allocated(self.device)
-        t_start = time.time()
+        t_start, graphs_before = time.time(), graphs()
         emit({"ev": "started", "batch_id": batch_id, "t": t_start})
         outputs: dict[str, Any] = {}
+        execution: dict[str, dict[str, Any]] = {}
+        embedder = self.embedders.get(msg["model"])
         for group in groups.values():
             if all(j["id"] in canceled for j in group):
                 done_steps += steps  # nobody left to run it for (reported below)
                 continue
             group = [with_inputs(j, self.store) for j in group]
             call = adapter.call_kwargs(group, p)
+            task_pipe = adapter.pipeline(pipe, group[0].get("task") or "text")
+            prompt_cache = [None] * len(group)
+            if embedder is not None:
+                cfg = embedder.path.cfg(task_pipe, p["guidance"])
+                prompt_cache = embedded_call(embedder, task_pipe, group, call, cfg, self.device)
             call["generator"] = [torch.Generator(device="cpu").manual_seed(j["seed"]) for j in group]
             call["callback_on_step_end"] = on_step_end
             call["output_type"] = "np" if kind == "video" else "pil"
-            with torch.inference_mode():
-                out = adapter.pipeline(pipe, group[0].get("task") or "text")(**call)
+            with torch.inference_mode(), step_cache(task_pipe, cache) as counts:
+                out = task_pipe(**call)
+            computed, reused = counts.steps(ran[0]) if counts is not None else (ran[0], 0)
             got = out.images if kind == "image" else out.frames
-            for j, o in zip(group, got):
+            for j, o, pc in zip(group, got, prompt_cache):
                 check_output(kind, o, p["width"], p["height"], p.get("num_frames", 0))
                 outputs[j["id"]] = o
+                execution[j["id"]] = {"cache": cache or None, "steps_computed": computed, "steps_reused": reused,
+                                      "prompt_cache": pc, "compiled": self.compiled.get(msg["model"])}
             done_steps += steps
         t_end = time.time()
+        self.compiles = graphs() - graphs_before
         peak = int(torch.cuda.max_memory_allocated(self.device) - base) if self.cuda else 0
         for jid in ids:
             if jid in canceled:
@@ -301,7 +336,8 @@ class PipelineRunner:
                 continue
             ref = self.write_output(kind, next(j for j in jobs if j["id"] == jid), outputs[jid], p["fps"])
             emit({"ev": "job_done", "batch_id": batch_id, "job_id": jid, "result": ref.to_dict(),
-                  "inference_start": t_start, "inference_end": t_end, "output_written": time.time()})
+                  "inference_start": t_start, "inference_end": t_end, "output_written": time.time(),
+                  "execution": execution[jid]})
         return peak
 
     def write_output(self, kind: str, job: dict[str, Any], output: Any, fps: int) -> ResultRef:

@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from .compile import graphs
 from .runner import BatchAborted, check_output
 from .stepping import RunningSet, StepJob
 
@@ -65,6 +66,7 @@ def run_steps(runner, msg: dict[str, Any], emit: Emit, canceled: set[str], joins
     pipe = runner.pipes[msg["model"]]
     family = step_driver(runner, msg["model"])
     assert family is not None
+    family.embedder = runner.embedders.get(msg["model"])
     batch_id, kind, p = msg["batch_id"], msg["kind"], msg["params"]
     shape = {"width": p["width"], "height": p["height"], "num_frames": p.get("num_frames", 0)}
     rs = RunningSet(pipe, family, shape, max(max_size, len(msg["jobs"])))
@@ -76,6 +78,7 @@ def run_steps(runner, msg: dict[str, Any], emit: Emit, canceled: set[str], joins
         torch.cuda.reset_peak_memory_stats(runner.device)
         base = torch.cuda.memory_allocated(runner.device)
     emit({"ev": "started", "batch_id": batch_id, "t": time.time()})
+    graphs_before = graphs()
 
     def take_joins() -> None:
         while True:
@@ -141,5 +144,8 @@ def run_steps(runner, msg: dict[str, Any], emit: Emit, canceled: set[str], joins
             emit({"ev": "job_done", "batch_id": batch_id, "job_id": s.job.id, "result": ref.to_dict(),
                   "inference_start": started.pop(s.job.id), "inference_end": time.time(), "output_written": time.time(),
                   "step": {"joined_step": s.joined_at, "shared_with": sorted(rs.shared.pop(s.job.id, set())),
-                           "paused_at": s.paused_at}})
+                           "paused_at": s.paused_at},
+                  "execution": {"cache": None, "steps_computed": s.done, "steps_reused": 0,
+                                "prompt_cache": s.prompt_cache, "compiled": runner.compiled.get(msg["model"])}})
+    runner.compiles = graphs() - graphs_before
     return int(torch.cuda.max_memory_allocated(runner.device) - base) if runner.cuda else 0

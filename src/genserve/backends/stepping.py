@@ -56,6 +56,7 @@ class Slot:
     done: int = 0  # denoising steps completed
     joined_at: int = 0  # the set's step counter when this request joined
     paused_at: list[int] = field(default_factory=list)  # its own step count at each pause (resumed from there)
+    prompt_cache: str | None = None  # "hit" | "miss" in the worker's prompt-embedding cache; None: off
 
     @property
     def finished(self) -> bool:
@@ -95,7 +96,7 @@ def _negatives(jobs: list[StepJob], cfg: bool) -> list[str] | None:
     return [j.negative_prompt or "" for j in jobs] if cfg else None
 
 
-def _slots(pipe, jobs: list[StepJob], device, latents, cond, uncond, gens) -> list[Slot]:
+def _slots(pipe, jobs: list[StepJob], device, latents, cond, uncond, gens, cached: list[str | None]) -> list[Slot]:
     """One slot per job from rows prepared together (rows are independent in the text encoder, as in
     the denoiser; each job's latents come from its own generator, as in a standalone call). A job
     without guidance drops the unconditional row another job in the group needed. Rows are copied out,
@@ -105,7 +106,7 @@ def _slots(pipe, jobs: list[StepJob], device, latents, cond, uncond, gens) -> li
         sched, timesteps = _own_scheduler(pipe, job.steps, device)
         neg = uncond[i:i + 1].clone() if job.guidance > 1.0 else None
         out.append(Slot(job, latents[i:i + 1].clone(), sched, timesteps, cond[i:i + 1].clone(), neg, gen,
-                        _step_kwargs(sched, [gen])))
+                        _step_kwargs(sched, [gen]), prompt_cache=cached[i]))
     return out
 
 
@@ -123,7 +124,20 @@ def _guided(pred, slots: list[Slot]) -> list[Any]:
     return out
 
 
-class UNetFamily:
+class _Texts:
+    """Prompt encoding for a family: the pipeline's own, or through the worker's prompt-embedding
+    cache when the step runner gives the family an ``embedder`` (backends/prompt_cache.py)."""
+
+    embedder: Any = None
+
+    def texts(self, pipe, jobs: list[StepJob], cfg: bool, device, plain) -> tuple[Any, Any, list[str | None]]:
+        if self.embedder is None:
+            return (*plain(), [None] * len(jobs))
+        rows = [{"prompt": j.prompt, "negative_prompt": j.negative_prompt} for j in jobs]
+        return self.embedder.job_rows(pipe, rows, cfg, device)
+
+
+class UNetFamily(_Texts):
     """StableDiffusionPipeline-style: CLIP text encoder, UNet2DConditionModel, AutoencoderKL, a
     scheduler with ``scale_model_input`` (guidance as CFG when > 1)."""
 
@@ -134,11 +148,12 @@ class UNetFamily:
             raise ValueError("guidance-embedded UNets (LCM-style) are not step-batched yet")
         cfg = any(j.guidance > 1.0 for j in jobs)
         with torch.inference_mode():
-            cond, uncond = pipe.encode_prompt([j.prompt for j in jobs], device, 1, cfg, _negatives(jobs, cfg))
+            cond, uncond, cached = self.texts(pipe, jobs, cfg, device, lambda: pipe.encode_prompt(
+                [j.prompt for j in jobs], device, 1, cfg, _negatives(jobs, cfg)))
             gens = [_generator(j.seed) for j in jobs]
             latents = pipe.prepare_latents(len(jobs), pipe.unet.config.in_channels, shape["height"], shape["width"],
                                            cond.dtype, device, gens, None)
-        return _slots(pipe, jobs, device, latents, cond, uncond, gens)
+        return _slots(pipe, jobs, device, latents, cond, uncond, gens, cached)
 
     def denoise(self, pipe, slots: list[Slot]) -> list[Any]:
         import torch
@@ -168,7 +183,7 @@ class UNetFamily:
         return pipe.image_processor.postprocess(images, output_type="pil", do_denormalize=[True] * len(slots))
 
 
-class WanFamily:
+class WanFamily(_Texts):
     """WanPipeline (text-to-video): UMT5 text encoder, WanTransformer3DModel over patched latents,
     flow-matching scheduler, AutoencoderKLWan decoding frames causally."""
 
@@ -181,12 +196,13 @@ class WanFamily:
         cfg = any(j.guidance > 1.0 for j in jobs)
         dtype = pipe.transformer.dtype
         with torch.inference_mode():
-            cond, uncond = pipe.encode_prompt([j.prompt for j in jobs], _negatives(jobs, cfg), cfg, 1, device=device,
-                                              max_sequence_length=self.max_sequence_length)
+            cond, uncond, cached = self.texts(pipe, jobs, cfg, device, lambda: pipe.encode_prompt(
+                [j.prompt for j in jobs], _negatives(jobs, cfg), cfg, 1, device=device,
+                max_sequence_length=self.max_sequence_length))
             gens = [_generator(j.seed) for j in jobs]
             latents = pipe.prepare_latents(len(jobs), pipe.transformer.config.in_channels, shape["height"],
                                            shape["width"], shape["num_frames"], torch.float32, device, gens, None)
-        return _slots(pipe, jobs, device, latents, cond.to(dtype), uncond.to(dtype) if cfg else None, gens)
+        return _slots(pipe, jobs, device, latents, cond.to(dtype), uncond.to(dtype) if cfg else None, gens, cached)
 
     def denoise(self, pipe, slots: list[Slot]) -> list[Any]:
         import torch

@@ -1,5 +1,6 @@
 """The model-family part of a ``[models.NAME]`` table: its keys (``true_cfg_scale``,
-``max_sequence_length``) and the checks of a model's config against what its family can produce
+``max_sequence_length``; the speed levers ``prompt_cache_bytes``, ``caches``, ``default_cache``,
+``compile``, ``attention_backend``, ``quantize``) and the checks of a model's config against what its family can produce
 (read from the model directory's JSON files, or the demo catalog; no weights, no torch).
 
 A size multiple, frame stride or size the family cannot honour is an error naming the key; when
@@ -14,8 +15,19 @@ from pathlib import Path
 from typing import Any
 
 from ..backends.families import DEMO_TRAITS, MAX_SEQUENCE_LENGTH, Traits, inspect_model_dir
+from ..backends.families import speed as levers
 
 KEYS = ("true_cfg_scale", "max_sequence_length")
+SPEED_KEYS = ("prompt_cache_bytes", "caches", "default_cache", "compile", "attention_backend", "quantize")
+SPEED_SCHEMA = {
+    "prompt_cache_bytes": {"type": "integer", "minimum": 0, "default": levers.PROMPT_CACHE_BYTES},
+    "caches": {"type": "array", "items": {"enum": list(levers.METHODS)}},
+    "default_cache": {"type": "object", "properties": {"method": {"enum": list(levers.METHODS)}},
+                      "required": ["method"]},
+    "compile": {"enum": list(levers.COMPILE_MODES), "default": "off"},
+    "attention_backend": {"type": "string"},
+    "quantize": {"type": "string"},
+}
 DEFAULT_SIZE_MULTIPLE = 8
 
 
@@ -27,10 +39,23 @@ class ModelFamily:
     traits: Traits | None = None
     true_cfg_scale: float | None = None  # FLUX-style true CFG (> 1: negative prompts are used)
     max_sequence_length: int | None = None  # T5 tokens (FLUX, SD3, Wan); None: the pipeline's default
+    # The speed levers (docs/performance.md).
+    prompt_cache_bytes: int = levers.PROMPT_CACHE_BYTES  # the worker's prompt-embedding cache; 0: off
+    caches: tuple[str, ...] = ()  # step caches requests may ask for
+    default_cache: Any = None  # a normalized cache dict for requests that name none
+    compile: str = "off"  # torch.compile of the denoiser: off | regional | full
+    attention_backend: str | None = None  # diffusers' attention dispatcher backend
+    quantize: str | None = None
 
     def public(self) -> dict[str, Any]:
         return {"family": self.traits.describe() if self.traits else None, "true_cfg_scale": self.true_cfg_scale,
-                "max_sequence_length": self.max_sequence_length}
+                "max_sequence_length": self.max_sequence_length, **self.speed_spec(), "caches": list(self.caches),
+                "default_cache": self.default_cache}
+
+    def speed_spec(self) -> dict[str, Any]:
+        """What a worker needs at load (the load message's spec)."""
+        return {"prompt_cache_bytes": self.prompt_cache_bytes, "compile": self.compile,
+                "attention_backend": self.attention_backend, "quantize": self.quantize}
 
 
 def build(cls: Any, kw: dict[str, Any], raw: dict[str, Any], error: Any) -> Any:
@@ -69,6 +94,48 @@ def parse_keys(raw: dict[str, Any]) -> dict[str, Any]:
             raise FamilyConfigError("max_sequence_length", f"must be an integer between 1 and {MAX_SEQUENCE_LENGTH}, "
                                                            f"got {v!r}")
         kw["max_sequence_length"] = v
+    return {**kw, **parse_speed(raw)}
+
+
+def parse_speed(raw: dict[str, Any]) -> dict[str, Any]:
+    """The speed keys, type-checked; ``caches`` / ``default_cache`` against the family in ``apply``."""
+    kw: dict[str, Any] = {}
+    if "prompt_cache_bytes" in raw:
+        v = raw["prompt_cache_bytes"]
+        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+            raise FamilyConfigError("prompt_cache_bytes", f"must be an integer ≥ 0 (0: off), got {v!r}")
+        kw["prompt_cache_bytes"] = v
+    if "caches" in raw:
+        v = raw["caches"]
+        if not isinstance(v, list):
+            raise FamilyConfigError("caches", f"must be a list of cache methods, got {v!r}")
+        for i, m in enumerate(v):
+            if m not in levers.METHODS:
+                raise FamilyConfigError(f"caches[{i}]", f"must be one of {', '.join(levers.METHODS)}, got {m!r}")
+        kw["caches"] = tuple(dict.fromkeys(v))
+    if "default_cache" in raw:
+        try:
+            kw["default_cache"] = levers.normalize(raw["default_cache"], None, kw.get("caches", ()))
+        except levers.CacheError as e:
+            raise FamilyConfigError("default_cache" + e.field.removeprefix("cache"), e.message) from None
+    if "compile" in raw:
+        if raw["compile"] not in levers.COMPILE_MODES:
+            raise FamilyConfigError("compile", f"must be one of {', '.join(levers.COMPILE_MODES)}, "
+                                               f"got {raw['compile']!r}")
+        kw["compile"] = raw["compile"]
+    if "attention_backend" in raw:
+        v = raw["attention_backend"]
+        problem = levers.attention_backend_problem(v) if isinstance(v, str) else "must be a string"
+        if problem:
+            raise FamilyConfigError("attention_backend", problem)
+        kw["attention_backend"] = v
+    if "quantize" in raw:
+        v = raw["quantize"]
+        if not isinstance(v, str) or v not in levers.QUANTIZE:
+            raise FamilyConfigError("quantize", f"must be one of {', '.join(levers.QUANTIZE)}, got {v!r}")
+        if not levers.cuda_available():
+            raise FamilyConfigError("quantize", f"{v!r} quantization needs a CUDA device; this machine has none")
+        kw["quantize"] = v
     return kw
 
 
@@ -104,4 +171,8 @@ def apply(m: Any, raw: dict[str, Any]) -> Any:
         raise FamilyConfigError("true_cfg_scale", f"{fam} has no true CFG (only FLUX-style pipelines take it)")
     if m.family.max_sequence_length is not None and not t.max_sequence_length:
         raise FamilyConfigError("max_sequence_length", f"{fam} has no T5-style text encoder length to set")
+    for i, method in enumerate(m.family.caches):
+        if t.family not in levers.METHODS[method][0]:
+            raise FamilyConfigError(f"caches[{i}]", f"{method!r} does not apply to {fam} (it has: "
+                                                    f"{', '.join(levers.methods_for(t.family)) or 'none'})")
     return replace(m, **kw)

@@ -77,11 +77,15 @@ class BatchKey(NamedTuple):
     # What else must be equal inside one call, per the model's family (e.g. "neg" when jobs with
     # and without a negative prompt would change each other's output; a conditioning image digest).
     variant: str = ""
+    # Execution options that change the computation (a step cache: "deep:interval=3"), so jobs that
+    # asked for different trade-offs never share a denoiser call (DESIGN §5).
+    execution: str = ""
 
     def label(self) -> str:
         frames = f"x{self.num_frames}f" if self.num_frames else ""
         variant = f":{self.variant}" if self.variant else ""
-        return f"{self.model}:{self.width}x{self.height}{frames}:{self.steps}st:g{self.guidance:g}{variant}"
+        execution = f":{self.execution}" if self.execution else ""
+        return f"{self.model}:{self.width}x{self.height}{frames}:{self.steps}st:g{self.guidance:g}{variant}{execution}"
 
 
 @dataclass(frozen=True)
@@ -102,8 +106,9 @@ class ModelLimits:
     def stepped(self, key: "BatchKey") -> bool:
         """Whether jobs of ``key`` run in step-level sets: the model batches by steps and the jobs
         are text-only. A key with a variant (an init image, a mask, a conditioning image, ...)
-        runs in request-level batches: the step loop drives text-to-image and text-to-video."""
-        return self.step_batching and not key.variant
+        runs in request-level batches: the step loop drives text-to-image and text-to-video. So
+        does a key with a step cache (its cache state lives in one pipeline call)."""
+        return self.step_batching and not key.variant and not key.execution
 
     def queue_key(self, key: "BatchKey") -> "BatchKey":
         """The key a job waits under. Step-level batching shares a running set across step counts

@@ -6,6 +6,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from ..backends.families import Traits, call_variant
+from ..backends.families import speed as levers
 from ..backends.image_input import ImageInputError, InputImage, check_input, split_data_url
 from ..config.load import ModelConfig
 from ..engine.types import BatchKey, Priority
@@ -58,10 +59,12 @@ class JobParams:
     # How the worker encodes an image job's output; not part of the batch key (encoding is per job).
     output_format: str | None = None  # png | jpeg | webp; None: a video job (MP4), or a record from before: png
     output_compression: int | None = None  # jpeg / webp quality 0..100; None for png and videos
+    cache: dict[str, Any] | None = None  # the step cache (normalized; docs/performance.md); part of the batch key
 
     @property
     def key(self) -> BatchKey:
-        return BatchKey(self.model, self.width, self.height, self.num_frames, self.steps, self.guidance, self.variant)
+        return BatchKey(self.model, self.width, self.height, self.num_frames, self.steps, self.guidance, self.variant,
+                        levers.label(self.cache))
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__, webhook_events=list(self.webhook_events))
@@ -164,11 +167,22 @@ def validate(body: dict[str, Any], models: dict[str, ModelConfig], *, random_see
     if bad or not events:
         raise RequestError("webhook_events", f"must be a non-empty list of {', '.join(WEBHOOK_EVENTS)}")
     fmt, compression = _output_format(body, name, m.kind)
+    cache = _cache(body.get("cache"), m, traits)
     image_sha, mask_sha = (x.sha256 if x else None for x in (image, mask))
     return JobParams(name, prompt, neg, width, height, frames, steps, guidance, seed, priority, timeout_s, webhook,
                      events, variant=call_variant(traits, neg, image_sha, task, strength), task=task,
                      strength=strength, image_sha256=image_sha, mask_sha256=mask_sha,  # image/mask: stored later
-                     output_format=fmt, output_compression=compression)
+                     output_format=fmt, output_compression=compression, cache=cache)
+
+
+def _cache(raw: Any, m: ModelConfig, traits: Traits | None) -> dict[str, Any] | None:
+    """The request's step cache, normalized (absent: the model's ``default_cache``)."""
+    if raw is None:
+        return m.family.default_cache
+    try:
+        return levers.normalize(raw, traits.family if traits else None, m.family.caches)
+    except levers.CacheError as e:
+        raise RequestError(e.field, e.message) from None
 
 
 def _output_format(body: dict[str, Any], name: str, kind: str) -> tuple[str | None, int | None]:

@@ -21,7 +21,8 @@ worker -> server (``ev``):
                 finished_before?: {job_id: {inference_start, inference_end, output_written}}}
                                       (a Ray actor after a re-attach: the jobs it finished for the old server)
   heartbeat    {t}                    (every heartbeat_s, from its own thread)
-  loaded       {model, cached, load_start, load_end, bytes, tier: disk | page_cache | host | resident}
+  loaded       {model, cached, load_start, load_end, bytes, tier: disk | page_cache | host | resident,
+                compiled, compile_s, compiles}   (compile + warm-up: inside load_start..load_end)
   unloaded     {model, freed_bytes, kept_in, used_bytes, resident}
   load_failed  {model, code, message}
   started      {batch_id, t}
@@ -31,8 +32,10 @@ worker -> server (``ev``):
   job_paused   {batch_id, job_id, step}       (step mode: taken out for a higher-priority job)
   job_canceled {batch_id, job_id, t}
   job_done     {batch_id, job_id, result: {key, content_type, bytes}, inference_start, inference_end,
-                output_written, step?: {joined_step, shared_with, paused_at}}
-  batch_done   {batch_id, t, peak_bytes, estimated_bytes}  (peak: measured on CUDA, else 0; estimate: a hint)
+                output_written, step?: {joined_step, shared_with, paused_at},
+                execution: {cache, steps_computed, steps_reused, prompt_cache, compiled}}
+  batch_done   {batch_id, t, peak_bytes, estimated_bytes, compiles}  (peak: measured on CUDA, else 0; estimate: a
+                hint; compiles: graphs torch.compile made during the batch)
   batch_failed {batch_id, code, message}
 
 """

@@ -149,6 +149,11 @@ class FamilyAdapter:
             kw["num_frames"] = params["num_frames"]
         return kw
 
+    def text_path(self) -> Any:
+        """How this family's texts are encoded for the worker's prompt-embedding cache (a
+        ``backends.prompt_cache.TextPath``), or None: the pipeline encodes its prompts itself."""
+        return None
+
     def step_driver(self, pipe: Any) -> Any:
         """How to drive this family's pipeline one denoising step at a time for step-level batching
         (a ``backends.stepping.StepFamily``), or None: it keeps request-level calls."""

@@ -52,6 +52,11 @@ class Adapter(FamilyAdapter):
                 kw.pop("width"), kw.pop("height")
         return kw
 
+    def text_path(self):
+        from ..prompt_cache import ClipText
+
+        return ClipText()
+
     def step_driver(self, pipe):
         from ..stepping import UNetFamily
 

@@ -19,6 +19,9 @@ def traits(pipeline: str, configs: Configs) -> Traits:
 class Adapter(SDAdapter):
     family = "sdxl"
 
+    def text_path(self):
+        return None  # two text encoders and pooled embeddings: the pipeline encodes its prompts
+
     def step_driver(self, pipe):
         return None  # its UNet also takes pooled text embeddings and size/crop ids: not step-batched yet
 

@@ -33,6 +33,11 @@ class Adapter(FamilyAdapter):
     def inputs_supplied(self):  # type: ignore[override]
         return frozenset({"prompt", "image"} if self.traits.image_input else {"prompt"})
 
+    def text_path(self):
+        from ..prompt_cache import T5Text
+
+        return T5Text(self.options.max_sequence_length or 512)  # the pipeline's __call__ default
+
     def step_driver(self, pipe):
         from ..stepping import WanFamily
 

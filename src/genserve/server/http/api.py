@@ -91,7 +91,8 @@ class Api:
         # Only the job's own tenant's ids are shown; other tenants' jobs are counted, never named.
         own = [i for i in shared if (other := self.jobs.get(i)) is not None and other["tenant"] == job["tenant"]]
         stepped = (getattr(self.config.models.get(job["model"]), "batching", "") == "step"
-                   and not job["params"].get("variant"))  # jobs with image inputs: request level
+                   and not job["params"].get("variant")  # jobs with image inputs: request level
+                   and not job["params"].get("cache"))  # and jobs with a step cache
         mode = "step" if job["step_batching"] is not None or stepped else "request"
         return {"id": job["batch_id"], "size": job["batch_size"], "worker": job["worker"], "mode": mode,
                 # step mode: the running set's step count when it joined, who shared its denoiser
@@ -130,7 +131,10 @@ class Api:
             "cold_start": {"waited": job["t_load_start"] is not None, "worker": job["worker"] if job["t_load_start"] else None,
                            "tier": job["load_tier"],
                            "seconds": None if stages["cold_start"] is None else round(stages["cold_start"], 4)},
-            "breakdown": {f"{k}_s": None if v is None else round(v, 4) for k, v in stages.items()},
+            "breakdown": {**{f"{k}_s": None if v is None else round(v, 4) for k, v in stages.items()},
+                          "compile_s": job.get("compile_s")},  # part of cold_start_s (compile = ... models)
+            # what ran: {cache, steps_computed, steps_reused, prompt_cache, compiled} (docs/performance.md)
+            "execution": job.get("execution"),
             # the job's share of its batch's device time, and its price; set when the batch ends
             "cost": {"device_seconds": job["device_seconds"], "usd": job["cost_usd"], "device_type": job["device_type"]},
             "results": [result_entry(urls["result"], i, r) for i, r in enumerate(job["results"])],

@@ -86,6 +86,9 @@ class JobRequest(BaseModel):
     output_format: Literal["png", "jpeg", "webp"] | None = Field(default=None, description="image models: how "
                                                                  "the result is encoded (default png)")
     output_compression: int | None = Field(default=None, description="jpeg / webp quality, 0..100 (default 90)")
+    cache: dict[str, Any] | None = Field(default=None, description='a step cache the model enables (its caches), '
+                                         'e.g. {"method": "deep", "interval": 3} or {"method": "first_block", '
+                                         '"threshold": 0.1}; default: the model\'s default_cache (docs/performance.md)')
 
 
 OPENAI_QUALITIES = ("low", "medium", "high", "xhigh", "max", "auto", "standard", "hd")

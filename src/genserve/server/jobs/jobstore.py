@@ -87,8 +87,11 @@ _ADDED_COLUMNS = {"jobs": {
     "t_results_deleted": "REAL",  # when retention (or the API) deleted the job's result files
     "tenant": f"TEXT NOT NULL DEFAULT '{DEFAULT_TENANT}'",  # whose job (jobs from before tenants: default)
     "adopted": "INTEGER",  # 1: finished with an output found after its report was lost (stats: downtime)
+    # JSON {cache, steps_computed, steps_reused, prompt_cache, compiled}: what ran (docs/performance.md)
+    "execution": "TEXT",
+    "compile_s": "REAL",  # of the load this job waited for: torch.compile and its warm-up (inside the load)
 }}
-_JSON_COLUMNS = {"results", "step_batching"}
+_JSON_COLUMNS = {"results", "step_batching", "execution"}
 
 
 class JobStore:
@@ -353,9 +356,10 @@ def _decode(row: sqlite3.Row) -> dict[str, Any]:
     d["params"] = params if isinstance(params, dict) else {}
     results = _loads(d["results"], [])
     d["results"] = [r for r in results if isinstance(r, dict)] if isinstance(results, list) else []
-    if d.get("step_batching") is not None:
-        step = _loads(d["step_batching"], None)
-        d["step_batching"] = step if isinstance(step, dict) else None
+    for col in ("step_batching", "execution"):
+        if d.get(col) is not None:
+            value = _loads(d[col], None)
+            d[col] = value if isinstance(value, dict) else None
     d["cancel_requested"] = bool(d["cancel_requested"])
     return d
 

@@ -12,7 +12,8 @@ from typing import Any, Protocol
 # also the SSE event names.
 JOB_EVENTS = ("queued", "started", "progress", "retrying", "succeeded", "failed", "canceled")
 # Events about the fleet have no job id: "batch_dispatched", "batch_ended" (with each job's charge),
-# "model_loaded", and "synced" after every engine step (the fleet's state may have changed).
+# "model_loaded", "recompiled" (torch.compile compiled during a batch), and "synced" after every
+# engine step (the fleet's state may have changed).
 
 
 @dataclass(frozen=True)

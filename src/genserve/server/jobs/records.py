@@ -75,7 +75,8 @@ class JobRecords:
 
     def model_loaded(self, job_ids: tuple[str, ...], msg: Mapping[str, Any]) -> None:
         """These jobs waited for the load ``msg`` reports."""
-        self.store.update(job_ids, t_load_start=msg["load_start"], t_load_end=msg["load_end"], load_tier=msg["tier"])
+        self.store.update(job_ids, t_load_start=msg["load_start"], t_load_end=msg["load_end"], load_tier=msg["tier"],
+                          compile_s=msg.get("compile_s") or None)
 
     def inference_started(self, job_ids: list[str], t: float) -> None:
         self.store.update(job_ids, t_inference_start=t)
@@ -92,13 +93,13 @@ class JobRecords:
         if job is not None and not is_terminal(job["status"]):
             self.store.update([job_id], results=[msg["result"]], t_inference_start=msg["inference_start"],
                               t_inference_end=msg["inference_end"], t_output_written=msg["output_written"],
-                              step_batching=msg.get("step"))
+                              step_batching=msg.get("step"), execution=msg.get("execution"))
             self.finish(job_id, JobStatus.SUCCEEDED, now)
 
     def retry(self, d: RetryJob, now: float) -> None:
         self.store.end_attempt(d.job_id, d.code, d.message, now)
         self.store.update([d.job_id], status=JobStatus.QUEUED, attempts=d.attempts, batch_id=None, batch_size=None,
-                          worker=None, t_dispatched=None, t_load_start=None, t_load_end=None, load_tier=None,
+                          worker=None, t_dispatched=None, t_load_start=None, t_load_end=None, load_tier=None, compile_s=None,
                           t_inference_start=None, t_inference_end=None)
         self._progress.pop(d.job_id, None)
         self.publish(Event("retrying", now, d.job_id, {"code": d.code, "message": d.message, "attempts": d.attempts,

@@ -28,6 +28,8 @@ METRIC_NAMES = (
     "genserve_device_seconds", "genserve_cost_usd", "genserve_idle_cost_usd", "genserve_workers",
     # retention (server/jobs/sweeper.py)
     "genserve_result_bytes_stored", "genserve_result_bytes_deleted", "genserve_jobs_deleted",
+    # speed levers (docs/performance.md)
+    "genserve_prompt_cache", "genserve_step_cache_steps", "genserve_compiles",
 )
 
 
@@ -53,6 +55,13 @@ class Metrics:
                                       ["model", "device_type"], registry=r)
         self.cost = Counter("genserve_cost_usd", "Cost charged to jobs: device-seconds × price", ["model", "device_type"],
                             registry=r)
+        # The speed levers (docs/performance.md), from each succeeded job's ``execution``.
+        self.prompt_cache = Counter("genserve_prompt_cache", "Jobs whose prompt embeddings came from the worker's "
+                                    "cache (result=hit) or were encoded (miss)", ["model", "result"], registry=r)
+        self.cache_steps = Counter("genserve_step_cache_steps", "Denoising steps of jobs with a step cache: "
+                                   "computed in full or reused", ["model", "method", "kind"], registry=r)
+        self.compiles = Counter("genserve_compiles", "torch.compile graph compilations on workers (at load: "
+                                "when=load; later: when=recompile, each a stall)", ["model", "when"], registry=r)
 
 
 @dataclass

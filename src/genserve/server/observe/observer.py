@@ -64,10 +64,17 @@ class Observer:
             return
         model, tier = msg["model"], msg.get("tier") or "disk"
         took = max(0.0, msg["load_end"] - msg["load_start"])
+        if msg.get("compiles"):
+            self.metrics.compiles.labels(model, "load").inc(msg["compiles"])
         self.metrics.cold_starts.labels(model, tier).inc()
         self.metrics.cold_start_seconds.labels(model, tier).observe(took)
         log.info("model loaded", extra={"worker": msg["worker"], "model": model, "stage": "loaded", "tier": tier,
                                         "timings": {"load_s": took, "bytes": msg.get("bytes")}})
+
+    def _recompiled(self, ev: Event) -> None:
+        self.metrics.compiles.labels(ev.data["model"], "recompile").inc(ev.data["compiles"])
+        log.warning("recompiled", extra={"worker": ev.data["worker"], "model": ev.data["model"], "stage": "recompiled",
+                                         "timings": {"compiles": ev.data["compiles"]}})
 
     def _retrying(self, ev: Event) -> None:
         if ev.record is None:
@@ -82,6 +89,7 @@ class Observer:
         self.metrics.jobs.labels(model, status, job["error_code"] or "none").inc()
         spans = breakdown(job)
         if status == JobStatus.SUCCEEDED:
+            self._execution(model, job.get("execution") or {})
             self.metrics.latency.labels(model).observe(spans["total"] or 0.0)
             for stage in ("queue_wait", "cold_start", "inference", "output_write"):
                 if spans[stage] is not None:
@@ -89,6 +97,14 @@ class Observer:
         log.info(f"job {status}", extra={"job_id": job["id"], "batch_id": job["batch_id"], "worker": job["worker"],
                                          "model": model, "stage": "finished", "status": status,
                                          "code": job["error_code"], "timings": _rounded(spans)})
+
+    def _execution(self, model: str, ex: Mapping[str, Any]) -> None:
+        if ex.get("prompt_cache") in ("hit", "miss"):
+            self.metrics.prompt_cache.labels(model, ex["prompt_cache"]).inc()
+        if ex.get("cache"):
+            method = ex["cache"].get("method", "?")
+            self.metrics.cache_steps.labels(model, method, "computed").inc(ex.get("steps_computed") or 0)
+            self.metrics.cache_steps.labels(model, method, "reused").inc(ex.get("steps_reused") or 0)
 
     def _batch_ended(self, ev: Event) -> None:
         d = ev.data
@@ -165,6 +181,7 @@ class Observer:
 _HANDLERS: dict[str, Callable[[Observer, Event], None]] = {
     "queued": Observer._queued, "batch_dispatched": Observer._batch_dispatched, "model_loaded": Observer._model_loaded,
     "retrying": Observer._retrying, "batch_ended": Observer._batch_ended, "synced": Observer._synced,
+    "recompiled": Observer._recompiled,
 }
 
 

@@ -87,6 +87,11 @@ POSTGRES: tuple[Migration, ...] = (
         END $$""",
         "CREATE TRIGGER jobs_inserted AFTER INSERT ON jobs FOR EACH ROW EXECUTE FUNCTION genserve_job_inserted()",
     )),
+    Migration(3, "what ran (execution, compile_s) and outputs adopted after a restart (adopted)", (
+        "ALTER TABLE jobs ADD COLUMN IF NOT EXISTS adopted INTEGER",
+        "ALTER TABLE jobs ADD COLUMN IF NOT EXISTS execution TEXT",
+        "ALTER TABLE jobs ADD COLUMN IF NOT EXISTS compile_s DOUBLE PRECISION",
+    )),
 )
 
 LATEST = {"sqlite": SQLITE[-1].version, "postgres": POSTGRES[-1].version}
