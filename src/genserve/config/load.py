@@ -204,7 +204,7 @@ SECTIONS: dict[str, Section] = {
     "models": Section(ModelConfig, keyed=True, exclude=("name", "family"), required=("kind", "source"), title="a model",
                       extra={"true_cfg_scale": {"type": "number", "minimum": 0},
                              "max_sequence_length": {"type": "integer", "minimum": 1, "maximum": 512},
-                             **family_config.SPEED_SCHEMA},
+                             **families.SPEED_SCHEMA},
                       overrides={"kind": {"enum": list(KINDS)}, "dtype": {"enum": list(DTYPES)},
                                  "batching": {"enum": list(BATCHING_MODES)},
                                  "sizes": {"type": "array", "items": SIZE}, "default_size": SIZE,
