@@ -24,6 +24,7 @@ from collections.abc import Callable
 from typing import Any, assert_never
 
 from ...config.auth import DEFAULT_TENANT
+from ...config.errors import ConfigError
 from ...config.load import DEMO_SOURCES, GIB, Config, engine_settings
 from ...engine import (
     CancelRunning,
@@ -52,11 +53,12 @@ from ...workers.ray_pool import RayPool, RaySettings
 from ..jobs.events import EventHub
 from ..jobs.jobstore import JobStore
 from ..jobs.listeners import Event, Listener
+from ..jobs.loras import LoraRegistry
 from ..jobs.records import JobRecords
 from ..jobs.sweeper import Retention
 from ..jobs.webhooks import WebhookSender
 from ..observe.observer import Observer
-from ..requests import JobParams
+from ..requests import JobParams, RequestError
 from ..security.ssrf import WebhookGuard
 from ..status import JobStatus, is_terminal
 from .fleet import FleetState
@@ -149,6 +151,9 @@ class Runtime:
         self.store = JobStore(s.data_dir / "jobs.db")
         results_spec = config.results.spec(s.data_dir)
         self.results = open_store(results_spec)
+        self.loras = LoraRegistry(s.data_dir / "jobs.db", self.results, {
+            name: None if m.source.startswith("s3://") else config.model_dir(name) for name, m in config.models.items()},
+            s.max_lora_bytes)
         # The batch-id prefix is unique per start: restarts share one database.
         self.engine = Engine(engine_settings(config, batch_id_prefix=f"b{secrets.token_hex(3)}"))
         self.events = EventHub()
@@ -185,6 +190,11 @@ class Runtime:
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
         await self._loop.run_in_executor(None, build_demo_models, self.config)
+        for lora in self.config.loras.values():  # [loras.NAME]: shared, refreshed from their source at start
+            try:
+                self.loras.register_source(lora.name, lora.model, lora.source, fetch=self.fetch_object, replace=True)
+            except RequestError as e:
+                raise ConfigError(f"loras.{lora.name}.source", e.message) from None
         self.models_ready = True
         # First the pool: cluster workers that outlived the old server say which of its jobs they
         # still run; those are held (not run again) until the worker is ready or lost (reattach.py).
@@ -255,6 +265,7 @@ class Runtime:
         self.retention.close()
         await self.pool.close()
         await self.webhooks.close()
+        self.loras.close()
         self.store.close()
 
     def _on_worker_message(self, worker_id: str, msg: dict[str, Any]) -> None:
@@ -300,6 +311,17 @@ class Runtime:
         if not adm.accepted or self.engine.queue_depth(model) + len(params) > self.config.models[model].max_queue:
             raise QueueFull(model, adm.retry_after_s or 1.0)
         return [self.submit(p, None, tenant)[0] for p in params]
+
+    def fetch_object(self, source: str) -> bytes:
+        """An ``s3://`` object (a LoRA source), with the result store's endpoint and region."""
+        from ...storage.model_cache import fetch_object
+
+        return fetch_object(source, endpoint_url=self.config.results.endpoint_url, region=self.config.results.region)
+
+    def jobs_using_lora(self, lora_id: str, name: str) -> list[dict[str, Any]]:
+        """Queued or running jobs that asked for this adapter (it cannot be deleted under them)."""
+        return [j for j in self.store.unfinished()
+                if any(a.get("id") == lora_id and a.get("name") == name for a in j["params"].get("loras") or ())]
 
     def cancel(self, job_id: str) -> dict[str, Any] | None:
         job = self.store.get(job_id)
