@@ -77,11 +77,15 @@ class BatchKey(NamedTuple):
     # What else must be equal inside one call, per the model's family (e.g. "neg" when jobs with
     # and without a negative prompt would change each other's output; a conditioning image digest).
     variant: str = ""
+    # LoRA batching "split" (docs/lora.md): the job's adapter set, so jobs with different adapters
+    # never share a call; "" where adapters mix in one call (each row gets its own).
+    loras: str = ""
 
     def label(self) -> str:
         frames = f"x{self.num_frames}f" if self.num_frames else ""
         variant = f":{self.variant}" if self.variant else ""
-        return f"{self.model}:{self.width}x{self.height}{frames}:{self.steps}st:g{self.guidance:g}{variant}"
+        loras = f":lora[{self.loras}]" if self.loras else ""
+        return f"{self.model}:{self.width}x{self.height}{frames}:{self.steps}st:g{self.guidance:g}{variant}{loras}"
 
 
 @dataclass(frozen=True)

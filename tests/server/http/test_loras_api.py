@@ -155,3 +155,73 @@ def test_config_loras_are_shared_and_tenants_are_isolated(tmp_path, demo_dir, in
             assert (await ad.get("/v1/loras/mine")).json()["owner"] == "acme"
             assert (await upload(b, "mine", ink)).status_code == 201  # its own, same name: another scope
     run(config(tmp_path, demo_dir, f'[loras.house]\nmodel = "img"\nsource = "{src}"'), test)
+
+
+def test_jobs_take_loras_and_echo_them(tmp_path, demo_dir, ink):
+    async def test(w: World):
+        store = KeyStore(tmp_path)
+        _, acme = store.create("acme")
+        _, other = store.create("other")
+        store.close()
+        async with w.http(acme) as a, w.http(other) as b:
+            assert (await upload(a, "ink", ink)).status_code == 201
+            assert (await upload(a, "paper", ink, model="other")).status_code == 201
+            r = await a.post("/v1/jobs", json={"model": "img", "prompt": "p", "loras": [{"name": "ink", "scale": 0.8}]})
+            assert r.status_code == 202, r.text
+            job = r.json()
+            lid = (await a.get("/v1/loras/ink")).json()["id"]
+            assert job["params"]["loras"] == [{"name": "ink", "scale": 0.8, "id": lid}]
+            msg = w.rt.pool.take("run")[0][1]  # what the worker is sent: each job's adapters
+            assert msg["jobs"][0]["loras"] == [{"name": "ink", "scale": 0.8, "id": lid}]
+            # the form spelling of the same request
+            r = await a.post("/v1/jobs", data={"model": "img", "prompt": "p"}, files={"loras": (None, "ink:0.5")})
+            assert r.status_code == 202 and r.json()["params"]["loras"][0]["scale"] == 0.5
+            for body, field in (({"loras": [{"name": "nope"}]}, "loras[0].name"),
+                                ({"loras": [{"name": "ink"}, {"name": "paper"}]}, "loras[1].name"),  # other model
+                                ({"loras": [{"name": "ink", "scale": 4.5}]}, "loras[0].scale"),
+                                ({"loras": [{"name": "ink"}, {"name": "ink"}]}, "loras[1].name"),
+                                ({"loras": [{"name": "ink"}] * 3}, "loras"),  # max_loras = 2
+                                ({"loras": [{"name": "ink", "weight": 1}]}, "loras.0.weight")):
+                r = await a.post("/v1/jobs", json={"model": "img", "prompt": "p", **body})
+                assert r.status_code == 400 and r.json()["error"]["field"] == field, (body, r.text)
+            r = await b.post("/v1/jobs", json={"model": "img", "prompt": "p", "loras": [{"name": "ink"}]})
+            assert r.status_code == 400 and r.json()["error"]["field"] == "loras[0].name"  # acme's: unknown to other
+            # an adapter queued jobs use cannot be deleted
+            r = await a.delete("/v1/loras/ink")
+            assert r.status_code == 409 and r.json()["error"]["code"] == "conflict"
+            r = await a.post("/v1/images/generations", json={"model": "img", "prompt": "p", "n": 1,
+                                                              "loras": [{"name": "ink", "scale": 9}]})
+            assert r.status_code == 400 and r.json()["error"]["field"] == "loras[0].scale"
+    run(_with_max(tmp_path, demo_dir), test)
+
+
+def _with_max(tmp_path, demo_dir):
+    cfg = config(tmp_path, demo_dir)
+    from dataclasses import replace
+
+    return replace(cfg, models={**cfg.models, "img": replace(cfg.models["img"], max_loras=2)})
+
+
+def test_split_puts_the_adapter_set_in_the_batch_key(tmp_path, demo_dir, ink):
+    from dataclasses import replace
+
+    from genserve.server.requests import validate
+
+    cfg = config(tmp_path, demo_dir)
+    lora = {"name": "ink", "model": "img", "id": "abc"}
+    body = {"model": "img", "prompt": "p", "loras": [{"name": "ink", "scale": 0.5, "lora": lora}]}
+    mixed = validate(body, cfg.models, random_seed=1)
+    assert mixed.key.loras == "" and mixed.loras == (("ink", 0.5, "abc"),)
+    split = validate(body, {**cfg.models, "img": replace(cfg.models["img"], lora_batching="split")}, random_seed=1)
+    assert split.key.loras == "abc@0.5" and split.key != validate({"model": "img", "prompt": "p"}, cfg.models,
+                                                                   random_seed=1).key
+
+
+def test_cli_lora_argument():
+    import argparse
+
+    from genserve.cli.jobs import lora_arg
+
+    assert lora_arg("ink:0.8") == {"name": "ink", "scale": 0.8} and lora_arg("ink") == {"name": "ink"}
+    with pytest.raises(argparse.ArgumentTypeError):
+        lora_arg("ink:strong")

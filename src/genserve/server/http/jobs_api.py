@@ -22,13 +22,14 @@ from .schemas import JobRequest
 # How a multipart/form-data submit's fields are typed (the rest are text).
 FORM_KINDS = {**{f: "int" for f in ("width", "height", "num_frames", "steps", "seed")},
               **{f: "float" for f in ("guidance", "timeout_s", "strength")},
-              "webhook_events": "list", "image": "image", "mask": "image"}
+              "webhook_events": "list", "image": "image", "mask": "image", "loras": "loras"}
 _FORM_SCHEMA = {"type": "object", "required": ["model", "prompt"], "properties": {
     **{f: {"type": "string"} for f in ("model", "prompt", "negative_prompt", "priority", "id", "webhook")},
     **{f: {"type": "integer"} for f, k in FORM_KINDS.items() if k == "int"},
     **{f: {"type": "number"} for f, k in FORM_KINDS.items() if k == "float"},
     "webhook_events": {"type": "array", "items": {"type": "string"}},
-    "image": {"type": "string", "format": "binary"}, "mask": {"type": "string", "format": "binary"}}}
+    "image": {"type": "string", "format": "binary"}, "mask": {"type": "string", "format": "binary"},
+    "loras": {"type": "string", "description": "JSON [{name, scale}], or name:scale,name:scale"}}}
 
 
 def jobs_router(api: Api) -> APIRouter:

@@ -10,7 +10,7 @@ from ...engine import JoinBatch, LoadModel, RunBatch
 from ...workers import protocol as P
 
 _JOB_FIELDS = ("prompt", "negative_prompt", "seed", "steps", "guidance")
-_INPUT_FIELDS = ("image", "image_sha256", "mask", "task", "strength",  # absent from older records
+_INPUT_FIELDS = ("image", "image_sha256", "mask", "task", "strength", "loras",  # absent from older records
                  "output_format", "output_compression")  # how the worker encodes an image (absent: png)
 
 
