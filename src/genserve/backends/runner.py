@@ -10,6 +10,7 @@ from typing import Any
 from ..storage import THUMBNAIL_NAME, THUMBNAIL_TYPE, ResultRef, ResultStore, output_name, output_type
 from .encode import encode_image, encode_mp4, encode_thumbnail
 from .families import FamilyAdapter, UnsupportedPipeline, adapter_for
+from .lora_apply import LoraRuntime
 
 Emit = Callable[[dict[str, Any]], None]
 
@@ -135,7 +136,7 @@ def with_inputs(job: dict[str, Any], store: ResultStore) -> dict[str, Any]:
 
 class PipelineRunner:
     def __init__(self, device: str, store: ResultStore, host_cache_bytes: int = 0,
-                 encode: Callable[[str, Any, int], bytes] | None = None) -> None:
+                 encode: Callable[[str, Any, int], bytes] | None = None, lora_bytes: int = 1 << 30) -> None:
         """``encode(kind, output, fps, [fmt=, quality=])``: output -> stored bytes (default PNG /
         H.264 MP4; an image job's output_format and output_compression come as ``fmt``, ``quality``)."""
         self.device = device
@@ -147,6 +148,7 @@ class PipelineRunner:
         self.host_cache: OrderedDict[str, Any] = OrderedDict()  # GPU workers: unloaded models in host RAM
         self.host_cache_bytes = host_cache_bytes if device.startswith("cuda") else 0
         self.loaded_before: set[str] = set()
+        self.loras = LoraRuntime(store, device, lora_bytes)  # adapters: LRU within lora_bytes (docs/lora.md)
 
     @property
     def cuda(self) -> bool:
@@ -275,6 +277,8 @@ class PipelineRunner:
         t_start = time.time()
         emit({"ev": "started", "batch_id": batch_id, "t": t_start})
         outputs: dict[str, Any] = {}
+        self.loras.cache.evict(msg.get("lora_evict") or ())
+        lora_info: dict[str, dict[str, Any]] = {}  # job id -> lora_load_s, tiers
         for group in groups.values():
             if all(j["id"] in canceled for j in group):
                 done_steps += steps  # nobody left to run it for (reported below)
@@ -284,7 +288,8 @@ class PipelineRunner:
             call["generator"] = [torch.Generator(device="cpu").manual_seed(j["seed"]) for j in group]
             call["callback_on_step_end"] = on_step_end
             call["output_type"] = "np" if kind == "video" else "pil"
-            with torch.inference_mode():
+            lora_jobs = self.loras.adapters_of(pipe, group, lora_info) if any(j.get("loras") for j in group) else None
+            with torch.inference_mode(), self.loras.hooks_for(pipe).plan(lora_jobs or []):
                 out = adapter.pipeline(pipe, group[0].get("task") or "text")(**call)
             got = out.images if kind == "image" else out.frames
             for j, o in zip(group, got):
@@ -301,7 +306,8 @@ class PipelineRunner:
                 continue
             ref = self.write_output(kind, next(j for j in jobs if j["id"] == jid), outputs[jid], p["fps"])
             emit({"ev": "job_done", "batch_id": batch_id, "job_id": jid, "result": ref.to_dict(),
-                  "inference_start": t_start, "inference_end": t_end, "output_written": time.time()})
+                  "inference_start": t_start, "inference_end": t_end, "output_written": time.time(),
+                  **lora_info.get(jid, {})})
         return peak
 
     def write_output(self, kind: str, job: dict[str, Any], output: Any, fps: int) -> ResultRef:
