@@ -116,3 +116,33 @@ def test_a_mixed_batch_equals_each_job_alone(runner, adapters, guidance):
         run(runner, "solo-" + j["id"], alone, guidance=guidance)
         diff = np.abs(pixels(runner, j["id"]) - pixels(runner, alone["id"])).max()
         assert diff <= 2, (j["id"], diff)
+
+
+def test_step_level_set_with_different_adapters(runner, adapters):
+    """A running set whose jobs carry different adapters (and one joins between steps): each job's
+    output equals its request-level output alone."""
+    import queue
+
+    from genserve.backends.step_runner import run_steps
+
+    jobs = [dict(job("s0", 11, lo(adapters, "a0")), steps=4, guidance=5.0),
+            dict(job("s1", 12), steps=3, guidance=1.0),
+            dict(job("s2", 13, lo(adapters, "a2", 0.8), lo(adapters, "a3", -1.0)), steps=4, guidance=3.0)]
+    late = dict(job("s3", 14, lo(adapters, "a1")), steps=2, guidance=5.0)
+    joins: queue.Queue = queue.Queue()
+    events: list = []
+
+    def on_step(i):
+        if i == 0:
+            joins.put({"batch_id": "st", "jobs": [late]})
+
+    run_steps(runner, {"batch_id": "st", "model": "demo", "kind": "image", "params": PARAMS, "jobs": jobs},
+              events.append, set(), joins, set(), on_step, 8)
+    done = {e["job_id"]: e for e in events if e["ev"] == "job_done"}
+    assert set(done) == {"s0", "s1", "s2", "s3"} and done["s3"]["step"]["joined_step"] == 1
+    assert done["s0"]["lora_tiers"] and "lora_tiers" not in done["s1"]
+    for j in [*jobs, late]:
+        alone = dict(j, id=j["id"] + "-alone")
+        run(runner, "solo-" + j["id"], alone, steps=j["steps"], guidance=j["guidance"])
+        diff = np.abs(pixels(runner, j["id"]) - pixels(runner, alone["id"])).max()
+        assert diff <= 2, (j["id"], diff)

@@ -214,6 +214,12 @@ class LoraRuntime:
         self.cache = AdapterCache(store, device, budget)
         self.hooks: dict[int, LoraHooks] = {}
 
+    def configure(self, msg: dict[str, Any]) -> None:
+        """A run message's adapter settings: the budget (``lora_memory``) and the engine's evictions."""
+        if msg.get("lora_memory"):
+            self.cache.budget = int(msg["lora_memory"])
+        self.cache.evict(msg.get("lora_evict") or ())
+
     def hooks_for(self, pipe: Any) -> LoraHooks:
         h = self.hooks.get(id(pipe))
         if h is None or h.model is not denoiser(pipe):

@@ -277,7 +277,7 @@ class PipelineRunner:
         t_start = time.time()
         emit({"ev": "started", "batch_id": batch_id, "t": t_start})
         outputs: dict[str, Any] = {}
-        self.loras.cache.evict(msg.get("lora_evict") or ())
+        self.loras.configure(msg)
         lora_info: dict[str, dict[str, Any]] = {}  # job id -> lora_load_s, tiers
         for group in groups.values():
             if all(j["id"] in canceled for j in group):

@@ -111,6 +111,7 @@ class Api:
         if job["status"] == JobStatus.SUCCEEDED:
             step = (job["params"].get("steps"), job["params"].get("steps"))
         stages = breakdown(job)
+        stages["lora_load"] = job.get("lora_load_s")  # within inference: the worker loads adapters in the batch
         return {
             "id": jid, "object": "job", "client_id": job["client_id"], "tenant": job["tenant"], "model": job["model"],
             "status": job["status"], "priority": job["priority"], "params": shown_params(job["params"]),

@@ -82,6 +82,7 @@ _ADDED_COLUMNS = {"jobs": {
     "step_batching": "TEXT",  # step mode: JSON {joined_step, shared_with} (NULL: request-level batch)
     "t_results_deleted": "REAL",  # when retention (or the API) deleted the job's result files
     "tenant": f"TEXT NOT NULL DEFAULT '{DEFAULT_TENANT}'",  # whose job (jobs from before tenants: default)
+    "lora_load_s": "REAL",  # seconds its worker spent loading its LoRA adapters (within inference)
 }}
 _JSON_COLUMNS = {"results", "step_batching"}
 

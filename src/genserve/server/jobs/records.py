@@ -91,7 +91,7 @@ class JobRecords:
         if job is not None and not is_terminal(job["status"]):
             self.store.update([job_id], results=[msg["result"]], t_inference_start=msg["inference_start"],
                               t_inference_end=msg["inference_end"], t_output_written=msg["output_written"],
-                              step_batching=msg.get("step"))
+                              step_batching=msg.get("step"), lora_load_s=msg.get("lora_load_s"))
             self.finish(job_id, JobStatus.SUCCEEDED, now)
 
     def retry(self, d: RetryJob, now: float) -> None:

@@ -38,7 +38,8 @@ def run_message(config: Config, d: RunBatch, jobs: Iterable[Mapping[str, Any]]) 
     params = {"width": d.key.width, "height": d.key.height, "num_frames": d.key.num_frames,
               "steps": d.key.steps, "guidance": d.key.guidance, "fps": m.fps}
     msg = {"op": P.RUN, "batch_id": d.batch_id, "model": d.key.model, "kind": m.kind, "params": params,
-           "jobs": job_payload(jobs)}
+           "jobs": job_payload(jobs), "lora_memory": int(config.server.lora_memory_mb * (1 << 20)),
+           "lora_evict": list(getattr(d, "lora_evict", ()))}
     if m.batching == "step" and not d.key.variant:  # a running set: each job brings its own steps and guidance
         msg.update(mode="step", max_size=m.max_batch_size)
     return msg
