@@ -128,6 +128,7 @@ class QueuedJob:
     weight: float = 1.0  # the tenant's fair-share weight
     vstart: float = 0.0  # fair-share virtual start tag (queues.py); 0 for jobs without a tenant
     alone: bool = False  # its batch failed in a way its own input may cause: it runs in a batch of its own
+    loras: tuple[str, ...] = ()  # the LoRA adapters it needs resident (ids; policies/adapters.py)
 
 
 # ---- decisions: what the engine asks a driver to do --------------------------------------------
@@ -172,6 +173,7 @@ class RunBatch:
     job_ids: tuple[str, ...]
     needs_load: bool = False  # a LoadModel for this worker precedes it (this batch caused the load)
     waits_for_load: bool = False  # the model is still loading there (its own load, or a preload in flight)
+    lora_evict: tuple[str, ...] = ()  # LoRA adapters the worker drops first, so the batch's fit
 
 
 @dataclass(frozen=True)
@@ -184,6 +186,7 @@ class JoinBatch:
     worker: str
     key: BatchKey
     job_ids: tuple[str, ...]
+    lora_evict: tuple[str, ...] = ()  # LoRA adapters the worker drops first, so the joiners' fit
 
 
 @dataclass(frozen=True)

@@ -225,3 +225,29 @@ def test_cli_lora_argument():
     assert lora_arg("ink:0.8") == {"name": "ink", "scale": 0.8} and lora_arg("ink") == {"name": "ink"}
     with pytest.raises(argparse.ArgumentTypeError):
         lora_arg("ink:strong")
+
+
+def test_worker_reports_reach_workers_metrics_and_the_breakdown(tmp_path, demo_dir, ink):
+    async def test(w: World):
+        pool = w.rt.pool
+        async with w.http() as c:
+            lid = (await upload(c, "ink", ink)).json()["id"]
+            job = (await c.post("/v1/jobs", json={"model": "img", "prompt": "p", "loras": [{"name": "ink"}]})).json()
+            for wid, msg in pool.take("load"):
+                pool.say(wid, "loaded", model=msg["model"], cached=False, load_start=1.0, load_end=1.0, bytes=MB,
+                         tier="disk")
+            [(wid, run_msg)] = pool.take("run")
+            assert run_msg["lora_evict"] == [] and run_msg["lora_memory"] == 1024 << 20
+            ref = w.rt.results.put(job["id"], "output.png", b"png", "image/png").to_dict()
+            pool.say(wid, "started", batch_id=run_msg["batch_id"], t=2.0)
+            pool.say(wid, "job_done", batch_id=run_msg["batch_id"], job_id=job["id"], result=ref, inference_start=2.0,
+                     inference_end=3.0, output_written=3.0, lora_load_s=0.25, lora_tiers=["storage"])
+            pool.say(wid, "batch_done", batch_id=run_msg["batch_id"], t=3.0, loras={lid: 12345})
+            view = (await c.get(f"/v1/jobs/{job['id']}")).json()
+            assert view["status"] == "succeeded" and view["breakdown"]["lora_load_s"] == 0.25
+            workers = (await c.get("/v1/workers")).json()["data"]
+            assert workers[0]["resident_loras"] == [{"id": lid, "bytes": 12345}]
+            text = (await c.get("/metrics")).text
+            assert 'genserve_lora_loads_total{tier="storage"} 1.0' in text
+            assert 'genserve_lora_resident_bytes{worker="w0"} 12345.0' in text
+    run(config(tmp_path, demo_dir), test)

@@ -140,6 +140,14 @@ class LoraRegistry:
                                    (tenant, SHARED)).fetchall()
         return [self.view(r) for r in rows]
 
+    def sizes(self, ids) -> dict[str, int]:
+        """Adapter id -> its bytes (a hint for the engine until a worker has measured it)."""
+        out = {}
+        for i in ids:
+            row = self.db.execute("SELECT bytes FROM loras WHERE id = ? LIMIT 1", (i,)).fetchone()
+            out[i] = int(row["bytes"]) if row is not None else 0
+        return out
+
     def delete(self, view: dict[str, Any]) -> None:
         owner = view["owner"] or SHARED
         self.db.execute("DELETE FROM loras WHERE owner = ? AND name = ?", (owner, view["name"]))

@@ -45,6 +45,7 @@ class WorkerView:
     device_name: str | None = None  # what the device says it is (GPU model, or "cpu")
     running_jobs: int = 0  # jobs in its running batch (step-level batching: the running set's size now)
     running_model: str | None = None
+    resident_loras: tuple[dict[str, Any], ...] = ()  # LoRA adapters it holds: {id, bytes}, least recently used first
 
     @property
     def busy(self) -> bool:
@@ -53,7 +54,8 @@ class WorkerView:
     def to_dict(self) -> dict[str, Any]:
         if not self.up:  # starting, restarting or quarantined
             return {"id": self.id, "device": self.device, "state": self.state, "quarantined": self.quarantined,
-                    "restarts": self.restarts, "exits": self.exits, "resident_models": [], "node": self.node,
+                    "restarts": self.restarts, "exits": self.exits, "resident_models": [], "resident_loras": [],
+                    "node": self.node,
                     "device_name": self.device_name, "device_type": self.device_type}
         d = asdict(self)
         d.pop("up")

@@ -230,7 +230,8 @@ class Runtime:
         self.engine.submit(job["id"], params.key, priority, job["t_queued"] or now,
                            force=True, deadline=self._deadline(params, job["t_received"]),
                            attempts=job["attempts"], tenant=job["tenant"],
-                           weight=self.config.access.tenant(job["tenant"]).weight)
+                           weight=self.config.access.tenant(job["tenant"]).weight,
+                           loras=self.loras.sizes(i for _, _, i in params.loras))
         self.records.restored(job, now)
 
     async def drain(self, drain_s: float) -> None:
@@ -301,7 +302,8 @@ class Runtime:
         self._watch_hooks(job_id, params)
         self.engine.submit(job_id, params.key, Priority.parse(params.priority), now,
                            deadline=self._deadline(params, now), tenant=tenant,
-                           weight=self.config.access.tenant(tenant).weight)
+                           weight=self.config.access.tenant(tenant).weight,
+                           loras=self.loras.sizes(i for _, _, i in params.loras))
         return job, True
 
     def submit_many(self, params: list[JobParams], tenant: str = DEFAULT_TENANT) -> list[dict[str, Any]]:

@@ -61,9 +61,13 @@ class WorkerEvents:
             self.engine.job_ended(msg["job_id"], now)
             self.records.canceled(msg["job_id"], msg["t"])
         elif ev == "job_done":
+            if msg.get("lora_tiers"):
+                self._publish(Event("lora_used", now, msg["job_id"], {"tiers": msg["lora_tiers"], "worker": worker_id}))
             self.engine.job_ended(msg["job_id"], now)
             self.records.output_written(msg["job_id"], msg, now)
         elif ev == "batch_done" and batch:
+            if "loras" in msg:  # the worker's LoRA adapters (measured bytes) replace the engine's plan
+                self.engine.loras_reported(worker_id, msg["loras"], now)
             self.fleet.batch_over(batch.id)
             self._execute(self.engine.batch_finished(batch.id, now, msg.get("peak_bytes", 0),
                                                      msg.get("estimated_bytes", 0)), now)
