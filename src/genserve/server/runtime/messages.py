@@ -39,11 +39,11 @@ def run_message(config: Config, d: RunBatch, jobs: Iterable[Mapping[str, Any]]) 
               "steps": d.key.steps, "guidance": d.key.guidance, "fps": m.fps}
     msg = {"op": P.RUN, "batch_id": d.batch_id, "model": d.key.model, "kind": m.kind, "params": params,
            "jobs": job_payload(jobs), "lora_memory": int(config.server.lora_memory_mb * (1 << 20)),
-           "lora_evict": list(getattr(d, "lora_evict", ()))}
+           "lora_evict": list(d.lora_evict)}
     if m.batching == "step" and not d.key.variant:  # a running set: each job brings its own steps and guidance
         msg.update(mode="step", max_size=m.max_batch_size)
     return msg
 
 
 def join_message(d: JoinBatch, jobs: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
-    return {"op": P.JOIN, "batch_id": d.batch_id, "jobs": job_payload(jobs)}
+    return {"op": P.JOIN, "batch_id": d.batch_id, "jobs": job_payload(jobs), "lora_evict": list(d.lora_evict)}
