@@ -81,14 +81,14 @@ def loras_router(api: Api, registry: LoraRegistry, fetch=None) -> APIRouter:
         data = registry.list(who.tenant, who.admin)
         return {"object": "list", "data": data}
 
-    @router.get("/v1/loras/{name}", tags=["loras"])
-    async def get_lora(name: str, who: Principal = Depends(principal)):
-        return visible_or_404(name, who)
+    @router.get("/v1/loras/{lora}", tags=["loras"])
+    async def get_lora(lora: str, who: Principal = Depends(principal)):
+        return visible_or_404(lora, who)
 
-    @router.delete("/v1/loras/{name}", status_code=204, tags=["loras"],
-                   responses={404: {"description": "no such adapter"},
-                              409: {"description": "queued or running jobs use it"}})
-    async def delete_lora(name: str, who: Principal = Depends(principal)):
+    @router.delete("/v1/loras/{lora}", status_code=204, tags=["loras"])
+    async def delete_lora(lora: str, who: Principal = Depends(principal)):
+        """Delete an adapter (204); 409 while queued or running jobs use it."""
+        name = lora
         view = visible_or_404(name, who)
         if view["owner"] is None and not who.admin and registry.find(name, who.tenant) == view:
             raise RequestError("name", "is a shared adapter; only an admin key may delete it", status=403,
