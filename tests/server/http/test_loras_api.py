@@ -251,3 +251,32 @@ def test_worker_reports_reach_workers_metrics_and_the_breakdown(tmp_path, demo_d
             assert 'genserve_lora_loads_total{tier="storage"} 1.0' in text
             assert 'genserve_lora_resident_bytes{worker="w0"} 12345.0' in text
     run(config(tmp_path, demo_dir), test)
+
+
+def test_a_worker_crash_mid_batch_retries_the_jobs_with_their_adapters(tmp_path, demo_dir, ink):
+    async def test(w: World):
+        pool = w.rt.pool
+        async with w.http() as c:
+            lid = (await upload(c, "ink", ink)).json()["id"]
+            jobs = [(await c.post("/v1/jobs", json={"model": "img", "prompt": "p", "seed": s,
+                                                     **({"loras": [{"name": "ink", "scale": 0.5}]} if s else {})})).json()
+                    for s in (1, 0)]  # the adapter's job first: it runs at once, the other waits
+            for wid, msg in pool.take("load"):
+                pool.say(wid, "loaded", model=msg["model"], cached=False, load_start=1.0, load_end=1.0, bytes=MB,
+                         tier="disk")
+            runs = pool.take("run")
+            pool.say(runs[0][0], "started", batch_id=runs[0][1]["batch_id"], t=2.0)
+            assert w.rt.engine.resident_loras("w0") == {lid: len(ink) - 8 - int.from_bytes(ink[:8], "little")}
+            pool.crash("w0")
+            assert w.rt.engine.resident_loras("w0") == {}  # the adapters went with the worker
+            pool.ready("w0", 1024 * MB)
+            for wid, msg in pool.take("load"):
+                pool.say(wid, "loaded", model=msg["model"], cached=False, load_start=3.0, load_end=3.0, bytes=MB,
+                         tier="disk")
+            again = [j for _, m in pool.take("run") for j in m["jobs"]]
+            assert {j["id"] for j in again} == {j["id"] for j in jobs}  # both retried...
+            by_id = {j["id"]: j for j in again}
+            assert by_id[jobs[0]["id"]]["loras"] == [{"name": "ink", "scale": 0.5, "id": lid}]  # ...with adapters
+            assert not by_id[jobs[1]["id"]]["loras"]
+            assert (await c.get(f"/v1/jobs/{jobs[0]['id']}")).json()["attempts"][0]["code"] == "worker_crashed"
+    run(config(tmp_path, demo_dir), test)
