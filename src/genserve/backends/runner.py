@@ -210,6 +210,7 @@ class PipelineRunner:
     def unload(self, model: str) -> dict[str, Any]:
         pipe = self.pipes.pop(model, None)
         self.adapters.pop(model, None)
+        self.loras.hooks.pop(id(pipe), None)  # its LoRA hooks go with it (a reload hooks the new copy)
         freed = self.bytes.pop(model, 0)
         kept = None
         if pipe is not None and self.host_cache_bytes and module_bytes(pipe) <= self.host_cache_bytes:
