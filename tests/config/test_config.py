@@ -131,3 +131,24 @@ def test_fallback_and_timeout_parse():
     cfg = parse_config({"models": {"a": {"kind": "image", "source": "/m", "fallback": "b", "timeout_s": 30},
                                    "b": {"kind": "image", "source": "/m"}}})
     assert cfg.models["a"].fallback == "b" and cfg.models["a"].timeout_s == 30.0 and cfg.models["b"].fallback is None
+
+
+def test_loras_section_and_lora_keys(tmp_path):
+    from genserve.config.load import ConfigError, parse_config
+
+    f = tmp_path / "ink.safetensors"
+    f.write_bytes(b"")
+    c = parse_config({"models": {"m": {"kind": "image", "source": "demo:image", "max_loras": 2,
+                                       "lora_batching": "split"}},
+                      "server": {"max_lora_bytes": 1000, "lora_memory_mb": 64},
+                      "loras": {"ink": {"model": "m", "source": str(f)}}})
+    assert c.loras["ink"].model == "m" and c.models["m"].max_loras == 2 and c.models["m"].lora_batching == "split"
+    assert c.server.max_lora_bytes == 1000 and c.server.lora_memory_mb == 64
+    for raw, key in (({"ink": {"model": "nope", "source": str(f)}}, "loras.ink.model"),
+                     ({"ink": {"model": "m", "source": "x.bin"}}, "loras.ink.source"),
+                     ({"ink": {"model": "m"}}, "loras.ink.source")):
+        with pytest.raises(ConfigError) as e:
+            parse_config({"models": {"m": {"kind": "image", "source": "demo:image"}}, "loras": raw})
+        assert key in str(e.value)
+    with pytest.raises(ConfigError, match="models.m.lora_batching"):
+        parse_config({"models": {"m": {"kind": "image", "source": "demo:image", "lora_batching": "fused"}}})

@@ -14,6 +14,7 @@ from .compile import apply as apply_levers, graphs
 from .families.speed import DATA_DEPENDENT
 from .prompt_cache import Embedder, embedded_call, make_embedder
 from .step_cache import applied as step_cache
+from .lora_apply import LoraRuntime
 
 Emit = Callable[[dict[str, Any]], None]
 
@@ -139,7 +140,7 @@ def with_inputs(job: dict[str, Any], store: ResultStore) -> dict[str, Any]:
 
 class PipelineRunner:
     def __init__(self, device: str, store: ResultStore, host_cache_bytes: int = 0,
-                 encode: Callable[[str, Any, int], bytes] | None = None) -> None:
+                 encode: Callable[[str, Any, int], bytes] | None = None, lora_bytes: int = 1 << 30) -> None:
         """``encode(kind, output, fps, [fmt=, quality=])``: output -> stored bytes (default PNG /
         H.264 MP4; an image job's output_format and output_compression come as ``fmt``, ``quality``)."""
         self.device = device
@@ -154,6 +155,7 @@ class PipelineRunner:
         self.embedders: dict[str, Embedder] = {}  # per model: its prompt-embedding cache (absent: off)
         self.compiled: dict[str, str | None] = {}  # per model: its compile mode (None: eager)
         self.compiles = 0  # graphs compiled during the last batch (a shape the load's warm-up missed)
+        self.loras = LoraRuntime(store, device, lora_bytes)  # adapters: LRU within lora_bytes (docs/lora.md)
 
     @property
     def cuda(self) -> bool:
@@ -227,6 +229,7 @@ class PipelineRunner:
         self.adapters.pop(model, None)
         self.embedders.pop(model, None)
         self.compiled.pop(model, None)
+        self.loras.hooks.pop(id(pipe), None)  # its LoRA hooks go with it (a reload hooks the new copy)
         freed = self.bytes.pop(model, 0)
         kept = None
         if pipe is not None and self.host_cache_bytes and module_bytes(pipe) <= self.host_cache_bytes:
@@ -301,6 +304,8 @@ class PipelineRunner:
         outputs: dict[str, Any] = {}
         execution: dict[str, dict[str, Any]] = {}
         embedder = self.embedders.get(msg["model"])
+        self.loras.configure(msg)
+        lora_info: dict[str, dict[str, Any]] = {}  # job id -> lora_load_s, tiers
         for group in groups.values():
             if all(j["id"] in canceled for j in group):
                 done_steps += steps  # nobody left to run it for (reported below)
@@ -315,7 +320,9 @@ class PipelineRunner:
             call["generator"] = [torch.Generator(device="cpu").manual_seed(j["seed"]) for j in group]
             call["callback_on_step_end"] = on_step_end
             call["output_type"] = "np" if kind == "video" else "pil"
-            with torch.inference_mode(), step_cache(task_pipe, cache) as counts:
+            lora_jobs = self.loras.adapters_of(pipe, group, lora_info) if any(j.get("loras") for j in group) else None
+            with torch.inference_mode(), step_cache(task_pipe, cache) as counts, \
+                    self.loras.hooks_for(pipe).plan(lora_jobs or []):
                 out = task_pipe(**call)
             computed, reused = counts.steps(ran[0]) if counts is not None else (ran[0], 0)
             got = out.images if kind == "image" else out.frames
@@ -337,7 +344,7 @@ class PipelineRunner:
             ref = self.write_output(kind, next(j for j in jobs if j["id"] == jid), outputs[jid], p["fps"])
             emit({"ev": "job_done", "batch_id": batch_id, "job_id": jid, "result": ref.to_dict(),
                   "inference_start": t_start, "inference_end": t_end, "output_written": time.time(),
-                  "execution": execution[jid]})
+                  "execution": execution[jid], **lora_info.get(jid, {})})
         return peak
 
     def write_output(self, kind: str, job: dict[str, Any], output: Any, fps: int) -> ResultRef:

@@ -22,8 +22,9 @@ Emit = Callable[[dict[str, Any]], None]
 MAX_PARKED = 64  # paused jobs a worker keeps the latents of
 
 
-def step_job(j: dict[str, Any]) -> StepJob:
-    return StepJob(j["id"], j["prompt"], int(j["seed"]), int(j["steps"]), float(j["guidance"]), j.get("negative_prompt"))
+def step_job(j: dict[str, Any], loras: tuple = ()) -> StepJob:
+    return StepJob(j["id"], j["prompt"], int(j["seed"]), int(j["steps"]), float(j["guidance"]), j.get("negative_prompt"),
+                   loras)
 
 
 def step_driver(runner, model: str):
@@ -70,6 +71,9 @@ def run_steps(runner, msg: dict[str, Any], emit: Emit, canceled: set[str], joins
     batch_id, kind, p = msg["batch_id"], msg["kind"], msg["params"]
     shape = {"width": p["width"], "height": p["height"], "num_frames": p.get("num_frames", 0)}
     rs = RunningSet(pipe, family, shape, max(max_size, len(msg["jobs"])))
+    rs.lora_plan = runner.loras.hooks_for(pipe).plan
+    runner.loras.configure(msg)
+    lora_info: dict[str, dict[str, Any]] = {}  # job id -> lora_load_s, tiers (loaded when it joins)
     where = (msg["model"], tuple(sorted(shape.items())))
     pending: list[dict[str, Any]] = list(msg["jobs"])
     started: dict[str, float] = {}
@@ -87,6 +91,7 @@ def run_steps(runner, msg: dict[str, Any], emit: Emit, canceled: set[str], joins
             except queue.Empty:
                 return
             if m["batch_id"] == batch_id:
+                runner.loras.cache.evict(m.get("lora_evict") or ())
                 pending.extend(m["jobs"])
                 seen.update(j["id"] for j in m["jobs"])
 
@@ -112,7 +117,8 @@ def run_steps(runner, msg: dict[str, Any], emit: Emit, canceled: set[str], joins
                 joined(j, rs.resume(back[1]).done)
             else:
                 fresh.append(j)
-        rs.admit_many([step_job(j) for j in fresh])  # the joiners' prompts in one text-encoder call
+        adapters = runner.loras.adapters_of(pipe, fresh, lora_info) if any(j.get("loras") for j in fresh) else None
+        rs.admit_many([step_job(j, tuple(adapters[i]) if adapters else ()) for i, j in enumerate(fresh)])
         for j in fresh:
             joined(j, None)
         pending.clear()
@@ -143,6 +149,7 @@ def run_steps(runner, msg: dict[str, Any], emit: Emit, canceled: set[str], joins
             ref = runner.write_output(kind, payloads.pop(s.job.id), out, p["fps"])
             emit({"ev": "job_done", "batch_id": batch_id, "job_id": s.job.id, "result": ref.to_dict(),
                   "inference_start": started.pop(s.job.id), "inference_end": time.time(), "output_written": time.time(),
+                  **lora_info.pop(s.job.id, {}),
                   "step": {"joined_step": s.joined_at, "shared_with": sorted(rs.shared.pop(s.job.id, set())),
                            "paused_at": s.paused_at},
                   "execution": {"cache": None, "steps_computed": s.done, "steps_reused": 0,

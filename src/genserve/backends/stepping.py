@@ -39,6 +39,7 @@ class StepJob:
     steps: int
     guidance: float
     negative_prompt: str | None = None
+    loras: tuple = ()  # its LoRA adapters, (Adapter, scale) each (backends/lora_apply.py)
 
 
 @dataclass
@@ -243,6 +244,9 @@ class RunningSet:
         self.steps_run = 0  # denoiser calls so far
         self.shared: dict[str, set[str]] = {}  # job id -> ids of the jobs it shared a step with
         self.device = pipe._execution_device  # looked up once: it walks every module of the pipeline
+        # LoRA: ``lora_plan(jobs, rows)`` -> a context applying each row's adapters (LoraHooks.plan);
+        # None: no adapters in this set.
+        self.lora_plan = None
 
     def __len__(self) -> int:
         return len(self.slots)
@@ -282,7 +286,8 @@ class RunningSet:
         if not self.slots:
             return []
         slots = list(self.slots.values())
-        with torch.inference_mode():
+        loras = [s.job.loras for s in slots]
+        with torch.inference_mode(), self._adapters(slots, loras):
             preds = self.family.denoise(self.pipe, slots)
             for s, pred in zip(slots, preds):
                 t = s.timesteps[s.done]
@@ -297,6 +302,14 @@ class RunningSet:
         for s in finished:
             del self.slots[s.job.id]
         return finished
+
+    def _adapters(self, slots: list[Slot], loras: list[tuple]):
+        """Each slot's adapters on its own rows (laid out slot by slot: [cond] or [cond, uncond])."""
+        import contextlib
+
+        if self.lora_plan is None or not any(loras):
+            return contextlib.nullcontext()
+        return self.lora_plan(loras, [i for i, s in enumerate(slots) for _ in range(s.rows)])
 
     def decode(self, slots: list[Slot]) -> list[Any]:
         """The outputs of requests that finished at the same step, decoded in one VAE call (rows are

@@ -198,6 +198,8 @@ def add_parsers(sub) -> None:
     j.add_argument("--id", help="client-supplied id: resubmitting with it never duplicates the job")
     j.add_argument("--timeout", type=float, metavar="SECONDS", help="deadline from submission (≤ the model's timeout_s)")
     j.add_argument("--webhook", metavar="URL", help="POST signed job events here (needs server.webhook_secret)")
+    j.add_argument("--lora", type=lora_arg, action="append", metavar="NAME[:SCALE]",
+                   help="a LoRA adapter (see GET /v1/loras) and its scale (default 1); repeatable")
     j.add_argument("--no-wait", action="store_true", help="print the job id (or JSON with --json) and return at once")
     j.add_argument("--json", action="store_true", help="print the job record as JSON on stdout; no progress bar")
     j.add_argument("--out", "-o", metavar="FILE", help="output file (default: <job id>.png|.mp4)")
@@ -237,6 +239,17 @@ def add_parsers(sub) -> None:
     r.set_defaults(func=cmd_result)
 
 
+def lora_arg(text: str) -> dict:
+    """``--lora ink:0.8`` as {"name": "ink", "scale": 0.8}, checked before anything is sent."""
+    name, _, scale = text.partition(":")
+    if not name:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected NAME or NAME:SCALE (e.g. ink:0.8)")
+    try:
+        return {"name": name, "scale": float(scale)} if scale else {"name": name}
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: the scale must be a number (e.g. ink:0.8)") from None
+
+
 def cmd_submit(a: argparse.Namespace) -> int:
     import httpx
     from tqdm import tqdm
@@ -246,7 +259,7 @@ def cmd_submit(a: argparse.Namespace) -> int:
     body = {k: v for k, v in {
         "model": a.model, "prompt": a.prompt, "negative_prompt": a.negative_prompt, "steps": a.steps,
         "num_frames": a.frames, "guidance": a.guidance, "seed": a.seed, "priority": a.priority, "id": a.id,
-        "webhook": a.webhook, "timeout_s": a.timeout,
+        "webhook": a.webhook, "timeout_s": a.timeout, "loras": a.lora,
     }.items() if v is not None}
     if a.size:
         body["width"], body["height"] = a.size

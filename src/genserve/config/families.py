@@ -16,6 +16,7 @@ from typing import Any
 
 from ..backends.families import DEMO_TRAITS, MAX_SEQUENCE_LENGTH, Traits, inspect_model_dir
 from ..backends.families import speed as levers
+from .errors import suggest
 
 KEYS = ("true_cfg_scale", "max_sequence_length")
 SPEED_KEYS = ("prompt_cache_bytes", "caches", "default_cache", "compile", "attention_backend", "quantize")
@@ -176,3 +177,37 @@ def apply(m: Any, raw: dict[str, Any]) -> Any:
             raise FamilyConfigError(f"caches[{i}]", f"{method!r} does not apply to {fam} (it has: "
                                                     f"{', '.join(levers.methods_for(t.family)) or 'none'})")
     return replace(m, **kw)
+
+
+# ---- [loras.NAME]: adapters from the config (docs/lora.md) -------------------------------------------
+
+LORA_BATCHING = ("mixed", "split")
+LORA_KEYS = ("model", "source")
+
+
+@dataclass(frozen=True)
+class LoraSource:
+    """``[loras.NAME]``: an adapter for ``model`` read at start-up from ``source`` (a directory, a
+    ``.safetensors`` file or an ``s3://`` URL), registered as shared (every tenant may use it)."""
+
+    name: str
+    model: str
+    source: str
+
+
+def parse_lora(name: str, raw: Any, models: Any, error: Any) -> LoraSource:
+    """``error(key, message)`` makes the config error to raise (key relative to ``loras.NAME``)."""
+    if not isinstance(raw, dict):
+        raise error("", "must be a table with model and source")
+    for k in raw:
+        if k not in LORA_KEYS:
+            raise error(k, "unknown key" + suggest(k, LORA_KEYS))
+    for k in LORA_KEYS:
+        if not isinstance(raw.get(k), str) or not raw[k]:
+            raise error(k, "is required (a string)")
+    if raw["model"] not in models:
+        raise error("model", f"unknown model {raw['model']!r}")
+    src = raw["source"]
+    if not (src.startswith("s3://") or src.endswith(".safetensors") or Path(src).is_dir()):
+        raise error("source", "must be a directory, a .safetensors file or an s3:// URL (never a pickle)")
+    return LoraSource(name, raw["model"], src)

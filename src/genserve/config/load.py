@@ -64,6 +64,8 @@ class ModelConfig:
     fallback: str | None = None  # retried on this model after repeated failures
     timeout_s: float = 600.0  # a job's deadline: the default, and the most a request may ask for
     batching: str = "request"  # "step": requests join and leave a running set at step boundaries
+    max_loras: int = 4  # LoRA adapters one job may ask for (docs/lora.md)
+    lora_batching: str = "mixed"  # "split": the adapter set joins the batch key
     # The model family's traits (read from its files) and keys (true_cfg_scale, max_sequence_length).
     family: families.ModelFamily = families.ModelFamily()
 
@@ -136,6 +138,8 @@ class ServerConfig:
     # (workers/process.py). None: the worker's share of the CPUs (local: cpu_count // workers; a Ray
     # actor: its cpus_per_worker), at least 1.
     worker_threads: int | None = None
+    max_lora_bytes: int = 256 << 20  # the largest adapter file accepted (docs/lora.md)
+    lora_memory_mb: float = 1024.0  # adapters each worker keeps resident (LRU beyond this)
 
 
 # US$ per device-hour, by device type: public on-demand list prices (rounded) for the GPUs, and a
@@ -175,6 +179,7 @@ class Config:
     http: HttpConfig = field(default_factory=HttpConfig)  # [http]: body limit, public URL (config/network.py)
     webhooks: WebhookPolicy = field(default_factory=WebhookPolicy)  # [webhooks]: SSRF allowlist
     store: StoreConfig = field(default_factory=StoreConfig)  # [store]: SQLite files or one PostgreSQL (docs/ha.md)
+    loras: dict[str, families.LoraSource] = field(default_factory=dict)  # [loras.NAME] (docs/lora.md)
 
     def with_overrides(self, **kw: Any) -> "Config":
         kw = {k: v for k, v in kw.items() if v is not None}
@@ -207,6 +212,7 @@ SECTIONS: dict[str, Section] = {
                              **families.SPEED_SCHEMA},
                       overrides={"kind": {"enum": list(KINDS)}, "dtype": {"enum": list(DTYPES)},
                                  "batching": {"enum": list(BATCHING_MODES)},
+                                 "lora_batching": {"enum": list(families.LORA_BATCHING)},
                                  "sizes": {"type": "array", "items": SIZE}, "default_size": SIZE,
                                  "idle_unload_s": NEVER, "fallback": {"type": "string"}}),
     "prices": Section(open=True, values={"type": "number", "minimum": 0}, title="US$ per device-hour by device type"),
@@ -231,6 +237,8 @@ SECTIONS: dict[str, Section] = {
                                "allow": {"type": "array", "items": {"type": "string"}}}),
     "tenants": Section(TenantConfig, keyed=True, title="a tenant's limits and fair-share weight (docs/security.md)",
                        overrides={"max_priority": {"enum": ["high", "standard", "low"]}}),
+    "loras": Section(families.LoraSource, keyed=True, exclude=("name",), required=families.LORA_KEYS,
+                     title="a LoRA adapter registered at start-up (docs/lora.md)"),
 }
 _MODEL_KEYS = SECTIONS["models"].known_keys()
 _SERVER_KEYS = SECTIONS["server"].known_keys()
@@ -257,7 +265,7 @@ def _parse_model(name: str, raw: Any) -> ModelConfig:
             raise ConfigError(f"{p}.dtype", f"must be one of {', '.join(DTYPES)}")
     ints = {"max_batch_size": 1, "max_wait_ms": 0, "max_pixels": 64, "size_multiple": 1, "default_steps": 1,
             "max_steps": 1, "default_frames": 0, "max_frames": 0, "frame_stride": 1, "fps": 1, "max_queue": 1,
-            "max_prompt_chars": 1, "min_warm": 0}
+            "max_prompt_chars": 1, "min_warm": 0, "max_loras": 0}
     for k, lo in ints.items():
         if k in raw:
             kw[k] = _int(f"{p}.{k}", raw[k], lo)
@@ -274,6 +282,10 @@ def _parse_model(name: str, raw: Any) -> ModelConfig:
         kw["batching"] = _type(f"{p}.batching", raw["batching"], str, "a string")
         if kw["batching"] not in BATCHING_MODES:
             raise ConfigError(f"{p}.batching", f"must be one of {', '.join(BATCHING_MODES)}")
+    if "lora_batching" in raw:
+        kw["lora_batching"] = _type(f"{p}.lora_batching", raw["lora_batching"], str, "a string")
+        if kw["lora_batching"] not in families.LORA_BATCHING:
+            raise ConfigError(f"{p}.lora_batching", f"must be one of {', '.join(families.LORA_BATCHING)}")
     if "sizes" in raw:
         _type(f"{p}.sizes", raw["sizes"], list, "a list of sizes")
         kw["sizes"] = tuple(_size(f"{p}.sizes[{i}]", s) for i, s in enumerate(raw["sizes"]))
@@ -326,7 +338,9 @@ def _parse_server(raw: Any) -> ServerConfig:
         kw["cors_origins"] = parse_cors_origins(raw["cors_origins"], ConfigError)
     if "webhook_secret" in raw:
         kw["webhook_secret"] = _secret("server.webhook_secret", raw["webhook_secret"])
-    for k in ("worker_memory_gb", "host_cache_gb"):
+    if "max_lora_bytes" in raw:
+        kw["max_lora_bytes"] = _int("server.max_lora_bytes", raw["max_lora_bytes"], 1)
+    for k in ("worker_memory_gb", "host_cache_gb", "lora_memory_mb"):
         if k in raw:
             kw[k] = _float(f"server.{k}", raw[k], 0.0)
     if "idle_unload_s" in raw:
@@ -389,9 +403,12 @@ def parse_config(data: dict[str, Any]) -> Config:
     store = c.run("store", parse_store, data.get("store", {}), StoreConfig())
     access = c.guard(lambda: parse_access(data, ConfigError), AccessConfig())
     http, webhooks = c.guard(lambda: parse_net_sections(data, ConfigError), (HttpConfig(), WebhookPolicy()))
+    loras = {name: lora for name, raw in (data.get("loras") or {}).items() if (lora := c.run(
+        f"loras.{name}", lambda r, n=name: families.parse_lora(
+            n, r, models, lambda k, msg: ConfigError(f"loras.{n}" + (f".{k}" if k else ""), msg)), raw, None))}
     c.check()
     return Config(server, models, prices, faults, autoscale, cluster, results, retention, access, http, webhooks,
-                  store)
+                  store, loras)
 
 
 def _retention(raw: Any) -> RetentionConfig:

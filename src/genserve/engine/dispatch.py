@@ -10,6 +10,7 @@ from itertools import chain, islice
 
 from .failures import FailureTracker
 from .fleet import Fleet
+from .policies.adapters import AdapterResidency
 from .policies.placement import PlacementPolicy
 from .policies.preempt import Preemption
 from .residency_manager import ResidencyManager
@@ -22,8 +23,10 @@ RECHECK_S = 1.0  # how soon to look again while a batch waits for a busy warm wo
 
 class Dispatcher:
     def __init__(self, placement: PlacementPolicy, waiting: Waiting, fleet: Fleet, residency: ResidencyManager,
-                 failures: FailureTracker, work: WorkModel, preemption: Preemption) -> None:
+                 failures: FailureTracker, work: WorkModel, preemption: Preemption,
+                 adapters: AdapterResidency | None = None) -> None:
         self.placement = placement
+        self.adapters = adapters or AdapterResidency()
         self.preemption = preemption
         self.waiting, self.fleet, self.residency, self.failures, self.work = waiting, fleet, residency, failures, work
         self._waiting_on_warm = False  # a ready batch is holding out for a busy warm worker
@@ -99,14 +102,15 @@ class Dispatcher:
             if not n:
                 continue
             out += self.residency.evict(worker, self.residency.fit(worker, key, len(batch.jobs) + n, protected) or [])
-            chosen = jobs[:n]
+            chosen = self._adapters_fit(jobs[:n], batch.jobs.values())
             for job in chosen:
                 self.waiting.take(job.id, served=True)
             if not self.waiting.depth(key.model):
                 self.residency.invalidate()
             self.fleet.join(batch, chosen)
             worker.resident[key.model].last_used = now
-            out.append(JoinBatch(batch.id, worker.id, key, tuple(j.id for j in chosen)))
+            out.append(JoinBatch(batch.id, worker.id, key, tuple(j.id for j in chosen),
+                                 self._adapters_for(worker, [*batch.jobs.values()])))
         return out
 
     def _preempt(self, batch, now: float) -> list[Decision]:
@@ -138,13 +142,17 @@ class Dispatcher:
             return None
         protected = self.waiting.protected_models() if protect_queued else set()
         backlog = math.ceil(self.waiting.depth(key.model) / limits.max_batch_size)
+
         def evictions(w: WorkerState) -> list[str] | None:
             return self.residency.fit(w, key, 1, protected, evict_pinned=evict_pinned)
 
+        # the adapters of the jobs this batch would take: a worker holding them is preferred
+        wanted = {i for j in islice(self.waiting.ordered(key, now), limits.max_batch_size) for i in j.loras}
         worker = self.placement.choose(key.model, candidates, evictions,
                                        lambda w: w.busy.utilization(now), backlog,
                                        lambda w: self.work.time_left(self.fleet.running.get(w.batch_id or ""), now),
-                                       self.work.load_seconds(key.model))
+                                       self.work.load_seconds(key.model),
+                                       affinity=lambda w: self.adapters.held(w.id, wanted) if wanted else 0)
         if worker is None:
             if any(key.model in w.resident and not w.idle for w in self.fleet.workers.values()):
                 self._waiting_on_warm = True
@@ -170,7 +178,7 @@ class Dispatcher:
         needs_load = key.model not in worker.resident
         if needs_load:
             out += self.residency.load(worker, key.model, now, "batch")
-        chosen = jobs[:n]
+        chosen = self._adapters_fit(jobs[:n])
         for job in chosen:
             self.waiting.take(job.id, served=True)
         if not self.waiting.depth(key.model):
@@ -179,8 +187,32 @@ class Dispatcher:
         self.failures.watch(batch.id, now)
         resident = worker.resident[key.model]
         resident.last_used = now
-        out.append(RunBatch(batch.id, worker.id, key, tuple(j.id for j in chosen), needs_load, resident.loading))
+        out.append(RunBatch(batch.id, worker.id, key, tuple(j.id for j in chosen), needs_load, resident.loading,
+                            self._adapters_for(worker, chosen)))
         return out
+
+    def _adapters_fit(self, jobs: list[QueuedJob], running=()) -> list[QueuedJob]:
+        """The longest prefix of ``jobs`` whose LoRA adapters (with those of ``running``) fit the
+        worker's adapter memory together; the first job always (its adapters alone are its need)."""
+        if not any(j.loras for j in jobs):
+            return jobs
+        ids = {i for j in running for i in j.loras}
+        out = []
+        for j in jobs:
+            if out and not self.adapters.fits(ids | set(j.loras)):
+                break
+            ids |= set(j.loras)
+            out.append(j)
+        return out
+
+    def _adapters_for(self, worker: WorkerState, jobs) -> tuple[str, ...]:
+        """Plan the adapters ``jobs`` need on ``worker``: what it must evict (LRU) for them."""
+        ids = [i for j in jobs for i in j.loras]
+        if not ids:
+            return ()
+        evict = self.adapters.evictions(worker.id, ids)
+        self.adapters.use(worker.id, ids, evict)
+        return tuple(evict)
 
     def next_times(self, now: float) -> list[float]:
         """When a batching window closes (while a worker is free to take the batch)."""

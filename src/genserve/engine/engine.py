@@ -25,6 +25,7 @@ from .dispatch import Dispatcher
 from .failures import FailureTracker
 from .fleet import Fleet
 from .policies.admission import ACCEPTED, admits, refusal
+from .policies.adapters import AdapterResidency
 from .policies.batching import BATCHING
 from .policies.placement import PLACEMENT
 from .policies.preempt import Preemption
@@ -43,6 +44,7 @@ class EngineReads:
     waiting: Waiting
     fleet: Fleet
     work: WorkModel
+    adapters: AdapterResidency
     models: Mapping[str, ModelLimits]
 
     def admit(self, model: str, tenant: str | None = None, weight: float = 1.0, n: int = 1) -> Admission:
@@ -94,6 +96,16 @@ class EngineReads:
     def job_work(self, key: BatchKey) -> float:
         return self.work.job_work(key)
 
+    def resident_loras(self, worker_id: str) -> dict[str, int]:
+        """The LoRA adapters ``worker_id`` holds (id -> bytes), least recently used first."""
+        return self.adapters.resident(worker_id)
+
+    def loras_reported(self, worker_id: str, resident: Mapping[str, int], now: float) -> None:
+        """A worker's LoRA adapters after a batch (id -> measured bytes): they replace the plan.
+        (The one adapter event; the rest of adapter residency happens in dispatch.)"""
+        if worker_id in self.fleet.workers:
+            self.adapters.reported(worker_id, resident)
+
 
 class Engine(EngineReads):
     def __init__(self, models: Mapping[str, ModelLimits] | EngineSettings, *, max_attempts: int | None = None,
@@ -118,27 +130,29 @@ class Engine(EngineReads):
         self.autoscaler = s.autoscaler
         self.scaling = Scaling(s.autoscaler) if s.autoscaler is not None else None
         self.preemption = Preemption()
+        self.adapters = AdapterResidency(s.lora_memory)  # LoRA adapters per worker (docs/lora.md)
         self.dispatcher = Dispatcher(PLACEMENT[s.placement](s.saturation), self.waiting, self.fleet, self.residency,
-                                     self.failures, self.work, self.preemption)
+                                     self.failures, self.work, self.preemption, self.adapters)
         self.draining = False  # shutting down: no new batches, loads or scaling; running ones finish
 
     # ---- jobs ------------------------------------------------------------------------------------
 
     def submit(self, job_id: str, key: BatchKey, priority: Priority, now: float, *, force: bool = False,
                deadline: float | None = None, attempts: int = 0, tenant: str | None = None,
-               weight: float = 1.0) -> Admission:
+               weight: float = 1.0, loras: Mapping[str, int] | None = None) -> Admission:
         """Queue a job. ``force`` skips the queue limit: used when re-entering jobs that were already
         accepted (server restart) — an accepted job is never turned away later. ``deadline``: fail
         it with ``timeout`` if it has not finished by then; ``attempts``: failed attempts so far;
-        ``tenant`` and ``weight``: its fair share inside the model's queue (None: no tenant)."""
+        ``tenant``/``weight``: its fair share in the model's queue; ``loras``: adapter id -> bytes."""
         adm = self.admit(key.model, tenant, weight)
         if not adm.accepted and not (force and adm.reason == "queue_full"):
             return adm
         key = self.models[key.model].queue_key(key)
         if job_id in self.waiting or self.fleet.batch_of(job_id) is not None:
             return Admission(True)  # idempotent
+        self.adapters.hint(loras or {})
         self.waiting.enter(QueuedJob(job_id, key, priority, now, attempts=attempts, deadline=deadline,
-                                     tenant=tenant, weight=weight))
+                                     tenant=tenant, weight=weight, loras=tuple(loras or ())))
         self.work.arrived(key, now, new=not force)
         if not force and self.residency.predictor is not None:
             self.residency.predictor.observe(key.model, now)
@@ -186,6 +200,7 @@ class Engine(EngineReads):
             out += self._fail_attempts(batch.jobs.values(), worker_id, code, message, now)
         out += self._unpaused(self.preemption.lost(worker=worker_id), now)
         self.fleet.remove(worker_id)
+        self.adapters.drop_worker(worker_id)
         return out
 
     def batch_progress(self, batch_id: str, now: float) -> None:

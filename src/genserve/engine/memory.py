@@ -19,8 +19,9 @@ from .types import BatchKey
 
 def memory_key(key: BatchKey) -> BatchKey:
     """What working memory depends on: not the batch key's variant (a negative prompt's presence,
-    a conditioning image's digest), which would otherwise grow these tables per image."""
-    return key._replace(variant="") if key.variant else key
+    a conditioning image's digest) nor its adapter set, which would otherwise grow these tables
+    per image or adapter."""
+    return key._replace(variant="", loras="") if key.variant or key.loras else key
 
 
 def batch_units(key: BatchKey, n: int) -> int:

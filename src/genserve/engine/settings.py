@@ -32,6 +32,7 @@ class EngineSettings:
     autoscaler: Autoscaler | None = None
     fair_share: bool = True  # across tenants inside a priority class (queues.py); jobs without one unaffected
     batch_id_prefix: str = "b"
+    lora_memory: int | None = 1 << 30  # LoRA adapter bytes each worker keeps resident (None: unlimited)
 
     def __post_init__(self) -> None:
         for name, table in (("batching", BATCHING), ("placement", PLACEMENT), ("residency", RESIDENCY)):
@@ -43,7 +44,7 @@ class EngineSettings:
 ENGINE_KEYS: dict[str, Any] = {
     "aging_s": 30.0, "max_attempts": 3, "retry_backoff_s": 5.0, "retry_backoff_max_s": 60.0, "fallback_after": 2,
     "placement": "warm-first", "residency": "lru", "saturation": 0.9, "preload": False,
-    "preload_min_probability": 0.2, "fair_share": True,
+    "preload_min_probability": 0.2, "fair_share": True, "lora_memory_mb": 1024.0,
 }
 
 
@@ -64,4 +65,5 @@ def engine_settings(models: Mapping[str, ModelLimits], options: Mapping[str, Any
         placement=o["placement"], residency=o["residency"], saturation=float(o["saturation"]),
         preload=bool(o["preload"]), preload_min_probability=float(o["preload_min_probability"]),
         autoscaler=autoscaler, batch_id_prefix=batch_id_prefix, fair_share=bool(o["fair_share"]),
+        lora_memory=int(float(o["lora_memory_mb"]) * (1 << 20)),
     )

@@ -80,12 +80,16 @@ class BatchKey(NamedTuple):
     # Execution options that change the computation (a step cache: "deep:interval=3"), so jobs that
     # asked for different trade-offs never share a denoiser call (DESIGN §5).
     execution: str = ""
+    # LoRA batching "split" (docs/lora.md): the job's adapter set, so jobs with different adapters
+    # never share a call; "" where adapters mix in one call (each row gets its own).
+    loras: str = ""
 
     def label(self) -> str:
         frames = f"x{self.num_frames}f" if self.num_frames else ""
         variant = f":{self.variant}" if self.variant else ""
         execution = f":{self.execution}" if self.execution else ""
-        return f"{self.model}:{self.width}x{self.height}{frames}:{self.steps}st:g{self.guidance:g}{variant}{execution}"
+        loras = f":lora[{self.loras}]" if self.loras else ""
+        return f"{self.model}:{self.width}x{self.height}{frames}:{self.steps}st:g{self.guidance:g}{variant}{execution}{loras}"
 
 
 @dataclass(frozen=True)
@@ -129,6 +133,7 @@ class QueuedJob:
     weight: float = 1.0  # the tenant's fair-share weight
     vstart: float = 0.0  # fair-share virtual start tag (queues.py); 0 for jobs without a tenant
     alone: bool = False  # its batch failed in a way its own input may cause: it runs in a batch of its own
+    loras: tuple[str, ...] = ()  # the LoRA adapters it needs resident (ids; policies/adapters.py)
 
 
 # ---- decisions: what the engine asks a driver to do --------------------------------------------
@@ -173,6 +178,7 @@ class RunBatch:
     job_ids: tuple[str, ...]
     needs_load: bool = False  # a LoadModel for this worker precedes it (this batch caused the load)
     waits_for_load: bool = False  # the model is still loading there (its own load, or a preload in flight)
+    lora_evict: tuple[str, ...] = ()  # LoRA adapters the worker drops first, so the batch's fit
 
 
 @dataclass(frozen=True)
@@ -185,6 +191,7 @@ class JoinBatch:
     worker: str
     key: BatchKey
     job_ids: tuple[str, ...]
+    lora_evict: tuple[str, ...] = ()  # LoRA adapters the worker drops first, so the joiners' fit
 
 
 @dataclass(frozen=True)

@@ -60,18 +60,24 @@ class JobParams:
     output_format: str | None = None  # png | jpeg | webp; None: a video job (MP4), or a record from before: png
     output_compression: int | None = None  # jpeg / webp quality 0..100; None for png and videos
     cache: dict[str, Any] | None = None  # the step cache (normalized; docs/performance.md); part of the batch key
+    # LoRA adapters (docs/lora.md): (name, scale, id) each, id = the registered file's digest;
+    # lora_key: the adapter set where the model splits batches by it ("" where adapters mix).
+    loras: tuple[tuple[str, float, str], ...] = ()
+    lora_key: str = ""
 
     @property
     def key(self) -> BatchKey:
         return BatchKey(self.model, self.width, self.height, self.num_frames, self.steps, self.guidance, self.variant,
-                        levers.label(self.cache))
+                        levers.label(self.cache), self.lora_key)
 
     def to_dict(self) -> dict[str, Any]:
-        return dict(self.__dict__, webhook_events=list(self.webhook_events))
+        return dict(self.__dict__, webhook_events=list(self.webhook_events),
+                    loras=[{"name": n, "scale": s, "id": i} for n, s, i in self.loras])
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "JobParams":
-        return cls(**dict(d, webhook_events=tuple(d.get("webhook_events", ("completed",)))))
+        return cls(**dict(d, webhook_events=tuple(d.get("webhook_events", ("completed",))),
+                          loras=tuple((a["name"], a["scale"], a["id"]) for a in d.get("loras") or ())))
 
 
 def validate(body: dict[str, Any], models: dict[str, ModelConfig], *, random_seed: int,
@@ -169,10 +175,12 @@ def validate(body: dict[str, Any], models: dict[str, ModelConfig], *, random_see
     fmt, compression = _output_format(body, name, m.kind)
     cache = _cache(body.get("cache"), m, traits)
     image_sha, mask_sha = (x.sha256 if x else None for x in (image, mask))
+    loras = _loras(body.get("loras"), m)
     return JobParams(name, prompt, neg, width, height, frames, steps, guidance, seed, priority, timeout_s, webhook,
                      events, variant=call_variant(traits, neg, image_sha, task, strength), task=task,
                      strength=strength, image_sha256=image_sha, mask_sha256=mask_sha,  # image/mask: stored later
-                     output_format=fmt, output_compression=compression, cache=cache)
+                     output_format=fmt, output_compression=compression, cache=cache,
+                     loras=loras, lora_key=lora_key(loras) if loras and lora_batching(m) == "split" else "")
 
 
 def _cache(raw: Any, m: ModelConfig, traits: Traits | None) -> dict[str, Any] | None:
@@ -183,6 +191,44 @@ def _cache(raw: Any, m: ModelConfig, traits: Traits | None) -> dict[str, Any] | 
         return levers.normalize(raw, traits.family if traits else None, m.family.caches)
     except levers.CacheError as e:
         raise RequestError(e.field, e.message) from None
+
+
+MAX_LORA_SCALE = 4.0
+# Families whose every denoiser call keeps a job's rows at ``row % jobs`` (classifier-free guidance
+# concatenates [uncond, cond] or runs a second call): adapters can be applied per row there.
+MIXING_FAMILIES = ("sd", "sdxl", "sd3", "flux", "wan")
+
+
+def lora_batching(m: ModelConfig) -> str:
+    """``mixed`` where the family's rows can each get their own adapters, else ``split``."""
+    traits = m.family.traits
+    return m.lora_batching if traits is not None and traits.family in MIXING_FAMILIES else "split"
+
+
+def lora_key(loras: tuple[tuple[str, float, str], ...]) -> str:
+    return "+".join(sorted(f"{i}@{s:g}" for _, s, i in loras))
+
+
+def _loras(value: Any, m: ModelConfig) -> tuple[tuple[str, float, str], ...]:
+    """The job's adapters: each entry ``{"name", "scale", "lora"}`` where ``lora`` is the registered
+    adapter the caller's tenant sees under that name (None: none), resolved by the API layer."""
+    if not value:
+        return ()
+    if len(value) > m.max_loras:
+        raise RequestError("loras", f"at most {m.max_loras} adapters per job for {m.name}")
+    out: list[tuple[str, float, str]] = []
+    for i, entry in enumerate(value):
+        name, scale, lora = entry["name"], entry.get("scale", 1.0), entry.get("lora")
+        if lora is None:
+            raise RequestError(f"loras[{i}].name", f"no adapter {name!r} (GET /v1/loras lists those you may use)")
+        if lora["model"] != m.name:
+            raise RequestError(f"loras[{i}].name", f"{name!r} was made for {lora['model']}, not {m.name}")
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not -MAX_LORA_SCALE <= scale <= MAX_LORA_SCALE:
+            raise RequestError(f"loras[{i}].scale", f"must be a number between -{MAX_LORA_SCALE:g} and {MAX_LORA_SCALE:g}")
+        if any(n == name for n, _, _ in out):
+            raise RequestError(f"loras[{i}].name", f"{name!r} is listed twice")
+        out.append((name, float(scale), lora["id"]))
+    return tuple(out)
 
 
 def _output_format(body: dict[str, Any], name: str, kind: str) -> tuple[str | None, int | None]:

@@ -80,3 +80,12 @@ def _download(source: str, into: Path, endpoint_url: str | None, region: str | N
             n += 1
     if n == 0:
         raise FileNotFoundError(f"no objects under {source}")
+
+
+def fetch_object(source: str, *, endpoint_url: str | None = None, region: str | None = None) -> bytes:
+    """One object's bytes from an ``s3://bucket/key`` URL (a LoRA adapter's file)."""
+    import boto3
+
+    bucket, key = parse_s3(source)
+    client = boto3.client("s3", endpoint_url=endpoint_url, region_name=region)
+    return client.get_object(Bucket=bucket, Key=key.rstrip("/"))["Body"].read()

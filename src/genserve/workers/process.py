@@ -192,7 +192,8 @@ def run_worker(recv: Callable[[], dict[str, Any]], emit: Callable[[dict[str, Any
                 # Unmeasured (CPU): the family's estimate goes as a hint, never as a measurement.
                 estimate = 0 if peak or msg.get("mode") == "step" else runner.estimated_bytes(msg)
                 emit({"ev": "batch_done", "batch_id": batch_id, "t": time.time(), "peak_bytes": peak,
-                      "estimated_bytes": estimate, "compiles": runner.compiles})
+                      "estimated_bytes": estimate, "compiles": runner.compiles,
+                      "loras": runner.loras.cache.resident()})
             except BatchAborted:
                 emit({"ev": "batch_done", "batch_id": batch_id, "t": time.time()})
             except Exception as e:

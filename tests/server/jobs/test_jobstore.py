@@ -458,7 +458,7 @@ def test_migrations_are_versioned_and_applied_once(tmp_path, pg_database):
         assert migrations.applied_postgres(c) == []
         assert migrations.upgrade_postgres(c) == [m.version for m in migrations.POSTGRES]
         assert migrations.upgrade_postgres(c) == []  # up to date: a no-op
-        assert migrations.applied_postgres(c) == [1, 2, 3] == [m.version for m in migrations.POSTGRES]
+        assert migrations.applied_postgres(c) == [1, 2, 3, 4] == [m.version for m in migrations.POSTGRES]
     PgJobStore(pg_database, 1).close()  # a store opened over an upgraded database does not fail
 
 

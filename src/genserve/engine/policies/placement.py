@@ -15,7 +15,7 @@ class PlacementPolicy(Protocol):
 
     def choose(self, model: str, workers: Sequence[WorkerState], evictions: Evictions, utilization: Utilization,
                backlog_batches: int = 1, wait_s: Callable[[WorkerState], float] = ...,
-               load_s: float = ...) -> WorkerState | None: ...
+               load_s: float = ..., affinity: Callable[[WorkerState], float] = ...) -> WorkerState | None: ...
 
 
 class WarmFirst:
@@ -32,13 +32,17 @@ class WarmFirst:
 
     def choose(self, model: str, workers: Sequence[WorkerState], evictions: Evictions,
                utilization: Utilization, backlog_batches: int = 1,
-               wait_s: Callable[[WorkerState], float] = lambda w: 0.0, load_s: float = float("inf")) -> WorkerState | None:
+               wait_s: Callable[[WorkerState], float] = lambda w: 0.0, load_s: float = float("inf"),
+               affinity: Callable[[WorkerState], float] = lambda w: 0.0) -> WorkerState | None:
         """``backlog_batches``: full batches of this model waiting. A busy warm worker has room for
         one batch behind the one it runs; past that its "queue" is full and it counts as saturated.
         ``wait_s(w)``: expected seconds until busy ``w`` is free; ``load_s``: expected cold start.
-        Waiting longer for a warm worker than a load would take is never worth it."""
+        Waiting longer for a warm worker than a load would take is never worth it.
+        ``affinity(w)``: how much of the batch's other state ``w`` holds (its LoRA adapters): among
+        free warm workers, and among cold ones, more comes first (base model and adapters, then
+        the base model alone)."""
         def least_loaded(w: WorkerState) -> tuple:
-            return (utilization(w), w.batches_run, w.id)
+            return (-affinity(w), utilization(w), w.batches_run, w.id)
 
         warm = [w for w in workers if model in w.resident]
         free_warm = [w for w in warm if w.idle and evictions(w) is not None]

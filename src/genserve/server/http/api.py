@@ -78,6 +78,7 @@ class Api:
         self.fleet: FleetView = rt.fleet
         self.jobs: JobReader = rt.store
         self.results, self.events = rt.results, rt.events
+        self.loras = rt.loras
         self.retention = config.retention
         self.gate = gate
         self.webhook_guard = rt.webhooks.guard
@@ -111,6 +112,7 @@ class Api:
         if job["status"] == JobStatus.SUCCEEDED:
             step = (job["params"].get("steps"), job["params"].get("steps"))
         stages = breakdown(job)
+        stages["lora_load"] = job.get("lora_load_s")  # within inference: the worker loads adapters in the batch
         return {
             "id": jid, "object": "job", "client_id": job["client_id"], "tenant": job["tenant"], "model": job["model"],
             "status": job["status"], "priority": job["priority"], "params": shown_params(job["params"]),
@@ -175,7 +177,7 @@ class Api:
         if data.get("model") not in self.config.models:
             check(data)  # the unknown model is the error, before any image is decoded or job looked up
         inputs = await read_inputs(data, self.jobs, self.results, who)
-        params = check({**data, **inputs})
+        params = check({**data, **inputs, **self.resolve_loras(data, who)})
         if params.webhook is not None:
             try:
                 await self.webhook_guard.check(params.webhook)
@@ -204,6 +206,13 @@ class Api:
                 await delete_inputs(self.results, params)
         self.control.kick()
         return job, created
+
+    def resolve_loras(self, data: dict[str, Any], who: Principal) -> dict[str, Any]:
+        """``data``'s ``loras`` with each name resolved as the caller's tenant sees it (an entry's
+        ``lora``: the registered adapter, or None), for ``validate`` (pure: it cannot look)."""
+        if not data.get("loras"):
+            return {}
+        return {"loras": [{**a, "lora": self.loras.find(a["name"], who.tenant)} for a in data["loras"]]}
 
     def result_ref(self, job: dict[str, Any], index: int, variant: str = "output") -> dict[str, Any]:
         """The job's ``index``-th result (a ResultRef dict; ``variant="thumbnail"``: its thumbnail's),

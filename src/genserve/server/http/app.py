@@ -20,6 +20,7 @@ from ..security.limits import BodyLimit, SameHostRedirects
 from .api import Api, error
 from .docs_assets import mount_docs
 from .jobs_api import jobs_router
+from .loras_api import loras_router
 from .observability_api import observability_router
 from .openai.edits import openai_edits_router
 from .openai.images import openai_images_router
@@ -93,6 +94,7 @@ def create_app(config: Config, runtime: Runtime | None = None) -> FastAPI:
     app.include_router(openai_images_router(api))
     app.include_router(openai_videos_router(api))
     app.include_router(openai_edits_router(api))
+    app.include_router(loras_router(api, rt.loras, rt.fetch_object))
 
     @app.get("/v1/models", tags=["models"])
     async def list_models():

@@ -22,7 +22,7 @@ from .schemas import JobRequest
 # How a multipart/form-data submit's fields are typed (the rest are text).
 FORM_KINDS = {**{f: "int" for f in ("width", "height", "num_frames", "steps", "seed")},
               **{f: "float" for f in ("guidance", "timeout_s", "strength")},
-              "webhook_events": "list", "image": "image", "mask": "image"}
+              "webhook_events": "list", "image": "image", "mask": "image", "loras": "loras"}
 _FORM_SCHEMA = {"type": "object", "required": ["model", "prompt"], "properties": {
     **{f: {"type": "string"} for f in ("model", "prompt", "negative_prompt", "id", "webhook")},
     "priority": {"type": "string", "enum": list(PRIORITIES)},
@@ -30,7 +30,8 @@ _FORM_SCHEMA = {"type": "object", "required": ["model", "prompt"], "properties":
     **{f: {"type": "number"} for f, k in FORM_KINDS.items() if k == "float"},
     "webhook_events": {"type": "array", "items": {"type": "string", "enum": list(WEBHOOK_EVENTS)},
                        "maxItems": len(WEBHOOK_EVENTS)},
-    "image": {"type": "string", "format": "binary"}, "mask": {"type": "string", "format": "binary"}}}
+    "image": {"type": "string", "format": "binary"}, "mask": {"type": "string", "format": "binary"},
+    "loras": {"type": "string", "description": "JSON [{name, scale}], or name:scale,name:scale"}}}
 
 
 def jobs_router(api: Api) -> APIRouter:

@@ -20,6 +20,7 @@ from fastapi.routing import APIRoute
 from starlette.formparsers import MultiPartParser
 
 from ..requests import RequestError
+from .schemas import lora_refs
 
 _INT = re.compile(r"[+-]?[0-9]{1,19}")
 _FLOAT = re.compile(r"[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?")
@@ -118,6 +119,12 @@ def typed(name: str, value: str, kind: str) -> Any:
         if not _FLOAT.fullmatch(v):
             raise RequestError(name, f"must be a number, got {value[:40]!r}")
         return float(v)
+    if kind == "loras":  # JSON text, or "ink:0.8,paper"
+        try:
+            return lora_refs(v, name)
+        except ValueError as e:
+            field, _, message = str(e).partition(": ")
+            raise RequestError(field, message) from None
     return value
 
 

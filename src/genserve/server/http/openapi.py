@@ -60,6 +60,9 @@ _ROUTE_ERRORS: list[tuple[str, str, tuple[int, ...]]] = [
     ("POST", r"^/v1/images/generations$", (409, 429, 500, 502, 503, 504)),
     ("POST", r"^/v1/models/\{name\}/load$", (404, 409)),
     ("POST", r"^/v1/models/\{name\}/unload$", (404,)),
+    ("POST", r"^/v1/loras$", (403, 409)),  # 403: a server-side source needs an admin key
+    ("GET", r"^/v1/loras/\{lora\}$", (404,)),
+    ("DELETE", r"^/v1/loras/\{lora\}$", (403, 404, 409)),  # 403: a shared adapter; 409: jobs use it
 ]
 
 

@@ -59,6 +59,52 @@ _INPUT = ("a data:image/png|jpeg|webp;base64 URL, a multipart file part, or {\"j
           "(an earlier job's output)")
 
 
+class LoraRef(BaseModel):
+    """A LoRA adapter for one job (docs/lora.md): a registered adapter's name and its scale."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+    name: Text = Field(min_length=1, max_length=64)
+    scale: float = Field(default=1.0, description="-4..4; 1 = as trained")
+
+
+LORAS_DOC = "LoRA adapters for this job, applied to the denoiser with their scales (docs/lora.md)"
+
+
+def lora_refs(value: Any, field: str = "loras") -> list[dict[str, Any]] | None:
+    """``loras`` from a JSON body (a list of {name, scale}) or a form field (that list as JSON
+    text, or ``ink:0.8,paper``): each entry checked, errors naming ``loras[i].KEY``."""
+    if value is None or value == "":
+        return None
+    if isinstance(value, str):
+        text = value.strip()
+        if text.startswith("["):
+            import json
+
+            try:
+                value = json.loads(text)
+            except ValueError:
+                raise ValueError(f"{field}: is not valid JSON") from None
+        else:
+            value = []
+            for item in text.split(","):
+                name, _, scale = item.strip().partition(":")
+                try:
+                    value.append({"name": name, "scale": float(scale)} if scale else {"name": name})
+                except ValueError:
+                    raise ValueError(f"{field}[{len(value)}].scale: must be a number") from None
+    if not isinstance(value, list) or len(value) > 16:
+        raise ValueError(f"{field}: must be a list of at most 16 {{name, scale}} objects")
+    out = []
+    for i, v in enumerate(value):
+        try:
+            out.append(LoraRef.model_validate(v).model_dump())
+        except ValidationError as e:
+            err = e.errors()[0]
+            where = ".".join(str(p) for p in err["loc"])
+            raise ValueError(f"{field}[{i}]{'.' + where if where else ''}: {err['msg']}") from None
+    return out
+
+
 class JobRequest(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
     model: Text
@@ -89,6 +135,7 @@ class JobRequest(BaseModel):
     cache: dict[str, Any] | None = Field(default=None, description='a step cache the model enables (its caches), '
                                          'e.g. {"method": "deep", "interval": 3} or {"method": "first_block", '
                                          '"threshold": 0.1}; default: the model\'s default_cache (docs/performance.md)')
+    loras: list[LoraRef] | None = Field(default=None, max_length=16, description=LORAS_DOC)
 
 
 OPENAI_QUALITIES = ("low", "medium", "high", "xhigh", "max", "auto", "standard", "hd")
@@ -117,6 +164,7 @@ class ImageGenerationRequest(BaseModel):
     priority: Literal["high", "standard", "low"] | None = None
     stream: bool | None = Field(default=None, description="true: Server-Sent Events, one image_generation.completed "
                                  "event per image")
+    loras: list[LoraRef] | None = Field(default=None, max_length=16, description=LORAS_DOC)
     # OpenAI fields accepted and ignored
     background: Text | None = None
     moderation: Text | None = None

@@ -90,6 +90,7 @@ _ADDED_COLUMNS = {"jobs": {
     # JSON {cache, steps_computed, steps_reused, prompt_cache, compiled}: what ran (docs/performance.md)
     "execution": "TEXT",
     "compile_s": "REAL",  # of the load this job waited for: torch.compile and its warm-up (inside the load)
+    "lora_load_s": "REAL",  # seconds its worker spent loading its LoRA adapters (within inference)
 }}
 _JSON_COLUMNS = {"results", "step_batching", "execution"}
 

@@ -93,7 +93,8 @@ class JobRecords:
         if job is not None and not is_terminal(job["status"]):
             self.store.update([job_id], results=[msg["result"]], t_inference_start=msg["inference_start"],
                               t_inference_end=msg["inference_end"], t_output_written=msg["output_written"],
-                              step_batching=msg.get("step"), execution=msg.get("execution"))
+                              step_batching=msg.get("step"), execution=msg.get("execution"),
+                              lora_load_s=msg.get("lora_load_s"))
             self.finish(job_id, JobStatus.SUCCEEDED, now)
 
     def retry(self, d: RetryJob, now: float) -> None:

@@ -46,6 +46,7 @@ class WorkerView:
     running_jobs: int = 0  # jobs in its running batch (step-level batching: the running set's size now)
     running_model: str | None = None
     node_ip: str | None = None  # the Ray node's address on a cluster (None on this machine)
+    resident_loras: tuple[dict[str, Any], ...] = ()  # LoRA adapters it holds: {id, bytes}, least recently used first
 
     @property
     def busy(self) -> bool:
@@ -54,7 +55,8 @@ class WorkerView:
     def to_dict(self) -> dict[str, Any]:
         if not self.up:  # starting, restarting or quarantined
             return {"id": self.id, "device": self.device, "state": self.state, "quarantined": self.quarantined,
-                    "restarts": self.restarts, "exits": self.exits, "resident_models": [], "node": self.node, "node_ip": self.node_ip,
+                    "restarts": self.restarts, "exits": self.exits, "resident_models": [], "resident_loras": [], "node": self.node,
+                    "node_ip": self.node_ip,
                     "device_name": self.device_name, "device_type": self.device_type}
         d = asdict(self)
         d.pop("up")
@@ -110,3 +112,4 @@ class Control(Protocol):
     def unload_model(self, model: str, worker: str | None) -> list[str]: ...
     def queue_position(self, job_id: str) -> int | None: ...
     def progress(self, job_id: str) -> tuple[int, int] | None: ...
+    def jobs_using_lora(self, lora_id: str, name: str) -> list[Record]: ...

@@ -62,6 +62,9 @@ class Metrics:
                                    "computed in full or reused", ["model", "method", "kind"], registry=r)
         self.compiles = Counter("genserve_compiles", "torch.compile graph compilations on workers (at load: "
                                 "when=load; later: when=recompile, each a stall)", ["model", "when"], registry=r)
+        self.lora_loads = Counter("genserve_lora_loads", "LoRA adapter loads by the tier they came from (storage: the "
+                                  "result store; host: host RAM)", ["tier"], registry=r)
+        self.lora_hits = Counter("genserve_lora_hits", "LoRA adapters a job found resident on its worker", registry=r)
 
 
 @dataclass
@@ -76,6 +79,7 @@ class Snapshot:
     idle_cost: dict[tuple[str, str], float] = field(default_factory=dict)  # (device type, warm|empty) -> US$
     gpu: dict[str, dict[str, float]] = field(default_factory=dict)  # worker -> {utilization, memory_used, memory_total}
     running_jobs: dict[tuple[str, str], int] = field(default_factory=dict)  # (worker, model) -> jobs in its batch
+    lora_resident_bytes: dict[tuple[str], int] = field(default_factory=dict)  # (worker,) -> LoRA adapter bytes held
 
 
 class StateCollector(Collector):
@@ -90,6 +94,8 @@ class StateCollector(Collector):
         yield _gauge("genserve_workers", "Worker processes by state", ["state"], {(k,): v for k, v in s.workers.items()})
         yield _gauge("genserve_running_jobs", "Jobs in the batch running on each worker (step-level batching: the "
                      "running set's size, which grows and shrinks at step boundaries)", ["worker", "model"], s.running_jobs)
+        yield _gauge("genserve_lora_resident_bytes", "LoRA adapter bytes each worker holds", ["worker"],
+                     s.lora_resident_bytes)
         busy = CounterMetricFamily("genserve_device_busy_seconds", "Time a batch held the device", labels=["worker", "device_type"])
         for k, v in sorted(s.busy_s.items()):
             busy.add_metric(list(k), v)

@@ -58,6 +58,14 @@ class Observer:
                                               "model": d["model"], "stage": "dispatched",
                                               "timings": {"batch_size": len(d["job_ids"]), "cold": d["cold"]}})
 
+    def _lora_used(self, ev: Event) -> None:
+        """A job's adapters on its worker: each a hit (resident, tier ``device``) or a load."""
+        for tier in ev.data.get("tiers") or ():
+            if tier == "device":
+                self.metrics.lora_hits.inc()
+            else:
+                self.metrics.lora_loads.labels(tier).inc()
+
     def _model_loaded(self, ev: Event) -> None:
         msg = ev.data
         if msg.get("cached"):
@@ -146,6 +154,8 @@ class Observer:
             s.workers["starting" if not v.up else ("busy" if v.busy else "idle")] += 1
             if v.running_model is not None:
                 s.running_jobs[(v.id, v.running_model)] = v.running_jobs
+            if v.up:
+                s.lora_resident_bytes[(v.id,)] = sum(a["bytes"] for a in v.resident_loras)
             for r in v.resident:
                 k = (r.model, v.device_type)
                 s.models_resident[k] = s.models_resident.get(k, 0) + 1
@@ -182,6 +192,7 @@ _HANDLERS: dict[str, Callable[[Observer, Event], None]] = {
     "queued": Observer._queued, "batch_dispatched": Observer._batch_dispatched, "model_loaded": Observer._model_loaded,
     "retrying": Observer._retrying, "batch_ended": Observer._batch_ended, "synced": Observer._synced,
     "recompiled": Observer._recompiled,
+    "lora_used": Observer._lora_used,
 }
 
 

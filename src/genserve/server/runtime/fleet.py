@@ -92,7 +92,8 @@ class FleetState:
                 self._reported.get(wid, {}).get("used_bytes"), round(st.busy.utilization(now), 4), st.batch_id,
                 tuple(ResidentView(m, r.bytes, r.last_used, r.pinned, r.loading) for m, r in sorted(st.resident.items())),
                 node, name, len(batch.jobs) if batch is not None else 0,
-                batch.key.model if batch is not None else None, h.info.get("node_ip")))
+                batch.key.model if batch is not None else None, node_ip=h.info.get("node_ip"),
+                resident_loras=tuple({"id": i, "bytes": n} for i, n in self.engine.resident_loras(wid).items())))
         return out
 
     def queue_depth(self, model: str) -> int:

@@ -10,7 +10,7 @@ from ...engine import JoinBatch, LoadModel, RunBatch
 from ...workers import protocol as P
 
 _JOB_FIELDS = ("prompt", "negative_prompt", "seed", "steps", "guidance")
-_INPUT_FIELDS = ("image", "image_sha256", "mask", "task", "strength",  # absent from older records
+_INPUT_FIELDS = ("image", "image_sha256", "mask", "task", "strength", "loras",  # absent from older records
                  "output_format", "output_compression",
                  "cache")  # the step cache the job asked for (one per batch: it is part of the batch key)  # how the worker encodes an image (absent: png)
 
@@ -45,11 +45,12 @@ def run_message(config: Config, d: RunBatch, jobs: Iterable[Mapping[str, Any]]) 
     params = {"width": d.key.width, "height": d.key.height, "num_frames": d.key.num_frames,
               "steps": d.key.steps, "guidance": d.key.guidance, "fps": m.fps}
     msg = {"op": P.RUN, "batch_id": d.batch_id, "model": d.key.model, "kind": m.kind, "params": params,
-           "jobs": job_payload(jobs)}
+           "jobs": job_payload(jobs), "lora_memory": int(config.server.lora_memory_mb * (1 << 20)),
+           "lora_evict": list(d.lora_evict)}
     if m.batching == "step" and not d.key.variant and not d.key.execution:  # a running set: each job brings its own steps and guidance
         msg.update(mode="step", max_size=m.max_batch_size)
     return msg
 
 
 def join_message(d: JoinBatch, jobs: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
-    return {"op": P.JOIN, "batch_id": d.batch_id, "jobs": job_payload(jobs)}
+    return {"op": P.JOIN, "batch_id": d.batch_id, "jobs": job_payload(jobs), "lora_evict": list(d.lora_evict)}

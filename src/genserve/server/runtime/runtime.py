@@ -24,6 +24,7 @@ from collections.abc import Callable
 from typing import Any, assert_never
 
 from ...config.auth import DEFAULT_TENANT
+from ...config.errors import ConfigError
 from ...config.load import DEMO_SOURCES, GIB, Config, engine_settings
 from ...engine import (
     CancelRunning,
@@ -52,11 +53,12 @@ from ...workers.ray_pool import RayPool, RaySettings
 from ..jobs.events import EventHub
 from ..jobs.store.open import open_job_store
 from ..jobs.listeners import Event, Listener
+from ..jobs.loras import LoraRegistry
 from ..jobs.records import JobRecords
 from ..jobs.sweeper import Retention
 from ..jobs.webhooks import WebhookSender
 from ..observe.observer import Observer
-from ..requests import JobParams
+from ..requests import JobParams, RequestError
 from ..security.files import private_dir
 from ..security.ssrf import WebhookGuard
 from ..status import JobStatus, is_terminal
@@ -182,6 +184,10 @@ class Runtime:
         self.store = open_job_store(config)  # [store]: SQLite in data_dir, or PostgreSQL
         results_spec = config.results.spec(s.data_dir)
         self.results = open_store(results_spec)
+        lora_db = config.store.dsn if config.store.backend == "postgres" else s.data_dir / "jobs.db"
+        self.loras = LoraRegistry(lora_db, self.results, {
+            name: None if m.source.startswith("s3://") else config.model_dir(name) for name, m in config.models.items()},
+            s.max_lora_bytes)
         # The batch-id prefix is unique per start: restarts share one database.
         self.engine = Engine(engine_settings(config, batch_id_prefix=f"b{secrets.token_hex(3)}"))
         self.events = EventHub()
@@ -215,6 +221,11 @@ class Runtime:
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
         await self._loop.run_in_executor(None, build_demo_models, self.config)
+        for lora in self.config.loras.values():  # [loras.NAME]: shared, refreshed from their source at start
+            try:
+                self.loras.register_source(lora.name, lora.model, lora.source, fetch=self.fetch_object, replace=True)
+            except RequestError as e:
+                raise ConfigError(f"loras.{lora.name}.source", e.message) from None
         self.models_ready = True
         # First the pool: cluster workers that outlived the old server say which of its jobs they
         # still run; those are held (not run again) until the worker is ready or lost (reattach.py).
@@ -262,7 +273,8 @@ class Runtime:
         self.engine.submit(job["id"], params.key, priority, job["t_queued"] or now,
                            force=True, deadline=deadline_of(self.config, params, job["t_received"]),
                            attempts=job["attempts"], tenant=job["tenant"],
-                           weight=self.config.access.tenant(job["tenant"]).weight)
+                           weight=self.config.access.tenant(job["tenant"]).weight,
+                           loras=self.loras.sizes(i for _, _, i in params.loras))
         if announce:
             self.records.restored(job, now)
 
@@ -298,6 +310,7 @@ class Runtime:
         self.retention.close()
         await self.pool.close()
         await self.webhooks.close()
+        self.loras.close()
         self.store.close()
 
     def _on_worker_message(self, worker_id: str, msg: dict[str, Any]) -> None:
@@ -346,7 +359,7 @@ class Runtime:
         self._watch_hooks(job_id, params)
         self.engine.submit(job_id, params.key, Priority.parse(params.priority), now,
                            deadline=deadline_of(self.config, params, now), tenant=tenant,
-                           weight=weight)
+                           weight=weight, loras=self.loras.sizes(i for _, _, i in params.loras))
         return job, True
 
     def submit_many(self, params: list[JobParams], tenant: str = DEFAULT_TENANT) -> list[dict[str, Any]]:
@@ -356,6 +369,17 @@ class Runtime:
         if not adm.accepted:
             raise QueueFull(model, adm.retry_after_s or 1.0, tenant, adm.share)
         return [self.submit(p, None, tenant)[0] for p in params]
+
+    def fetch_object(self, source: str) -> bytes:
+        """An ``s3://`` object (a LoRA source), with the result store's endpoint and region."""
+        from ...storage.model_cache import fetch_object
+
+        return fetch_object(source, endpoint_url=self.config.results.endpoint_url, region=self.config.results.region)
+
+    def jobs_using_lora(self, lora_id: str, name: str) -> list[dict[str, Any]]:
+        """Queued or running jobs that asked for this adapter (it cannot be deleted under them)."""
+        return [j for j in self.store.unfinished()
+                if any(a.get("id") == lora_id and a.get("name") == name for a in j["params"].get("loras") or ())]
 
     def cancel(self, job_id: str) -> dict[str, Any] | None:
         job = self.store.get(job_id)

@@ -61,12 +61,16 @@ class WorkerEvents:
             self.engine.job_ended(msg["job_id"], now)
             self.records.canceled(msg["job_id"], msg["t"])
         elif ev == "job_done":
+            if msg.get("lora_tiers"):
+                self._publish(Event("lora_used", now, msg["job_id"], {"tiers": msg["lora_tiers"], "worker": worker_id}))
             self.engine.job_ended(msg["job_id"], now)
             self.records.output_written(msg["job_id"], msg, now)
         elif ev == "batch_done" and batch:
             if msg.get("compiles"):  # a shape the load's warm-up did not compile: a stall, counted
                 self._publish(Event("recompiled", now, data={"worker": worker_id, "model": batch.key.model,
                                                              "compiles": msg["compiles"]}))
+            if "loras" in msg:  # the worker's LoRA adapters (measured bytes) replace the engine's plan
+                self.engine.loras_reported(worker_id, msg["loras"], now)
             self.fleet.batch_over(batch.id)
             self._execute(self.engine.batch_finished(batch.id, now, msg.get("peak_bytes", 0),
                                                      msg.get("estimated_bytes", 0)), now)

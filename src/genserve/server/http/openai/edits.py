@@ -26,6 +26,7 @@ from ...security.keys import Principal
 from .. import openapi_rules as rules
 from ..api import Api, draining
 from ..multipart import Part, is_multipart, parse_form, typed
+from ..schemas import lora_refs
 from .images import images_response
 from .wait import wait_jobs
 
@@ -117,6 +118,11 @@ def openai_edits_router(api: Api) -> APIRouter:
         for name, kind in HONOURED.items():
             if name in f:
                 base[name] = typed(name, f[name], kind)
+        try:
+            base["loras"] = lora_refs(f.get("loras"))
+        except ValueError as e:
+            field, _, message = str(e).partition(": ")
+            raise RequestError(field, message) from None
         if api.control.draining:
             return draining()
         loop = asyncio.get_running_loop()

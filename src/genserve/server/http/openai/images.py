@@ -85,7 +85,8 @@ def job_bodies(body: ImageGenerationRequest, models: dict[str, ModelConfig]) -> 
             quality = quality_reported(body.quality, m)
     base = {"model": model, "prompt": body.prompt, "negative_prompt": body.negative_prompt, **_size(body.size),
             "steps": steps, "guidance": body.guidance, "timeout_s": body.timeout_s, "priority": body.priority,
-            "output_format": body.output_format, "output_compression": body.output_compression}
+            "output_format": body.output_format, "output_compression": body.output_compression,
+            "loras": [a.model_dump() for a in body.loras] if body.loras else None}
     return [dict(base, seed=seed + i) for i in range(n)], n, quality
 
 
@@ -97,7 +98,7 @@ def openai_images_router(api: Api) -> APIRouter:
         bodies, n, quality = job_bodies(body, api.config.models)
         if api.control.draining:
             return draining()
-        params = [validate(b, api.config.models, random_seed=0) for b in bodies]
+        params = [validate({**b, **api.resolve_loras(b, who)}, api.config.models, random_seed=0) for b in bodies]
         params = [api.gate.default_priority(who.tenant, p, explicit=body.priority is not None) for p in params]
         api.gate.admit(who.tenant, params[0].priority, n)
         submitted = api.control.submit_many(params, who.tenant)

@@ -22,10 +22,11 @@ from .. import openapi_rules as rules
 from ..api import Api
 from ..jobs_api import job_page, list_body
 from ..multipart import Part, file_data_url, parse_form
+from ..schemas import lora_refs
 
 # genserve's own job fields a create may carry too (the client's extra_body); form fields are text.
 _EXTRA: dict[str, type] = {"seed": int, "steps": int, "guidance": float, "negative_prompt": str, "priority": str}
-_FIELDS = {"prompt", "model", "seconds", "size", "input_reference", *_EXTRA}
+_FIELDS = {"prompt", "model", "seconds", "size", "input_reference", "loras", *_EXTRA}
 # validate() names job fields; a videos request names its own
 _RENAMED = {"width": "size", "height": "size", "num_frames": "seconds", "image": "input_reference"}
 _STATUS = {JobStatus.QUEUED: "queued", JobStatus.RUNNING: "in_progress", JobStatus.SUCCEEDED: "completed",
@@ -179,8 +180,13 @@ async def _read_fields(request: Request) -> dict[str, Any]:
     unknown = sorted(set(fields) - _FIELDS)
     if unknown:
         raise RequestError(unknown[0], "unknown field")
+    try:
+        fields["loras"] = lora_refs(fields.get("loras"))
+    except ValueError as e:
+        field, _, message = str(e).partition(": ")
+        raise RequestError(field, message) from None
     for k, v in fields.items():
-        if v is None or k == "input_reference":
+        if v is None or k in ("input_reference", "loras"):
             continue
         want = {int: int, float: (int, float)}.get(_EXTRA.get(k, str), str) if k != "seconds" else (str, int, float)
         if isinstance(v, bool) or not isinstance(v, want):
@@ -222,7 +228,7 @@ def _job_body(api: Api, f: dict[str, Any]) -> dict[str, Any]:
         body["num_frames"] = frames_for(seconds, m)
     if f.get("input_reference") is not None:
         body["image"] = _reference(f["input_reference"])
-    body.update({k: f[k] for k in _EXTRA if f.get(k) is not None})
+    body.update({k: f[k] for k in (*_EXTRA, "loras") if f.get(k) is not None})
     return body
 
 

@@ -92,6 +92,13 @@ POSTGRES: tuple[Migration, ...] = (
         "ALTER TABLE jobs ADD COLUMN IF NOT EXISTS execution TEXT",
         "ALTER TABLE jobs ADD COLUMN IF NOT EXISTS compile_s DOUBLE PRECISION",
     )),
+    Migration(4, "LoRA adapters: the registry (server/jobs/loras.py) and each job's adapter load time", (
+        """CREATE TABLE IF NOT EXISTS loras (
+            owner TEXT NOT NULL, name TEXT NOT NULL, model TEXT NOT NULL, id TEXT NOT NULL, bytes BIGINT NOT NULL,
+            rank INTEGER NOT NULL, targets TEXT NOT NULL, layers INTEGER NOT NULL, dtype TEXT NOT NULL,
+            layout TEXT NOT NULL, source TEXT, created DOUBLE PRECISION NOT NULL, PRIMARY KEY (owner, name))""",
+        "ALTER TABLE jobs ADD COLUMN IF NOT EXISTS lora_load_s DOUBLE PRECISION",
+    )),
 )
 
 LATEST = {"sqlite": SQLITE[-1].version, "postgres": POSTGRES[-1].version}

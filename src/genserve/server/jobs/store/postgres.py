@@ -33,6 +33,7 @@ _COLUMNS = {  # columns ``update`` may set (names go into SQL text: only these)
     "cancel_requested", "served_model", "device_seconds", "cost_usd", "device_type", "load_tier", "step_batching",
     "t_results_deleted", "t_received", "t_queued", "t_dispatched", "t_load_start", "t_load_end",
     "t_inference_start", "t_inference_end", "t_output_written", "t_finished", "adopted", "execution", "compile_s",
+    "lora_load_s",
 }
 _DELIVERY_COLUMNS = {"status", "attempts", "next_at", "last_error", "delivered"}
 
