@@ -11,6 +11,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ...config.load import Config
 from ...engine import ErrorCode
+from ..jobs.loras import s3_fetcher
 from ..jobs.views import Control, FleetView, JobReader
 from ..observe.tenant_usage import TenantMetrics, usage_router
 from ..requests import RequestError
@@ -94,7 +95,7 @@ def create_app(config: Config, runtime: Runtime | None = None) -> FastAPI:
     app.include_router(openai_images_router(api))
     app.include_router(openai_videos_router(api))
     app.include_router(openai_edits_router(api))
-    app.include_router(loras_router(api, rt.loras, rt.fetch_object))
+    app.include_router(loras_router(api, rt.loras, s3_fetcher(config)))
 
     @app.get("/v1/models", tags=["models"])
     async def list_models():

@@ -13,7 +13,7 @@ from typing import Any
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
 
-from ..jobs.loras import LoraRegistry
+from ..jobs.loras import LoraRegistry, jobs_using
 from ..requests import RequestError
 from ..security.auth import principal
 from ..security.keys import Principal
@@ -93,7 +93,7 @@ def loras_router(api: Api, registry: LoraRegistry, fetch=None) -> APIRouter:
         if view["owner"] is None and not who.admin and registry.find(name, who.tenant) == view:
             raise RequestError("name", "is a shared adapter; only an admin key may delete it", status=403,
                                code="forbidden")
-        users = [j["id"] for j in api.control.jobs_using_lora(view["id"], view["name"])]
+        users = [j["id"] for j in jobs_using(api.jobs, view["id"], view["name"])]
         if users:
             raise RequestError("name", f"{len(users)} queued or running job(s) use it (e.g. {users[0]}); cancel them "
                                        "or wait", status=409, code="conflict")

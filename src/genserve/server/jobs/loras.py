@@ -20,6 +20,8 @@ from pathlib import Path
 from typing import Any
 
 from ...backends.lora_file import LoraFileError, adapter_file, base_modules, read_adapter
+from ...config.errors import ConfigError
+from ...config.load import Config
 from ...storage import ResultStore
 from ..requests import RequestError
 
@@ -194,3 +196,38 @@ class LoraRegistry:
                 "rank": row["rank"], "targets": json.loads(row["targets"]), "layers": row["layers"],
                 "dtype": row["dtype"], "layout": row["layout"], "owner": row["owner"] or None,
                 "source": row["source"], "created": row["created"]}
+
+
+def open_registry(config: Config, results: ResultStore) -> LoraRegistry:
+    """The registry as a server process keeps it: in the job store's database (SQLite's jobs.db,
+    or the PostgreSQL store every gateway and engine shares)."""
+    s = config.server
+    where = config.store.dsn if config.store.backend == "postgres" else s.data_dir / "jobs.db"
+    return LoraRegistry(where, results, {
+        name: None if m.source.startswith("s3://") else config.model_dir(name) for name, m in config.models.items()},
+        s.max_lora_bytes)
+
+
+def register_config_sources(registry: LoraRegistry, config: Config) -> None:
+    """``[loras.NAME]``: shared, refreshed from their sources at start (once the base models are
+    built); a source that fails is a config error naming it."""
+    for lora in config.loras.values():
+        try:
+            registry.register_source(lora.name, lora.model, lora.source, fetch=s3_fetcher(config), replace=True)
+        except RequestError as e:
+            raise ConfigError(f"loras.{lora.name}.source", e.message) from None
+
+
+def s3_fetcher(config: Config) -> Callable[[str], bytes]:
+    """Reads an ``s3://`` object (a LoRA source) with the result store's endpoint and region."""
+    def fetch(source: str) -> bytes:
+        from ...storage.model_cache import fetch_object
+
+        return fetch_object(source, endpoint_url=config.results.endpoint_url, region=config.results.region)
+    return fetch
+
+
+def jobs_using(store: Any, lora_id: str, name: str) -> list[dict[str, Any]]:
+    """Queued or running jobs that asked for this adapter (it cannot be deleted under them)."""
+    return [j for j in store.unfinished()
+            if any(a.get("id") == lora_id and a.get("name") == name for a in j["params"].get("loras") or ())]

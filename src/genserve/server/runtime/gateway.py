@@ -26,6 +26,7 @@ from ...config.load import Config
 from ...storage.open import open_store
 from ..jobs.events import EventHub
 from ..jobs.listeners import Event, Listener
+from ..jobs.loras import open_registry
 from ..jobs.records import JobRecords
 from ..jobs.store import bus
 from ..jobs.store.interface import QueueLimitReached
@@ -76,6 +77,7 @@ class Gateway:
         s = config.server
         self.store = PgJobStore(config.store.dsn, config.store.pool_size)
         self.results = open_store(config.results.spec(s.data_dir))
+        self.loras = open_registry(config, self.results)  # the shared database's table (docs/lora.md)
         self.events = EventHub()
         self.fleet = GatewayFleet(self.store)
         self.observer = Observer(config.prices, config.models, self.fleet, self.store, clock)

@@ -134,7 +134,8 @@ class EngineRole:
         if job["status"] != JobStatus.QUEUED or rt.engine.is_queued(job["id"]) or rt.draining:
             return
         now = rt.clock()
-        rt.take(job, now)
+        rt.restore(job, now, announce=False)
+        rt.kick()
         if job.get("cancel_requested"):  # asked before this engine led
             rt.cancel(job["id"])
 

@@ -24,7 +24,6 @@ from collections.abc import Callable
 from typing import Any, assert_never
 
 from ...config.auth import DEFAULT_TENANT
-from ...config.errors import ConfigError
 from ...config.load import DEMO_SOURCES, GIB, Config, engine_settings
 from ...engine import (
     CancelRunning,
@@ -51,14 +50,14 @@ from ...workers.base import OnExit, OnMessage, Pool, PoolFactory
 from ...workers.pool import LocalPool, detect_devices
 from ...workers.ray_pool import RayPool, RaySettings
 from ..jobs.events import EventHub
-from ..jobs.store.open import open_job_store
 from ..jobs.listeners import Event, Listener
-from ..jobs.loras import LoraRegistry
+from ..jobs.loras import open_registry, register_config_sources
 from ..jobs.records import JobRecords
+from ..jobs.store.open import open_job_store
 from ..jobs.sweeper import Retention
 from ..jobs.webhooks import WebhookSender
 from ..observe.observer import Observer
-from ..requests import JobParams, RequestError
+from ..requests import JobParams
 from ..security.files import private_dir
 from ..security.ssrf import WebhookGuard
 from ..status import JobStatus, is_terminal
@@ -184,10 +183,7 @@ class Runtime:
         self.store = open_job_store(config)  # [store]: SQLite in data_dir, or PostgreSQL
         results_spec = config.results.spec(s.data_dir)
         self.results = open_store(results_spec)
-        lora_db = config.store.dsn if config.store.backend == "postgres" else s.data_dir / "jobs.db"
-        self.loras = LoraRegistry(lora_db, self.results, {
-            name: None if m.source.startswith("s3://") else config.model_dir(name) for name, m in config.models.items()},
-            s.max_lora_bytes)
+        self.loras = open_registry(config, self.results)  # adapters (docs/lora.md)
         # The batch-id prefix is unique per start: restarts share one database.
         self.engine = Engine(engine_settings(config, batch_id_prefix=f"b{secrets.token_hex(3)}"))
         self.events = EventHub()
@@ -204,7 +200,7 @@ class Runtime:
         self.observer = Observer(config.prices, config.models, self.fleet, self.store, clock)
         self.listeners: list[Listener] = [self.events, self.webhooks, self.observer]
         self.records = JobRecords(self.store, self.results, config.models, self._publish)
-        self.held = HeldJobs(self.store, self.records, self._restore)  # see start()
+        self.held = HeldJobs(self.store, self.records, self.restore)  # see start()
         self.worker_events = WorkerEvents(self.engine, self.records, self.fleet, config.prices, clock, self._execute,
                                           self._pump, self._publish)
         self.retention = Retention(config.retention, self.store, self.results, self.observer.metrics.registry, clock)
@@ -221,11 +217,7 @@ class Runtime:
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
         await self._loop.run_in_executor(None, build_demo_models, self.config)
-        for lora in self.config.loras.values():  # [loras.NAME]: shared, refreshed from their source at start
-            try:
-                self.loras.register_source(lora.name, lora.model, lora.source, fetch=self.fetch_object, replace=True)
-            except RequestError as e:
-                raise ConfigError(f"loras.{lora.name}.source", e.message) from None
+        register_config_sources(self.loras, self.config)
         self.models_ready = True
         # First the pool: cluster workers that outlived the old server say which of its jobs they
         # still run; those are held (not run again) until the worker is ready or lost (reattach.py).
@@ -240,19 +232,14 @@ class Runtime:
             self.records.adopt_output(job["id"], now, "found after a restart")
         for job in self.store.requeue_unfinished(now, keep=held):
             if job["id"] not in held:
-                self._restore(job, now)
+                self.restore(job, now)
         self.webhooks.start()
         self.retention.start()
         self._pump(now)
 
-    def take(self, job: dict[str, Any], now: float) -> None:
-        """A queued job another process stored (a gateway, docs/ha.md) enters the engine; its
-        insert announced it already."""
-        self._restore(job, now, announce=False)
-        self._pump(now)
-
-    def _restore(self, job: dict[str, Any], now: float, announce: bool = True) -> None:
-        """A queued job from the store re-enters the engine (after a restart)."""
+    def restore(self, job: dict[str, Any], now: float, announce: bool = True) -> None:
+        """A queued job from the store enters the engine: after a restart, or one another process
+        stored (a gateway, docs/ha.md: its insert announced it already, ``announce=False``)."""
         if job.get("cancel_requested"):  # asked while no engine held it (a gateway's cancel, docs/ha.md)
             self.records.canceled(job["id"], now)
             return
@@ -370,17 +357,6 @@ class Runtime:
             raise QueueFull(model, adm.retry_after_s or 1.0, tenant, adm.share)
         return [self.submit(p, None, tenant)[0] for p in params]
 
-    def fetch_object(self, source: str) -> bytes:
-        """An ``s3://`` object (a LoRA source), with the result store's endpoint and region."""
-        from ...storage.model_cache import fetch_object
-
-        return fetch_object(source, endpoint_url=self.config.results.endpoint_url, region=self.config.results.region)
-
-    def jobs_using_lora(self, lora_id: str, name: str) -> list[dict[str, Any]]:
-        """Queued or running jobs that asked for this adapter (it cannot be deleted under them)."""
-        return [j for j in self.store.unfinished()
-                if any(a.get("id") == lora_id and a.get("name") == name for a in j["params"].get("loras") or ())]
-
     def cancel(self, job_id: str) -> dict[str, Any] | None:
         job = self.store.get(job_id)
         if job is None or is_terminal(job["status"]):
@@ -407,18 +383,17 @@ class Runtime:
 
     def load_model(self, model: str, worker: str | None) -> list[str]:
         """Operator: load ``model`` (on ``worker`` or wherever it fits). Returns the workers chosen."""
-        now = self.clock()
-        decisions = self.engine.request_load(model, now, worker)
-        self._execute(decisions, now)
-        self._pump(now)
-        return [d.worker for d in decisions if isinstance(d, LoadModel)]
+        return self._operate(self.engine.request_load, LoadModel, model, worker)
 
     def unload_model(self, model: str, worker: str | None) -> list[str]:
+        return self._operate(self.engine.request_unload, UnloadModel, model, worker)
+
+    def _operate(self, request, kind: type, model: str, worker: str | None) -> list[str]:
         now = self.clock()
-        decisions = self.engine.request_unload(model, now, worker)
+        decisions = request(model, now, worker)
         self._execute(decisions, now)
         self._pump(now)
-        return [d.worker for d in decisions if isinstance(d, UnloadModel)]
+        return [d.worker for d in decisions if isinstance(d, kind)]
 
     # ---- the engine loop -------------------------------------------------------------------------
 
