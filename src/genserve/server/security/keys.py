@@ -53,6 +53,15 @@ def hash_key(key: str) -> str:
     return hashlib.sha256(key.encode("utf-8", "surrogatepass")).hexdigest()
 
 
+def new_key(tenant: str, scope: str) -> tuple[str, str]:
+    """(key id, key) for a valid tenant name and scope; both stores call it."""
+    if not TENANT_RE.match(tenant):
+        raise ValueError(f"tenant: {tenant!r} is not a valid name (letters, digits, _ . -; up to 64)")
+    if scope not in SCOPES:
+        raise ValueError(f"scope: must be one of {', '.join(SCOPES)}")
+    return "key_" + secrets.token_hex(6), KEY_PREFIX + secrets.token_urlsafe(32)
+
+
 class KeyStore:
     def __init__(self, data_dir: Path) -> None:
         self.path = private_db(data_dir / "keys.db")  # 0600, in a 0700 directory when created here
@@ -71,12 +80,7 @@ class KeyStore:
 
     def create(self, tenant: str, scope: str = "jobs", name: str | None = None) -> tuple[str, str]:
         """A new key for ``tenant``: (key id, the key itself — shown once, never stored)."""
-        if not TENANT_RE.match(tenant):
-            raise ValueError(f"tenant: {tenant!r} is not a valid name (letters, digits, _ . -; up to 64)")
-        if scope not in SCOPES:
-            raise ValueError(f"scope: must be one of {', '.join(SCOPES)}")
-        key = KEY_PREFIX + secrets.token_urlsafe(32)
-        key_id = "key_" + secrets.token_hex(6)
+        key_id, key = new_key(tenant, scope)
         self.db.execute("INSERT INTO api_keys (id, hash, tenant, scope, name, created) VALUES (?, ?, ?, ?, ?, ?)",
                         (key_id, hash_key(key), tenant, scope, name, time.time()))
         self._version = None  # data_version only moves for other connections' commits

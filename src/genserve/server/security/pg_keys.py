@@ -10,17 +10,16 @@ creation/revocation time): cheap on a table of a few hundred rows, and a revocat
 """
 from __future__ import annotations
 
-import secrets
 import time
 
 from psycopg.rows import dict_row
 from psycopg_pool import ConnectionPool
 
-from .keys import KEY_PREFIX, SCOPES, KeyStore, Principal, TENANT_RE, hash_key
+from .keys import KeyStore, Principal, hash_key, new_key
 
 
 class PgKeyStore(KeyStore):
-    def __init__(self, dsn: str, pool_size: int = 2) -> None:  # noqa: super().__init__ opens SQLite: not called
+    def __init__(self, dsn: str, pool_size: int = 2) -> None:  # noqa: D107 (KeyStore.__init__ opens SQLite: not called)
         self.path = dsn.split("@")[-1]  # shown by `genserve keys create`: host/db, never the password
         self.pool = ConnectionPool(dsn, min_size=1, max_size=pool_size, name="genserve-keys", open=False,
                                    kwargs={"autocommit": True, "row_factory": dict_row})
@@ -33,12 +32,7 @@ class PgKeyStore(KeyStore):
         self.pool.close()
 
     def create(self, tenant: str, scope: str = "jobs", name: str | None = None) -> tuple[str, str]:
-        if not TENANT_RE.match(tenant):
-            raise ValueError(f"tenant: {tenant!r} is not a valid name (letters, digits, _ . -; up to 64)")
-        if scope not in SCOPES:
-            raise ValueError(f"scope: must be one of {', '.join(SCOPES)}")
-        key = KEY_PREFIX + secrets.token_urlsafe(32)
-        key_id = "key_" + secrets.token_hex(6)
+        key_id, key = new_key(tenant, scope)
         with self.pool.connection() as c:
             c.execute("INSERT INTO api_keys (id, hash, tenant, scope, name, created) VALUES (%s, %s, %s, %s, %s, %s)",
                       (key_id, hash_key(key), tenant, scope, name, time.time()))
