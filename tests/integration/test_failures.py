@@ -156,7 +156,7 @@ def test_readyz_is_503_while_the_only_worker_is_down_and_200_once_it_is_back(dem
         os.kill(pid, signal.SIGKILL)
         down = wait_until(lambda: (r := c.get("/readyz")).status_code == 503 and r, 30, what="/readyz 503",
                           every=0.02)
-        assert down.json() == {"ready": False, "draining": False, "workers": {"w0": False}}
+        assert down.json() == {"ready": False, "draining": False, "role": "all", "workers": {"w0": False}}
         assert c.get("/healthz").status_code == 200  # alive, only not ready
         assert submit(c)  # and it still accepts jobs meanwhile
         up = wait_until(lambda: (r := c.get("/readyz")).status_code == 200 and r, 240, what="/readyz 200 again")

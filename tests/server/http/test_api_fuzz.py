@@ -88,6 +88,9 @@ INEXPRESSIBLE: list[tuple[str, str, str]] = [
     (r"^GET /v1/(jobs|videos)$", r"^after$", r"no job"),  # a cursor that names no job of the caller's
     (r"^GET /v1/stats/series$", r"^step$", r"points; the limit|must be between"),  # step against window
     (r".", r"^num_frames$", r"only for video models"),  # the model's kind
+    # an adapter must be registered (and visible to the caller, for this base model): a registry, not a schema
+    (r".", r"^loras(\[\d+\]\.name)?$", r"no adapter|was made for|listed twice|adapters per job"),
+    (r"/v1/loras", r"^(file|source|name|model)$", r"."),  # an adapter file's contents, the registry's state
     (r".", r".", r"not valid Unicode"),  # a lone surrogate: JSON text can spell it, JSON Schema cannot refuse it
     # JSON Schema's integer includes 2.0; the server takes only 2 (strict types, issue 11)
     (r".", r".", r"Input should be a valid integer|must be an integer"),

@@ -20,11 +20,16 @@ from ..security.keys import Principal
 from .api import Api
 from .multipart import is_multipart, parse_form
 
-_FORM = {"multipart/form-data": {"schema": {"type": "object", "required": ["name", "model", "file"], "properties": {
-    "name": {"type": "string"}, "model": {"type": "string"}, "file": {"type": "string", "format": "binary"}}}},
-    "application/json": {"schema": {"type": "object", "required": ["name", "model", "source"], "properties": {
-        "name": {"type": "string"}, "model": {"type": "string"},
-        "source": {"type": "string", "description": "a server-side path or s3:// URL (admin only)"}}}}}
+# The names follow what register() accepts (NAME in server/jobs/loras.py); unknown fields are refused.
+_NAME = {"type": "string", "pattern": "^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"}
+_FORM = {"multipart/form-data": {"schema": {
+    "type": "object", "required": ["name", "model", "file"], "additionalProperties": False, "properties": {
+        "name": _NAME, "model": {"type": "string", "minLength": 1}, "file": {"type": "string", "format": "binary"}}}},
+    "application/json": {"schema": {
+        "type": "object", "required": ["name", "model", "source"], "additionalProperties": False, "properties": {
+            "name": _NAME, "model": {"type": "string", "minLength": 1},
+            "source": {"type": "string", "minLength": 1,
+                       "description": "a server-side path or s3:// URL (admin only)"}}}}}
 
 
 def _text(fields: dict[str, Any], name: str) -> str:
